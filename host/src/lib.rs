@@ -1,0 +1,1 @@
+//! dusflow host library.
