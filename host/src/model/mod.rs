@@ -1,0 +1,1 @@
+//! The Llama/Mistral model family in candle: configs, checkpoints, tokenizers, forward passes (issue 3).
