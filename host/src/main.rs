@@ -1,1 +1,5 @@
-fn main() {}
+//! The `dus` binary; everything happens in [`dusflow::cli`].
+
+fn main() -> std::process::ExitCode {
+    dusflow::cli::main()
+}

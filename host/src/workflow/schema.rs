@@ -1,0 +1,150 @@
+//! The typed sections of a workflow file: `[workflow]`, `[models.*]`, `[datasets.*]`, `[plugins.*]`.
+//!
+//! Step tables are not here: their parameters belong to each step kind (see [`crate::steps`]).
+
+use crate::plugins::{PluginGrants, PluginLimits};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Where steps run their tensor work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when this binary has it and a GPU answers, else CPU.
+    #[default]
+    Auto,
+    /// Always the CPU.
+    Cpu,
+    /// A CUDA GPU; an error when this binary or machine has none.
+    Cuda,
+}
+
+/// Compute / storage precision of model weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+/// The `[workflow]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowSettings {
+    /// Workflow name, used for the default output directory.
+    pub name: String,
+    /// One-line description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Device for tensor work.
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// Default dtype for models the steps write.
+    #[serde(default)]
+    pub dtype: DType,
+    /// Global seed; steps derive their own seeds from it.
+    #[serde(default)]
+    pub seed: u64,
+    /// Artifact directory, relative to the workflow file (default `runs/<name>`).
+    #[serde(default)]
+    pub output: Option<PathBuf>,
+    /// How many steps may run at once (default: number of CPU cores).
+    #[serde(default)]
+    pub jobs: Option<usize>,
+}
+
+/// A `[models.NAME]` table: a Hugging Face model folder on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The folder with `config.json` and safetensors weights (relative to the workflow file).
+    pub path: PathBuf,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// What to do with a malformed dataset record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop the step with the file and line of the record.
+    #[default]
+    Fail,
+    /// Skip the record and count it.
+    Skip,
+}
+
+/// One or several paths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PathList {
+    /// A single file or folder.
+    One(PathBuf),
+    /// Several files read in order (e.g. shards).
+    Many(Vec<PathBuf>),
+}
+
+impl PathList {
+    /// The paths, in order.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            PathList::One(p) => vec![p.clone()],
+            PathList::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// A `[datasets.NAME]` table: records on disk (JSONL or Parquet) plus how to read them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// File(s) or folder (relative to the workflow file).
+    pub path: PathList,
+    /// Record layout: `text`, `alpaca`, `prompt-completion`, `chat`, `preference`, or `auto`.
+    #[serde(default = "DatasetSpec::default_format")]
+    pub format: String,
+    /// Use at most this many records (after filters), sampled deterministically with the seed.
+    #[serde(default)]
+    pub max_samples: Option<u64>,
+    /// Data-filter plugins applied in order when the data is loaded (names of `[plugins.*]`).
+    #[serde(default)]
+    pub filters: Vec<String>,
+    /// Field mapping from the layout's names to this file's names, e.g. `{ prompt = "question" }`.
+    #[serde(default)]
+    pub fields: indexmap::IndexMap<String, String>,
+    /// What to do with malformed records.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl DatasetSpec {
+    fn default_format() -> String {
+        "auto".to_string()
+    }
+}
+
+/// A `[plugins.NAME]` table: a WebAssembly component or a plugin source folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// A `.wasm` component or a source folder (built on demand), relative to the workflow file.
+    pub path: PathBuf,
+    /// Capabilities granted to the plugin (none by default).
+    #[serde(default)]
+    pub grants: PluginGrants,
+    /// CPU-time and memory limits per call.
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+}

@@ -1,0 +1,213 @@
+//! Step kinds and helpers for the engine tests: they record what ran, so tests can count executions.
+#![allow(dead_code)]
+
+use anyhow::{bail, Result};
+use dusflow::steps::{ArtifactKind, InputSlot, InputSlots, Registry, StepContext, StepKind};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Shared record of executed steps (in start order) with start/end instants.
+#[derive(Clone, Default)]
+pub struct Log(pub Arc<Mutex<Vec<(String, Instant, Instant)>>>);
+
+impl Log {
+    pub fn names(&self) -> Vec<String> {
+        self.0.lock().unwrap().iter().map(|(n, _, _)| n.clone()).collect()
+    }
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+/// `kind = "text"`: writes `out.txt` = its `text` param followed by each input's `out.txt`.
+pub struct TextStep {
+    pub log: Log,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextConfig {
+    pub text: String,
+    #[serde(default)]
+    pub repeat: u32,
+    #[serde(default)]
+    pub fail: bool,
+}
+
+const TEXT_INPUTS: &[InputSlot] = &[InputSlot {
+    name: "from",
+    accepts: &[ArtifactKind::Files, ArtifactKind::Dataset],
+    many: true,
+    required: false,
+}];
+
+impl StepKind for TextStep {
+    type Config = TextConfig;
+    fn name(&self) -> &'static str {
+        "text"
+    }
+    fn inputs(&self) -> InputSlots {
+        InputSlots::Fixed(TEXT_INPUTS)
+    }
+    fn output(&self, _: &TextConfig) -> ArtifactKind {
+        ArtifactKind::Files
+    }
+    fn check(&self, c: &TextConfig, _: &dyn dusflow::steps::CheckContext) -> Vec<dusflow::steps::ConfigIssue> {
+        if c.repeat > 100 {
+            vec![dusflow::steps::ConfigIssue::new("repeat", "at most 100")]
+        } else {
+            vec![]
+        }
+    }
+    fn run(&self, c: &TextConfig, ctx: &StepContext) -> Result<()> {
+        let start = Instant::now();
+        if c.fail {
+            bail!("asked to fail");
+        }
+        let mut out = c.text.repeat(c.repeat.max(1) as usize);
+        for input in ctx.inputs_of("from") {
+            let p = if input.path.is_dir() { input.path.join("out.txt") } else { input.path.clone() };
+            out.push('|');
+            out.push_str(&std::fs::read_to_string(&p)?);
+        }
+        std::fs::write(ctx.out_dir.join("out.txt"), out)?;
+        self.log.0.lock().unwrap().push((ctx.step.clone(), start, Instant::now()));
+        Ok(())
+    }
+}
+
+/// `kind = "meet"`: each step waits (up to 20 s) until `parties` meet steps are running at once.
+pub struct MeetStep {
+    pub state: Arc<(Mutex<usize>, Condvar)>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeetConfig {
+    pub parties: usize,
+}
+
+impl StepKind for MeetStep {
+    type Config = MeetConfig;
+    fn name(&self) -> &'static str {
+        "meet"
+    }
+    fn inputs(&self) -> InputSlots {
+        InputSlots::Fixed(&[])
+    }
+    fn output(&self, _: &MeetConfig) -> ArtifactKind {
+        ArtifactKind::Files
+    }
+    fn run(&self, c: &MeetConfig, _ctx: &StepContext) -> Result<()> {
+        let (lock, cv) = &*self.state;
+        let mut n = lock.lock().unwrap();
+        *n += 1;
+        cv.notify_all();
+        let (n, timeout) = cv.wait_timeout_while(n, Duration::from_secs(20), |n| *n < c.parties).unwrap();
+        if timeout.timed_out() {
+            bail!("only {} of {} steps were running at the same time", *n, c.parties);
+        }
+        Ok(())
+    }
+}
+
+/// `kind = "hold"`: runs until cancelled (or 30 s), then reports cancellation.
+pub struct HoldStep {
+    pub started: Arc<(Mutex<usize>, Condvar)>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldConfig {
+    #[serde(default)]
+    pub tag: String,
+}
+
+impl StepKind for HoldStep {
+    type Config = HoldConfig;
+    fn name(&self) -> &'static str {
+        "hold"
+    }
+    fn inputs(&self) -> InputSlots {
+        InputSlots::Any
+    }
+    fn output(&self, _: &HoldConfig) -> ArtifactKind {
+        ArtifactKind::Files
+    }
+    fn run(&self, _c: &HoldConfig, ctx: &StepContext) -> Result<()> {
+        std::fs::write(ctx.out_dir.join("partial.txt"), "half")?;
+        {
+            let (lock, cv) = &*self.started;
+            *lock.lock().unwrap() += 1;
+            cv.notify_all();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            ctx.check_cancelled()?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("hold step was never cancelled")
+    }
+}
+
+/// A registry with the built-in kinds plus the test kinds, and their shared state.
+pub struct TestKinds {
+    pub registry: Registry,
+    pub log: Log,
+    pub hold_started: Arc<(Mutex<usize>, Condvar)>,
+}
+
+pub fn test_kinds() -> TestKinds {
+    let log = Log::default();
+    let hold_started = Arc::new((Mutex::new(0), Condvar::new()));
+    let mut registry = Registry::builtin();
+    registry.register(TextStep { log: log.clone() });
+    registry.register(MeetStep { state: Arc::new((Mutex::new(0), Condvar::new())) });
+    registry.register(HoldStep { started: hold_started.clone() });
+    TestKinds { registry, log, hold_started }
+}
+
+/// Waits until `count` hold steps have started.
+pub fn wait_hold_started(state: &Arc<(Mutex<usize>, Condvar)>, count: usize) {
+    let (lock, cv) = &**state;
+    let guard = lock.lock().unwrap();
+    let (_guard, t) = cv.wait_timeout_while(guard, Duration::from_secs(20), |n| *n < count).unwrap();
+    assert!(!t.timed_out(), "hold step did not start");
+}
+
+/// A temp folder with a workflow file.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(workflow: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("flow.toml"), workflow).unwrap();
+        Self { dir }
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    pub fn workflow(&self) -> PathBuf {
+        self.path("flow.toml")
+    }
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    pub fn edit(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(self.workflow()).unwrap();
+        assert!(text.contains(from), "workflow has no `{from}`");
+        std::fs::write(self.workflow(), text.replacen(from, to, 1)).unwrap();
+    }
+}
+
+/// Reads `out.txt` of a step's artifact.
+pub fn output_of(summary: &dusflow::engine::RunSummary, step: &str) -> String {
+    let report = summary.step(step).unwrap_or_else(|| panic!("no step {step}"));
+    std::fs::read_to_string(Path::new(&report.dir).join("out.txt")).unwrap()
+}
