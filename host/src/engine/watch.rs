@@ -135,9 +135,10 @@ pub async fn watch(path: &Path, registry: &Registry, options: RunOptions, shutdo
                 let token = CancellationToken::new();
                 current = Some(token.clone());
                 let exec = exec.clone();
+                let stopping = shutdown.clone();
                 tokio::spawn(async move {
                     let summary = exec.run(plan, token).await;
-                    if !summary.superseded {
+                    if !summary.superseded && !stopping.is_cancelled() {
                         eprint!("{}", render_summary(&summary));
                         eprintln!("watching for changes (Ctrl-C to stop)");
                     }
