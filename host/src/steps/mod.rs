@@ -3,6 +3,7 @@
 pub mod command;
 pub mod context;
 pub mod kind;
+pub mod synthetic;
 
 pub use context::{Cancelled, InputArtifact, StepContext};
 pub use kind::{
@@ -29,6 +30,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register(command::CommandStep);
+        r.register(synthetic::SyntheticStep);
         r
     }
 
