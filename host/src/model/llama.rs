@@ -284,9 +284,9 @@ impl Llama {
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * s, hd))?;
         let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, s, t))?;
-        let mut scores = scores.to_dtype(DType::F32)?;
+        let mut scores = scores.to_dtype(upcast(scores.dtype()))?;
         if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
+            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
         let probs = match path {
             Path::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
@@ -295,6 +295,14 @@ impl Llama {
         let probs = probs.to_dtype(v.dtype())?.reshape((b, nkv, rep * s, t))?;
         let out = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         linear(&out, &w.o)
+    }
+}
+
+/// The dtype softmax and normalisation run in: f32 for half types, else the input's own.
+fn upcast(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
     }
 }
 
@@ -309,7 +317,7 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor>
         Path::Fast => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?),
         Path::Differentiable => {
             let dtype = x.dtype();
-            let xf = x.to_dtype(DType::F32)?;
+            let xf = x.to_dtype(upcast(dtype))?;
             let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
             let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
             Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
