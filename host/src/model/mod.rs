@@ -1,1 +1,25 @@
 //! The Llama/Mistral model family in candle: configs, checkpoints, tokenizers, forward passes (issue 3).
+//!
+//! - [`config`]: `config.json` ([`LlamaConfig`]), validated.
+//! - [`tensor_store`]: memory-mapped reading of one safetensors file or a sharded folder.
+//! - [`checkpoint_writer`]: canonical, streaming, sharded, atomic safetensors writing.
+//! - [`weights`]: load a folder into a model (trainable or not), fresh initialisation, save a folder.
+//! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
+//! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
+//! - [`generation`]: batched generation and log-likelihood scoring.
+
+pub mod checkpoint_writer;
+pub mod config;
+pub mod generation;
+pub mod llama;
+pub mod tensor_store;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint_writer::{write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint};
+pub use config::LlamaConfig;
+pub use generation::{generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling};
+pub use llama::{block_causal_bias, causal_bias, packed_position_ids, padded_causal_bias, ForwardOptions, KvCache, Llama};
+pub use tensor_store::{TensorMeta, TensorStore};
+pub use tokenizer::Tokenizer;
+pub use weights::{init_trainable, load_model, load_trainable, save_model, save_tensors, SaveOptions};

@@ -1,0 +1,431 @@
+//! The Llama/Mistral decoder: a training forward built only from differentiable candle ops, and an
+//! inference forward with a KV cache that uses candle's fused kernels (which have no backward).
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::LlamaConfig;
+
+/// Value added to attention scores of masked keys. Finite (like transformers' `finfo.min`) so that a fully
+/// masked row (a padding query) gives a uniform distribution instead of NaN.
+pub const MASKED: f32 = f32::MIN;
+
+/// Which op set a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Only ops with a backward (training).
+    Differentiable,
+    /// Fused kernels allowed (inference).
+    Fast,
+}
+
+/// Optional inputs of a forward pass beyond the token ids.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// Per-token positions, shape `(batch, seq)`, dtype u32. Default: `past_len + 0..seq` for every row.
+    /// Packed documents reset positions per document; left-padded prompts start counting at the first token.
+    pub position_ids: Option<Tensor>,
+    /// Additive attention bias, shape `(batch or 1, 1, seq, past_len + seq)`, f32: 0 where a query may
+    /// attend a key, [`MASKED`] where not. It replaces the default causal (and sliding-window) mask, so it
+    /// must encode causality itself; see [`causal_bias`], [`padded_causal_bias`], [`block_causal_bias`].
+    pub attention_bias: Option<Tensor>,
+}
+
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model of `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// True when nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A Llama/Mistral causal language model. Its tensors are whatever the [`VarBuilder`] returned: trainable
+/// [`candle_core::Var`]s when built from a `VarMap`, plain tensors when built for inference.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Tensor,
+}
+
+impl Llama {
+    /// Builds the model from `vb` (names as in Hugging Face checkpoints, e.g. `model.layers.0.mlp.up_proj.weight`).
+    /// With `tie_word_embeddings` the head is the embedding matrix itself.
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let shapes = cfg.weight_shapes();
+        let get = |name: &str| -> Result<Tensor> {
+            let shape = &shapes.iter().find(|(n, _)| n == name).expect("known weight").1;
+            vb.get(shape.as_slice(), name).with_context(|| format!("weight {name}"))
+        };
+        let embed = get("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+            layers.push(Layer {
+                input_norm: get(&p("input_layernorm"))?,
+                q: get(&p("self_attn.q_proj"))?,
+                k: get(&p("self_attn.k_proj"))?,
+                v: get(&p("self_attn.v_proj"))?,
+                o: get(&p("self_attn.o_proj"))?,
+                post_norm: get(&p("post_attention_layernorm"))?,
+                gate: get(&p("mlp.gate_proj"))?,
+                up: get(&p("mlp.up_proj"))?,
+                down: get(&p("mlp.down_proj"))?,
+            });
+        }
+        let norm = get("model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight")? };
+        let inv_freq = rope_inv_freq(cfg, embed.device())?;
+        Ok(Llama { cfg: cfg.clone(), embed, layers, norm, lm_head, inv_freq })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Dtype of the weights (and of the computation).
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Every weight by its checkpoint name (the tied head is not listed separately).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, w) in self.layers.iter().enumerate() {
+            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+            out.push((p("input_layernorm"), w.input_norm.clone()));
+            out.push((p("self_attn.q_proj"), w.q.clone()));
+            out.push((p("self_attn.k_proj"), w.k.clone()));
+            out.push((p("self_attn.v_proj"), w.v.clone()));
+            out.push((p("self_attn.o_proj"), w.o.clone()));
+            out.push((p("post_attention_layernorm"), w.post_norm.clone()));
+            out.push((p("mlp.gate_proj"), w.gate.clone()));
+            out.push((p("mlp.up_proj"), w.up.clone()));
+            out.push((p("mlp.down_proj"), w.down.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// Training forward: logits `(batch, seq, vocab)` for `input_ids` `(batch, seq)` (u32), using only ops
+    /// that propagate gradients. Default mask: causal (plus Mistral's sliding window when configured).
+    pub fn forward_train(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        self.run(input_ids, opts, None, Path::Differentiable, false)
+    }
+
+    /// Inference forward over new tokens, appending their keys/values to `cache`. Positions default to
+    /// `cache.len() + 0..seq`. With `last_only`, logits are computed for the last position only
+    /// (`(batch, 1, vocab)`), which is what decoding needs.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        opts: &ForwardOptions,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        ensure!(cache.layers.len() == self.layers.len(), "KV cache has the wrong number of layers");
+        self.run(input_ids, opts, Some(cache), Path::Fast, last_only)
+    }
+
+    /// Inference forward without a cache (fused kernels, no gradient), all positions.
+    pub fn forward(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        let mut cache = KvCache::new(self.layers.len());
+        self.run(input_ids, opts, Some(&mut cache), Path::Fast, false)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        opts: &ForwardOptions,
+        mut cache: Option<&mut KvCache>,
+        path: Path,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2().context("input_ids must be (batch, seq)")?;
+        ensure!(s > 0, "empty input");
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let dev = self.device();
+        let positions = match &opts.position_ids {
+            Some(p) => {
+                ensure!(p.dims() == [b, s], "position_ids must have shape ({b}, {s}), got {:?}", p.dims());
+                p.to_dtype(DType::F32)?
+            }
+            None => Tensor::arange(past as f32, (past + s) as f32, dev)?.unsqueeze(0)?.repeat((b, 1))?,
+        };
+        let (cos, sin) = self.rope_tables(&positions, path)?;
+        let bias = match &opts.attention_bias {
+            Some(m) => {
+                let d = m.dims();
+                ensure!(
+                    d.len() == 4 && (d[0] == b || d[0] == 1) && d[1] == 1 && d[2] == s && d[3] == past + s,
+                    "attention_bias must have shape ({b} or 1, 1, {s}, {}), got {d:?}",
+                    past + s
+                );
+                Some(m.to_dtype(DType::F32)?)
+            }
+            None if s == 1 && self.cfg.sliding_window.is_none_or(|w| past < w) => None,
+            None => Some(causal_bias(s, past, self.cfg.sliding_window, dev)?),
+        };
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden_size))?;
+        for (l, w) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &w.input_norm, self.cfg.rms_norm_eps, path)?;
+            let a = self.attention(l, w, &h, &cos, &sin, bias.as_ref(), cache.as_deref_mut(), path)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &w.post_norm, self.cfg.rms_norm_eps, path)?;
+            let gate = linear(&h, &w.gate)?;
+            let up = linear(&h, &w.up)?;
+            let m = linear(&(candle_nn::ops::silu(&gate)? * up)?, &w.down)?;
+            x = (x + m)?;
+        }
+        if last_only {
+            x = x.narrow(1, s - 1, 1)?;
+        }
+        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, path)?;
+        linear(&x, &self.lm_head)
+    }
+
+    /// cos/sin of shape `(batch, seq, head_dim)` (differentiable path) or `(batch, seq, head_dim/2)` (fused rope).
+    fn rope_tables(&self, positions: &Tensor, path: Path) -> Result<(Tensor, Tensor)> {
+        let freqs = positions.unsqueeze(2)?.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let freqs = match path {
+            Path::Differentiable => Tensor::cat(&[&freqs, &freqs], 2)?,
+            Path::Fast => freqs,
+        };
+        let dtype = self.dtype();
+        Ok((freqs.cos()?.to_dtype(dtype)?.contiguous()?, freqs.sin()?.to_dtype(dtype)?.contiguous()?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        w: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        path: Path,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_kv_heads(), self.cfg.head_dim());
+        let q = linear(x, &w.q)?.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = linear(x, &w.k)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = linear(x, &w.v)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match path {
+            Path::Differentiable => (rope_differentiable(&q, cos, sin)?, rope_differentiable(&k, cos, sin)?),
+            Path::Fast => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+        };
+        let (k, v) = match cache {
+            Some(c) => c.append(layer, k, v)?,
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        // Grouped-query attention without copying keys/values: query heads of one group become extra rows.
+        let rep = nh / nkv;
+        let qg = q.reshape((b, nkv, rep * s, hd))?;
+        let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, s, t))?;
+        let mut scores = scores.to_dtype(upcast(scores.dtype()))?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
+        }
+        let probs = match path {
+            Path::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Path::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
+        let probs = probs.to_dtype(v.dtype())?.reshape((b, nkv, rep * s, t))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        linear(&out, &w.o)
+    }
+}
+
+/// The dtype softmax and normalisation run in: f32 for half types, else the input's own.
+fn upcast(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// `x @ w.T` for `x` of shape `(..., in)` and `w` of shape `(out, in)`.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::Linear::new(w.clone(), None).forward(x)?)
+}
+
+/// RMSNorm as in transformers: normalise in f32, cast back, then scale.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
+    match path {
+        Path::Fast => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?),
+        Path::Differentiable => {
+            let dtype = x.dtype();
+            let xf = x.to_dtype(upcast(dtype))?;
+            let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+            Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
+        }
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` with `cos`/`sin` of shape `(batch, seq, head_dim)`.
+fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let cos = cos.unsqueeze(1)?;
+    let sin = sin.unsqueeze(1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// RoPE inverse frequencies `1 / theta^(2i/d)`, computed in f32 like transformers.
+fn rope_inv_freq(cfg: &LlamaConfig, dev: &Device) -> Result<Tensor> {
+    let d = cfg.head_dim();
+    let base = cfg.rope_base() as f32;
+    let inv: Vec<f32> = (0..d).step_by(2).map(|i| 1.0 / base.powf(i as f32 / d as f32)).collect();
+    Ok(Tensor::from_vec(inv, d / 2, dev)?)
+}
+
+/// Causal attention bias `(1, 1, seq, past + seq)`: query `i` (absolute `past + i`) sees keys `j <= past + i`,
+/// and with a sliding window only keys with `past + i - j < window`.
+pub fn causal_bias(seq: usize, past: usize, sliding_window: Option<usize>, dev: &Device) -> Result<Tensor> {
+    let t = past + seq;
+    let mut data = vec![MASKED; seq * t];
+    for i in 0..seq {
+        let qi = past + i;
+        let lo = sliding_window.map(|w| (qi + 1).saturating_sub(w)).unwrap_or(0);
+        for j in lo..=qi {
+            data[i * t + j] = 0.0;
+        }
+    }
+    Ok(Tensor::from_vec(data, (1, 1, seq, t), dev)?)
+}
+
+/// Causal bias `(batch, 1, seq, past + seq)` that also hides padding keys. `key_valid[b][j]` tells whether
+/// key `j` (over all `past + seq` positions) of row `b` is a real token.
+pub fn padded_causal_bias(
+    key_valid: &[Vec<bool>],
+    seq: usize,
+    sliding_window: Option<usize>,
+    dev: &Device,
+) -> Result<Tensor> {
+    let b = key_valid.len();
+    ensure!(b > 0, "empty batch");
+    let t = key_valid[0].len();
+    ensure!(t >= seq, "key_valid rows must cover past + seq positions");
+    let past = t - seq;
+    let mut data = vec![MASKED; b * seq * t];
+    for (r, valid) in key_valid.iter().enumerate() {
+        ensure!(valid.len() == t, "key_valid rows must all have length {t}");
+        for i in 0..seq {
+            let qi = past + i;
+            let lo = sliding_window.map(|w| (qi + 1).saturating_sub(w)).unwrap_or(0);
+            for j in lo..=qi {
+                if valid[j] {
+                    data[(r * seq + i) * t + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, seq, t), dev)?)
+}
+
+/// Block-diagonal causal bias `(batch, 1, seq, seq)` for packed sequences: a query sees earlier keys of the
+/// same document only. `doc_ids[b][i]` names the document of token `i` in row `b`.
+pub fn block_causal_bias(doc_ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+    let b = doc_ids.len();
+    ensure!(b > 0, "empty batch");
+    let s = doc_ids[0].len();
+    let mut data = vec![MASKED; b * s * s];
+    for (r, docs) in doc_ids.iter().enumerate() {
+        if docs.len() != s {
+            bail!("doc_ids rows must all have length {s}");
+        }
+        for i in 0..s {
+            for j in 0..=i {
+                if docs[j] == docs[i] {
+                    data[(r * s + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, s, s), dev)?)
+}
+
+/// Position ids `(batch, seq)` that restart at 0 at every document boundary of packed rows.
+pub fn packed_position_ids(doc_ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+    let b = doc_ids.len();
+    ensure!(b > 0, "empty batch");
+    let s = doc_ids[0].len();
+    let mut data = Vec::with_capacity(b * s);
+    for docs in doc_ids {
+        ensure!(docs.len() == s, "doc_ids rows must all have length {s}");
+        let mut pos = 0u32;
+        for i in 0..s {
+            if i > 0 && docs[i] != docs[i - 1] {
+                pos = 0;
+            }
+            data.push(pos);
+            pos += 1;
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, s), dev)?)
+}
