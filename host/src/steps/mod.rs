@@ -2,7 +2,9 @@
 
 pub mod command;
 pub mod context;
+pub mod eval;
 pub mod kind;
+pub mod report;
 pub mod synthetic;
 
 pub use context::{Cancelled, InputArtifact, StepContext};
@@ -30,6 +32,8 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register(command::CommandStep);
+        r.register(eval::EvalStep);
+        r.register(report::ReportStep);
         r.register(synthetic::SyntheticStep);
         r
     }
