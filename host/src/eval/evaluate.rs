@@ -137,6 +137,9 @@ pub fn evaluate_task(
         };
         let pool_kind = match (shot_split.is_some(), spec.fewshot_first_n) {
             (true, true) => ShotPool::FirstN(group_pool.len()),
+            (true, false) if spec.harness_draws_one_more => {
+                ShotPool::SeparateDrawOneMore(group_pool.len())
+            }
             (true, false) => ShotPool::Separate(group_pool.len()),
             (false, _) => ShotPool::SameAsEval,
         };
@@ -145,7 +148,9 @@ pub fn evaluate_task(
         } else {
             0
         };
-        if k > 0 && matches!(pool_kind, ShotPool::Separate(n) | ShotPool::FirstN(n) if n < k) {
+        if k > 0
+            && matches!(pool_kind, ShotPool::Separate(n) | ShotPool::SeparateDrawOneMore(n) | ShotPool::FirstN(n) if n < k)
+        {
             anyhow::bail!(
                 "task `{}`{}: {k} few-shot examples requested, only {} available",
                 spec.name,

@@ -23,6 +23,10 @@ pub enum Mode {
 pub enum ShotPool {
     /// Random examples from a separate split of `n` documents.
     Separate(usize),
+    /// Like `Separate`, but the harness draws `k + 1` and drops the evaluated document if drawn. lm-eval 0.4
+    /// does this when a task's few-shot split equals its test split, which includes tasks with neither set
+    /// (HellaSwag, Winogrande: both `None`); the extra draw changes the random sequence.
+    SeparateDrawOneMore(usize),
     /// Random examples from the evaluated documents themselves (excluding the current one).
     SameAsEval,
     /// The first `k` documents of a separate split of `n`, in order (MMLU's dev shots).
@@ -61,7 +65,9 @@ pub fn plan(
                 shots.push(match pool {
                     _ if k == 0 => vec![],
                     ShotPool::FirstN(n) => (0..k.min(n)).collect(),
-                    ShotPool::Separate(n) => rnd.sample_indices(n, k),
+                    ShotPool::Separate(n) | ShotPool::SeparateDrawOneMore(n) => {
+                        rnd.sample_indices(n, k)
+                    }
                     ShotPool::SameAsEval => {
                         let picked = rnd.sample_indices(n_eval, (k + 1).min(n_eval));
                         picked
@@ -81,8 +87,12 @@ pub fn plan(
                     _ if k == 0 => vec![],
                     ShotPool::FirstN(n) => (0..k.min(n)).collect(),
                     ShotPool::Separate(n) => rnd.sample_indices(n, k),
-                    ShotPool::SameAsEval => {
-                        let picked = rnd.sample_indices(n_eval, (k + 1).min(n_eval));
+                    ShotPool::SeparateDrawOneMore(_) | ShotPool::SameAsEval => {
+                        let n = match pool {
+                            ShotPool::SeparateDrawOneMore(n) => n,
+                            _ => n_eval,
+                        };
+                        let picked = rnd.sample_indices(n, (k + 1).min(n));
                         let mut res: Vec<usize> = picked
                             .into_iter()
                             .filter(|&x| !same(x, doc))
@@ -90,7 +100,7 @@ pub fn plan(
                             .collect();
                         if res.len() < k {
                             // Too few left: sample again from the pool without the document.
-                            let pool: Vec<usize> = (0..n_eval).filter(|&x| !same(x, doc)).collect();
+                            let pool: Vec<usize> = (0..n).filter(|&x| !same(x, doc)).collect();
                             res = rnd
                                 .sample_indices(pool.len(), k.min(pool.len()))
                                 .into_iter()

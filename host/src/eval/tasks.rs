@@ -156,6 +156,9 @@ pub struct TaskSpec {
     pub max_gen_toks: usize,
     /// GSM8K-style `#### N` answers (extracted and compared per the mode).
     pub gsm8k_answers: bool,
+    /// The harness config has no test split (nor few-shot split), so lm-eval 0.4 draws one example more
+    /// and drops the evaluated document (see [`super::fewshot::ShotPool::SeparateDrawOneMore`]).
+    pub harness_draws_one_more: bool,
 }
 
 /// Options that change built-in task definitions.
@@ -184,17 +187,24 @@ impl TaskSpec {
             until: vec![],
             max_gen_toks: 256,
             gsm8k_answers: false,
+            harness_draws_one_more: false,
         };
         Ok(match name {
             "arc_challenge" | "arc" => base("arc_challenge", Format::Arc, 25, "test", Some("train"), Metric::AccNorm),
-            "hellaswag" => base("hellaswag", Format::Hellaswag, 10, "validation", Some("train"), Metric::AccNorm),
+            "hellaswag" => TaskSpec {
+                harness_draws_one_more: true,
+                ..base("hellaswag", Format::Hellaswag, 10, "validation", Some("train"), Metric::AccNorm)
+            },
             "mmlu" => TaskSpec {
                 fewshot_first_n: true,
                 group_by: Some("subject".into()),
                 ..base("mmlu", Format::Mmlu, 5, "test", Some("dev"), Metric::Acc)
             },
             "truthfulqa_mc2" | "truthfulqa" => base("truthfulqa_mc2", Format::TruthfulQaMc2, 0, "validation", None, Metric::Mc2),
-            "winogrande" => base("winogrande", Format::Winogrande, 5, "validation", Some("train"), Metric::Acc),
+            "winogrande" => TaskSpec {
+                harness_draws_one_more: true,
+                ..base("winogrande", Format::Winogrande, 5, "validation", Some("train"), Metric::Acc)
+            },
             "gsm8k" => {
                 let until: Vec<String> = match opts.mode {
                     Mode::LeaderboardV1 if opts.gsm8k_colon_stop => vec![":".into(), "Question:".into(), "Question".into()],
@@ -260,6 +270,7 @@ impl TaskSpec {
             until: task.until.clone(),
             max_gen_toks: task.max_gen_toks.unwrap_or(256),
             gsm8k_answers: false,
+            harness_draws_one_more: false,
         })
     }
 
