@@ -255,3 +255,132 @@ fn prefix_reuse_and_batching_do_not_change_scores() {
         }
     }
 }
+
+fn run_v1(task: &str, data: &str) -> TaskResult {
+    let (model, tok) = model();
+    let scorer = Scorer {
+        model: &model,
+        tokenizer: &tok,
+        add_special_tokens: false,
+        max_length: model.config().max_position_embeddings,
+        batch_size: 4,
+        prefix_reuse: true,
+        cancelled: None,
+    };
+    let spec = TaskSpec::builtin(
+        task,
+        BuiltinOptions {
+            mode: Mode::LeaderboardV1,
+            gsm8k_colon_stop: true,
+        },
+    )
+    .unwrap();
+    let data = TaskData::load(&dir(&format!("docs/{data}"))).unwrap();
+    let opts = EvalOptions {
+        mode: Mode::LeaderboardV1,
+        limit: None,
+        extraction: Extraction::Strict,
+    };
+    evaluate_task(&spec, &data, &scorer, &opts, &mut |_| {}).unwrap()
+}
+
+/// Leaderboard-v1 mode against fixtures/eval/v1 (see `v1_fixture` in the generator): document order,
+/// few-shot examples, prompts, BOS-free log-likelihoods and v1 GSM8K generation.
+#[test]
+fn leaderboard_v1_mode_matches_the_v1_fixtures() {
+    for (task, data, fixtures) in [
+        (
+            "arc_challenge",
+            "arc_challenge",
+            vec![("arc_challenge", None)],
+        ),
+        ("hellaswag", "hellaswag", vec![("hellaswag", None)]),
+        (
+            "truthfulqa_mc2",
+            "truthfulqa_mc2",
+            vec![("truthfulqa_mc2", None)],
+        ),
+        ("winogrande", "winogrande", vec![("winogrande", None)]),
+        (
+            "mmlu",
+            "mmlu",
+            vec![
+                ("mmlu_abstract_algebra", Some("abstract_algebra")),
+                ("mmlu_college_physics", Some("college_physics")),
+            ],
+        ),
+        ("gsm8k", "gsm8k", vec![("gsm8k", None)]),
+    ] {
+        let ours = run_v1(task, data);
+        for (name, group) in fixtures {
+            let fx: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir(&format!("v1/{name}.json"))).unwrap(),
+            )
+            .unwrap();
+            let want = fx["docs"].as_array().unwrap();
+            let got: Vec<_> = ours
+                .docs
+                .iter()
+                .filter(|d| d.group.as_deref() == group)
+                .collect();
+            let order: Vec<u64> = got.iter().map(|d| d.doc_id as u64).collect();
+            let want_order: Vec<u64> = want.iter().map(|d| d["doc_id"].as_u64().unwrap()).collect();
+            assert_eq!(order, want_order, "{name}: document order");
+            for (g, w) in got.iter().zip(want) {
+                let shots: Vec<u64> = g.fewshot.iter().map(|&s| s as u64).collect();
+                let want_shots: Vec<u64> = w["fewshot"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect();
+                assert_eq!(
+                    shots, want_shots,
+                    "{name} doc {}: few-shot examples",
+                    g.doc_id
+                );
+                if task == "gsm8k" {
+                    assert_eq!(
+                        g.prompt.as_deref(),
+                        w["prompt"].as_str(),
+                        "{name} doc {}",
+                        g.doc_id
+                    );
+                    assert_eq!(
+                        g.generation.as_deref(),
+                        w["generation"].as_str(),
+                        "{name} doc {}",
+                        g.doc_id
+                    );
+                    assert_eq!(
+                        g.extracted.as_deref(),
+                        w["extracted"].as_str(),
+                        "{name} doc {}",
+                        g.doc_id
+                    );
+                    continue;
+                }
+                let reqs: Vec<(String, String)> = w["requests"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        (
+                            r[0].as_str().unwrap().to_string(),
+                            r[1].as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect();
+                assert_eq!(g.requests, reqs, "{name} doc {}: prompts", g.doc_id);
+                for (a, b) in g
+                    .loglikelihoods
+                    .iter()
+                    .zip(w["loglikelihoods"].as_array().unwrap())
+                {
+                    let b = b.as_f64().unwrap();
+                    assert!((a - b).abs() < 1e-4, "{name} doc {}: {a} vs {b}", g.doc_id);
+                }
+            }
+        }
+    }
+}
