@@ -122,7 +122,6 @@ fn templates_and_custom_tasks() {
     let task = CustomTask {
         name: "t".into(),
         kind: CustomKind::MultipleChoice,
-        data: None,
         template: "{q}".into(),
         choices: None,
         choice_list: Some(vec!["no".into(), "yes".into()]),

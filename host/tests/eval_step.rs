@@ -59,15 +59,10 @@ path = "{model}"
 [models.tiny_copy]
 path = "{model}"
 
-[steps.mc]
+[steps.held]
 kind = "synthetic"
-task = "multiple-choice"
 count = 12
-
-[steps.math]
-kind = "synthetic"
-task = "arithmetic"
-count = 6
+sweep = {{ task = ["multiple-choice", "arithmetic"] }}
 
 [steps.text]
 kind = "synthetic"
@@ -76,9 +71,9 @@ count = 3
 
 [steps.eval]
 kind = "eval"
-inputs = {{ model = "tiny", data = ["mc", "math", "text"] }}
+inputs = {{ model = "tiny", data = ["held", "text"] }}
 tasks = ["arc_challenge", "gsm8k"]
-data = {{ arc_challenge = "mc", gsm8k = "math", qa = "mc", ppl = "text" }}
+data = {{ arc_challenge = "held[task=multiple-choice]", gsm8k = "held[task=arithmetic]", qa = "held[task=multiple-choice]", ppl = "text" }}
 num_fewshot = {{ arc_challenge = 3, gsm8k = 1 }}
 limit = 4
 sweep = {{ "inputs.model" = ["tiny", "tiny_copy"] }}
@@ -255,4 +250,48 @@ metric = "acc"
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
+}
+
+#[tokio::test]
+async fn data_from_paths_and_a_clear_error_for_unknown_inputs() {
+    let p = Project::new(&format!(
+        r#"
+[workflow]
+name = "paths"
+device = "cpu"
+
+[models.tiny]
+path = "{model}"
+
+[steps.ok]
+kind = "eval"
+inputs = {{ model = "tiny" }}
+tasks = ["winogrande"]
+data_paths = {{ winogrande = "{docs}/winogrande" }}
+
+[steps.bad]
+kind = "eval"
+inputs = {{ model = "tiny" }}
+tasks = ["winogrande"]
+data = {{ winogrande = "nope" }}
+"#,
+        model = fixtures().join("model").display(),
+        docs = fixtures().join("docs").display()
+    ));
+    let s = engine::run(
+        &p.workflow(),
+        &Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("run");
+    let ok: Summary =
+        serde_json::from_value(json(&artifact(&s, "ok").join("results.json"))).unwrap();
+    assert_eq!(ok.tasks["winogrande"].num_docs, 4);
+    let bad = format!("{:?}", s.step("bad").unwrap().status);
+    assert!(
+        bad.contains("`nope` is not an input of the `data` slot"),
+        "{bad}"
+    );
 }

@@ -117,8 +117,10 @@ pub fn evaluate_task(
             grouped.insert(String::new(), (0..docs.len()).collect());
         }
     }
+    // Examples from a separate split; from the evaluated documents themselves (never the current one)
+    // when the data is one file or the few-shot split is the evaluated split.
     let shot_split = match &spec.fewshot_split {
-        Some(s) if spec.num_fewshot > 0 && !data.is_single_file() => Some(
+        Some(s) if spec.num_fewshot > 0 && !data.is_single_file() && *s != spec.eval_split => Some(
             data.split(s)
                 .with_context(|| format!("task `{}` few-shot examples", spec.name))?,
         ),

@@ -54,9 +54,6 @@ pub struct CustomTask {
     pub name: String,
     /// What is scored.
     pub kind: CustomKind,
-    /// Data: the name of an input in the step's `data` slot, or a path relative to the workflow file.
-    #[serde(default)]
-    pub data: Option<String>,
     /// Prompt template; `{field}` / `{a.b}` insert fields of the document, `{{`/`}}` are literal braces.
     pub template: String,
     /// Field holding the list of choice texts (multiple-choice).

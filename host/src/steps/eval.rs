@@ -8,6 +8,7 @@
 //! inputs = { model = "solar", data = ["heldout"] }
 //! tasks = ["arc_challenge", "gsm8k"]          # default: all six H6 tasks
 //! data = { arc_challenge = "heldout" }        # task -> an input of the `data` slot
+//! data_paths = { gsm8k = "data/gsm8k" }      # task -> a file or folder
 //! data_dir = "evaldata"                      # else <data_dir>/<task>/{test,train,...}.jsonl or <task>.jsonl
 //! mode = "leaderboard-v1"                    # or "harness" (lm-eval 0.4 on PyPI)
 //! limit = 100                                # documents per task (per subject for MMLU)
@@ -34,7 +35,7 @@ use crate::workflow::{DType, DeviceChoice};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Parameters of an `eval` step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +50,9 @@ pub struct EvalConfig {
     /// Task name → name of an input in the `data` slot holding its data.
     #[serde(default)]
     pub data: BTreeMap<String, String>,
+    /// Task name → a data file or folder (relative to the workflow file).
+    #[serde(default)]
+    pub data_paths: BTreeMap<String, PathBuf>,
     /// Folder with one entry per task: `<task>/` (split files) or `<task>.jsonl` (relative to the workflow).
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
@@ -176,7 +180,12 @@ impl StepKind for EvalStep {
         if names.is_empty() {
             issues.push(ConfigIssue::new("tasks", "no tasks to evaluate"));
         }
-        for key in c.num_fewshot.keys().chain(c.data.keys()) {
+        for key in c
+            .num_fewshot
+            .keys()
+            .chain(c.data.keys())
+            .chain(c.data_paths.keys())
+        {
             if !names.contains(key) {
                 issues.push(ConfigIssue::new(
                     key.clone(),
@@ -198,13 +207,7 @@ impl StepKind for EvalStep {
 
     fn dependencies(&self, c: &EvalConfig) -> Dependencies {
         let mut files: Vec<PathBuf> = c.data_dir.iter().cloned().collect();
-        files.extend(
-            c.custom
-                .iter()
-                .filter_map(|t| t.data.as_ref())
-                .filter(|d| !c.data.contains_key(*d))
-                .map(PathBuf::from),
-        );
+        files.extend(c.data_paths.values().cloned());
         Dependencies {
             plugins: vec![],
             files,
@@ -253,7 +256,7 @@ impl StepKind for EvalStep {
         let mut results = Vec::new();
         for spec in c.task_specs()? {
             ctx.check_cancelled()?;
-            let source = task_source(c, ctx, &spec.name, spec_data(c, &spec.name))?;
+            let source = task_source(c, ctx, &spec.name)?;
             let data =
                 TaskData::load(&source).with_context(|| format!("task `{}` data", spec.name))?;
             ctx.progress.set_message(spec.name.clone());
@@ -289,34 +292,24 @@ impl StepKind for EvalStep {
     }
 }
 
-fn spec_data<'a>(c: &'a EvalConfig, task: &str) -> Option<&'a str> {
-    c.data.get(task).map(String::as_str).or_else(|| {
-        c.custom
-            .iter()
-            .find(|t| t.name == task)
-            .and_then(|t| t.data.as_deref())
-    })
-}
-
 /// Where a task's data is: a named input, a path, `<data_dir>/<task>` or the only data input.
-fn task_source(
-    c: &EvalConfig,
-    ctx: &StepContext,
-    task: &str,
-    named: Option<&str>,
-) -> Result<PathBuf> {
+fn task_source(c: &EvalConfig, ctx: &StepContext, task: &str) -> Result<PathBuf> {
     let inputs = ctx.inputs_of("data");
-    if let Some(name) = named {
-        if let Some(a) = inputs.iter().find(|a| a.name == name) {
-            return Ok(artifact_data(a));
-        }
-        let path = ctx.resolve(Path::new(name));
-        if path.exists() {
-            return Ok(path);
-        }
-        bail!(
-            "task `{task}`: `{name}` is neither an input of the `data` slot nor an existing path"
-        );
+    if let Some(name) = c.data.get(task) {
+        return match inputs.iter().find(|a| &a.name == name) {
+            Some(a) => Ok(artifact_data(a)),
+            None => bail!(
+                "task `{task}`: `{name}` is not an input of the `data` slot (inputs: {})",
+                inputs
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+    }
+    if let Some(path) = c.data_paths.get(task) {
+        return Ok(ctx.resolve(path));
     }
     if let Some(a) = inputs.iter().find(|a| a.name == task) {
         return Ok(artifact_data(a));
@@ -336,7 +329,7 @@ fn task_source(
     if let [only] = inputs {
         return Ok(artifact_data(only));
     }
-    bail!("task `{task}` has no data: map it with `data = {{ {task} = \"INPUT\" }}`, or set `data_dir`")
+    bail!("task `{task}` has no data: map it with `data = {{ {task} = \"INPUT\" }}`, `data_paths` or `data_dir`")
 }
 
 /// A dataset's file, or a data step's `data.jsonl`, or the folder itself (split files).
