@@ -1,6 +1,7 @@
 """Evaluation throughput, dusflow vs lm-evaluation-harness (HF backend), same model, same documents, one run.
 
-  /work/.venvs/lmeval/bin/python scripts/bench-eval.py [--docs 200] [--shots 25] [--size tiny|small]
+  CARGO_TARGET_DIR=/work/.cache/target /work/.venvs/lmeval/bin/python scripts/bench-eval.py \
+      [--docs 200] [--shots 25] [--size tiny|small] [--batch 8]
 
 Writes ARC-layout documents (train + test) to a temporary folder, uses the committed tiny model
 (host/tests/fixtures/eval/model) or makes a larger random byte-level Llama (`--size small`), then times
