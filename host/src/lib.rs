@@ -4,8 +4,10 @@
 //! and watched), then [`steps`] (the step kinds).
 
 pub mod cli;
+pub mod data;
 pub mod engine;
 pub mod model;
 pub mod plugins;
 pub mod steps;
+pub mod train;
 pub mod workflow;
