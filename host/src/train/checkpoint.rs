@@ -89,7 +89,12 @@ pub fn load_checkpoint(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<T
             let key = format!("{kind}/{}", p.name);
             match tensors.remove(&key) {
                 Some(t) if t.dims() == p.master.dims() => Ok(t),
-                Some(t) => bail!("checkpoint {}: {key} has shape {:?}, expected {:?}", dir.display(), t.dims(), p.master.dims()),
+                Some(t) => bail!(
+                    "checkpoint {}: {key} has shape {:?}, expected {:?}",
+                    dir.display(),
+                    t.dims(),
+                    p.master.dims()
+                ),
                 None => bail!("checkpoint {}: missing {key}", dir.display()),
             }
         };

@@ -56,7 +56,8 @@ impl MetricsLog {
 
     /// Appends one step.
     pub fn log(&mut self, m: &StepMetrics) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(m)?).with_context(|| format!("writing {}", self.path.display()))?;
+        writeln!(self.file, "{}", serde_json::to_string(m)?)
+            .with_context(|| format!("writing {}", self.path.display()))?;
         self.history.push(m.clone());
         Ok(())
     }
@@ -65,7 +66,8 @@ impl MetricsLog {
 /// Draws loss against step as an SVG file.
 pub fn plot_loss(history: &[StepMetrics], title: &str, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let points: Vec<(f64, f64)> = history.iter().filter(|m| m.loss.is_finite()).map(|m| (m.step as f64, m.loss)).collect();
+    let points: Vec<(f64, f64)> =
+        history.iter().filter(|m| m.loss.is_finite()).map(|m| (m.step as f64, m.loss)).collect();
     let max_step = points.iter().map(|p| p.0).fold(1.0, f64::max);
     let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     let (lo, hi) = if lo.is_finite() { (lo.min(hi - 1e-6) * 0.95, hi * 1.05) } else { (0.0, 1.0) };

@@ -145,14 +145,16 @@ pub fn checkpoint_dir(work_dir: &Path) -> PathBuf {
 }
 
 /// Restores the newest checkpoint, if any: returns the step to continue from and tokens seen.
-fn resume(checkpoints: &Path, opt: &mut AdamW, fingerprint: &str, device: &candle_core::Device) -> Result<(usize, u64)> {
+fn resume(
+    checkpoints: &Path,
+    opt: &mut AdamW,
+    fingerprint: &str,
+    device: &candle_core::Device,
+) -> Result<(usize, u64)> {
     let Some(dir) = latest_checkpoint(checkpoints)? else { return Ok((0, 0)) };
     let state = load_checkpoint(&dir, opt, device)?;
     if state.fingerprint != fingerprint {
-        bail!(
-            "checkpoint {} belongs to a run with other options or data; delete it to start over",
-            dir.display()
-        );
+        bail!("checkpoint {} belongs to a run with other options or data; delete it to start over", dir.display());
     }
     tracing::info!(step = state.step, "resuming from {}", dir.display());
     Ok((state.step, state.tokens_seen))
@@ -196,9 +198,8 @@ fn accumulate_gradients(
         let grads = (nll / targets as f64)?.backward()?;
         let mut these = Vec::with_capacity(opt.params.len());
         for p in &opt.params {
-            let g = grads
-                .get(p.var.as_tensor())
-                .with_context(|| format!("parameter {} received no gradient", p.name))?;
+            let g =
+                grads.get(p.var.as_tensor()).with_context(|| format!("parameter {} received no gradient", p.name))?;
             these.push(g.to_dtype(DType::F32)?);
         }
         acc = Some(match acc {
