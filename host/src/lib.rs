@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod model;
 pub mod plugins;
