@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 /// Makes the filter called `name` (a `[plugins.*]` name) for a dataset.
-pub type FilterFactory<'a> = dyn FnMut(&str) -> Result<Box<dyn RecordFilter + 'a>> + 'a;
+pub type FilterFactory<'a> = dyn FnMut(&str) -> Result<Box<dyn RecordFilter>> + 'a;
 
 /// Counts for one dataset, from file to training examples.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

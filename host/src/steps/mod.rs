@@ -3,6 +3,8 @@
 pub mod command;
 pub mod context;
 pub mod kind;
+pub mod pretrain;
+pub mod sft;
 pub mod synthetic;
 
 pub use context::{Cancelled, InputArtifact, StepContext};
@@ -31,6 +33,8 @@ impl Registry {
         let mut r = Self::empty();
         r.register(command::CommandStep);
         r.register(synthetic::SyntheticStep);
+        r.register(pretrain::PretrainStep);
+        r.register(sft::SftStep);
         r
     }
 

@@ -24,3 +24,5 @@ pub use metrics::{plot_loss, MetricsLog, StepMetrics};
 pub use optimizer::{AdamW, AdamWConfig, Param};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{checkpoint_dir, clip_gradients, global_norm, train, TrainObserver, TrainOptions, TrainSummary};
+pub mod job;
+pub use job::{ComputeDType, TrainStepConfig};
