@@ -45,12 +45,8 @@ fn malformed_line_names_file_and_line_or_is_skipped_and_counted() {
     let loaded = load_dataset(&s, &mut no_filters, 0).unwrap();
     assert_eq!(loaded.examples, vec![Example::Text("one".into()), Example::Text("three".into())]);
     assert_eq!(loaded.report.skipped_malformed, 2);
-    assert!(loaded
-        .report
-        .first_skipped
-        .as_deref()
-        .unwrap()
-        .ends_with(":3: not valid JSON (EOF while parsing an object at line 1 column 15)"));
+    let first = loaded.report.first_skipped.as_deref().unwrap();
+    assert!(first.starts_with(&format!("{}:3: not valid JSON", f.display())), "{first}");
 
     // A well-formed JSON line that lacks the layout's fields is also malformed, with its line.
     let g = write(dir.path(), "b.jsonl", "{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\"}\n");
