@@ -88,6 +88,7 @@ pub fn train(
     let order = BatchOrder::new(rows.len(), opts.micro_batch, opts.seed, opts.shuffle);
     let schedule = LrSchedule { lr: opts.lr, kind: opts.schedule, warmup: opts.warmup_steps, total: opts.total_steps };
     let fingerprint = fingerprint(opts, opt, rows)?;
+    std::fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
     let checkpoints = checkpoint_dir(work_dir);
 
     let (start, mut tokens_seen) = resume(&checkpoints, opt, &fingerprint, &device)?;
