@@ -110,8 +110,8 @@ impl DatasetSource {
     }
 }
 
-/// Files behind `paths`: files as given; folders contribute their `*.jsonl`, `*.json` (JSON lines) and
-/// `*.parquet` files in name order (`info.json` excluded).
+/// Files behind `paths`: files as given (`.jsonl`, `.ndjson`, `.json` as JSON lines, `.parquet`); folders
+/// contribute their `*.jsonl`, `*.ndjson` and `*.parquet` files in name order.
 pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
@@ -119,7 +119,10 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut found: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("listing {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.file_name().is_some_and(|n| n != "info.json") && file_kind(f).is_some())
+                .filter(|f| {
+                    f.is_file()
+                        && matches!(f.extension().and_then(|e| e.to_str()), Some("jsonl" | "ndjson" | "parquet"))
+                })
                 .collect();
             found.sort();
             if found.is_empty() {
