@@ -1,4 +1,4 @@
-//! The `pretrain` and `sft` steps in real workflows: synthetic data → pretrain → SFT produces Hugging Face
+//! The `init`, `pretrain` and `sft` steps in real workflows: init → synthetic data → pretrain → SFT produces Hugging Face
 //! folders with metrics and a loss curve; a run killed with SIGKILL resumes from its last checkpoint and
 //! ends with the same weights as an uninterrupted run.
 
@@ -24,8 +24,13 @@ name = "train"
 seed = 11
 output = "out"
 
-[models.tiny]
-path = "tiny"
+[steps.tiny]
+kind = "init"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
 
 [datasets.extra]
 path = "extra.jsonl"
@@ -78,7 +83,6 @@ fn artifact(out: &Path, step: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn synthetic_data_to_pretrain_to_sft_writes_trained_model_folders() {
     let dir = tempfile::tempdir().unwrap();
-    tiny_model(dir.path());
     let extra: String = (0..9).map(|i| format!("{{\"q\": \"Say {i}.\", \"a\": \" {i}\"}}\n")).collect();
     std::fs::write(dir.path().join("extra.jsonl"), extra).unwrap();
     std::fs::write(dir.path().join("flow.toml"), FLOW).unwrap();
@@ -90,6 +94,10 @@ async fn synthetic_data_to_pretrain_to_sft_writes_trained_model_folders() {
     assert!(summary.succeeded(), "{summary:?}");
 
     let out = dir.path().join("out");
+    let init = artifact(&out, "tiny");
+    let cfg = LlamaConfig::from_path(&init).unwrap();
+    assert_eq!((cfg.vocab_size, cfg.num_hidden_layers, cfg.eos_ids()), (259, 2, vec![257]));
+    assert_eq!(Tokenizer::from_model_dir(&init).unwrap().eos_id(), Some(257));
     for step in ["pretrain", "sft"] {
         let a = artifact(&out, step);
         for f in
@@ -113,7 +121,7 @@ async fn synthetic_data_to_pretrain_to_sft_writes_trained_model_folders() {
     let again = engine::run(&dir.path().join("flow.toml"), &registry, RunOptions::default(), CancellationToken::new())
         .await
         .unwrap();
-    assert_eq!(again.count("cached"), 4, "{again:?}");
+    assert_eq!(again.count("cached"), 5, "{again:?}");
 }
 
 const LONG: &str = r#"

@@ -2,6 +2,7 @@
 
 pub mod command;
 pub mod context;
+pub mod init;
 pub mod kind;
 pub mod pretrain;
 pub mod sft;
@@ -33,6 +34,7 @@ impl Registry {
         let mut r = Self::empty();
         r.register(command::CommandStep);
         r.register(synthetic::SyntheticStep);
+        r.register(init::InitStep);
         r.register(pretrain::PretrainStep);
         r.register(sft::SftStep);
         r
