@@ -232,3 +232,36 @@ fn a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights() {
         std::fs::read(b.join("model.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn bad_training_parameters_are_reported_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = r#"
+[workflow]
+name = "bad"
+
+[models.m]
+path = "m"
+
+[datasets.d]
+path = "d.jsonl"
+
+[steps.sft]
+kind = "sft"
+inputs = { model = "m", data = ["d"] }
+lr = 0.0
+warmup_steps = 3
+warmup_ratio = 0.1
+separate_documents = true
+micro_batch = 0
+"#;
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let err =
+        match dusflow::workflow::Workflow::load(&dir.path().join("flow.toml"), &dusflow::steps::Registry::builtin()) {
+            Ok(_) => panic!("the workflow should be invalid"),
+            Err(e) => e.to_string(),
+        };
+    for key in ["steps.sft.lr", "steps.sft.warmup_ratio", "steps.sft.separate_documents", "steps.sft.micro_batch"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+}
