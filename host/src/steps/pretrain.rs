@@ -82,7 +82,7 @@ impl StepKind for PretrainStep {
         let mut observer = progress_observer(ctx);
         train_model(
             c,
-            &format!("{} (pretrain)", ctx.step),
+            &format!("{}: training loss", ctx.step),
             &inputs.model_dir,
             &rows,
             pad,

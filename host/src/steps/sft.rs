@@ -82,7 +82,7 @@ impl StepKind for SftStep {
         let mut observer = progress_observer(ctx);
         train_model(
             c,
-            &format!("{} (sft)", ctx.step),
+            &format!("{}: training loss", ctx.step),
             &inputs.model_dir,
             &rows,
             pad,

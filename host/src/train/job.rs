@@ -198,7 +198,7 @@ pub fn resolve_inputs(cfg: &TrainStepConfig, ctx: &StepContext) -> Result<TrainI
 pub fn plugin_filters(ctx: &StepContext) -> impl FnMut(&str) -> Result<Box<dyn RecordFilter>> + '_ {
     move |name: &str| {
         if !ctx.plugins.contains_key(name) {
-            bail!("filter {name:?} is not a declared [plugins.{name}]");
+            bail!("the spec of filter plugin {name:?} was not passed to step `{}` (StepContext::plugins)", ctx.step);
         }
         bail!("data-filter plugins need the plugin host, which this build does not include yet")
     }
