@@ -31,6 +31,11 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 
 #[test]
 fn adamw_and_clipping_match_torch() {
+    adamw_matches_torch(true);
+    adamw_matches_torch(false);
+}
+
+fn adamw_matches_torch(fused: bool) {
     let f = fixture("adamw.json");
     let dev = Device::Cpu;
     let w = Var::from_tensor(&Tensor::from_vec(floats(&f["w"]), (4, 3), &dev).unwrap()).unwrap();
@@ -43,6 +48,7 @@ fn adamw_and_clipping_match_torch() {
         weight_decay: f["weight_decay"].as_f64().unwrap(),
     };
     let mut opt = AdamW::new(vec![("b".into(), b.clone()), ("w".into(), w.clone())], config).unwrap();
+    opt.fused = fused;
     let grads_of = |g: &Value| {
         vec![
             Tensor::from_vec(floats(&g["b"]), 3, &dev).unwrap(),
@@ -54,7 +60,7 @@ fn adamw_and_clipping_match_torch() {
         let after = &f["after"][i];
         let got_w = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
-        assert_close(&got_w, &floats(&after["w"]), 1e-6, &format!("w after step {}", i + 1));
+        assert_close(&got_w, &floats(&after["w"]), 1e-6, &format!("w after step {} (fused {fused})", i + 1));
         assert_close(&got_b, &floats(&after["b"]), 1e-6, &format!("b after step {}", i + 1));
     }
 

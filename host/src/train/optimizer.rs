@@ -50,6 +50,8 @@ pub struct AdamW {
     pub params: Vec<Param>,
     /// Optimizer steps taken.
     pub steps: usize,
+    /// Use the in-place single-pass update where possible (CPU, contiguous f32); `false` forces tensor ops.
+    pub fused: bool,
 }
 
 impl AdamW {
@@ -63,10 +65,12 @@ impl AdamW {
             let decay = var.rank() >= 2;
             params.push(Param { name, var, master, m, v, decay });
         }
-        Ok(AdamW { config, params, steps: 0 })
+        Ok(AdamW { config, params, steps: 0, fused: true })
     }
 
     /// One update with learning rate `lr` and f32 gradients `grads` (same order as `params`).
+    /// On the CPU the moments and master weights are updated in place in one pass each; elsewhere with
+    /// tensor ops. Both follow torch's arithmetic (`lerp` for the first moment, `eps` after the root).
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         ensure!(grads.len() == self.params.len(), "{} gradients for {} parameters", grads.len(), self.params.len());
         self.steps += 1;
@@ -75,17 +79,121 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (p, g) in self.params.iter_mut().zip(grads) {
-            p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let mut w = p.master.clone();
-            if p.decay && c.weight_decay != 0.0 {
-                w = (w * (1.0 - lr * c.weight_decay))?;
+            let decay = if p.decay { c.weight_decay } else { 0.0 };
+            let update =
+                WeightUpdate { decay: (1.0 - lr * decay) as f32, step_size: lr / bias1, bias2_sqrt, eps: c.eps };
+            let fused = self.fused
+                && p.master.device().is_cpu()
+                && [&p.master, &p.m, &p.v, g].iter().all(|t| t.is_contiguous() && t.dtype() == DType::F32);
+            if fused {
+                p.m.inplace_op2(g, &MomentUpdate { weight: (1.0 - c.beta1) as f32, square: false })?;
+                p.v.inplace_op2(g, &MomentUpdate { weight: (1.0 - c.beta2) as f32, square: true })?;
+                p.master.inplace_op3(&p.m, &p.v, &update)?;
+                if p.var.dtype() != DType::F32 {
+                    p.var.set(&p.master.to_dtype(p.var.dtype())?)?;
+                }
+            } else {
+                p.m = (&p.m + ((g - &p.m)? * (1.0 - c.beta1))?)?;
+                p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                let mut w = p.master.clone();
+                if decay != 0.0 {
+                    w = (w * update.decay as f64)?;
+                }
+                let denom = ((p.v.sqrt()? / bias2_sqrt)? + c.eps)?;
+                let w = (w - ((&p.m / denom)? * update.step_size)?)?;
+                set_master(p, w)?;
             }
-            let denom = ((p.v.sqrt()? / bias2_sqrt)? + c.eps)?;
-            let w = (w - ((&p.m / denom)? * (lr / bias1))?)?;
-            set_master(p, w)?;
         }
         Ok(())
+    }
+}
+
+/// `m ← m + w·(g − m)` (torch's `lerp_`), or with `square`, `v ← (1 − w)·v + w·g²` (`mul_` + `addcmul_`).
+struct MomentUpdate {
+    weight: f32,
+    square: bool,
+}
+
+impl candle_core::InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (moment, grad) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?);
+        if moment.len() != grad.len() {
+            candle_core::bail!("adamw: moment and gradient sizes differ");
+        }
+        let w = self.weight;
+        if self.square {
+            let keep = 1.0 - w;
+            for (v, g) in moment.iter_mut().zip(grad) {
+                *v = *v * keep + w * g * g;
+            }
+        } else {
+            for (m, g) in moment.iter_mut().zip(grad) {
+                *m += w * (g - *m);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `p ← p·decay − step_size · m / (√v / bias2_sqrt + eps)`.
+struct WeightUpdate {
+    decay: f32,
+    step_size: f64,
+    bias2_sqrt: f64,
+    eps: f64,
+}
+
+impl candle_core::InplaceOp3 for WeightUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (w, m, v) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        if w.len() != m.len() || w.len() != v.len() {
+            candle_core::bail!("adamw: weight and moment sizes differ");
+        }
+        let (step, b2, eps) = (self.step_size as f32, self.bias2_sqrt as f32, self.eps as f32);
+        for ((p, m), v) in w.iter_mut().zip(m).zip(v) {
+            let denom = v.sqrt() / b2 + eps;
+            *p = *p * self.decay - step * (m / denom);
+        }
+        Ok(())
+    }
+}
+
+fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
+    }
+}
+
+fn f32_slice_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
     }
 }
 
