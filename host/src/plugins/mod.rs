@@ -76,6 +76,7 @@ pub use data_filter::{DataFilterPlugin, DEFAULT_BATCH};
 pub use host::{Plugin, PluginHost};
 pub use layer_policy::LayerPolicyPlugin;
 pub use merge_rule::{MergeRulePlugin, DEFAULT_CHUNK_ELEMENTS};
+pub use scaffold::{languages as scaffold_languages, Lang};
 pub use spec::{PluginGrants, PluginLimits};
 pub use types::{
     DType, LayerPlan, LayerSpec, MergePlan, ModelDescription, PluginInfo, PluginKind, TensorInfo,

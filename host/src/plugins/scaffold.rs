@@ -19,6 +19,11 @@ pub enum Lang {
     C,
 }
 
+/// Every language `dus plugin new` supports.
+pub fn languages() -> [Lang; 4] {
+    [Lang::Rust, Lang::Python, Lang::Js, Lang::C]
+}
+
 /// The example source for (language, kind).
 fn template(lang: Lang, kind: PluginKind) -> &'static str {
     use PluginKind::*;
