@@ -23,8 +23,17 @@ fn scaffolds_of_every_kind_and_language_build_and_pass_check() {
         for kind in PluginKind::ALL {
             let name = format!("my-{kind}");
             let dir = root.path().join(format!("{lang:?}-{kind}").to_lowercase());
-            let created = run(PluginCommand::New { kind, name: name.clone(), lang, dir: Some(dir.clone()) }).unwrap();
-            assert!(created.contains(&format!("created {kind} plugin '{name}'")), "{created}");
+            let created = run(PluginCommand::New {
+                kind,
+                name: name.clone(),
+                lang,
+                dir: Some(dir.clone()),
+            })
+            .unwrap();
+            assert!(
+                created.contains(&format!("created {kind} plugin '{name}'")),
+                "{created}"
+            );
             let check = PluginCommand::Check {
                 file: dir.clone(),
                 params: "{}".into(),
@@ -34,9 +43,18 @@ fn scaffolds_of_every_kind_and_language_build_and_pass_check() {
             };
             match run(check) {
                 Ok(report) => {
-                    assert!(report.contains(&format!("plugin:      {name} 0.1.0")), "{lang:?}: {report}");
-                    assert!(report.contains(&format!("kind:        {kind} (dus:plugin@0.1.0)")), "{report}");
-                    assert!(report.contains(&format!("dus:plugin/{}@0.1.0", kind.interface())), "{report}");
+                    assert!(
+                        report.contains(&format!("plugin:      {name} 0.1.0")),
+                        "{lang:?}: {report}"
+                    );
+                    assert!(
+                        report.contains(&format!("kind:        {kind} (dus:plugin@0.1.0)")),
+                        "{report}"
+                    );
+                    assert!(
+                        report.contains(&format!("dus:plugin/{}@0.1.0", kind.interface())),
+                        "{report}"
+                    );
                     let sample = match kind {
                         PluginKind::LayerPolicy => "32-layer model -> 43 layers",
                         PluginKind::DataFilter => "keep",
@@ -63,8 +81,14 @@ fn new_refuses_a_non_empty_folder_and_bad_names() {
         lang: dusflow::plugins::Lang::Rust,
         dir: Some(dir.path().to_path_buf()),
     };
-    assert!(run(new("ok-name")).unwrap_err().to_string().contains("not empty"));
-    assert!(run(new("Bad Name")).unwrap_err().to_string().contains("lowercase"));
+    assert!(run(new("ok-name"))
+        .unwrap_err()
+        .to_string()
+        .contains("not empty"));
+    assert!(run(new("Bad Name"))
+        .unwrap_err()
+        .to_string()
+        .contains("lowercase"));
 }
 
 #[test]
@@ -78,16 +102,46 @@ fn build_prints_the_cached_component_and_rebuilds_only_on_change() {
         dir: Some(plugin.clone()),
     })
     .unwrap();
-    let first = run(PluginCommand::Build { path: plugin.clone(), watch: false, output: None }).unwrap();
-    let again = run(PluginCommand::Build { path: plugin.clone(), watch: false, output: None }).unwrap();
+    let first = run(PluginCommand::Build {
+        path: plugin.clone(),
+        watch: false,
+        output: None,
+    })
+    .unwrap();
+    let again = run(PluginCommand::Build {
+        path: plugin.clone(),
+        watch: false,
+        output: None,
+    })
+    .unwrap();
     assert_eq!(first, again, "an unchanged folder hits the cache");
-    assert!(build::source_files(&plugin).iter().any(|f| f.ends_with("src/lib.rs")));
-    assert!(build::source_files(&plugin).iter().any(|f| f.ends_with("sdk/wit/0.1.0/plugin.wit")), "SDK sources count");
+    assert!(build::source_files(&plugin)
+        .iter()
+        .any(|f| f.ends_with("src/lib.rs")));
+    assert!(
+        build::source_files(&plugin)
+            .iter()
+            .any(|f| f.ends_with("sdk/wit/0.1.0/plugin.wit")),
+        "SDK sources count"
+    );
     let lib = plugin.join("src/lib.rs");
-    let text = std::fs::read_to_string(&lib).unwrap().replace("repeats: u32,", "repeats: u32, // changed");
+    let text = std::fs::read_to_string(&lib)
+        .unwrap()
+        .replace("repeats: u32,", "repeats: u32, // changed");
     std::fs::write(&lib, text).unwrap();
-    let changed = run(PluginCommand::Build { path: plugin.clone(), watch: false, output: None }).unwrap();
+    let changed = run(PluginCommand::Build {
+        path: plugin.clone(),
+        watch: false,
+        output: None,
+    })
+    .unwrap();
     assert_ne!(first, changed, "a source change is a new build");
-    let loaded = host().load(std::path::Path::new(changed.trim()), &Default::default(), &Default::default()).unwrap();
+    let loaded = host()
+        .load(
+            std::path::Path::new(changed.trim()),
+            &Default::default(),
+            &Default::default(),
+        )
+        .unwrap();
     assert_eq!(loaded.info().name, "rebuild-probe");
 }

@@ -12,33 +12,54 @@ fn misbehave(grants: &PluginGrants, limits: &PluginLimits) -> Plugin {
 }
 
 fn run(plugin: &Plugin, params: serde_json::Value) -> anyhow::Result<Vec<Verdict>> {
-    plugin.data_filter(&params.to_string())?.filter_batch(&[r#"{"text": "x"}"#.to_string()])
+    plugin
+        .data_filter(&params.to_string())?
+        .filter_batch(&[r#"{"text": "x"}"#.to_string()])
 }
 
 /// The plugin still works in a new job after a failure.
 fn assert_still_works(plugin: &Plugin) {
-    let verdicts = run(plugin, serde_json::json!({"mode": "ok"})).expect("a new job after the failure works");
+    let verdicts =
+        run(plugin, serde_json::json!({"mode": "ok"})).expect("a new job after the failure works");
     assert_eq!(verdicts, vec![Verdict::Keep]);
 }
 
 #[test]
 fn an_endless_loop_is_stopped_at_its_deadline() {
-    let limits = PluginLimits { timeout_ms: 300, ..Default::default() };
+    let limits = PluginLimits {
+        timeout_ms: 300,
+        ..Default::default()
+    };
     let plugin = misbehave(&PluginGrants::default(), &limits);
     let started = Instant::now();
-    let err = format!("{:#}", run(&plugin, serde_json::json!({"mode": "loop"})).unwrap_err());
+    let err = format!(
+        "{:#}",
+        run(&plugin, serde_json::json!({"mode": "loop"})).unwrap_err()
+    );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "stopped after {took:?}");
-    assert!(err.contains("plugin 'misbehaving-filter' failed in data-filter.filter-batch"), "{err}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "stopped after {took:?}"
+    );
+    assert!(
+        err.contains("plugin 'misbehaving-filter' failed in data-filter.filter-batch"),
+        "{err}"
+    );
     assert!(err.contains("exceeded its time limit of 300 ms"), "{err}");
     assert_still_works(&plugin);
 }
 
 #[test]
 fn unbounded_allocation_fails_at_the_memory_limit() {
-    let limits = PluginLimits { memory_mb: 64, ..Default::default() };
+    let limits = PluginLimits {
+        memory_mb: 64,
+        ..Default::default()
+    };
     let plugin = misbehave(&PluginGrants::default(), &limits);
-    let err = format!("{:#}", run(&plugin, serde_json::json!({"mode": "alloc"})).unwrap_err());
+    let err = format!(
+        "{:#}",
+        run(&plugin, serde_json::json!({"mode": "alloc"})).unwrap_err()
+    );
     assert!(err.contains("exceeded its memory limit of 64 MiB"), "{err}");
     assert_still_works(&plugin);
 }
@@ -50,17 +71,28 @@ fn files_are_readable_only_inside_granted_directories() {
     std::fs::write(&inside, "granted content").unwrap();
     let outside = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(outside.path(), "secret").unwrap();
-    let read = |plugin: &Plugin, path: &std::path::Path| run(plugin, serde_json::json!({"mode": "read-file", "path": path}));
+    let read = |plugin: &Plugin, path: &std::path::Path| {
+        run(
+            plugin,
+            serde_json::json!({"mode": "read-file", "path": path}),
+        )
+    };
 
     let denied = misbehave(&PluginGrants::default(), &PluginLimits::default());
     let err = format!("{:#}", read(&denied, &inside).unwrap_err());
     assert!(err.contains("cannot read"), "{err}");
     assert!(read(&denied, std::path::Path::new("/etc/passwd")).is_err());
 
-    let grants = PluginGrants { read: vec![dir.path().to_path_buf()], ..Default::default() };
+    let grants = PluginGrants {
+        read: vec![dir.path().to_path_buf()],
+        ..Default::default()
+    };
     let granted = misbehave(&grants, &PluginLimits::default());
     let verdicts = read(&granted, &inside).unwrap();
-    assert_eq!(verdicts, vec![Verdict::Rewrite(r#"{"content":"granted content"}"#.into())]);
+    assert_eq!(
+        verdicts,
+        vec![Verdict::Rewrite(r#"{"content":"granted content"}"#.into())]
+    );
     let err = format!("{:#}", read(&granted, outside.path()).unwrap_err());
     assert!(err.contains("cannot read"), "{err}");
     assert_still_works(&granted);
@@ -72,9 +104,20 @@ fn sockets_are_denied() {
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let plugin = misbehave(&PluginGrants::default(), &PluginLimits::default());
-    let err = format!("{:#}", run(&plugin, serde_json::json!({"mode": "connect", "addr": addr})).unwrap_err());
+    let err = format!(
+        "{:#}",
+        run(
+            &plugin,
+            serde_json::json!({"mode": "connect", "addr": addr})
+        )
+        .unwrap_err()
+    );
     assert!(err.contains(&format!("cannot connect to {addr}")), "{err}");
-    assert_eq!(listener.accept().unwrap_err().kind(), std::io::ErrorKind::WouldBlock, "nothing connected");
+    assert_eq!(
+        listener.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "nothing connected"
+    );
     assert_still_works(&plugin);
 }
 
@@ -87,13 +130,27 @@ fn environment_and_clock_are_hidden_unless_granted() {
 
     let denied = misbehave(&PluginGrants::default(), &PluginLimits::default());
     assert!(run(&denied, env.clone()).is_err());
-    assert_eq!(run(&denied, clock.clone()).unwrap(), vec![Verdict::Rewrite(r#"{"unix_secs":0}"#.into())]);
+    assert_eq!(
+        run(&denied, clock.clone()).unwrap(),
+        vec![Verdict::Rewrite(r#"{"unix_secs":0}"#.into())]
+    );
 
-    let grants = PluginGrants { env: vec!["DUS_PLUGIN_TEST_SECRET".into()], clock: true, ..Default::default() };
+    let grants = PluginGrants {
+        env: vec!["DUS_PLUGIN_TEST_SECRET".into()],
+        clock: true,
+        ..Default::default()
+    };
     let granted = misbehave(&grants, &PluginLimits::default());
-    assert_eq!(run(&granted, env).unwrap(), vec![Verdict::Rewrite(r#"{"value":"s3cret"}"#.into())]);
-    let Verdict::Rewrite(json) = &run(&granted, clock).unwrap()[0] else { panic!("expected a rewrite") };
-    let secs = serde_json::from_str::<serde_json::Value>(json).unwrap()["unix_secs"].as_u64().unwrap();
+    assert_eq!(
+        run(&granted, env).unwrap(),
+        vec![Verdict::Rewrite(r#"{"value":"s3cret"}"#.into())]
+    );
+    let Verdict::Rewrite(json) = &run(&granted, clock).unwrap()[0] else {
+        panic!("expected a rewrite")
+    };
+    let secs = serde_json::from_str::<serde_json::Value>(json).unwrap()["unix_secs"]
+        .as_u64()
+        .unwrap();
     assert!(secs > 1_700_000_000, "{json}");
 }
 
@@ -103,8 +160,14 @@ fn a_panic_fails_with_its_message_and_the_instance_refuses_more_calls() {
     let mut job = plugin.data_filter(r#"{"mode": "panic"}"#).unwrap();
     let record = [r#"{"text": "x"}"#.to_string()];
     let err = format!("{:#}", job.filter_batch(&record).unwrap_err());
-    assert!(err.contains("failed in data-filter.filter-batch: trapped"), "{err}");
-    assert!(err.contains("misbehaving-filter panics on purpose"), "stderr is shown: {err}");
+    assert!(
+        err.contains("failed in data-filter.filter-batch: trapped"),
+        "{err}"
+    );
+    assert!(
+        err.contains("misbehaving-filter panics on purpose"),
+        "stderr is shown: {err}"
+    );
     let again = format!("{:#}", job.filter_batch(&record).unwrap_err());
     assert!(again.contains("start a new job"), "{again}");
     assert_still_works(&plugin);
@@ -113,10 +176,22 @@ fn a_panic_fails_with_its_message_and_the_instance_refuses_more_calls() {
 #[test]
 fn malformed_answers_and_plugin_output_are_reported() {
     let plugin = misbehave(&PluginGrants::default(), &PluginLimits::default());
-    let err = format!("{:#}", run(&plugin, serde_json::json!({"mode": "bad-json"})).unwrap_err());
-    assert!(err.contains("returned a malformed answer: record 0 rewritten to invalid JSON"), "{err}");
-    let err = format!("{:#}", run(&plugin, serde_json::json!({"mode": "stderr"})).unwrap_err());
-    assert!(err.contains("returned an error: failed after writing to stderr"), "{err}");
+    let err = format!(
+        "{:#}",
+        run(&plugin, serde_json::json!({"mode": "bad-json"})).unwrap_err()
+    );
+    assert!(
+        err.contains("returned a malformed answer: record 0 rewritten to invalid JSON"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        run(&plugin, serde_json::json!({"mode": "stderr"})).unwrap_err()
+    );
+    assert!(
+        err.contains("returned an error: failed after writing to stderr"),
+        "{err}"
+    );
     assert!(err.contains("| misbehaving-filter: about to fail"), "{err}");
     assert_still_works(&plugin);
 }
@@ -125,11 +200,26 @@ fn malformed_answers_and_plugin_output_are_reported() {
 fn a_file_that_is_not_a_component_fails_to_load_cleanly() {
     let file = tempfile::Builder::new().suffix(".wasm").tempfile().unwrap();
     std::fs::write(file.path(), b"\0asm not really").unwrap();
-    let err = format!("{:#}", host().load(file.path(), &PluginGrants::default(), &PluginLimits::default()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        host()
+            .load(
+                file.path(),
+                &PluginGrants::default(),
+                &PluginLimits::default()
+            )
+            .unwrap_err()
+    );
     assert!(err.contains("not a valid WebAssembly component"), "{err}");
     let err = format!(
         "{:#}",
-        host().load("no/such/plugin".as_ref(), &PluginGrants::default(), &PluginLimits::default()).unwrap_err()
+        host()
+            .load(
+                "no/such/plugin".as_ref(),
+                &PluginGrants::default(),
+                &PluginLimits::default()
+            )
+            .unwrap_err()
     );
     assert!(err.contains("does not exist"), "{err}");
 }

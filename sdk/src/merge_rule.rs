@@ -91,11 +91,12 @@ fn dtype_size(dtype: Dtype) -> usize {
 fn decode(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
     out.clear();
     match dtype {
-        Dtype::Float32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
+        Dtype::Float32 => {
+            out.resize(bytes.len() / 4, 0.0);
+            for (v, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
         Dtype::Float16 => out.extend(
             bytes
                 .chunks_exact(2)
@@ -110,17 +111,17 @@ fn decode(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
 }
 
 fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype_size(dtype));
+    let size = dtype_size(dtype);
+    let mut out = vec![0u8; values.len() * size];
+    let chunks = out.chunks_exact_mut(size).zip(values);
     match dtype {
-        Dtype::Float32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        Dtype::Float16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        Dtype::Bfloat16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        Dtype::Float32 => chunks.for_each(|(b, v)| b.copy_from_slice(&v.to_le_bytes())),
+        Dtype::Float16 => {
+            chunks.for_each(|(b, v)| b.copy_from_slice(&f16::from_f32(*v).to_le_bytes()))
+        }
+        Dtype::Bfloat16 => {
+            chunks.for_each(|(b, v)| b.copy_from_slice(&bf16::from_f32(*v).to_le_bytes()))
+        }
     }
     out
 }
@@ -140,6 +141,9 @@ pub fn __merge_chunk<R: MergeRule>(
             tensor.name
         ));
     }
+    if let Some(out) = merge_f32_in_place(rule, tensor, offset, &inputs) {
+        return out;
+    }
     SCRATCH.with(|scratch| {
         let (decoded, out) = &mut *scratch.borrow_mut();
         decoded.resize_with(inputs.len(), Vec::new);
@@ -152,6 +156,38 @@ pub fn __merge_chunk<R: MergeRule>(
         rule.merge(tensor, offset, &views, out)?;
         Ok(encode(tensor.dtype, out))
     })
+}
+
+/// The zero-copy path for float32 on little-endian targets (wasm is): the input bytes are read as
+/// `f32` where they are suitably aligned, and the output is written straight into the returned
+/// buffer. `None` when a buffer is misaligned (then the caller copies).
+fn merge_f32_in_place<R: MergeRule>(
+    rule: &R,
+    tensor: &TensorInfo,
+    offset: u64,
+    inputs: &[Vec<u8>],
+) -> Option<Result<Vec<u8>, String>> {
+    if !matches!(tensor.dtype, Dtype::Float32) || cfg!(target_endian = "big") {
+        return None;
+    }
+    let mut views = Vec::with_capacity(inputs.len());
+    for bytes in inputs {
+        // SAFETY: every bit pattern is a valid f32, and on a little-endian target the bytes of a
+        // little-endian f32 are its in-memory representation.
+        let (head, values, tail) = unsafe { bytes.align_to::<f32>() };
+        if !head.is_empty() || !tail.is_empty() {
+            return None;
+        }
+        views.push(values);
+    }
+    let len = inputs.first().map_or(0, Vec::len);
+    let mut out = vec![0u8; len];
+    // SAFETY: as above; writing f32 values writes their little-endian bytes.
+    let (head, values, tail) = unsafe { out.align_to_mut::<f32>() };
+    if !head.is_empty() || !tail.is_empty() {
+        return None;
+    }
+    Some(rule.merge(tensor, offset, &views, values).map(|()| out))
 }
 
 /// Exports a [`MergeRule`] type as the plugin's component exports. Use once per plugin crate.

@@ -9,7 +9,7 @@ use wit::exports::dus::plugin::merge_rule as api;
 
 /// Elements per `merge-chunk` call: large enough to amortise the call, small enough that the
 /// inputs, output and the guest's f32 copies stay far below the memory limit.
-pub const DEFAULT_CHUNK_ELEMENTS: usize = 1 << 20;
+pub const DEFAULT_CHUNK_ELEMENTS: usize = 1 << 18;
 
 /// One merge job: a fresh sandboxed instance, configured once, then asked per tensor.
 pub struct MergeRulePlugin {
@@ -136,6 +136,16 @@ impl MergeRulePlugin {
             ));
         }
         Ok(())
+    }
+
+    /// Elements per `merge-chunk` call used by [`merge_custom`](Self::merge_custom).
+    pub fn chunk_elements(&self) -> usize {
+        self.chunk_elements
+    }
+
+    /// Sets the elements per `merge-chunk` call (at least 1).
+    pub fn set_chunk_elements(&mut self, elements: usize) {
+        self.chunk_elements = elements.max(1);
     }
 
     /// Streams a whole tensor planned [`MergePlan::Custom`] through [`merge_chunk`](Self::merge_chunk)

@@ -16,7 +16,9 @@ pub fn host() -> &'static PluginHost {
 
 /// `plugins/NAME` of this repository.
 pub fn plugin_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins")
+        .join(name)
 }
 
 /// Loads `plugins/NAME` with the given grants and limits, building it if needed.
@@ -33,10 +35,16 @@ pub fn load(name: &str) -> Plugin {
 
 /// Loads `plugins/NAME`, or prints a notice and returns None when its toolchain is missing.
 pub fn load_or_skip(name: &str) -> Option<Plugin> {
-    match host().load(&plugin_dir(name), &PluginGrants::default(), &PluginLimits::default()) {
+    match host().load(
+        &plugin_dir(name),
+        &PluginGrants::default(),
+        &PluginLimits::default(),
+    ) {
         Ok(p) => Some(p),
         Err(e) if e.downcast_ref::<MissingTool>().is_some() => {
-            eprintln!("SKIPPED {name}: {e} (CI installs it with scripts/install-plugin-toolchains.sh)");
+            eprintln!(
+                "SKIPPED {name}: {e} (CI installs it with scripts/install-plugin-toolchains.sh)"
+            );
             None
         }
         Err(e) => panic!("loading plugin {name}: {e:#}"),

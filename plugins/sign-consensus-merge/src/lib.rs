@@ -32,18 +32,22 @@ impl MergeRule for SignConsensus {
     }
 
     fn merge(&self, _: &TensorInfo, _offset: u64, inputs: &[&[f32]], out: &mut [f32]) -> Result<(), String> {
-        for (i, o) in out.iter_mut().enumerate() {
-            let sum: f32 = inputs.iter().map(|x| x[i]).sum();
-            let (mut total, mut count) = (0.0f32, 0u32);
-            for x in inputs {
-                let v = x[i];
-                if (v >= 0.0) == (sum >= 0.0) {
-                    total += v;
-                    count += 1;
-                }
-            }
-            *o = if count == 0 { 0.0 } else { total / count as f32 };
+        // Whole-slice passes (sum, then agreeing total and count) rather than a loop over inputs
+        // per element: each pass is a straight loop the compiler vectorises with simd128.
+        let mut sum = vec![0.0f32; out.len()];
+        for x in inputs {
+            sum.iter_mut().zip(x.iter()).for_each(|(s, v)| *s += v);
         }
+        let mut count = vec![0.0f32; out.len()];
+        out.fill(0.0);
+        for x in inputs {
+            for (((o, c), s), &v) in out.iter_mut().zip(count.iter_mut()).zip(&sum).zip(x.iter()) {
+                let agree = (v >= 0.0) == (*s >= 0.0);
+                *o += if agree { v } else { 0.0 };
+                *c += if agree { 1.0 } else { 0.0 };
+            }
+        }
+        out.iter_mut().zip(&count).for_each(|(o, c)| *o = if *c == 0.0 { 0.0 } else { *o / c });
         Ok(())
     }
 }
