@@ -72,7 +72,11 @@ fn call_overhead(host: &PluginHost) {
         let policy = p.layer_policy().unwrap();
         let calls = 50;
         let (t, _) = best_of(5, || {
-            (0..calls).for_each(|_| drop(black_box(policy.plan(&[model.clone()], params).unwrap())))
+            (0..calls).for_each(|_| {
+                drop(black_box(
+                    policy.plan(std::slice::from_ref(&model), params).unwrap(),
+                ))
+            })
         });
         println!(
             "  layer-policy.plan, {name} (new sandboxed instance per plan, 32 -> 48/24 layers): {}",

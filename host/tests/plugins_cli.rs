@@ -145,3 +145,46 @@ fn build_prints_the_cached_component_and_rebuilds_only_on_change() {
         .unwrap();
     assert_eq!(loaded.info().name, "rebuild-probe");
 }
+
+#[test]
+fn watch_rebuilds_when_a_source_changes_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().to_path_buf();
+    // A plugin.toml build that just copies its source: watching is about when, not how.
+    std::fs::write(
+        plugin.join("plugin.toml"),
+        "[build]\ncommand = 'cat src.txt > \"$DUS_OUT\"'\n",
+    )
+    .unwrap();
+    std::fs::write(plugin.join("src.txt"), "version 1").unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (watched, cache_dir) = (plugin.clone(), cache.path().to_path_buf());
+    std::thread::spawn(move || {
+        build::watch(&watched, &cache_dir, |built| {
+            let content = std::fs::read_to_string(built.unwrap()).unwrap();
+            let done = content == "version 2";
+            tx.send(content).unwrap();
+            if done {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    });
+    let wait = || {
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a build")
+    };
+    assert_eq!(wait(), "version 1");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::create_dir_all(plugin.join("target")).unwrap();
+    std::fs::write(plugin.join("target/ignored.txt"), "build output").unwrap();
+    std::fs::write(plugin.join("src.txt"), "version 2").unwrap();
+    assert_eq!(
+        wait(),
+        "version 2",
+        "the ignored file triggered no build of its own"
+    );
+}

@@ -4,7 +4,7 @@
 //! records. Each record is deserialised into your `Record` type (declare only the fields you
 //! need; unknown ones are ignored, or use `serde_json::Value` to see everything).
 //!
-//! ```ignore
+//! ```no_run
 //! use dusflow_sdk::data_filter::{DataFilter, Verdict};
 //! use serde::Deserialize;
 //!

@@ -4,7 +4,7 @@
 //! the policy returns the new model's layers, each copied from (model, layer) and optionally
 //! transformed. SOLAR's depth up-scaling with `m` layers trimmed:
 //!
-//! ```ignore
+//! ```no_run
 //! use dusflow_sdk::layer_policy::{LayerPlan, LayerPolicy, LayerSource, LayerSourceExt, ModelConfig};
 //! use serde::Deserialize;
 //!

@@ -1,7 +1,7 @@
 //! Write dusflow plugins in Rust: a layer policy, a data filter or a merge rule is a type that
 //! implements one trait, plus one macro line.
 //!
-//! ```ignore
+//! ```no_run
 //! use dusflow_sdk::data_filter::{DataFilter, Verdict};
 //! use serde::Deserialize;
 //!

@@ -5,7 +5,7 @@
 //! [`MergePlan::Custom`] streams the tensor through [`MergeRule::merge`] in chunks instead;
 //! the SDK converts the chunks from and to the tensor's dtype, so `merge` always sees `f32`.
 //!
-//! ```ignore
+//! ```no_run
 //! use dusflow_sdk::merge_rule::{MergePlan, MergeRule, TensorInfo};
 //! use serde::Deserialize;
 //!

@@ -17,6 +17,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -398,11 +399,11 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// Watches a plugin folder and rebuilds it whenever one of its [`source_files`] changes, calling
 /// `on_build` with the new component (or the build error) after each rebuild. Builds once at the
-/// start. Returns only if the watcher fails.
+/// start. Returns when `on_build` says [`ControlFlow::Break`], or when the watcher fails.
 pub fn watch(
     dir: &Path,
     cache_dir: &Path,
-    mut on_build: impl FnMut(Result<PathBuf>),
+    mut on_build: impl FnMut(Result<PathBuf>) -> ControlFlow<()>,
 ) -> Result<()> {
     use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode};
     let (tx, rx) = std::sync::mpsc::channel();
@@ -421,7 +422,9 @@ pub fn watch(
     for root in &roots {
         debouncer.watcher().watch(root, RecursiveMode::Recursive)?;
     }
-    on_build(ensure_built_in(dir, cache_dir));
+    if on_build(ensure_built_in(dir, cache_dir)).is_break() {
+        return Ok(());
+    }
     let mut last = content_hash(dir)?;
     for events in rx {
         events.map_err(|e| anyhow::anyhow!("watching {} failed: {e}", dir.display()))?;
@@ -430,7 +433,9 @@ pub fn watch(
         let now = content_hash(dir)?;
         if now != last {
             last = now;
-            on_build(ensure_built_in(dir, cache_dir));
+            if on_build(ensure_built_in(dir, cache_dir)).is_break() {
+                return Ok(());
+            }
         }
     }
     Ok(())

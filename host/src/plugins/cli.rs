@@ -100,6 +100,7 @@ pub fn run_to(cmd: PluginCommand, out: &mut dyn Write) -> Result<()> {
                         }
                     }
                     let _ = out.flush();
+                    std::ops::ControlFlow::Continue(())
                 })?;
             } else {
                 let wasm = build::ensure_built_in(&path, &cache)?;
