@@ -175,7 +175,14 @@ pub(crate) fn plugin_error(
 }
 
 fn describe_trap(plugin: &str, err: &anyhow::Error, limits: &PluginLimits) -> String {
-    let chain = format!("{err:?}");
+    // The root cause (the trap) first, then its context (the wasm backtrace); not the host's Rust
+    // backtrace, which says nothing about the plugin.
+    let mut causes: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+    let root = causes.pop().unwrap_or_default();
+    let chain = std::iter::once(root)
+        .chain(causes)
+        .collect::<Vec<_>>()
+        .join("\n");
     if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) || chain.contains("interrupt") {
         return format!(
             "exceeded its time limit of {} ms and was stopped (raise [plugins.{plugin}] limits.timeout_ms if \
