@@ -203,6 +203,17 @@ fn malformed_answers_and_plugin_output_are_reported() {
 }
 
 #[test]
+fn a_chatty_plugin_keeps_working() {
+    let plugin = misbehave(&PluginGrants::default(), &PluginLimits::default());
+    let verdicts = run(&plugin, serde_json::json!({"mode": "chatty"})).unwrap();
+    assert_eq!(
+        verdicts,
+        vec![Verdict::Keep],
+        "megabytes of logging do not break the plugin"
+    );
+}
+
+#[test]
 fn a_file_that_is_not_a_component_fails_to_load_cleanly() {
     let file = tempfile::Builder::new().suffix(".wasm").tempfile().unwrap();
     std::fs::write(file.path(), b"\0asm not really").unwrap();

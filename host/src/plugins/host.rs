@@ -430,3 +430,20 @@ impl Job {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shareable<T: Send + Sync + Clone>() {}
+    fn movable<T: Send>() {}
+
+    #[test]
+    fn the_host_and_plugins_are_shareable_across_threads_and_jobs_movable() {
+        shareable::<PluginHost>();
+        shareable::<Plugin>();
+        movable::<super::super::DataFilterPlugin>();
+        movable::<super::super::MergeRulePlugin>();
+        shareable::<super::super::LayerPolicyPlugin>();
+    }
+}

@@ -66,6 +66,7 @@ mod data_filter;
 mod host;
 mod layer_policy;
 mod merge_rule;
+mod output;
 mod sandbox;
 mod scaffold;
 pub mod spec;

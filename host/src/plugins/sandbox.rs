@@ -1,21 +1,18 @@
 //! The sandbox of one plugin job: a fresh store with WASI limited to the workflow's grants, a
 //! memory cap, a per-call deadline, captured stdout/stderr, and errors that say what went wrong.
 
+use super::output::CapturedOutput;
 use super::spec::{PluginGrants, PluginLimits};
 use anyhow::{Context, Result};
 use std::time::Duration;
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// How often the host's ticker thread advances the engine epoch; the granularity of deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Bytes of plugin stdout+stderr kept per job; writes beyond fail inside the plugin.
-const OUTPUT_CAPACITY: usize = 1 << 20;
-
-/// Bytes of captured output quoted in an error message (the tail, where tracebacks end).
-const OUTPUT_IN_ERROR: usize = 4096;
+/// Bytes of plugin stdout+stderr kept per job and quoted in errors: the tail, where tracebacks end.
+const OUTPUT_KEPT: usize = 4096;
 
 /// The data of one plugin store.
 pub(crate) struct StoreState {
@@ -60,14 +57,14 @@ impl wasmtime_wasi::HostMonotonicClock for FrozenMonotonicClock {
 /// A store for one job, with the output pipe that captures what the plugin prints.
 pub(crate) struct Sandbox {
     pub store: Store<StoreState>,
-    output: MemoryOutputPipe,
+    output: CapturedOutput,
     deadline_ticks: u64,
 }
 
 impl Sandbox {
     /// Creates a store that grants the plugin exactly `grants` and enforces `limits`.
     pub fn new(engine: &Engine, grants: &PluginGrants, limits: &PluginLimits) -> Result<Sandbox> {
-        let output = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        let output = CapturedOutput::new(OUTPUT_KEPT);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(output.clone()).stderr(output.clone());
         for dir in &grants.read {
@@ -123,9 +120,7 @@ impl Sandbox {
 
     /// The tail of what the plugin printed so far.
     pub fn output_tail(&self) -> String {
-        let bytes = self.output.contents();
-        let start = bytes.len().saturating_sub(OUTPUT_IN_ERROR);
-        String::from_utf8_lossy(&bytes[start..]).into_owned()
+        self.output.text()
     }
 }
 

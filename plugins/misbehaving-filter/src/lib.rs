@@ -2,7 +2,7 @@
 //! batch it sees. `mode` is one of: "ok" (keeps everything), "loop" (never returns), "alloc"
 //! (allocates without bound), "read-file" (reads `path`), "connect" (opens a TCP socket to
 //! `addr`), "env" (reads `var`), "clock" (reports the wall clock), "panic", "bad-json" (rewrites records to
-//! invalid JSON), "stderr" (writes a line to stderr, then fails).
+//! invalid JSON), "stderr" (writes a line to stderr, then fails), "chatty" (writes ~5 MB to stderr, then keeps).
 
 use dusflow_sdk::data_filter::{DataFilter, Verdict};
 use serde::Deserialize;
@@ -73,6 +73,12 @@ impl DataFilter for Misbehave {
             }
             "panic" => panic!("misbehaving-filter panics on purpose (record {record})"),
             "bad-json" => Ok(Verdict::Rewrite("{not json".into())),
+            "chatty" => {
+                for i in 0..100_000 {
+                    eprintln!("misbehaving-filter: log line {i} of a chatty plugin");
+                }
+                Ok(Verdict::Keep)
+            }
             "stderr" => {
                 eprintln!("misbehaving-filter: about to fail");
                 Err("failed after writing to stderr".into())
