@@ -212,6 +212,37 @@ pub fn content_hash(dir: &Path) -> Result<blake3::Hash> {
 /// Serialises builds within the process, so parallel tests build each plugin once.
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
+/// An exclusive advisory lock on a file, held until dropped: serialises builds of the same
+/// sources across processes (e.g. tests run by nextest, one process per test).
+struct FileLock {
+    /// Closing the file releases the lock.
+    _file: std::fs::File,
+}
+
+impl FileLock {
+    fn acquire(path: &Path) -> Result<FileLock> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open the build lock {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a file descriptor we own; it is released when the file is closed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                bail!(
+                    "cannot lock {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Ok(FileLock { _file: file })
+    }
+}
+
 /// The component for `path`: `path` itself if it is a `.wasm` file, else the cached build of the
 /// source folder, building it first if its content hash is not cached. Uses
 /// [`default_cache_dir`].
@@ -237,11 +268,12 @@ pub fn ensure_built_in(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
         return Ok(cached(before));
     }
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::create_dir_all(&builds)
+        .with_context(|| format!("cannot create {}", builds.display()))?;
+    let _lock = FileLock::acquire(&builds.join(format!("{}.lock", before.to_hex())))?;
     if cached(before).exists() {
         return Ok(cached(before));
     }
-    std::fs::create_dir_all(&builds)
-        .with_context(|| format!("cannot create {}", builds.display()))?;
     let tmp = builds.join(format!("{}.tmp{}", before.to_hex(), std::process::id()));
     build(path, &tmp, cache_dir)?;
     std::fs::rename(&tmp, cached(before))?;
