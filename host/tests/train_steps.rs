@@ -265,3 +265,63 @@ micro_batch = 0
         assert!(err.contains(key), "{key} missing from: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_filter_plugins_run_at_load_time_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/length-filter").canonicalize().unwrap();
+    let mut docs = String::new();
+    for i in 0..40 {
+        let text =
+            if i % 4 == 0 { format!("a long document number {i} that the filter drops") } else { format!("doc {i}.") };
+        docs.push_str(&serde_json::json!({ "text": text }).to_string());
+        docs.push('\n');
+    }
+    std::fs::write(dir.path().join("docs.jsonl"), docs).unwrap();
+    let flow = format!(
+        r#"
+[workflow]
+name = "filters"
+output = "out"
+
+[models.tiny]
+path = "tiny"
+
+[plugins.short]
+path = "{}"
+
+[datasets.docs]
+path = "docs.jsonl"
+format = "text"
+filters = ["short"]
+
+[steps.pretrain]
+kind = "pretrain"
+inputs = {{ model = "tiny", data = ["docs"] }}
+seq_len = 16
+micro_batch = 2
+max_steps = 2
+filter_params.short = {{ max_chars = 20 }}
+"#,
+        plugin.display()
+    );
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = engine::run(
+        &dir.path().join("flow.toml"),
+        &dusflow::steps::Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(summary.succeeded(), "{summary:?}");
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(artifact(&dir.path().join("out"), "pretrain").join("train_report.json")).unwrap(),
+    )
+    .unwrap();
+    let f = &report["datasets"][0]["filters"][0];
+    assert_eq!(f["filter"], "short");
+    assert_eq!((f["seen"].as_u64(), f["kept"].as_u64(), f["dropped"].as_u64()), (Some(40), Some(30), Some(10)), "{f}");
+    assert_eq!(report["datasets"][0]["used"].as_u64(), Some(30));
+}

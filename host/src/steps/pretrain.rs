@@ -13,9 +13,11 @@
 //! ```
 
 use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, Resources, StepKind};
+use super::kind::{ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources, StepKind};
 use crate::data::{load_mixture, pack_documents, tokenize_document, RecordFormat};
-use crate::train::job::{plugin_filters, progress_observer, resolve_inputs, save_dtype, train_model};
+use crate::train::job::{
+    check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs, save_dtype, train_model,
+};
 use crate::train::TrainStepConfig;
 use anyhow::{bail, Result};
 
@@ -43,8 +45,9 @@ impl StepKind for PretrainStep {
         ArtifactKind::Model
     }
 
-    fn check(&self, c: &TrainStepConfig, _: &dyn CheckContext) -> Vec<ConfigIssue> {
+    fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = c.issues();
+        issues.extend(check_filter_plugins(c, ctx));
         if c.packing {
             issues.push(ConfigIssue::new(
                 "packing",
@@ -52,6 +55,10 @@ impl StepKind for PretrainStep {
             ));
         }
         issues
+    }
+
+    fn dependencies(&self, c: &TrainStepConfig) -> Dependencies {
+        dependencies(c)
     }
 
     fn resources(&self, _: &TrainStepConfig) -> Resources {
@@ -64,7 +71,7 @@ impl StepKind for PretrainStep {
 
     fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
         let inputs = resolve_inputs(c, ctx)?;
-        let mut filters = plugin_filters(ctx);
+        let mut filters = plugin_filters(c, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, &[RecordFormat::Text])?;
         let mut docs = Vec::with_capacity(mixture.examples.len());
         for e in &mixture.examples {

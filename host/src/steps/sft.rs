@@ -12,10 +12,12 @@
 //! ```
 
 use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlots, Resources, StepKind};
+use super::kind::{ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlots, Resources, StepKind};
 use super::pretrain::TRAIN_INPUTS;
 use crate::data::{load_mixture, pack_examples, sft_segments, tokenize_segments, RecordFormat};
-use crate::train::job::{plugin_filters, progress_observer, resolve_inputs, save_dtype, train_model};
+use crate::train::job::{
+    check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs, save_dtype, train_model,
+};
 use crate::train::TrainStepConfig;
 use anyhow::{bail, Result};
 
@@ -41,8 +43,9 @@ impl StepKind for SftStep {
         ArtifactKind::Model
     }
 
-    fn check(&self, c: &TrainStepConfig, _: &dyn CheckContext) -> Vec<ConfigIssue> {
+    fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = c.issues();
+        issues.extend(check_filter_plugins(c, ctx));
         if c.separate_documents {
             issues.push(ConfigIssue::new(
                 "separate_documents",
@@ -50,6 +53,10 @@ impl StepKind for SftStep {
             ));
         }
         issues
+    }
+
+    fn dependencies(&self, c: &TrainStepConfig) -> Dependencies {
+        dependencies(c)
     }
 
     fn resources(&self, _: &TrainStepConfig) -> Resources {
@@ -62,7 +69,7 @@ impl StepKind for SftStep {
 
     fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
         let inputs = resolve_inputs(c, ctx)?;
-        let mut filters = plugin_filters(ctx);
+        let mut filters = plugin_filters(c, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, SFT_FORMATS)?;
         let mut rows = Vec::with_capacity(mixture.examples.len());
         for e in &mixture.examples {

@@ -87,6 +87,10 @@ pub struct TrainStepConfig {
     /// Shuffle rows every epoch.
     #[serde(default = "TrainStepConfig::default_true")]
     pub shuffle: bool,
+    /// Parameters of the data-filter plugins the datasets name, by plugin name (`{}` for none). Every
+    /// filter a dataset of this step uses must be listed here, so that the step depends on the plugin.
+    #[serde(default)]
+    pub filter_params: indexmap::IndexMap<String, serde_json::Value>,
 }
 
 impl TrainStepConfig {
@@ -193,15 +197,41 @@ pub fn resolve_inputs(cfg: &TrainStepConfig, ctx: &StepContext) -> Result<TrainI
     Ok(TrainInputs { model_dir: model.path.clone(), tokenizer, sources, seed })
 }
 
-/// The filter factory of a step: data-filter plugins are looked up among the step's declared plugins.
-/// (Until the plugin host lands, naming a filter is an error that says so.)
-pub fn plugin_filters(ctx: &StepContext) -> impl FnMut(&str) -> Result<Box<dyn RecordFilter>> + '_ {
+/// The filter factory of a step: each name is a `[plugins.*]` the step depends on (through
+/// `filter_params`), loaded once with the plugin host and configured with its `filter_params` entry.
+pub fn plugin_filters<'a>(
+    cfg: &'a TrainStepConfig,
+    ctx: &'a StepContext,
+) -> impl FnMut(&str) -> Result<Box<dyn RecordFilter>> + 'a {
+    let mut host: Option<crate::plugins::PluginHost> = None;
     move |name: &str| {
-        if !ctx.plugins.contains_key(name) {
-            bail!("the spec of filter plugin {name:?} was not passed to step `{}` (StepContext::plugins)", ctx.step);
+        let (Some(spec), Some(params)) = (ctx.plugins.get(name), cfg.filter_params.get(name)) else {
+            bail!(
+                "a dataset of step `{}` uses filter {name:?}; list it in the step's filter_params \
+                 (e.g. filter_params.{name} = {{}}) so the step loads [plugins.{name}]",
+                ctx.step
+            );
+        };
+        if host.is_none() {
+            host = Some(crate::plugins::PluginHost::new()?);
         }
-        bail!("data-filter plugins need the plugin host, which this build does not include yet")
+        let host = host.as_ref().expect("host was just created");
+        Ok(Box::new(crate::data::PluginFilter::load(host, name, spec, &params.to_string())?))
     }
+}
+
+/// What the training kinds depend on beyond inputs: the filter plugins named in `filter_params`.
+pub fn dependencies(cfg: &TrainStepConfig) -> crate::steps::Dependencies {
+    crate::steps::Dependencies { plugins: cfg.filter_params.keys().cloned().collect(), files: Vec::new() }
+}
+
+/// Checks that every `filter_params` key is a declared plugin.
+pub fn check_filter_plugins(cfg: &TrainStepConfig, ctx: &dyn crate::steps::CheckContext) -> Vec<ConfigIssue> {
+    cfg.filter_params
+        .keys()
+        .filter(|name| !ctx.has_plugin(name))
+        .map(|name| ConfigIssue::new(format!("filter_params.{name}"), format!("no [plugins.{name}] in this workflow")))
+        .collect()
 }
 
 /// A progress observer for a step: position, loss and tokens/s on the step's bar; stops when cancelled.
