@@ -85,4 +85,17 @@ mod tests {
         );
         assert!(alpaca_prompt("Add.", "2 3").ends_with("### Input:\n2 3\n\n### Response:"));
     }
+
+    #[test]
+    fn chatml_learns_assistant_turns_only() {
+        let m = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
+        let segs = chatml(&[m("system", "Be brief."), m("user", "2+2?"), m("assistant", "4")]);
+        let text: String = segs.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+        );
+        let learned: Vec<&str> = segs.iter().filter(|s| s.learn).map(|s| s.text.as_str()).collect();
+        assert_eq!(learned, vec!["4<|im_end|>\n"]);
+    }
 }
