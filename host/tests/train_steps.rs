@@ -325,3 +325,69 @@ filter_params.short = {{ max_chars = 20 }}
     assert_eq!((f["seen"].as_u64(), f["kept"].as_u64(), f["dropped"].as_u64()), (Some(40), Some(30), Some(10)), "{f}");
     assert_eq!(report["datasets"][0]["used"].as_u64(), Some(30));
 }
+
+/// The paper filters its instruction data against the benchmarks (Tab. 8): the same with `decontaminate`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sft_data_is_decontaminated_against_benchmark_files() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    let bench = dir.path().join("benchmarks");
+    std::fs::create_dir(&bench).unwrap();
+    let leaked = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May";
+    std::fs::write(bench.join("gsm8k.jsonl"), serde_json::json!({ "question": leaked }).to_string()).unwrap();
+    let mut records = String::new();
+    for i in 0..8 {
+        let instruction =
+            if i % 4 == 1 { format!("{leaked}. How many clips? ({i})") } else { format!("Add {i} and {i}.") };
+        records
+            .push_str(&serde_json::json!({ "instruction": instruction, "output": format!("{}", 2 * i) }).to_string());
+        records.push('\n');
+    }
+    std::fs::write(dir.path().join("orca.jsonl"), records).unwrap();
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/decontaminate").canonicalize().unwrap();
+    let flow = format!(
+        r#"
+[workflow]
+name = "decon"
+output = "out"
+
+[models.tiny]
+path = "tiny"
+
+[plugins.decon]
+path = "{plugin}"
+grants.read = ["{bench}"]
+
+[datasets.orca]
+path = "orca.jsonl"
+format = "alpaca"
+filters = ["decon"]
+
+[steps.sft]
+kind = "sft"
+inputs = {{ model = "tiny", data = ["orca"] }}
+seq_len = 256
+micro_batch = 2
+max_steps = 1
+filter_params.decon = {{ benchmarks_dir = "{bench}", field = "instruction", n = 8 }}
+"#,
+        plugin = plugin.display(),
+        bench = bench.display()
+    );
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = engine::run(
+        &dir.path().join("flow.toml"),
+        &dusflow::steps::Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(summary.succeeded(), "{summary:?}");
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(artifact(&dir.path().join("out"), "sft").join("train_report.json")).unwrap(),
+    )
+    .unwrap();
+    let f = &report["datasets"][0]["filters"][0];
+    assert_eq!((f["kept"].as_u64(), f["dropped"].as_u64()), (Some(6), Some(2)), "{f}");
+}
