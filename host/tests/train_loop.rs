@@ -281,3 +281,24 @@ fn bf16_compute_keeps_f32_masters_and_learns() {
     let s = train(&model, &mut opt, &rows, &options(30, 8, 1), &dir.path().join("w"), &mut never).unwrap();
     assert!(s.final_loss < 0.7 * s.history[0].loss, "{} -> {}", s.history[0].loss, s.final_loss);
 }
+
+#[test]
+fn packed_sft_rows_give_the_same_loss_as_padded_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let model = dusflow::model::load_model(&model_dir, DType::F32, &Device::Cpu).unwrap();
+    let rows = sft_rows(6);
+    let packed = dusflow::data::pack_examples(rows.clone(), 400);
+    assert!(packed.len() < rows.len());
+    let mean_loss = |rs: &[TrainSequence]| {
+        let refs: Vec<&TrainSequence> = rs.iter().collect();
+        let b = build_micro_batch(&refs, dusflow::model::tokenizer::BYTE_PAD, &Device::Cpu).unwrap();
+        let logits = model.forward_train(&b.input_ids, &b.forward).unwrap();
+        let sum = weighted_nll_sum(&logits, &b.targets, &b.weights).unwrap().to_scalar::<f32>().unwrap();
+        (sum / b.target_count as f32, b.target_count)
+    };
+    let (padded, n1) = mean_loss(&rows);
+    let (packed, n2) = mean_loss(&packed);
+    assert_eq!(n1, n2, "the same targets count");
+    assert!((padded - packed).abs() < 1e-5, "padded {padded} vs packed {packed}");
+}
