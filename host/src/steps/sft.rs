@@ -72,11 +72,21 @@ impl StepKind for SftStep {
         let mut filters = plugin_filters(c, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, SFT_FORMATS)?;
         let mut rows = Vec::with_capacity(mixture.examples.len());
+        let mut truncated_away = 0usize;
         for e in &mixture.examples {
             let row = tokenize_segments(&inputs.tokenizer, &sft_segments(e)?, c.seq_len)?;
             if row.target_count() > 0 {
                 rows.push(row);
+            } else {
+                truncated_away += 1;
             }
+        }
+        if truncated_away > 0 {
+            tracing::warn!(
+                step = %ctx.step,
+                "{truncated_away} examples have no response token within seq_len = {} and are not used",
+                c.seq_len
+            );
         }
         if rows.is_empty() {
             bail!("no SFT example has a response token within seq_len = {}", c.seq_len);
