@@ -22,13 +22,20 @@ fn median_seconds(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f
 fn input(model: &Llama, batch: usize, seq: usize) -> Result<Tensor> {
     // Same deterministic ids as the Python side: (i * 7919 + 13) % vocab.
     let vocab = model.config().vocab_size;
-    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect();
     Ok(Tensor::from_vec(ids, (batch, seq), model.device())?)
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let dir = args.first().context("usage: model_forward <model dir> [batch] [seq] [repeats]")?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let dir = args
+        .first()
+        .context("usage: model_forward <model dir> [batch] [seq] [repeats]")?;
     let batch: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(4);
     let seq: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(256);
     let repeats: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(5);
@@ -36,13 +43,19 @@ fn main() -> Result<()> {
     let ids = input(&model, batch, seq)?;
     let tokens = (batch * seq) as f64;
     let params = model.config().num_parameters();
-    println!("dusflow: {params} parameters, batch {batch} x seq {seq}, f32, {} threads", candle_core::utils::get_num_threads());
+    println!(
+        "dusflow: {params} parameters, batch {batch} x seq {seq}, f32, {} threads",
+        candle_core::utils::get_num_threads()
+    );
     let opts = ForwardOptions::default();
     let t = median_seconds(repeats, || {
         model.forward(&ids, &opts)?;
         Ok(())
     })?;
-    println!("dusflow inference forward (fused ops): {t:.3} s, {:.0} tokens/s", tokens / t);
+    println!(
+        "dusflow inference forward (fused ops): {t:.3} s, {:.0} tokens/s",
+        tokens / t
+    );
     let t = median_seconds(repeats, || {
         model.forward_train(&ids, &opts)?;
         Ok(())
