@@ -343,3 +343,37 @@ fn sharded_index_pointing_to_wrong_file_is_an_error() {
         "{e}"
     );
 }
+
+/// f16 checkpoints load, and the model also computes in bf16 / f16 (close to f32 logits).
+#[test]
+fn half_precision_checkpoints_and_compute() {
+    let src = fixture("llama");
+    let reference = logits(&src, DType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let model = load_model(&src, DType::F32, &Device::Cpu).unwrap();
+    let out = dir.path().join("f16");
+    save_model(&out, &model, &SaveOptions { dtype: DType::F16, ..Default::default() }).unwrap();
+    assert!(TensorStore::open(&out).unwrap().metas().all(|m| m.dtype == Dtype::F16));
+    let d = max_abs_diff(&reference, &logits(&out, DType::F32));
+    assert!(d > 0.0 && d < 0.02, "f16 weights changed logits by {d}");
+    for dtype in [DType::BF16, DType::F16] {
+        let d = max_abs_diff(&reference, &logits(&src, dtype));
+        assert!(d < 0.3, "{dtype:?} compute differs by {d}");
+    }
+}
+
+/// Trainable variables (f32 masters) saved with `save_varmap` reload to the same values.
+#[test]
+fn save_varmap_round_trips() {
+    let src = fixture("mistral");
+    let (varmap, model) = load_trainable(&src, DType::F32, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("saved");
+    dusflow::model::save_varmap(&out, model.config(), &varmap, &SaveOptions::default()).unwrap();
+    let a = TensorStore::open(&src).unwrap();
+    let b = TensorStore::open(&out).unwrap();
+    assert_eq!(a.len(), b.len());
+    for name in a.names() {
+        assert_eq!(a.bytes(name).unwrap(), b.bytes(name).unwrap(), "{name}");
+    }
+}

@@ -8,6 +8,8 @@
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
 //! - [`generation`]: batched generation and log-likelihood scoring.
 
+#![warn(missing_docs)]
+
 pub mod checkpoint_writer;
 pub mod config;
 pub mod generation;
@@ -30,5 +32,5 @@ pub use llama::{
 pub use tensor_store::{TensorMeta, TensorStore};
 pub use tokenizer::Tokenizer;
 pub use weights::{
-    init_trainable, load_model, load_trainable, save_model, save_tensors, SaveOptions,
+    init_trainable, load_model, load_trainable, save_model, save_tensors, save_varmap, SaveOptions,
 };

@@ -142,11 +142,10 @@ impl TensorStore {
         let mut files = Vec::new();
         let mut entries = BTreeMap::new();
         let mut per_shard: Vec<BTreeMap<String, TensorInfo>> = Vec::new();
-        for (i, shard) in shard_names.iter().enumerate() {
+        for shard in &shard_names {
             let (file, infos) = map_file(&dir.join(shard))?;
             files.push(file);
             per_shard.push(infos.into_iter().collect());
-            let _ = i;
         }
         for (name, file) in weight_map {
             let file = file.as_str().unwrap_or_default();

@@ -134,6 +134,22 @@ pub fn save_model(dir: &Path, model: &Llama, opts: &SaveOptions) -> Result<Writt
     save_tensors(dir, model.config(), &model.named_weights(), opts)
 }
 
+/// Saves the variables of a `VarMap` (e.g. after training) with `cfg` as a Hugging Face folder at `dir`, in
+/// model order; every weight that `cfg` requires must be present. See [`save_model`].
+pub fn save_varmap(dir: &Path, cfg: &LlamaConfig, varmap: &VarMap, opts: &SaveOptions) -> Result<WrittenCheckpoint> {
+    let tensors = {
+        let data = varmap.data().lock().expect("varmap lock");
+        cfg.weight_shapes()
+            .into_iter()
+            .map(|(name, _)| match data.get(&name) {
+                Some(v) => Ok((name, v.as_tensor().clone())),
+                None => bail!("VarMap has no variable {name:?} (required by the config)"),
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    save_tensors(dir, cfg, &tensors, opts)
+}
+
 /// Saves named tensors (checkpoint names) with `cfg` as a Hugging Face folder at `dir`; see [`save_model`].
 pub fn save_tensors(
     dir: &Path,
