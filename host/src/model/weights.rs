@@ -76,7 +76,8 @@ pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<(VarM
 }
 
 /// A freshly initialised trainable model: linear and embedding weights ~ normal(0, `initializer_range`)
-/// (as transformers' `_init_weights`), norm weights 1. Deterministic for a given `seed`.
+/// (as transformers' `_init_weights`), norm weights 1, the `pad_token_id` row of the embedding 0.
+/// Deterministic for a given `seed` (the values differ from PyTorch's RNG stream).
 pub fn init_trainable(
     cfg: &LlamaConfig,
     seed: u64,
@@ -91,11 +92,17 @@ pub fn init_trainable(
         let mut data = varmap.data().lock().expect("varmap lock");
         for (name, shape) in cfg.weight_shapes() {
             let n: usize = shape.iter().product();
-            let values: Vec<f32> = if name.ends_with("norm.weight") {
+            let mut values: Vec<f32> = if name.ends_with("norm.weight") {
                 vec![1.0; n]
             } else {
                 (0..n).map(|_| normal.sample(&mut rng)).collect()
             };
+            // transformers' nn.Embedding(padding_idx=pad_token_id) starts with a zero padding row.
+            if name == "model.embed_tokens.weight" {
+                if let Some(pad) = cfg.pad_token_id.map(|p| p as usize).filter(|p| *p < cfg.vocab_size) {
+                    values[pad * cfg.hidden_size..(pad + 1) * cfg.hidden_size].fill(0.0);
+                }
+            }
             let t = Tensor::from_vec(values, shape.as_slice(), device)?.to_dtype(dtype)?;
             data.insert(name, Var::from_tensor(&t)?);
         }
