@@ -352,8 +352,19 @@ fn half_precision_checkpoints_and_compute() {
     let dir = tempfile::tempdir().unwrap();
     let model = load_model(&src, DType::F32, &Device::Cpu).unwrap();
     let out = dir.path().join("f16");
-    save_model(&out, &model, &SaveOptions { dtype: DType::F16, ..Default::default() }).unwrap();
-    assert!(TensorStore::open(&out).unwrap().metas().all(|m| m.dtype == Dtype::F16));
+    save_model(
+        &out,
+        &model,
+        &SaveOptions {
+            dtype: DType::F16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(TensorStore::open(&out)
+        .unwrap()
+        .metas()
+        .all(|m| m.dtype == Dtype::F16));
     let d = max_abs_diff(&reference, &logits(&out, DType::F32));
     assert!(d > 0.0 && d < 0.02, "f16 weights changed logits by {d}");
     for dtype in [DType::BF16, DType::F16] {

@@ -17,6 +17,7 @@ fn legacy_solar_like_config_parses_and_round_trips() {
     );
     assert_eq!(cfg.eos_ids(), vec![2]);
     assert_eq!(cfg.extra["torch_dtype"], "bfloat16");
+    assert_eq!(cfg.declared_dtype(), Some(candle_core::DType::BF16));
     // ~10.7B parameters: the SOLAR shape.
     let n = cfg.num_parameters() as f64;
     assert!((10.6e9..10.8e9).contains(&n), "{n}");

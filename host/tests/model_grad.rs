@@ -210,17 +210,33 @@ fn fresh_initialisation_statistics() {
     let values: Vec<f32> = embed.flatten_all().unwrap().to_vec1().unwrap();
     let n = values.len() as f64;
     let mean = values.iter().map(|v| *v as f64).sum::<f64>() / n;
-    let std = (values.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-    assert!(mean.abs() < 2e-3 && (std - 0.02).abs() < 1e-3, "mean {mean}, std {std}");
+    let std = (values
+        .iter()
+        .map(|v| (*v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
+    assert!(
+        mean.abs() < 2e-3 && (std - 0.02).abs() < 1e-3,
+        "mean {mean}, std {std}"
+    );
     let pad_row: Vec<f32> = embed.get(7).unwrap().to_vec1().unwrap();
     assert!(pad_row.iter().all(|v| *v == 0.0));
-    let norm: Vec<f32> = data["model.layers.1.post_attention_layernorm.weight"].as_tensor().to_vec1().unwrap();
+    let norm: Vec<f32> = data["model.layers.1.post_attention_layernorm.weight"]
+        .as_tensor()
+        .to_vec1()
+        .unwrap();
     assert!(norm.iter().all(|v| *v == 1.0));
     drop(data);
     let (again, _) = init_trainable(&cfg, 42, DType::F32, &dev).unwrap();
     let (other, _) = init_trainable(&cfg, 43, DType::F32, &dev).unwrap();
     let q = |m: &VarMap| -> Vec<f32> {
-        m.data().lock().unwrap()["model.layers.0.self_attn.q_proj.weight"].as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+        m.data().lock().unwrap()["model.layers.0.self_attn.q_proj.weight"]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     assert_eq!(q(&varmap), q(&again));
     assert_ne!(q(&varmap), q(&other));

@@ -202,8 +202,13 @@ where
         files.push(name);
     }
     if n > 1 {
+        let total_parameters: usize = specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        // Keys sorted and 2-space indented, as transformers writes it (`json.dumps(indent=2, sort_keys=True)`).
         let index = serde_json::json!({
-            "metadata": { "total_size": total_size },
+            "metadata": { "total_parameters": total_parameters, "total_size": total_size },
             "weight_map": weight_map,
         });
         let text = serde_json::to_string_pretty(&index)? + "\n";

@@ -266,6 +266,21 @@ impl LlamaConfig {
             .unwrap_or(10000.0)
     }
 
+    /// The checkpoint's declared dtype (`dtype`, or legacy `torch_dtype`), if it is one candle computes in.
+    pub fn declared_dtype(&self) -> Option<candle_core::DType> {
+        let name = self
+            .extra
+            .get("dtype")
+            .or_else(|| self.extra.get("torch_dtype"))?
+            .as_str()?;
+        match name {
+            "float32" => Some(candle_core::DType::F32),
+            "bfloat16" => Some(candle_core::DType::BF16),
+            "float16" => Some(candle_core::DType::F16),
+            _ => None,
+        }
+    }
+
     /// End-of-sequence ids (possibly several, possibly none).
     pub fn eos_ids(&self) -> Vec<u32> {
         self.eos_token_id

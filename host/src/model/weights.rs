@@ -99,7 +99,11 @@ pub fn init_trainable(
             };
             // transformers' nn.Embedding(padding_idx=pad_token_id) starts with a zero padding row.
             if name == "model.embed_tokens.weight" {
-                if let Some(pad) = cfg.pad_token_id.map(|p| p as usize).filter(|p| *p < cfg.vocab_size) {
+                if let Some(pad) = cfg
+                    .pad_token_id
+                    .map(|p| p as usize)
+                    .filter(|p| *p < cfg.vocab_size)
+                {
                     values[pad * cfg.hidden_size..(pad + 1) * cfg.hidden_size].fill(0.0);
                 }
             }
@@ -143,7 +147,12 @@ pub fn save_model(dir: &Path, model: &Llama, opts: &SaveOptions) -> Result<Writt
 
 /// Saves the variables of a `VarMap` (e.g. after training) with `cfg` as a Hugging Face folder at `dir`, in
 /// model order; every weight that `cfg` requires must be present. See [`save_model`].
-pub fn save_varmap(dir: &Path, cfg: &LlamaConfig, varmap: &VarMap, opts: &SaveOptions) -> Result<WrittenCheckpoint> {
+pub fn save_varmap(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    varmap: &VarMap,
+    opts: &SaveOptions,
+) -> Result<WrittenCheckpoint> {
     let tensors = {
         let data = varmap.data().lock().expect("varmap lock");
         cfg.weight_shapes()
