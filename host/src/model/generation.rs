@@ -278,17 +278,13 @@ pub fn loglikelihood(
             })
             .collect();
         let input = Tensor::from_vec(flat, (chunk.len(), len), &dev)?;
-        let logp = candle_nn::ops::log_softmax(
-            &model
-                .forward(&input, &ForwardOptions::default())?
-                .to_dtype(DType::F32)?,
-            D::Minus1,
-        )?;
+        // Logits only for the continuation rows: the (batch, seq, vocab) tensor would dominate memory.
+        let hidden = model.forward_hidden(&input, &ForwardOptions::default())?;
         for (r, (ctx, cont)) in chunk.iter().enumerate() {
-            let rows: Vec<Vec<f32>> = logp
-                .get(r)?
-                .narrow(0, ctx.len() - 1, cont.len())?
-                .to_vec2()?;
+            let rows = hidden.get(r)?.narrow(0, ctx.len() - 1, cont.len())?;
+            let logp =
+                candle_nn::ops::log_softmax(&model.head(&rows)?.to_dtype(DType::F32)?, D::Minus1)?;
+            let rows: Vec<Vec<f32>> = logp.to_vec2()?;
             let mut total = 0.0;
             let mut greedy = true;
             for (row, &t) in rows.iter().zip(cont) {

@@ -184,7 +184,7 @@ impl Llama {
     /// Training forward: logits `(batch, seq, vocab)` for `input_ids` `(batch, seq)` (u32), using only ops
     /// that propagate gradients. Default mask: causal (plus Mistral's sliding window when configured).
     pub fn forward_train(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
-        self.run(input_ids, opts, None, Path::Differentiable, false)
+        self.head(&self.run(input_ids, opts, None, Path::Differentiable, false)?)
     }
 
     /// Inference forward over new tokens, appending their keys/values to `cache`. Positions default to
@@ -201,15 +201,36 @@ impl Llama {
             cache.layers.len() == self.layers.len(),
             "KV cache has the wrong number of layers"
         );
-        self.run(input_ids, opts, Some(cache), Path::Fast, last_only)
+        self.head(&self.run(input_ids, opts, Some(cache), Path::Fast, last_only)?)
     }
 
     /// Inference forward without a cache (fused kernels, no gradient), all positions.
     pub fn forward(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        self.head(&self.forward_hidden(input_ids, opts)?)
+    }
+
+    /// Training forward up to the final norm: hidden states `(batch, seq, hidden)`, differentiable. Apply
+    /// [`Llama::head`] to the rows that need logits (e.g. completion tokens only) to save memory.
+    pub fn forward_hidden_train(
+        &self,
+        input_ids: &Tensor,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        self.run(input_ids, opts, None, Path::Differentiable, false)
+    }
+
+    /// Inference forward up to the final norm (fused kernels, no gradient): `(batch, seq, hidden)`.
+    pub fn forward_hidden(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
         let mut cache = KvCache::new(self.layers.len());
         self.run(input_ids, opts, Some(&mut cache), Path::Fast, false)
     }
 
+    /// The language-model head: logits `(..., vocab)` from final hidden states `(..., hidden)`.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.lm_head)
+    }
+
+    /// Final hidden states (after the last norm).
     fn run(
         &self,
         input_ids: &Tensor,
@@ -281,8 +302,7 @@ impl Llama {
         if last_only {
             x = x.narrow(1, s - 1, 1)?;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, path)?;
-        linear(&x, &self.lm_head)
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, path)
     }
 
     /// cos/sin of shape `(batch, seq, head_dim)` (differentiable path) or `(batch, seq, head_dim/2)` (fused rope).
