@@ -367,9 +367,19 @@ fn half_precision_checkpoints_and_compute() {
         .all(|m| m.dtype == Dtype::F16));
     let d = max_abs_diff(&reference, &logits(&out, DType::F32));
     assert!(d > 0.0 && d < 0.02, "f16 weights changed logits by {d}");
+    let ids = Tensor::new(&[[1u32, 5, 9, 200, 3, 77]], &Device::Cpu).unwrap();
     for dtype in [DType::BF16, DType::F16] {
         let d = max_abs_diff(&reference, &logits(&src, dtype));
         assert!(d < 0.3, "{dtype:?} compute differs by {d}");
+        // A converted copy computes the same as a model loaded in that dtype.
+        let copy = model.to(dtype, &Device::Cpu).unwrap();
+        assert_eq!(copy.dtype(), dtype);
+        let c = copy
+            .forward(&ids, &ForwardOptions::default())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(max_abs_diff(&c, &logits(&src, dtype)), 0.0);
     }
 }
 

@@ -159,6 +159,45 @@ impl Llama {
         self.embed.dtype()
     }
 
+    /// A detached copy of the model in another dtype and/or on another device (e.g. a bf16 inference copy
+    /// of f32 training variables); the copy shares nothing with the original's variables.
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<Llama> {
+        let conv = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_device(device)?.to_dtype(dtype)?.detach().copy()?)
+        };
+        let embed = conv(&self.embed)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|w| {
+                Ok(Layer {
+                    input_norm: conv(&w.input_norm)?,
+                    q: conv(&w.q)?,
+                    k: conv(&w.k)?,
+                    v: conv(&w.v)?,
+                    o: conv(&w.o)?,
+                    post_norm: conv(&w.post_norm)?,
+                    gate: conv(&w.gate)?,
+                    up: conv(&w.up)?,
+                    down: conv(&w.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if self.cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            conv(&self.lm_head)?
+        };
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            norm: conv(&self.norm)?,
+            inv_freq: self.inv_freq.to_device(device)?,
+            embed,
+            layers,
+            lm_head,
+        })
+    }
+
     /// Every weight by its checkpoint name (the tied head is not listed separately).
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
