@@ -163,8 +163,9 @@ pub fn generate(
         if done.iter().all(|d| *d) {
             break;
         }
+        // Finished rows keep decoding padding; their new keys are masked.
         for (i, valid) in key_valid.iter_mut().enumerate() {
-            valid.push(!done[i] || out[i].finish == FinishReason::Length);
+            valid.push(!done[i]);
         }
         input = Tensor::from_vec(next, (b, 1), &dev)?;
         fwd = ForwardOptions {
