@@ -398,3 +398,26 @@ fn save_varmap_round_trips() {
         assert_eq!(a.bytes(name).unwrap(), b.bytes(name).unwrap(), "{name}");
     }
 }
+
+/// A producer returning the wrong number of bytes, or a duplicated name, fails and leaves no file behind.
+#[test]
+fn writer_rejects_bad_input_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.safetensors");
+    let specs = vec![TensorSpec::new("a", Dtype::F32, vec![2, 2])];
+    let e =
+        err_text(write_safetensors(&path, &specs, |_| Ok(Cow::Owned(vec![0u8; 12]))).unwrap_err());
+    assert!(
+        e.contains("\"a\"") && e.contains("12 bytes") && e.contains("16"),
+        "{e}"
+    );
+    let twice = vec![specs[0].clone(), specs[0].clone()];
+    let e =
+        err_text(write_safetensors(&path, &twice, |_| Ok(Cow::Owned(vec![0u8; 16]))).unwrap_err());
+    assert!(e.contains("listed twice"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no partial or temporary file left"
+    );
+}
