@@ -241,3 +241,58 @@ fn fresh_initialisation_statistics() {
     assert_eq!(q(&varmap), q(&again));
     assert_ne!(q(&varmap), q(&other));
 }
+
+/// f32 master weights with a bf16 forward: gradients reach every f32 variable, and the logits are exactly
+/// those of a bf16 copy of the model.
+#[test]
+fn bf16_compute_over_f32_masters() {
+    let dev = Device::Cpu;
+    let cfg = tiny(false, 2);
+    let (varmap, model) = init_trainable(&cfg, 5, DType::F32, &dev).unwrap();
+    let mixed = model.clone().with_compute_dtype(DType::BF16);
+    assert_eq!(
+        (mixed.dtype(), mixed.compute_dtype()),
+        (DType::F32, DType::BF16)
+    );
+    let ids = batch(&dev);
+    let logits = mixed
+        .forward_train(&ids, &ForwardOptions::default())
+        .unwrap();
+    assert_eq!(logits.dtype(), DType::BF16);
+    let copy = model.to(DType::BF16, &dev).unwrap();
+    let want = copy
+        .forward_train(&ids, &ForwardOptions::default())
+        .unwrap();
+    let d = (logits.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    let inference = mixed.forward(&ids, &ForwardOptions::default()).unwrap();
+    assert_eq!(inference.dtype(), DType::BF16);
+    let grads = loss(&mixed, &ids, &ForwardOptions::default())
+        .backward()
+        .unwrap();
+    for (name, var) in vars(&varmap) {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient reached {name}"));
+        assert_eq!(g.dtype(), DType::F32, "{name}");
+        let m = g
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(m > 0.0 && m.is_finite(), "{name}: {m}");
+    }
+}

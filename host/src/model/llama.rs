@@ -94,6 +94,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Tensor,
+    /// Dtype the forward computes in; weights of another dtype are cast at use (differentiably).
+    compute: DType,
 }
 
 impl Llama {
@@ -134,6 +136,7 @@ impl Llama {
             get("lm_head.weight")?
         };
         let inv_freq = rope_inv_freq(cfg, embed.device())?;
+        let compute = embed.dtype();
         Ok(Llama {
             cfg: cfg.clone(),
             embed,
@@ -141,6 +144,7 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
+            compute,
         })
     }
 
@@ -154,7 +158,7 @@ impl Llama {
         self.embed.device()
     }
 
-    /// Dtype of the weights (and of the computation).
+    /// Dtype of the weights (see [`Llama::compute_dtype`] for the computation's).
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
     }
@@ -179,7 +183,7 @@ impl Llama {
                     post_norm: conv(&w.post_norm)?,
                     gate: conv(&w.gate)?,
                     up: conv(&w.up)?,
-                    down: conv(&w.down)?,
+                    down: conv(&self.cw(&w.down)?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -195,6 +199,29 @@ impl Llama {
             embed,
             layers,
             lm_head,
+            compute: dtype,
+        })
+    }
+
+    /// The same model computing in `dtype` while its weights keep their own dtype: e.g. f32 master
+    /// variables with a bf16 forward. Weights are cast at use with a differentiable op, so gradients
+    /// still reach the f32 variables.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
+    }
+
+    /// Dtype the forward computes in (by default the weights' dtype).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// A weight in the compute dtype.
+    fn cw(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dtype() == self.compute {
+            t.clone()
+        } else {
+            t.to_dtype(self.compute)?
         })
     }
 
@@ -266,7 +293,7 @@ impl Llama {
 
     /// The language-model head: logits `(..., vocab)` from final hidden states `(..., hidden)`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, &self.lm_head)
+        linear(&hidden.to_dtype(self.compute)?, &self.cw(&self.lm_head)?)
     }
 
     /// Final hidden states (after the last norm).
@@ -318,9 +345,10 @@ impl Llama {
         let mut x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+            .reshape((b, s, self.cfg.hidden_size))?
+            .to_dtype(self.compute)?;
         for (l, w) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &w.input_norm, self.cfg.rms_norm_eps, path)?;
+            let h = rms_norm(&x, &self.cw(&w.input_norm)?, self.cfg.rms_norm_eps, path)?;
             let a = self.attention(
                 l,
                 w,
@@ -332,16 +360,16 @@ impl Llama {
                 path,
             )?;
             x = (x + a)?;
-            let h = rms_norm(&x, &w.post_norm, self.cfg.rms_norm_eps, path)?;
-            let gate = linear(&h, &w.gate)?;
-            let up = linear(&h, &w.up)?;
-            let m = linear(&(candle_nn::ops::silu(&gate)? * up)?, &w.down)?;
+            let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.cfg.rms_norm_eps, path)?;
+            let gate = linear(&h, &self.cw(&w.gate)?)?;
+            let up = linear(&h, &self.cw(&w.up)?)?;
+            let m = linear(&(candle_nn::ops::silu(&gate)? * up)?, &self.cw(&w.down)?)?;
             x = (x + m)?;
         }
         if last_only {
             x = x.narrow(1, s - 1, 1)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, path)
+        rms_norm(&x, &self.cw(&self.norm)?, self.cfg.rms_norm_eps, path)
     }
 
     /// cos/sin of shape `(batch, seq, head_dim)` (differentiable path) or `(batch, seq, head_dim/2)` (fused rope).
@@ -353,7 +381,7 @@ impl Llama {
             Path::Differentiable => Tensor::cat(&[&freqs, &freqs], 2)?,
             Path::Fast => freqs,
         };
-        let dtype = self.dtype();
+        let dtype = self.compute;
         Ok((
             freqs.cos()?.to_dtype(dtype)?.contiguous()?,
             freqs.sin()?.to_dtype(dtype)?.contiguous()?,
@@ -378,15 +406,15 @@ impl Llama {
             self.cfg.num_kv_heads(),
             self.cfg.head_dim(),
         );
-        let q = linear(x, &w.q)?
+        let q = linear(x, &self.cw(&w.q)?)?
             .reshape((b, s, nh, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k = linear(x, &w.k)?
+        let k = linear(x, &self.cw(&w.k)?)?
             .reshape((b, s, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = linear(x, &w.v)?
+        let v = linear(x, &self.cw(&w.v)?)?
             .reshape((b, s, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -423,7 +451,7 @@ impl Llama {
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
-        linear(&out, &w.o)
+        linear(&out, &self.cw(&w.o)?)
     }
 }
 
