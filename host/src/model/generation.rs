@@ -109,7 +109,7 @@ pub fn generate(
         next_pos.push(p.len() as u32);
     }
     let window = model.config().sliding_window;
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_headroom(model.config().num_hidden_layers, opts.max_new_tokens);
     let mut input = Tensor::from_vec(ids, (b, max_len), &dev)?;
     let mut fwd = ForwardOptions {
         position_ids: Some(Tensor::from_vec(positions, (b, max_len), &dev)?),

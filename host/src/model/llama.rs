@@ -32,41 +32,51 @@ pub struct ForwardOptions {
     pub attention_bias: Option<Tensor>,
 }
 
-/// Per-layer keys and values of the tokens seen so far, for incremental decoding.
-#[derive(Debug, Clone)]
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding. Buffers are preallocated
+/// and written in place (growing by the first chunk's length + `headroom` when full), so a decoding step
+/// does not copy the whole cache. Not `Clone`: clones would share and overwrite the same buffers.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<candle_nn::kv_cache::KvCache>>,
+    headroom: usize,
+    len: usize,
 }
 
 impl KvCache {
-    /// An empty cache for a model of `num_layers` layers.
+    /// An empty cache for a model of `num_layers` layers, with room for 256 tokens beyond the first chunk.
     pub fn new(num_layers: usize) -> Self {
+        Self::with_headroom(num_layers, 256)
+    }
+
+    /// An empty cache whose buffers hold the first chunk plus `headroom` tokens before growing
+    /// (e.g. the prompt length plus `max_new_tokens`).
+    pub fn with_headroom(num_layers: usize, headroom: usize) -> Self {
         KvCache {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
+            headroom: headroom.max(1),
+            len: 0,
         }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+        self.len
     }
 
     /// True when nothing is cached yet.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let seq = k.dim(2)?;
+        let cache = self.layers[layer]
+            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, seq + self.headroom));
+        let out = cache.append(&k, &v)?;
+        if layer + 1 == self.layers.len() {
+            self.len += seq;
+        }
+        Ok(out)
     }
 }
 
@@ -287,8 +297,7 @@ impl Llama {
 
     /// Inference forward up to the final norm (fused kernels, no gradient): `(batch, seq, hidden)`.
     pub fn forward_hidden(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
-        let mut cache = KvCache::new(self.layers.len());
-        self.run(input_ids, opts, Some(&mut cache), Path::Fast, false)
+        self.run(input_ids, opts, None, Path::Fast, false)
     }
 
     /// The language-model head: logits `(..., vocab)` from final hidden states `(..., hidden)`.
