@@ -79,7 +79,12 @@ fn mistral_gqa_tied_sliding_window_logits_match_transformers() {
 /// window too), both with room to spare and with buffers that must grow at every step.
 #[test]
 fn kv_cache_incremental_matches_full_forward() {
-    for (name, headroom) in [("llama", 256), ("mistral", 256), ("llama", 1), ("mistral", 1)] {
+    for (name, headroom) in [
+        ("llama", 256),
+        ("mistral", 256),
+        ("llama", 1),
+        ("mistral", 1),
+    ] {
         let (model, expected) = load(name);
         let input = ids(&expected, "input_ids");
         let full = model

@@ -246,9 +246,32 @@ pub struct LogLikelihood {
     pub is_greedy: bool,
 }
 
-/// Scores `(context, continuation)` token-id pairs, `batch_size` at a time (right-padded). The context must
-/// be non-empty (it holds BOS when the evaluation adds one).
+/// Scores `(context, continuation)` token-id pairs, `batch_size` at a time (right-padded), returning results
+/// in request order. Requests are batched longest first so that batches hold similar lengths. The context
+/// must be non-empty (it holds BOS when the evaluation adds one).
 pub fn loglikelihood(
+    model: &Llama,
+    requests: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+) -> Result<Vec<LogLikelihood>> {
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(requests[i].0.len() + requests[i].1.len()));
+    let sorted: Vec<(Vec<u32>, Vec<u32>)> = order.iter().map(|&i| requests[i].clone()).collect();
+    let scored = loglikelihood_in_order(model, &sorted, batch_size)?;
+    let mut results = vec![
+        LogLikelihood {
+            logprob: 0.0,
+            is_greedy: false
+        };
+        requests.len()
+    ];
+    for (r, i) in scored.into_iter().zip(order) {
+        results[i] = r;
+    }
+    Ok(results)
+}
+
+fn loglikelihood_in_order(
     model: &Llama,
     requests: &[(Vec<u32>, Vec<u32>)],
     batch_size: usize,
