@@ -19,9 +19,11 @@
 //! ```
 //!
 //! Modules: [`plan`] (the plan every policy produces), [`policy`] (built-in policies), [`source`] (input
-//! models), [`writer`] (streams the plan into a folder), [`config_json`] (byte-preserving config edits).
+//! models), [`writer`] (streams the plan into a folder), [`copy_writer`] (canonical safetensors with kernel-side
+//! copies), [`config_json`] (byte-preserving config edits).
 
 pub mod config_json;
+pub mod copy_writer;
 pub mod plan;
 pub mod policy;
 pub mod source;

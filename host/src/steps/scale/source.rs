@@ -4,7 +4,9 @@
 use crate::model::TensorStore;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::Dtype;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Config keys that must agree between models whose layers are stacked together.
@@ -38,6 +40,10 @@ pub struct SourceModel {
     pub num_layers: usize,
     /// Tensors outside the layers, by name.
     pub other_tensors: Vec<String>,
+    /// The checkpoint files, open for kernel-side copies.
+    pub files: Vec<File>,
+    /// Tensor name → (index into `files`, absolute byte offset of its data).
+    pub locations: HashMap<String, (usize, u64)>,
 }
 
 impl std::fmt::Debug for SourceModel {
@@ -98,7 +104,26 @@ impl SourceModel {
                 }
             }
         }
-        Ok(SourceModel { name: name.to_string(), path: path.to_path_buf(), config_text, config, store, layer_prefix, layer_suffixes, num_layers: declared, other_tensors })
+        let (files, locations) = locate(&store).with_context(|| format!("model `{name}`: reading tensor offsets"))?;
+        Ok(SourceModel {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            config_text,
+            config,
+            store,
+            layer_prefix,
+            layer_suffixes,
+            num_layers: declared,
+            other_tensors,
+            files,
+            locations,
+        })
+    }
+
+    /// The file holding tensor `name` and the absolute offset of its data there.
+    pub fn location(&self, name: &str) -> Result<(&File, u64)> {
+        let (file, offset) = self.locations.get(name).ok_or_else(|| anyhow!("model `{}`: no tensor {name:?}", self.name))?;
+        Ok((&self.files[*file], *offset))
     }
 
     /// Full name of a layer tensor.
@@ -116,6 +141,28 @@ impl SourceModel {
         let s = self.layer_suffixes.first().ok_or_else(|| anyhow!("model `{}` has empty layers", self.name))?;
         Ok(self.store.meta(&self.layer_tensor(0, s))?.dtype)
     }
+}
+
+/// Opens the store's files and finds where each tensor's data starts (8 + header length + its offset).
+fn locate(store: &TensorStore) -> Result<(Vec<File>, HashMap<String, (usize, u64)>)> {
+    let mut files = Vec::new();
+    let mut locations = HashMap::new();
+    for (i, path) in store.files().into_iter().enumerate() {
+        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)?;
+        let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+        file.read_exact(&mut header)?;
+        let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).with_context(|| format!("header of {}", path.display()))?;
+        let data_start = 8 + header.len() as u64;
+        for (name, info) in meta.tensors() {
+            if store.get(&name).is_some_and(|m| m.file == path) {
+                locations.insert(name, (i, data_start + info.data_offsets.0 as u64));
+            }
+        }
+        files.push(file);
+    }
+    Ok((files, locations))
 }
 
 /// Splits `model.layers.12.mlp.up_proj.weight` into (`model.layers.`, 12, `mlp.up_proj.weight`).

@@ -1,15 +1,15 @@
-//! Executes a [`ScalePlan`]: streams tensors from the memory-mapped inputs into canonical safetensors
-//! shards (one tensor in flight at a time; unchanged tensors are written straight from the map), copies
-//! the tokenizer files and writes config.json, all into a folder that the caller makes atomic.
+//! Executes a [`ScalePlan`]: streams tensors into canonical safetensors shards — unchanged tensors are
+//! copied kernel-side from the input files, transformed or cast ones computed one at a time from the
+//! memory maps — copies the tokenizer files and writes config.json, into a folder the caller makes atomic.
 
 use super::config_json;
+use super::copy_writer::{write_checkpoint_copying, TensorData};
 use super::plan::{ScalePlan, TransformOp};
 use super::source::{check_compatible, SourceModel};
-use crate::model::checkpoint_writer::{write_checkpoint, ShardOptions, TensorSpec};
+use crate::model::checkpoint_writer::{ShardOptions, TensorSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
 use safetensors::Dtype;
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -135,26 +135,22 @@ pub fn write_scaled(
 
     let total: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
     let by_name: HashMap<String, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-    let mut previous: Option<&[u8]> = None;
-    let written = write_checkpoint(out_dir, &specs, opts.shard, |spec| {
-        if let Some(prev) = previous.take() {
-            page_cache::release(prev);
-        }
+    let written = write_checkpoint_copying(out_dir, &specs, opts.shard, |spec| {
         let job = &jobs[by_name[&spec.name]];
         let model = &models[job.model];
-        let bytes = model.store.bytes(&job.source)?;
         let meta = model.store.meta(&job.source)?;
-        page_cache::will_need(bytes);
         let out = if job.ops.is_empty() && spec.dtype == meta.dtype {
-            previous = Some(bytes);
-            Cow::Borrowed(bytes)
+            let (file, offset) = model.location(&job.source)?;
+            TensorData::FileRange { file, offset }
         } else {
+            let bytes = model.store.bytes(&job.source)?;
+            page_cache::will_need(bytes);
             let out = transform(bytes, meta.dtype, spec.dtype, &job.ops)
                 .with_context(|| format!("tensor {:?} of model `{}`", job.source, model.name))?;
             page_cache::release(bytes);
-            Cow::Owned(out)
+            TensorData::Bytes(out)
         };
-        on_tensor(out.len() as u64, total)?;
+        on_tensor(spec.byte_len() as u64, total)?;
         Ok(out)
     })?;
 
@@ -205,10 +201,11 @@ fn is_float(d: Dtype) -> bool {
 }
 
 /// Converts little-endian `bytes` of `from` to `to`, applying `ops` the way torch does in mergekit: values
-/// are first cast to `to`, then each scale is computed in f32 and rounded (to nearest even) to `to`.
+/// are first cast to `to`, then each scale is computed in f32 and rounded (to nearest even) to `to`. Any
+/// `Zero` makes the whole tensor +0.0.
 pub fn transform(bytes: &[u8], from: Dtype, to: Dtype, ops: &[TransformOp]) -> Result<Vec<u8>> {
-    if ops.contains(&TransformOp::Zero) && !ops.iter().any(|o| matches!(o, TransformOp::Scale(f) if f.is_nan())) {
-        // A zeroed tensor stays zero (+0.0) whatever is multiplied into it afterwards.
+    if ops.contains(&TransformOp::Zero) {
+        // A zeroed tensor is +0.0 everywhere, whatever (finite) scale comes before or after.
         let n = bytes.len() / elem_size(from)?;
         return Ok(vec![0u8; n * elem_size(to)?]);
     }
