@@ -8,7 +8,9 @@
 
 use anyhow::{bail, Context, Result};
 use dusflow::model::checkpoint_writer::{write_checkpoint, ShardOptions, StagingDir, TensorSpec};
-use dusflow::steps::scale::{builtin_plan, write_scaled, BuiltinPolicy, PolicyParams, SourceModel, WriteOptions};
+use dusflow::steps::scale::{
+    builtin_plan, write_scaled, BuiltinPolicy, PolicyParams, SourceModel, WriteOptions,
+};
 use safetensors::Dtype;
 use std::borrow::Cow;
 use std::path::Path;
@@ -22,7 +24,12 @@ const VOCAB: usize = 32000;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["make-model", dir] => make_model(Path::new(dir), 16),
         ["make-model", dir, layers] => make_model(Path::new(dir), layers.parse()?),
         ["scale", src, out, m] => scale(Path::new(src), Path::new(out), m.parse()?),
@@ -35,7 +42,11 @@ fn make_model(dir: &Path, layers: usize) -> Result<()> {
     let head_dim = HIDDEN / HEADS;
     let kv = KV_HEADS * head_dim;
     let mut specs = vec![
-        TensorSpec::new("model.embed_tokens.weight", Dtype::BF16, vec![VOCAB, HIDDEN]),
+        TensorSpec::new(
+            "model.embed_tokens.weight",
+            Dtype::BF16,
+            vec![VOCAB, HIDDEN],
+        ),
         TensorSpec::new("model.norm.weight", Dtype::BF16, vec![HIDDEN]),
         TensorSpec::new("lm_head.weight", Dtype::BF16, vec![VOCAB, HIDDEN]),
     ];
@@ -86,9 +97,16 @@ fn make_model(dir: &Path, layers: usize) -> Result<()> {
         "torch_dtype": "bfloat16",
         "vocab_size": VOCAB,
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)? + "\n",
+    )?;
     let size: usize = specs.iter().map(TensorSpec::byte_len).sum();
-    println!("wrote {} ({layers} layers, {:.2} GB)", dir.display(), size as f64 / 1e9);
+    println!(
+        "wrote {} ({layers} layers, {:.2} GB)",
+        dir.display(),
+        size as f64 / 1e9
+    );
     Ok(())
 }
 
@@ -97,10 +115,25 @@ fn scale(src: &Path, out: &Path, m: usize) -> Result<()> {
     let models = vec![SourceModel::open("base", src)?];
     let names = vec!["base".to_string()];
     let counts = vec![models[0].num_layers];
-    let plan = builtin_plan(BuiltinPolicy::Solar, &PolicyParams { m: Some(m), ..Default::default() }, &names, &counts)?;
+    let plan = builtin_plan(
+        BuiltinPolicy::Solar,
+        &PolicyParams {
+            m: Some(m),
+            ..Default::default()
+        },
+        &names,
+        &counts,
+    )?;
     let staging = StagingDir::new(out)?;
-    let report = write_scaled(&models, &plan, "solar", staging.path(), &WriteOptions::default(), &mut |_, _| Ok(()))
-        .context("scaling")?;
+    let report = write_scaled(
+        &models,
+        &plan,
+        "solar",
+        staging.path(),
+        &WriteOptions::default(),
+        &mut |_, _| Ok(()),
+    )
+    .context("scaling")?;
     staging.commit(true)?;
     println!(
         "scaled {} -> {} layers, {:.2} GB in {:.2} s",

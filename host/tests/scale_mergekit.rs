@@ -2,7 +2,10 @@
 //! translated into `slices` and written by dusflow, and the tensors file must have mergekit's sha256, the
 //! config.json mergekit's bytes, and the folder mergekit's files (fixtures: `fixtures/scale/make_fixtures.py`).
 
-use dusflow::steps::scale::{builtin_plan, write_scaled, BuiltinPolicy, PolicyParams, SliceSpec, SourceModel, TransformSpec, WriteOptions, PLAN_FILE};
+use dusflow::steps::scale::{
+    builtin_plan, write_scaled, BuiltinPolicy, PolicyParams, SliceSpec, SourceModel, TransformSpec,
+    WriteOptions, PLAN_FILE,
+};
 use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -26,17 +29,28 @@ fn mergekit_case(case: &str) -> (Vec<SliceSpec>, Vec<String>, Option<Dtype>) {
         }
         let range = source["layer_range"].as_array().unwrap();
         let mut transforms = Vec::new();
-        for rule in source["parameters"]["scale"].as_array().into_iter().flatten() {
+        for rule in source["parameters"]["scale"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let value = rule["value"].as_f64().unwrap() as f32;
             if let Some(filter) = rule["filter"].as_str() {
-                transforms.push(TransformSpec { tensor: format!("{filter}.weight"), zero: false, scale: Some(value) });
+                transforms.push(TransformSpec {
+                    tensor: format!("{filter}.weight"),
+                    zero: false,
+                    scale: Some(value),
+                });
             } else {
                 assert_eq!(value, 1.0, "only filtered scales are translated");
             }
         }
         slices.push(SliceSpec {
             model: Some(model),
-            layers: [range[0].as_u64().unwrap() as usize, range[1].as_u64().unwrap() as usize],
+            layers: [
+                range[0].as_u64().unwrap() as usize,
+                range[1].as_u64().unwrap() as usize,
+            ],
             transforms,
         });
     }
@@ -49,7 +63,10 @@ fn mergekit_case(case: &str) -> (Vec<SliceSpec>, Vec<String>, Option<Dtype>) {
 }
 
 fn open(models: &[String]) -> Vec<SourceModel> {
-    models.iter().map(|m| SourceModel::open(m, &fixtures().join(m)).unwrap()).collect()
+    models
+        .iter()
+        .map(|m| SourceModel::open(m, &fixtures().join(m)).unwrap())
+        .collect()
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -80,18 +97,31 @@ fn assert_matches_mergekit(case: &str, out: &Path) {
         std::fs::read_to_string(expected.join("config.json")).unwrap(),
         "{case}: config.json"
     );
-    assert_eq!(file_list(out), std::fs::read_to_string(expected.join("files.txt")).unwrap(), "{case}: files");
+    assert_eq!(
+        file_list(out),
+        std::fs::read_to_string(expected.join("files.txt")).unwrap(),
+        "{case}: files"
+    );
 }
 
 fn scale_case(case: &str) -> tempfile::TempDir {
     let (slices, names, dtype) = mergekit_case(case);
     let models = open(&names);
     let counts: Vec<usize> = models.iter().map(|m| m.num_layers).collect();
-    let params = PolicyParams { slices, ..Default::default() };
+    let params = PolicyParams {
+        slices,
+        ..Default::default()
+    };
     let plan = builtin_plan(BuiltinPolicy::Slices, &params, &names, &counts).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let opts = WriteOptions { dtype, ..Default::default() };
-    write_scaled(&models, &plan, "slices", out.path(), &opts, &mut |_, _| Ok(())).unwrap();
+    let opts = WriteOptions {
+        dtype,
+        ..Default::default()
+    };
+    write_scaled(&models, &plan, "slices", out.path(), &opts, &mut |_, _| {
+        Ok(())
+    })
+    .unwrap();
     out
 }
 

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scale").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/scale")
+        .join(rel)
 }
 
 /// A temp folder holding `flow.toml` = `[workflow]` + `[models]` (base, donor, tied) + `steps`.
@@ -23,28 +25,56 @@ impl Project {
         let dir = tempfile::tempdir().unwrap();
         let models: String = ["base", "donor", "tied"]
             .iter()
-            .map(|m| format!("[models.{m}]\npath = {:?}\n\n", fixture(&format!("models/{m}")).display().to_string()))
+            .map(|m| {
+                format!(
+                    "[models.{m}]\npath = {:?}\n\n",
+                    fixture(&format!("models/{m}")).display().to_string()
+                )
+            })
             .collect();
-        let text = format!("[workflow]\nname = \"scale-test\"\noutput = \"out\"\n\n{models}{steps}");
+        let text =
+            format!("[workflow]\nname = \"scale-test\"\noutput = \"out\"\n\n{models}{steps}");
         std::fs::write(dir.path().join("flow.toml"), text).unwrap();
         Project { dir }
     }
 
     async fn run(&self) -> RunSummary {
-        let opts = RunOptions { jobs: Some(2), ..RunOptions::default() };
-        engine::run(&self.dir.path().join("flow.toml"), &Registry::builtin(), opts, CancellationToken::new()).await.expect("run")
+        let opts = RunOptions {
+            jobs: Some(2),
+            ..RunOptions::default()
+        };
+        engine::run(
+            &self.dir.path().join("flow.toml"),
+            &Registry::builtin(),
+            opts,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("run")
     }
 
     /// Artifact folders of step `step` (completed or not) under the output folder.
     fn artifacts(&self, step: &str) -> Vec<PathBuf> {
         let out = self.dir.path().join("out");
-        let Ok(entries) = std::fs::read_dir(&out) else { return Vec::new() };
-        entries.map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{step}-"))).collect()
+        let Ok(entries) = std::fs::read_dir(&out) else {
+            return Vec::new();
+        };
+        entries
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("{step}-"))
+            })
+            .collect()
     }
 }
 
 fn dir_of(summary: &RunSummary, step: &str) -> PathBuf {
-    let report = summary.step(step).unwrap_or_else(|| panic!("no step {step}"));
+    let report = summary
+        .step(step)
+        .unwrap_or_else(|| panic!("no step {step}"));
     assert!(report.status.is_success(), "{step}: {:?}", report.status);
     report.dir.clone()
 }
@@ -64,12 +94,21 @@ fn sha256_line(path: &Path) -> String {
 
 #[tokio::test]
 async fn solar_policy_in_a_workflow_writes_mergekits_model() {
-    let p = Project::new("[steps.up]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"solar\"\nm = 8\n");
+    let p = Project::new(
+        "[steps.up]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"solar\"\nm = 8\n",
+    );
     let summary = p.run().await;
     let dir = dir_of(&summary, "up");
-    assert_eq!(sha256_line(&dir.join("model.safetensors")), std::fs::read_to_string(fixture("expected/solar/model.safetensors.sha256")).unwrap());
-    assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), std::fs::read(fixture("expected/solar/config.json")).unwrap());
-    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("scale_plan.json")).unwrap()).unwrap();
+    assert_eq!(
+        sha256_line(&dir.join("model.safetensors")),
+        std::fs::read_to_string(fixture("expected/solar/model.safetensors.sha256")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(dir.join("config.json")).unwrap(),
+        std::fs::read(fixture("expected/solar/config.json")).unwrap()
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("scale_plan.json")).unwrap()).unwrap();
     assert_eq!(record["policy"], "solar");
     assert_eq!(record["plan"]["layers"].as_array().unwrap().len(), 48);
     assert_eq!(record["plan"]["layers"][24]["layer"], 8);
@@ -84,31 +123,63 @@ async fn repeat_interleave_and_target_size_copy_the_planned_layers() {
     );
     let summary = p.run().await;
     let src = TensorStore::open(&fixture("models/tied")).unwrap();
-    let cases: [(&str, Vec<usize>); 2] = [("rep", (0..8).chain(0..8).collect()), ("inter", vec![0, 1, 2, 2, 3, 4, 5, 5, 6, 7])];
+    let cases: [(&str, Vec<usize>); 2] = [
+        ("rep", (0..8).chain(0..8).collect()),
+        ("inter", vec![0, 1, 2, 2, 3, 4, 5, 5, 6, 7]),
+    ];
     for (step, expected) in cases {
         let out = TensorStore::open(&dir_of(&summary, step)).unwrap();
-        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir_of(&summary, step).join("config.json")).unwrap()).unwrap();
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir_of(&summary, step).join("config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(config["num_hidden_layers"], expected.len(), "{step}");
         for (new, old) in expected.iter().enumerate() {
-            for s in ["self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"] {
+            for s in [
+                "self_attn.q_proj.weight",
+                "mlp.down_proj.weight",
+                "input_layernorm.weight",
+            ] {
                 let a = out.bytes(&format!("model.layers.{new}.{s}")).unwrap();
-                assert_eq!(a, src.bytes(&format!("model.layers.{old}.{s}")).unwrap(), "{step}: layer {new} {s}");
+                assert_eq!(
+                    a,
+                    src.bytes(&format!("model.layers.{old}.{s}")).unwrap(),
+                    "{step}: layer {new} {s}"
+                );
             }
         }
-        assert_eq!(out.bytes("model.embed_tokens.weight").unwrap(), src.bytes("model.embed_tokens.weight").unwrap());
-        assert!(!out.contains("lm_head.weight"), "{step}: tied model gained a head");
+        assert_eq!(
+            out.bytes("model.embed_tokens.weight").unwrap(),
+            src.bytes("model.embed_tokens.weight").unwrap()
+        );
+        assert!(
+            !out.contains("lm_head.weight"),
+            "{step}: tied model gained a head"
+        );
     }
     // s = 40 from 32 layers: m = 12, layers [0, 20) + [12, 32).
     let out = TensorStore::open(&dir_of(&summary, "by_s")).unwrap();
     let base = TensorStore::open(&fixture("models/base")).unwrap();
-    assert_eq!(out.bytes("model.layers.20.mlp.up_proj.weight").unwrap(), base.bytes("model.layers.12.mlp.up_proj.weight").unwrap());
-    assert_eq!(out.bytes("lm_head.weight").unwrap(), base.bytes("lm_head.weight").unwrap());
+    assert_eq!(
+        out.bytes("model.layers.20.mlp.up_proj.weight").unwrap(),
+        base.bytes("model.layers.12.mlp.up_proj.weight").unwrap()
+    );
+    assert_eq!(
+        out.bytes("lm_head.weight").unwrap(),
+        base.bytes("lm_head.weight").unwrap()
+    );
 }
 
 fn logits(dir: &Path) -> Vec<f32> {
     let model = load_model(dir, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[1u32, 5, 9, 33, 2, 60, 7]], &Device::Cpu).unwrap();
-    model.forward(&ids, &ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    model
+        .forward(&ids, &ForwardOptions::default())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -120,15 +191,28 @@ async fn llama_pro_expansion_preserves_the_function_and_zeroes_output_projection
     );
     let summary = p.run().await;
     let pro = dir_of(&summary, "pro");
-    assert_eq!(std::fs::read(pro.join("model.safetensors")).unwrap(), std::fs::read(dir_of(&summary, "same").join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(pro.join("model.safetensors")).unwrap(),
+        std::fs::read(dir_of(&summary, "same").join("model.safetensors")).unwrap()
+    );
     let out = TensorStore::open(&pro).unwrap();
     for layer in [4, 9] {
         for s in ["self_attn.o_proj.weight", "mlp.down_proj.weight"] {
-            assert!(out.bytes(&format!("model.layers.{layer}.{s}")).unwrap().iter().all(|&b| b == 0), "layer {layer} {s}");
+            assert!(
+                out.bytes(&format!("model.layers.{layer}.{s}"))
+                    .unwrap()
+                    .iter()
+                    .all(|&b| b == 0),
+                "layer {layer} {s}"
+            );
         }
     }
     let (before, after) = (logits(&fixture("models/tied")), logits(&pro));
-    let worst = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = before
+        .iter()
+        .zip(&after)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "expanded model changed the logits by {worst}");
     // Without zeroing, the same layer stack does change the function: the check above can fail.
     let p2 = Project::new("[steps.inter]\nkind = \"scale\"\ninputs = { model = \"tied\" }\npolicy = \"interleave\"\nevery = 4\n");
@@ -145,8 +229,15 @@ async fn sharded_output_holds_the_same_tensors_with_an_index() {
     let summary = p.run().await;
     let dir = dir_of(&summary, "sharded");
     assert!(dir.join("model.safetensors.index.json").is_file());
-    assert!(dir.join("model-00001-of-00003.safetensors").is_file(), "{:?}", std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>());
-    let (a, b) = (TensorStore::open(&dir_of(&summary, "one")).unwrap(), TensorStore::open(&dir).unwrap());
+    assert!(
+        dir.join("model-00001-of-00003.safetensors").is_file(),
+        "{:?}",
+        std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
+    );
+    let (a, b) = (
+        TensorStore::open(&dir_of(&summary, "one")).unwrap(),
+        TensorStore::open(&dir).unwrap(),
+    );
     assert_eq!(a.names().collect::<Vec<_>>(), b.names().collect::<Vec<_>>());
     for name in a.names() {
         assert_eq!(a.bytes(name).unwrap(), b.bytes(name).unwrap(), "{name}");
@@ -164,15 +255,32 @@ async fn bad_plans_fail_naming_the_policy_and_leave_no_artifact() {
     );
     let summary = p.run().await;
     let past = failure_of(&summary, "past");
-    assert!(past.contains("slices[1]") && past.contains("ends past the 32 layers of model `base`"), "{past}");
+    assert!(
+        past.contains("slices[1]") && past.contains("ends past the 32 layers of model `base`"),
+        "{past}"
+    );
     let huge = failure_of(&summary, "huge");
-    assert!(huge.contains("policy `repeat` returned 1280 layers") && huge.contains("max_layers = 1024"), "{huge}");
+    assert!(
+        huge.contains("policy `repeat` returned 1280 layers") && huge.contains("max_layers = 1024"),
+        "{huge}"
+    );
     let mixed = failure_of(&summary, "mixed");
-    assert!(mixed.contains("incompatible models") && mixed.contains("BF16") && mixed.contains("F32"), "{mixed}");
+    assert!(
+        mixed.contains("incompatible models") && mixed.contains("BF16") && mixed.contains("F32"),
+        "{mixed}"
+    );
     let typo = failure_of(&summary, "typo");
-    assert!(typo.contains("policy `slices`") && typo.contains("`o_prj.weight`, which matches no tensor"), "{typo}");
+    assert!(
+        typo.contains("policy `slices`")
+            && typo.contains("`o_prj.weight`, which matches no tensor"),
+        "{typo}"
+    );
     for step in ["past", "huge", "mixed", "typo"] {
-        let left: Vec<_> = p.artifacts(step).into_iter().filter(|d| d.join("manifest.json").exists()).collect();
+        let left: Vec<_> = p
+            .artifacts(step)
+            .into_iter()
+            .filter(|d| d.join("manifest.json").exists())
+            .collect();
         assert!(left.is_empty(), "{step} left {left:?}");
     }
     dir_of(&summary, "ok");
@@ -181,10 +289,16 @@ async fn bad_plans_fail_naming_the_policy_and_leave_no_artifact() {
 #[tokio::test]
 async fn models_of_different_shapes_are_refused() {
     let odd = tempfile::tempdir().unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(fixture("models/base").join(f), odd.path().join(f)).unwrap();
     }
-    let config = std::fs::read_to_string(fixture("models/base/config.json")).unwrap().replace("\"intermediate_size\": 32", "\"intermediate_size\": 48");
+    let config = std::fs::read_to_string(fixture("models/base/config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 32", "\"intermediate_size\": 48");
     std::fs::write(odd.path().join("config.json"), config).unwrap();
     let p = Project::new(&format!(
         "[models.odd]\npath = {:?}\n\n[steps.f]\nkind = \"scale\"\ninputs = {{ model = [\"base\", \"odd\"] }}\nslices = [{{ model = \"base\", layers = [0, 4] }}, {{ model = \"odd\", layers = [4, 8] }}]\n",
@@ -197,7 +311,9 @@ async fn models_of_different_shapes_are_refused() {
 #[test]
 fn parameters_the_policy_does_not_use_are_reported_at_validation() {
     let p = Project::new("[steps.a]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"solar\"\nm = 8\nevery = 2\n\n[steps.b]\nkind = \"scale\"\ninputs = { model = \"base\" }\n");
-    let Err(err) = dusflow::workflow::Workflow::load(&p.dir.path().join("flow.toml"), &Registry::builtin()) else {
+    let Err(err) =
+        dusflow::workflow::Workflow::load(&p.dir.path().join("flow.toml"), &Registry::builtin())
+    else {
         panic!("the workflow validated")
     };
     let err = err.to_string();

@@ -53,7 +53,9 @@ fn top_level_values(text: &str) -> Result<Vec<(String, Range<usize>)>> {
                     expecting_key = c == b',';
                 }
                 if c != b',' {
-                    depth = depth.checked_sub(1).ok_or_else(|| anyhow::anyhow!("unbalanced brackets"))?;
+                    depth = depth
+                        .checked_sub(1)
+                        .ok_or_else(|| anyhow::anyhow!("unbalanced brackets"))?;
                 }
             }
             b':' => {}
@@ -72,24 +74,41 @@ fn top_level_values(text: &str) -> Result<Vec<(String, Range<usize>)>> {
 /// Returns `text` with the value of top-level `key` replaced by `value` (JSON text); `None` when the key is absent.
 pub fn replace_value(text: &str, key: &str, value: &str) -> Result<Option<String>> {
     let values = top_level_values(text)?;
-    Ok(values.into_iter().find(|(k, _)| k == key).map(|(_, r)| format!("{}{value}{}", &text[..r.start], &text[r.end..])))
+    Ok(values
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, r)| format!("{}{value}{}", &text[..r.start], &text[r.end..])))
 }
 
 /// Returns `text` with `"key": value` appended as the object's last member, indented like its first member.
 pub fn append_member(text: &str, key: &str, value: &str) -> Result<String> {
     let values = top_level_values(text)?;
-    let close = text.rfind('}').ok_or_else(|| anyhow::anyhow!("not a JSON object"))?;
+    let close = text
+        .rfind('}')
+        .ok_or_else(|| anyhow::anyhow!("not a JSON object"))?;
     let key_json = serde_json::to_string(key)?;
     let Some((_, last)) = values.last() else {
-        return Ok(format!("{}{key_json}: {value}{}", &text[..close], &text[close..]));
+        return Ok(format!(
+            "{}{key_json}: {value}{}",
+            &text[..close],
+            &text[close..]
+        ));
     };
     let indent = {
         let first_key = text.find('"').unwrap_or(0);
         let line_start = text[..first_key].rfind('\n').map_or(0, |p| p + 1);
         text[line_start..first_key].to_string()
     };
-    let sep = if text[..values[0].1.start].contains('\n') { format!(",\n{indent}") } else { ", ".to_string() };
-    Ok(format!("{}{sep}{key_json}: {value}{}", &text[..last.end], &text[last.end..]))
+    let sep = if text[..values[0].1.start].contains('\n') {
+        format!(",\n{indent}")
+    } else {
+        ", ".to_string()
+    };
+    Ok(format!(
+        "{}{sep}{key_json}: {value}{}",
+        &text[..last.end],
+        &text[last.end..]
+    ))
 }
 
 #[cfg(test)]
@@ -100,8 +119,13 @@ mod tests {
 
     #[test]
     fn only_the_top_level_value_changes() {
-        let out = replace_value(CONFIG, "num_hidden_layers", "48").unwrap().unwrap();
-        assert_eq!(out, CONFIG.replace("\"num_hidden_layers\": 32", "\"num_hidden_layers\": 48"));
+        let out = replace_value(CONFIG, "num_hidden_layers", "48")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            out,
+            CONFIG.replace("\"num_hidden_layers\": 32", "\"num_hidden_layers\": 48")
+        );
         let out = replace_value(CONFIG, "s", "\"bfloat16\"").unwrap().unwrap();
         assert!(out.ends_with("\"s\": \"bfloat16\"\n}\n"), "{out}");
         assert_eq!(replace_value(CONFIG, "x", "1").unwrap(), None);
@@ -110,7 +134,10 @@ mod tests {
     #[test]
     fn appended_members_follow_the_indentation() {
         let out = append_member(CONFIG, "torch_dtype", "\"bfloat16\"").unwrap();
-        assert!(out.ends_with("\"s\": \"q\\\"}\",\n  \"torch_dtype\": \"bfloat16\"\n}\n"), "{out}");
+        assert!(
+            out.ends_with("\"s\": \"q\\\"}\",\n  \"torch_dtype\": \"bfloat16\"\n}\n"),
+            "{out}"
+        );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["torch_dtype"], "bfloat16");
         assert_eq!(append_member("{}", "k", "1").unwrap(), "{\"k\": 1}");

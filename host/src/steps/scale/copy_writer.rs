@@ -5,7 +5,9 @@
 //! Scaling is mostly copying; the generic writer takes every tensor as bytes, which costs a page fault and
 //! a user-memory copy per page. The tests check this writer against the generic one byte for byte.
 
-use crate::model::checkpoint_writer::{canonical_header, canonical_order, plan_shards, ShardOptions, TensorSpec, WrittenCheckpoint};
+use crate::model::checkpoint_writer::{
+    canonical_header, canonical_order, plan_shards, ShardOptions, TensorSpec, WrittenCheckpoint,
+};
 use crate::model::tensor_store::{INDEX_FILE, SINGLE_FILE};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -28,7 +30,12 @@ pub enum TensorData<'a> {
 
 /// Writes the checkpoint of `specs` into the existing folder `dir`, like
 /// [`crate::model::checkpoint_writer::write_checkpoint`]; `produce` is called once per tensor.
-pub fn write_checkpoint_copying<'a, F>(dir: &Path, specs: &[TensorSpec], opts: ShardOptions, mut produce: F) -> Result<WrittenCheckpoint>
+pub fn write_checkpoint_copying<'a, F>(
+    dir: &Path,
+    specs: &[TensorSpec],
+    opts: ShardOptions,
+    mut produce: F,
+) -> Result<WrittenCheckpoint>
 where
     F: FnMut(&TensorSpec) -> Result<TensorData<'a>>,
 {
@@ -38,7 +45,11 @@ where
     let mut weight_map = BTreeMap::new();
     let mut total_size = 0u64;
     for (i, shard) in shards.iter().enumerate() {
-        let name = if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+        let name = if n == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
         total_size += write_file(&dir.join(&name), shard, &mut produce)?;
         for s in shard {
             weight_map.insert(s.name.clone(), serde_json::Value::String(name.clone()));
@@ -51,7 +62,8 @@ where
             "weight_map": weight_map,
         });
         let path = dir.join(INDEX_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&index)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&index)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(WrittenCheckpoint { files, total_size })
 }
@@ -64,10 +76,15 @@ where
     canonical_order(&mut ordered);
     for w in ordered.windows(2) {
         if w[0].name == w[1].name {
-            bail!("tensor {:?} is listed twice for {}", w[0].name, path.display());
+            bail!(
+                "tensor {:?} is listed twice for {}",
+                w[0].name,
+                path.display()
+            );
         }
     }
-    let header = canonical_header(&ordered).with_context(|| format!("building header of {}", path.display()))?;
+    let header = canonical_header(&ordered)
+        .with_context(|| format!("building header of {}", path.display()))?;
     let tmp = temp_sibling(path);
     let result = (|| -> Result<u64> {
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -80,13 +97,20 @@ where
             match produce(spec).with_context(|| format!("producing tensor {:?}", spec.name))? {
                 TensorData::Bytes(bytes) => {
                     if bytes.len() != len {
-                        bail!("tensor {:?}: got {} bytes, {} {:?} needs {len}", spec.name, bytes.len(), spec.dtype, spec.shape);
+                        bail!(
+                            "tensor {:?}: got {} bytes, {} {:?} needs {len}",
+                            spec.name,
+                            bytes.len(),
+                            spec.dtype,
+                            spec.shape
+                        );
                     }
                     out.write_all(&bytes)?;
                 }
                 TensorData::FileRange { file, offset } => {
                     out.flush()?;
-                    copy_range(file, offset, out.get_mut(), len as u64).with_context(|| format!("copying tensor {:?}", spec.name))?;
+                    copy_range(file, offset, out.get_mut(), len as u64)
+                        .with_context(|| format!("copying tensor {:?}", spec.name))?;
                 }
             }
             written += len as u64;
@@ -97,7 +121,8 @@ where
     })();
     match result {
         Ok(n) => {
-            std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
             Ok(n)
         }
         Err(e) => {
@@ -118,7 +143,16 @@ fn copy_range(from: &File, offset: u64, to: &mut File, len: u64) -> Result<()> {
             let chunk = (len - done).min(1 << 30) as usize;
             // SAFETY: valid open descriptors; `off_in` is a live local; a null `off_out` means "use and
             // advance the output file's position".
-            let n = unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), std::ptr::null_mut(), chunk, 0) };
+            let n = unsafe {
+                libc::copy_file_range(
+                    from.as_raw_fd(),
+                    &mut off_in,
+                    to.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    chunk,
+                    0,
+                )
+            };
             if n > 0 {
                 done += n as u64;
                 continue;
@@ -149,7 +183,10 @@ fn copy_range(from: &File, offset: u64, to: &mut File, len: u64) -> Result<()> {
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -175,10 +212,15 @@ mod tests {
         ];
         let offset_of = |name: &str| -> u64 { name.len() as u64 * 131 + 3 };
         for shard in [None, Some(2_100)] {
-            let (a, b) = (dir.path().join(format!("a{shard:?}")), dir.path().join(format!("b{shard:?}")));
+            let (a, b) = (
+                dir.path().join(format!("a{shard:?}")),
+                dir.path().join(format!("b{shard:?}")),
+            );
             std::fs::create_dir(&a).unwrap();
             std::fs::create_dir(&b).unwrap();
-            let opts = ShardOptions { max_shard_bytes: shard };
+            let opts = ShardOptions {
+                max_shard_bytes: shard,
+            };
             write_checkpoint(&a, &specs, opts, |s| {
                 let o = offset_of(&s.name) as usize;
                 Ok(Cow::Borrowed(&source[o..o + s.byte_len()]))
@@ -189,15 +231,29 @@ mod tests {
                 Ok(if s.dtype == Dtype::F32 {
                     TensorData::Bytes(source[o as usize..o as usize + s.byte_len()].to_vec())
                 } else {
-                    TensorData::FileRange { file: &src, offset: o }
+                    TensorData::FileRange {
+                        file: &src,
+                        offset: o,
+                    }
                 })
             })
             .unwrap();
-            let mut names: Vec<_> = std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let mut names: Vec<_> = std::fs::read_dir(&a)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
             names.sort();
-            assert_eq!(names.len(), if shard.is_some() { 3 } else { 1 }, "{names:?}");
+            assert_eq!(
+                names.len(),
+                if shard.is_some() { 3 } else { 1 },
+                "{names:?}"
+            );
             for n in names {
-                assert_eq!(std::fs::read(a.join(&n)).unwrap(), std::fs::read(b.join(&n)).unwrap(), "{n:?}");
+                assert_eq!(
+                    std::fs::read(a.join(&n)).unwrap(),
+                    std::fs::read(b.join(&n)).unwrap(),
+                    "{n:?}"
+                );
             }
         }
     }

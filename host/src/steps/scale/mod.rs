@@ -93,7 +93,9 @@ impl ScaleConfig {
         match (self.policy, self.slices.is_empty()) {
             (Some(p), _) => Ok(p),
             (None, false) => Ok(BuiltinPolicy::Slices),
-            (None, true) => bail!("set `policy` (solar, repeat, interleave, llama-pro) or give `slices`"),
+            (None, true) => {
+                bail!("set `policy` (solar, repeat, interleave, llama-pro) or give `slices`")
+            }
         }
     }
 
@@ -117,7 +119,9 @@ impl ScaleConfig {
                 DType::Bf16 => safetensors::Dtype::BF16,
                 DType::F16 => safetensors::Dtype::F16,
             }),
-            shard: ShardOptions { max_shard_bytes: parse_size(&self.shard_size)? },
+            shard: ShardOptions {
+                max_shard_bytes: parse_size(&self.shard_size)?,
+            },
         })
     }
 }
@@ -129,9 +133,13 @@ pub fn parse_size(text: &str) -> Result<Option<u64>> {
     if t.eq_ignore_ascii_case("none") || t == "0" {
         return Ok(None);
     }
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let number: f64 = number.parse().with_context(|| format!("shard_size {text:?}: expected e.g. \"5GB\" or \"500MB\""))?;
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("shard_size {text:?}: expected e.g. \"5GB\" or \"500MB\""))?;
     let factor: f64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
@@ -142,7 +150,9 @@ pub fn parse_size(text: &str) -> Result<Option<u64>> {
         "MIB" => 1024.0 * 1024.0,
         "GIB" => 1024.0 * 1024.0 * 1024.0,
         "TIB" => 1024.0f64.powi(4),
-        other => bail!("shard_size {text:?}: unknown unit {other:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
+        other => bail!(
+            "shard_size {text:?}: unknown unit {other:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        ),
     };
     let bytes = (number * factor).round();
     if bytes < 1.0 {
@@ -151,7 +161,12 @@ pub fn parse_size(text: &str) -> Result<Option<u64>> {
     Ok(Some(bytes as u64))
 }
 
-const INPUTS: &[InputSlot] = &[InputSlot { name: "model", accepts: &[ArtifactKind::Model], many: true, required: true }];
+const INPUTS: &[InputSlot] = &[InputSlot {
+    name: "model",
+    accepts: &[ArtifactKind::Model],
+    many: true,
+    required: true,
+}];
 
 /// The `scale` step kind.
 pub struct ScaleStep;
@@ -194,22 +209,46 @@ impl StepKind for ScaleStep {
         ];
         for (key, set) in given {
             if set && !allowed.contains(&key) {
-                issues.push(ConfigIssue::new(key, format!("policy `{}` does not use `{key}` (it takes: {})", policy.name(), allowed.join(", "))));
+                issues.push(ConfigIssue::new(
+                    key,
+                    format!(
+                        "policy `{}` does not use `{key}` (it takes: {})",
+                        policy.name(),
+                        allowed.join(", ")
+                    ),
+                ));
             }
         }
         if policy == BuiltinPolicy::Solar && c.m.is_none() && c.s.is_none() {
-            issues.push(ConfigIssue::new("m", "policy `solar` needs `m` (layers trimmed per copy) or `s` (target layer count)"));
+            issues.push(ConfigIssue::new(
+                "m",
+                "policy `solar` needs `m` (layers trimmed per copy) or `s` (target layer count)",
+            ));
         }
-        if matches!(policy, BuiltinPolicy::Interleave | BuiltinPolicy::LlamaPro) && c.every.is_none() {
-            issues.push(ConfigIssue::new("every", format!("policy `{}` needs `every`", policy.name())));
+        if matches!(policy, BuiltinPolicy::Interleave | BuiltinPolicy::LlamaPro)
+            && c.every.is_none()
+        {
+            issues.push(ConfigIssue::new(
+                "every",
+                format!("policy `{}` needs `every`", policy.name()),
+            ));
         }
         for (i, s) in c.slices.iter().enumerate() {
             if s.layers[0] >= s.layers[1] {
-                issues.push(ConfigIssue::new(format!("slices[{i}].layers"), format!("[{}, {}] is empty (ranges are half-open)", s.layers[0], s.layers[1])));
+                issues.push(ConfigIssue::new(
+                    format!("slices[{i}].layers"),
+                    format!(
+                        "[{}, {}] is empty (ranges are half-open)",
+                        s.layers[0], s.layers[1]
+                    ),
+                ));
             }
             for (j, t) in s.transforms.iter().enumerate() {
                 if let Err(e) = t.to_transform() {
-                    issues.push(ConfigIssue::new(format!("slices[{i}].transforms[{j}]"), e.to_string()));
+                    issues.push(ConfigIssue::new(
+                        format!("slices[{i}].transforms[{j}]"),
+                        e.to_string(),
+                    ));
                 }
             }
         }
@@ -227,21 +266,41 @@ impl StepKind for ScaleStep {
         if inputs.is_empty() {
             bail!("step `{}` has no input `model`", ctx.step);
         }
-        let models = inputs.iter().map(|a| SourceModel::open(&a.name, &a.path)).collect::<Result<Vec<_>>>()?;
+        let models = inputs
+            .iter()
+            .map(|a| SourceModel::open(&a.name, &a.path))
+            .collect::<Result<Vec<_>>>()?;
         let policy = c.resolved_policy()?;
         let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
         let counts: Vec<usize> = models.iter().map(|m| m.num_layers).collect();
         let plan = builtin_plan(policy, &c.policy_params(), &names, &counts)?;
         plan.validate(policy.name(), &names, &counts, c.max_layers)?;
-        let report = scale_into(&models, &plan, policy.name(), &ctx.out_dir, &c.write_options()?, ctx)?;
-        ctx.progress.finish_with_message(format!("{} layers, {} tensors", report.layers, report.tensors));
+        let report = scale_into(
+            &models,
+            &plan,
+            policy.name(),
+            &ctx.out_dir,
+            &c.write_options()?,
+            ctx,
+        )?;
+        ctx.progress.finish_with_message(format!(
+            "{} layers, {} tensors",
+            report.layers, report.tensors
+        ));
         Ok(())
     }
 }
 
 /// Runs `plan` into the step's folder with progress and cancellation, and records the plan beside the model
 /// (`scale_plan.json`: policy, inputs and, per new layer, its source and transforms).
-pub fn scale_into(models: &[SourceModel], plan: &ScalePlan, policy: &str, out_dir: &std::path::Path, opts: &WriteOptions, ctx: &StepContext) -> Result<ScaleReport> {
+pub fn scale_into(
+    models: &[SourceModel],
+    plan: &ScalePlan,
+    policy: &str,
+    out_dir: &std::path::Path,
+    opts: &WriteOptions,
+    ctx: &StepContext,
+) -> Result<ScaleReport> {
     let report = write_scaled(models, plan, policy, out_dir, opts, &mut |bytes, total| {
         ctx.progress.set_length(total);
         ctx.progress.inc(bytes);
@@ -254,7 +313,11 @@ pub fn scale_into(models: &[SourceModel], plan: &ScalePlan, policy: &str, out_di
         "files": report.files,
         "total_size": report.total_size,
     });
-    std::fs::write(out_dir.join(PLAN_FILE), serde_json::to_string_pretty(&record)? + "\n").context("writing scale_plan.json")?;
+    std::fs::write(
+        out_dir.join(PLAN_FILE),
+        serde_json::to_string_pretty(&record)? + "\n",
+    )
+    .context("writing scale_plan.json")?;
     Ok(report)
 }
 
@@ -271,6 +334,9 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), Some(2 << 30));
         assert_eq!(parse_size("1.5MB").unwrap(), Some(1_500_000));
         assert_eq!(parse_size("none").unwrap(), None);
-        assert!(parse_size("5 parsecs").unwrap_err().to_string().contains("unknown unit"));
+        assert!(parse_size("5 parsecs")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
     }
 }

@@ -30,7 +30,10 @@ impl TensorTransform {
     pub fn output_projections(op: TransformOp) -> Vec<TensorTransform> {
         ["self_attn.o_proj.weight", "mlp.down_proj.weight"]
             .into_iter()
-            .map(|s| TensorTransform { tensor_suffix: s.to_string(), op })
+            .map(|s| TensorTransform {
+                tensor_suffix: s.to_string(),
+                op,
+            })
             .collect()
     }
 }
@@ -50,7 +53,11 @@ pub struct LayerSource {
 impl LayerSource {
     /// An unchanged copy of layer `layer` of model `model`.
     pub fn copy(model: usize, layer: usize) -> Self {
-        LayerSource { model, layer, transforms: Vec::new() }
+        LayerSource {
+            model,
+            layer,
+            transforms: Vec::new(),
+        }
     }
 }
 
@@ -71,12 +78,22 @@ impl ScalePlan {
     pub fn from_layers(layers: Vec<LayerSource>) -> Self {
         let embed_model = layers.first().map_or(0, |l| l.model);
         let head_model = layers.last().map_or(0, |l| l.model);
-        ScalePlan { embed_model, head_model, layers }
+        ScalePlan {
+            embed_model,
+            head_model,
+            layers,
+        }
     }
 
     /// Checks the plan against the input models' layer counts (`layers[i]` = layers of model `i`) and the
     /// sanity limit; `policy` names the policy in messages.
-    pub fn validate(&self, policy: &str, names: &[String], layers: &[usize], max_layers: usize) -> Result<()> {
+    pub fn validate(
+        &self,
+        policy: &str,
+        names: &[String],
+        layers: &[usize],
+        max_layers: usize,
+    ) -> Result<()> {
         let models = layers.len();
         if self.layers.is_empty() {
             bail!("policy `{policy}` returned no layers");
@@ -109,7 +126,10 @@ impl ScalePlan {
                 }
                 if let TransformOp::Scale(f) = t.op {
                     if !f.is_finite() {
-                        bail!("policy `{policy}`: new layer {i} scales `{}` by {f}", t.tensor_suffix);
+                        bail!(
+                            "policy `{policy}`: new layer {i} scales `{}` by {f}",
+                            t.tensor_suffix
+                        );
                     }
                 }
             }

@@ -70,12 +70,18 @@ impl TransformSpec {
             (true, None) => TransformOp::Zero,
             (false, Some(f)) if f.is_finite() => TransformOp::Scale(f),
             (false, Some(f)) => bail!("transform of `{}`: scale = {f} is not finite", self.tensor),
-            _ => bail!("transform of `{}`: give exactly one of `zero = true` or `scale = FACTOR`", self.tensor),
+            _ => bail!(
+                "transform of `{}`: give exactly one of `zero = true` or `scale = FACTOR`",
+                self.tensor
+            ),
         };
         if self.tensor.is_empty() {
             bail!("transform with an empty `tensor` suffix");
         }
-        Ok(TensorTransform { tensor_suffix: self.tensor.clone(), op })
+        Ok(TensorTransform {
+            tensor_suffix: self.tensor.clone(),
+            op,
+        })
     }
 }
 
@@ -97,7 +103,12 @@ pub struct PolicyParams {
 }
 
 /// Plans the new model with a built-in policy. `names[i]` and `layers[i]` are input `i`'s name and layer count.
-pub fn builtin_plan(policy: BuiltinPolicy, p: &PolicyParams, names: &[String], layers: &[usize]) -> Result<ScalePlan> {
+pub fn builtin_plan(
+    policy: BuiltinPolicy,
+    p: &PolicyParams,
+    names: &[String],
+    layers: &[usize],
+) -> Result<ScalePlan> {
     let name = policy.name();
     if policy != BuiltinPolicy::Slices && layers.len() != 1 {
         bail!("policy `{name}` scales exactly one model, the step has {} inputs (use `slices` for several)", layers.len());
@@ -117,9 +128,15 @@ pub fn builtin_plan(policy: BuiltinPolicy, p: &PolicyParams, names: &[String], l
                 (Some(_), Some(_)) => bail!("policy `solar`: give `m` or `s`, not both"),
             };
             if m == 0 || m >= n {
-                bail!("policy `solar`: m = {m} must be between 1 and {} for an {n}-layer model", n.saturating_sub(1));
+                bail!(
+                    "policy `solar`: m = {m} must be between 1 and {} for an {n}-layer model",
+                    n.saturating_sub(1)
+                );
             }
-            let layers = (0..n - m).chain(m..n).map(|l| LayerSource::copy(0, l)).collect();
+            let layers = (0..n - m)
+                .chain(m..n)
+                .map(|l| LayerSource::copy(0, l))
+                .collect();
             ScalePlan::from_layers(layers)
         }
         BuiltinPolicy::Repeat => {
@@ -127,7 +144,12 @@ pub fn builtin_plan(policy: BuiltinPolicy, p: &PolicyParams, names: &[String], l
             if times == 0 {
                 bail!("policy `repeat`: times must be at least 1");
             }
-            ScalePlan::from_layers((0..times).flat_map(|_| 0..n).map(|l| LayerSource::copy(0, l)).collect())
+            ScalePlan::from_layers(
+                (0..times)
+                    .flat_map(|_| 0..n)
+                    .map(|l| LayerSource::copy(0, l))
+                    .collect(),
+            )
         }
         BuiltinPolicy::Interleave | BuiltinPolicy::LlamaPro => {
             let Some(every) = p.every.filter(|&k| k >= 1 && k <= n) else {
@@ -149,7 +171,10 @@ pub fn builtin_plan(policy: BuiltinPolicy, p: &PolicyParams, names: &[String], l
         BuiltinPolicy::Slices => slices_plan(&p.slices, names, layers)?,
     };
     if let Some(f) = p.scale_duplicates {
-        if !matches!(policy, BuiltinPolicy::Solar | BuiltinPolicy::Repeat | BuiltinPolicy::Interleave) {
+        if !matches!(
+            policy,
+            BuiltinPolicy::Solar | BuiltinPolicy::Repeat | BuiltinPolicy::Interleave
+        ) {
             bail!("policy `{name}` does not take `scale_duplicates` (solar, repeat and interleave do)");
         }
         if !f.is_finite() {
@@ -158,7 +183,8 @@ pub fn builtin_plan(policy: BuiltinPolicy, p: &PolicyParams, names: &[String], l
         let mut seen = std::collections::HashSet::new();
         for l in &mut plan.layers {
             if !seen.insert((l.model, l.layer)) {
-                l.transforms.extend(TensorTransform::output_projections(TransformOp::Scale(f)));
+                l.transforms
+                    .extend(TensorTransform::output_projections(TransformOp::Scale(f)));
             }
         }
     }
@@ -173,20 +199,38 @@ fn slices_plan(slices: &[SliceSpec], names: &[String], layers: &[usize]) -> Resu
     for (i, s) in slices.iter().enumerate() {
         let model = match &s.model {
             Some(m) => names.iter().position(|n| n == m).ok_or_else(|| {
-                anyhow::anyhow!("slices[{i}]: model `{m}` is not an input of this step (inputs: {})", names.join(", "))
+                anyhow::anyhow!(
+                    "slices[{i}]: model `{m}` is not an input of this step (inputs: {})",
+                    names.join(", ")
+                )
             })?,
             None if names.len() == 1 => 0,
-            None => bail!("slices[{i}]: say which model (`model = \"...\"`): the step has {} inputs", names.len()),
+            None => bail!(
+                "slices[{i}]: say which model (`model = \"...\"`): the step has {} inputs",
+                names.len()
+            ),
         };
         let [start, end] = s.layers;
         if start >= end {
             bail!("slices[{i}]: layers = [{start}, {end}] is empty (ranges are half-open [start, end))");
         }
         if end > layers[model] {
-            bail!("slices[{i}]: layers = [{start}, {end}] ends past the {} layers of model `{}`", layers[model], names[model]);
+            bail!(
+                "slices[{i}]: layers = [{start}, {end}] ends past the {} layers of model `{}`",
+                layers[model],
+                names[model]
+            );
         }
-        let transforms = s.transforms.iter().map(TransformSpec::to_transform).collect::<Result<Vec<_>>>()?;
-        out.extend((start..end).map(|l| LayerSource { model, layer: l, transforms: transforms.clone() }));
+        let transforms = s
+            .transforms
+            .iter()
+            .map(TransformSpec::to_transform)
+            .collect::<Result<Vec<_>>>()?;
+        out.extend((start..end).map(|l| LayerSource {
+            model,
+            layer: l,
+            transforms: transforms.clone(),
+        }));
     }
     Ok(ScalePlan::from_layers(out))
 }
@@ -206,34 +250,82 @@ mod tests {
     #[test]
     fn solar_trims_m_from_each_copy() {
         let (names, layers) = one(32);
-        let plan = builtin_plan(BuiltinPolicy::Solar, &PolicyParams { m: Some(8), ..Default::default() }, &names, &layers).unwrap();
+        let plan = builtin_plan(
+            BuiltinPolicy::Solar,
+            &PolicyParams {
+                m: Some(8),
+                ..Default::default()
+            },
+            &names,
+            &layers,
+        )
+        .unwrap();
         let expected: Vec<_> = (0..24).chain(8..32).map(|l| (0, l)).collect();
         assert_eq!(sources(&plan), expected);
-        let by_s = builtin_plan(BuiltinPolicy::Solar, &PolicyParams { s: Some(48), ..Default::default() }, &names, &layers).unwrap();
+        let by_s = builtin_plan(
+            BuiltinPolicy::Solar,
+            &PolicyParams {
+                s: Some(48),
+                ..Default::default()
+            },
+            &names,
+            &layers,
+        )
+        .unwrap();
         assert_eq!(by_s, plan);
     }
 
     #[test]
     fn interleave_and_llama_pro_copy_every_kth_layer() {
         let (names, layers) = one(6);
-        let p = PolicyParams { every: Some(3), ..Default::default() };
+        let p = PolicyParams {
+            every: Some(3),
+            ..Default::default()
+        };
         let plan = builtin_plan(BuiltinPolicy::Interleave, &p, &names, &layers).unwrap();
-        assert_eq!(sources(&plan), vec![(0, 0), (0, 1), (0, 2), (0, 2), (0, 3), (0, 4), (0, 5), (0, 5)]);
+        assert_eq!(
+            sources(&plan),
+            vec![
+                (0, 0),
+                (0, 1),
+                (0, 2),
+                (0, 2),
+                (0, 3),
+                (0, 4),
+                (0, 5),
+                (0, 5)
+            ]
+        );
         assert!(plan.layers.iter().all(|l| l.transforms.is_empty()));
         let pro = builtin_plan(BuiltinPolicy::LlamaPro, &p, &names, &layers).unwrap();
         assert_eq!(sources(&pro), sources(&plan));
-        let zeroed: Vec<usize> = (0..8).filter(|&i| !pro.layers[i].transforms.is_empty()).collect();
+        let zeroed: Vec<usize> = (0..8)
+            .filter(|&i| !pro.layers[i].transforms.is_empty())
+            .collect();
         assert_eq!(zeroed, vec![3, 7]);
-        assert_eq!(pro.layers[3].transforms, TensorTransform::output_projections(TransformOp::Zero));
+        assert_eq!(
+            pro.layers[3].transforms,
+            TensorTransform::output_projections(TransformOp::Zero)
+        );
     }
 
     #[test]
     fn repeat_doubles_and_scale_duplicates_marks_second_occurrences() {
         let (names, layers) = one(3);
-        let p = PolicyParams { scale_duplicates: Some(0.5), ..Default::default() };
+        let p = PolicyParams {
+            scale_duplicates: Some(0.5),
+            ..Default::default()
+        };
         let plan = builtin_plan(BuiltinPolicy::Repeat, &p, &names, &layers).unwrap();
-        assert_eq!(sources(&plan), vec![(0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 2)]);
-        let scaled: Vec<bool> = plan.layers.iter().map(|l| !l.transforms.is_empty()).collect();
+        assert_eq!(
+            sources(&plan),
+            vec![(0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 2)]
+        );
+        let scaled: Vec<bool> = plan
+            .layers
+            .iter()
+            .map(|l| !l.transforms.is_empty())
+            .collect();
         assert_eq!(scaled, vec![false, false, false, true, true, true]);
     }
 
@@ -242,8 +334,16 @@ mod tests {
         let names = vec!["a".to_string(), "b".to_string()];
         let p = PolicyParams {
             slices: vec![
-                SliceSpec { model: Some("b".into()), layers: [0, 2], transforms: vec![] },
-                SliceSpec { model: Some("a".into()), layers: [1, 3], transforms: vec![] },
+                SliceSpec {
+                    model: Some("b".into()),
+                    layers: [0, 2],
+                    transforms: vec![],
+                },
+                SliceSpec {
+                    model: Some("a".into()),
+                    layers: [1, 3],
+                    transforms: vec![],
+                },
             ],
             ..Default::default()
         };
@@ -255,15 +355,48 @@ mod tests {
     #[test]
     fn bad_parameters_name_the_policy_and_the_problem() {
         let (names, layers) = one(32);
-        let err = |policy, p: PolicyParams| builtin_plan(policy, &p, &names, &layers).unwrap_err().to_string();
-        assert!(err(BuiltinPolicy::Solar, PolicyParams { m: Some(40), ..Default::default() }).contains("policy `solar`: m = 40"));
+        let err = |policy, p: PolicyParams| {
+            builtin_plan(policy, &p, &names, &layers)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(
+            BuiltinPolicy::Solar,
+            PolicyParams {
+                m: Some(40),
+                ..Default::default()
+            }
+        )
+        .contains("policy `solar`: m = 40"));
         assert!(err(BuiltinPolicy::Solar, PolicyParams::default()).contains("needs `m`"));
-        assert!(err(BuiltinPolicy::Interleave, PolicyParams::default()).contains("policy `interleave` needs `every`"));
-        let past = PolicyParams { slices: vec![SliceSpec { model: None, layers: [8, 40], transforms: vec![] }], ..Default::default() };
-        assert!(err(BuiltinPolicy::Slices, past).contains("ends past the 32 layers of model `base`"));
-        let unknown = PolicyParams { slices: vec![SliceSpec { model: Some("nope".into()), layers: [0, 1], transforms: vec![] }], ..Default::default() };
+        assert!(err(BuiltinPolicy::Interleave, PolicyParams::default())
+            .contains("policy `interleave` needs `every`"));
+        let past = PolicyParams {
+            slices: vec![SliceSpec {
+                model: None,
+                layers: [8, 40],
+                transforms: vec![],
+            }],
+            ..Default::default()
+        };
+        assert!(
+            err(BuiltinPolicy::Slices, past).contains("ends past the 32 layers of model `base`")
+        );
+        let unknown = PolicyParams {
+            slices: vec![SliceSpec {
+                model: Some("nope".into()),
+                layers: [0, 1],
+                transforms: vec![],
+            }],
+            ..Default::default()
+        };
         assert!(err(BuiltinPolicy::Slices, unknown).contains("model `nope` is not an input"));
-        let two = builtin_plan(BuiltinPolicy::Repeat, &PolicyParams::default(), &["a".into(), "b".into()], &[2, 2]);
+        let two = builtin_plan(
+            BuiltinPolicy::Repeat,
+            &PolicyParams::default(),
+            &["a".into(), "b".into()],
+            &[2, 2],
+        );
         assert!(two.unwrap_err().to_string().contains("exactly one model"));
     }
 }

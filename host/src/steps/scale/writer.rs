@@ -75,7 +75,12 @@ pub fn write_scaled(
     plan.validate(policy, &names, &counts, usize::MAX)?;
     let embed = &models[plan.embed_model];
     let head = &models[plan.head_model];
-    let mut used: Vec<usize> = plan.layers.iter().map(|l| l.model).chain([plan.embed_model, plan.head_model]).collect();
+    let mut used: Vec<usize> = plan
+        .layers
+        .iter()
+        .map(|l| l.model)
+        .chain([plan.embed_model, plan.head_model])
+        .collect();
     used.sort();
     used.dedup();
     let used_models: Vec<&SourceModel> = used.iter().map(|&i| &models[i]).collect();
@@ -96,7 +101,12 @@ pub fn write_scaled(
 
     let mut specs = Vec::new();
     let mut jobs = Vec::new();
-    let mut push = |model: &SourceModel, index: usize, source: String, out_name: String, ops: Vec<TransformOp>| -> Result<()> {
+    let mut push = |model: &SourceModel,
+                    index: usize,
+                    source: String,
+                    out_name: String,
+                    ops: Vec<TransformOp>|
+     -> Result<()> {
         let meta = model.store.meta(&source)?;
         let dtype = match opts.dtype {
             Some(d) if is_float(meta.dtype) => d,
@@ -106,16 +116,28 @@ pub fn write_scaled(
             bail!("policy `{policy}`: cannot transform {source:?} of model `{}`: it is {}, not f32/f16/bf16", model.name, meta.dtype);
         }
         specs.push(TensorSpec::new(out_name, dtype, meta.shape.to_vec()));
-        jobs.push(Job { model: index, source, ops });
+        jobs.push(Job {
+            model: index,
+            source,
+            ops,
+        });
         Ok(())
     };
-    for t in embed.other_tensors.iter().filter(|t| SourceModel::is_embedding(t)) {
+    for t in embed
+        .other_tensors
+        .iter()
+        .filter(|t| SourceModel::is_embedding(t))
+    {
         push(embed, plan.embed_model, t.clone(), t.clone(), Vec::new())?;
     }
     for (i, layer) in plan.layers.iter().enumerate() {
         let m = &models[layer.model];
         for t in &layer.transforms {
-            if !m.layer_suffixes.iter().any(|s| s.ends_with(&t.tensor_suffix)) {
+            if !m
+                .layer_suffixes
+                .iter()
+                .any(|s| s.ends_with(&t.tensor_suffix))
+            {
                 bail!(
                     "policy `{policy}`: new layer {i} transforms `{}`, which matches no tensor of a layer of `{}` ({})",
                     t.tensor_suffix,
@@ -125,16 +147,35 @@ pub fn write_scaled(
             }
         }
         for s in &m.layer_suffixes {
-            let ops = layer.transforms.iter().filter(|t| s.ends_with(&t.tensor_suffix)).map(|t| t.op).collect();
-            push(m, layer.model, m.layer_tensor(layer.layer, s), embed.layer_tensor(i, s), ops)?;
+            let ops = layer
+                .transforms
+                .iter()
+                .filter(|t| s.ends_with(&t.tensor_suffix))
+                .map(|t| t.op)
+                .collect();
+            push(
+                m,
+                layer.model,
+                m.layer_tensor(layer.layer, s),
+                embed.layer_tensor(i, s),
+                ops,
+            )?;
         }
     }
-    for t in head.other_tensors.iter().filter(|t| !SourceModel::is_embedding(t)) {
+    for t in head
+        .other_tensors
+        .iter()
+        .filter(|t| !SourceModel::is_embedding(t))
+    {
         push(head, plan.head_model, t.clone(), t.clone(), Vec::new())?;
     }
 
     let total: u64 = specs.iter().map(|s| s.byte_len() as u64).sum();
-    let by_name: HashMap<String, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+    let by_name: HashMap<String, usize> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.clone(), i))
+        .collect();
     let written = write_checkpoint_copying(out_dir, &specs, opts.shard, |spec| {
         let job = &jobs[by_name[&spec.name]];
         let model = &models[job.model];
@@ -158,14 +199,21 @@ pub fn write_scaled(
     for file in TOKENIZER_FILES {
         let from = embed.path.join(file);
         if from.is_file() {
-            std::fs::copy(&from, out_dir.join(file)).with_context(|| format!("copying {}", from.display()))?;
+            std::fs::copy(&from, out_dir.join(file))
+                .with_context(|| format!("copying {}", from.display()))?;
             copied.push(file.to_string());
         }
     }
     let config = output_config(&embed.config_text, plan.layers.len(), opts.dtype)
         .with_context(|| format!("rewriting config.json of `{}`", embed.name))?;
     std::fs::write(out_dir.join("config.json"), config).context("writing config.json")?;
-    Ok(ScaleReport { layers: plan.layers.len(), tensors: specs.len(), files: written.files, total_size: written.total_size, copied })
+    Ok(ScaleReport {
+        layers: plan.layers.len(),
+        tensors: specs.len(),
+        files: written.files,
+        total_size: written.total_size,
+        copied,
+    })
 }
 
 /// The new config.json: the source text with `num_hidden_layers` (and, when casting, `torch_dtype` / `dtype`) replaced.
@@ -239,18 +287,33 @@ fn elem_size(d: Dtype) -> Result<usize> {
 fn decode(bytes: &[u8], d: Dtype) -> Result<Vec<f32>> {
     elem_size(d)?;
     Ok(match d {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
     })
 }
 
 fn encode(values: &[f32], d: Dtype) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(values.len() * elem_size(d)?);
     match d {
-        Dtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        Dtype::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        _ => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        Dtype::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        Dtype::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        _ => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
     }
     Ok(out)
 }
@@ -294,27 +357,42 @@ mod tests {
     use super::*;
 
     fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-        v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()
+        v.iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect()
     }
 
     #[test]
     fn scale_rounds_once_to_the_stored_dtype() {
         let x = bf16_bytes(&[1.0, -3.0, 0.1]);
         let out = transform(&x, Dtype::BF16, Dtype::BF16, &[TransformOp::Scale(0.7)]).unwrap();
-        let expected = bf16_bytes(&[bf16::from_f32(1.0).to_f32() * 0.7, -3.0 * 0.7, bf16::from_f32(0.1).to_f32() * 0.7]);
+        let expected = bf16_bytes(&[
+            bf16::from_f32(1.0).to_f32() * 0.7,
+            -3.0 * 0.7,
+            bf16::from_f32(0.1).to_f32() * 0.7,
+        ]);
         assert_eq!(out, expected);
     }
 
     #[test]
     fn zero_writes_positive_zeros_of_the_target_dtype() {
-        let x: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(transform(&x, Dtype::F32, Dtype::BF16, &[TransformOp::Zero]).unwrap(), vec![0u8; 4]);
+        let x: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            transform(&x, Dtype::F32, Dtype::BF16, &[TransformOp::Zero]).unwrap(),
+            vec![0u8; 4]
+        );
     }
 
     #[test]
     fn cast_rounds_to_nearest_even() {
         // 1 + 2^-8 is halfway between two bf16 values; ties go to the even one (1.0).
-        let x: Vec<u8> = [1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let x: Vec<u8> = [1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let out = transform(&x, Dtype::F32, Dtype::BF16, &[]).unwrap();
         assert_eq!(out, bf16_bytes(&[1.0, 1.0 + 4.0 / 256.0]));
     }
