@@ -310,7 +310,12 @@ async fn models_of_different_shapes_are_refused() {
 
 #[test]
 fn parameters_the_policy_does_not_use_are_reported_at_validation() {
-    let p = Project::new("[steps.a]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"solar\"\nm = 8\nevery = 2\n\n[steps.b]\nkind = \"scale\"\ninputs = { model = \"base\" }\n");
+    let p = Project::new(
+        "[steps.a]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"solar\"\nm = 8\nevery = 2\n\n\
+         [steps.b]\nkind = \"scale\"\ninputs = { model = \"base\" }\n\n\
+         [steps.c]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"solar\"\nm = 8\ns = 48\n\n\
+         [steps.d]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"slices\"\n",
+    );
     let Err(err) =
         dusflow::workflow::Workflow::load(&p.dir.path().join("flow.toml"), &Registry::builtin())
     else {
@@ -319,4 +324,9 @@ fn parameters_the_policy_does_not_use_are_reported_at_validation() {
     let err = err.to_string();
     assert!(err.contains("policy `solar` does not use `every`"), "{err}");
     assert!(err.contains("set `policy`"), "{err}");
+    assert!(err.contains("give `m` or `s`, not both"), "{err}");
+    assert!(
+        err.contains("policy `slices` needs a non-empty `slices` list"),
+        "{err}"
+    );
 }

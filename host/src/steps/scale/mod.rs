@@ -225,6 +225,18 @@ impl StepKind for ScaleStep {
                 "policy `solar` needs `m` (layers trimmed per copy) or `s` (target layer count)",
             ));
         }
+        if policy == BuiltinPolicy::Solar && c.m.is_some() && c.s.is_some() {
+            issues.push(ConfigIssue::new(
+                "s",
+                "policy `solar`: give `m` or `s`, not both",
+            ));
+        }
+        if policy == BuiltinPolicy::Slices && c.slices.is_empty() {
+            issues.push(ConfigIssue::new(
+                "slices",
+                "policy `slices` needs a non-empty `slices` list",
+            ));
+        }
         if matches!(policy, BuiltinPolicy::Interleave | BuiltinPolicy::LlamaPro)
             && c.every.is_none()
         {
