@@ -330,3 +330,39 @@ fn parameters_the_policy_does_not_use_are_reported_at_validation() {
         "{err}"
     );
 }
+
+#[test]
+fn stopping_mid_write_leaves_no_tensors_file() {
+    use dusflow::steps::scale::{
+        builtin_plan, write_scaled, BuiltinPolicy, PolicyParams, SourceModel, WriteOptions,
+    };
+    let models = vec![SourceModel::open("base", &fixture("models/base")).unwrap()];
+    let params = PolicyParams {
+        m: Some(8),
+        ..Default::default()
+    };
+    let plan = builtin_plan(BuiltinPolicy::Solar, &params, &["base".into()], &[32]).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut seen = 0;
+    let err = write_scaled(
+        &models,
+        &plan,
+        "solar",
+        out.path(),
+        &WriteOptions::default(),
+        &mut |_, _| {
+            seen += 1;
+            if seen == 10 {
+                anyhow::bail!("stop requested")
+            }
+            Ok(())
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("stop requested"), "{err:#}");
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
