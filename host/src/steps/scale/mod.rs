@@ -25,6 +25,7 @@
 pub mod config_json;
 pub mod copy_writer;
 pub mod plan;
+pub mod plugin_policy;
 pub mod policy;
 pub mod source;
 pub mod writer;
@@ -35,11 +36,32 @@ pub use source::SourceModel;
 pub use writer::{write_scaled, ScaleReport, WriteOptions};
 
 use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind};
+use super::kind::{
+    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, StepKind,
+};
 use crate::model::checkpoint_writer::ShardOptions;
 use crate::workflow::DType;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+/// Which policy a step runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Policy {
+    /// A built-in policy.
+    Builtin(BuiltinPolicy),
+    /// The `[plugins.NAME]` layer-policy plugin.
+    Plugin(String),
+}
+
+impl Policy {
+    /// The name used in messages and in `scale_plan.json`.
+    pub fn name(&self) -> &str {
+        match self {
+            Policy::Builtin(p) => p.name(),
+            Policy::Plugin(name) => name,
+        }
+    }
+}
 
 /// Default sanity limit on the new model's layer count.
 pub const DEFAULT_MAX_LAYERS: usize = 1024;
@@ -48,9 +70,15 @@ pub const DEFAULT_MAX_LAYERS: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleConfig {
-    /// The built-in policy; may be left out when `slices` is given.
+    /// The built-in policy; may be left out when `slices` or `plugin` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<BuiltinPolicy>,
+    /// A `[plugins.NAME]` layer-policy plugin instead of a built-in policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
+    /// The plugin's parameters (a table, passed to it as JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<serde_json::Value>,
     /// `solar`: layers trimmed from each copy (n = 32, m = 8 → 48).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub m: Option<usize>,
@@ -88,13 +116,17 @@ impl ScaleConfig {
         DEFAULT_MAX_LAYERS
     }
 
-    /// The policy to run: `policy`, or `slices` when only `slices` is given.
-    pub fn resolved_policy(&self) -> Result<BuiltinPolicy> {
-        match (self.policy, self.slices.is_empty()) {
-            (Some(p), _) => Ok(p),
-            (None, false) => Ok(BuiltinPolicy::Slices),
-            (None, true) => {
-                bail!("set `policy` (solar, repeat, interleave, llama-pro) or give `slices`")
+    /// The policy to run: `plugin`, `policy`, or `slices` when only `slices` is given.
+    pub fn resolved_policy(&self) -> Result<Policy> {
+        match (&self.plugin, self.policy, self.slices.is_empty()) {
+            (Some(_), Some(p), _) => {
+                bail!("give `policy = \"{}\"` or `plugin`, not both", p.name())
+            }
+            (Some(name), None, _) => Ok(Policy::Plugin(name.clone())),
+            (None, Some(p), _) => Ok(Policy::Builtin(p)),
+            (None, None, false) => Ok(Policy::Builtin(BuiltinPolicy::Slices)),
+            (None, None, true) => {
+                bail!("set `policy` (solar, repeat, interleave, llama-pro), give `slices`, or name a `plugin`")
             }
         }
     }
@@ -186,12 +218,42 @@ impl StepKind for ScaleStep {
         ArtifactKind::Model
     }
 
-    fn check(&self, c: &ScaleConfig, _: &dyn CheckContext) -> Vec<ConfigIssue> {
+    fn check(&self, c: &ScaleConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = Vec::new();
         let policy = match c.resolved_policy() {
-            Ok(p) => p,
+            Ok(Policy::Builtin(p)) => p,
+            Ok(Policy::Plugin(name)) => {
+                if !ctx.has_plugin(&name) {
+                    issues.push(ConfigIssue::new(
+                        "plugin",
+                        format!("no [plugins.{name}] in this workflow"),
+                    ));
+                }
+                let builtin = [
+                    c.m.is_some(),
+                    c.s.is_some(),
+                    c.times.is_some(),
+                    c.every.is_some(),
+                ];
+                if builtin.iter().any(|&b| b)
+                    || c.scale_duplicates.is_some()
+                    || !c.slices.is_empty()
+                {
+                    issues.push(ConfigIssue::new(
+                        "plugin",
+                        "a plugin takes its parameters in `params = { ... }`, not as step keys",
+                    ));
+                }
+                return issues;
+            }
             Err(e) => return vec![ConfigIssue::new("policy", e.to_string())],
         };
+        if c.params.is_some() {
+            issues.push(ConfigIssue::new(
+                "params",
+                "`params` is for plugins; built-in policies take step keys",
+            ));
+        }
         let allowed: &[&str] = match policy {
             BuiltinPolicy::Solar => &["m", "s", "scale_duplicates"],
             BuiltinPolicy::Repeat => &["times", "scale_duplicates"],
@@ -273,6 +335,13 @@ impl StepKind for ScaleStep {
         issues
     }
 
+    fn dependencies(&self, c: &ScaleConfig) -> Dependencies {
+        Dependencies {
+            plugins: c.plugin.iter().cloned().collect(),
+            files: Vec::new(),
+        }
+    }
+
     fn run(&self, c: &ScaleConfig, ctx: &StepContext) -> Result<()> {
         let inputs = ctx.inputs_of("model");
         if inputs.is_empty() {
@@ -285,7 +354,17 @@ impl StepKind for ScaleStep {
         let policy = c.resolved_policy()?;
         let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
         let counts: Vec<usize> = models.iter().map(|m| m.num_layers).collect();
-        let plan = builtin_plan(policy, &c.policy_params(), &names, &counts)?;
+        let plan = match &policy {
+            Policy::Builtin(p) => builtin_plan(*p, &c.policy_params(), &names, &counts)?,
+            Policy::Plugin(name) => {
+                let spec = ctx.plugins.get(name).ok_or_else(|| {
+                    anyhow::anyhow!("plugin `{name}` was not given to step `{}`", ctx.step)
+                })?;
+                let params =
+                    serde_json::to_string(c.params.as_ref().unwrap_or(&serde_json::json!({})))?;
+                plugin_policy::plugin_plan(name, spec, &models, &params)?
+            }
+        };
         plan.validate(policy.name(), &names, &counts, c.max_layers)?;
         let report = scale_into(
             &models,
