@@ -21,19 +21,22 @@ fn plugin_dir(name: &str) -> String {
         .to_string()
 }
 
-/// Runs a workflow with models `base` and `tied`, plugins `solar` (solar-dus), `pro` (llama-pro-expand) and
-/// `filter` (length-filter, a data filter), and `steps`.
+/// Runs a workflow with models `base` and `tied`, plugins `solar` (solar-dus), `pro` (llama-pro-expand),
+/// `filter` (length-filter, a data filter), `repeat` and `interleave`, and `steps`.
 async fn run(steps: &str) -> (tempfile::TempDir, RunSummary) {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[workflow]\nname = \"scale-plugin\"\noutput = \"out\"\n\n\
          [models.base]\npath = {:?}\n\n[models.tied]\npath = {:?}\n\n\
-         [plugins.solar]\npath = {:?}\n\n[plugins.pro]\npath = {:?}\n\n[plugins.filter]\npath = {:?}\n\n{steps}",
+         [plugins.solar]\npath = {:?}\n\n[plugins.pro]\npath = {:?}\n\n[plugins.filter]\npath = {:?}\n\n\
+         [plugins.repeat]\npath = {:?}\n\n[plugins.interleave]\npath = {:?}\n\n{steps}",
         fixture("models/base").display().to_string(),
         fixture("models/tied").display().to_string(),
         plugin_dir("solar-dus"),
         plugin_dir("llama-pro-expand"),
         plugin_dir("length-filter"),
+        plugin_dir("repeat"),
+        plugin_dir("interleave"),
     );
     std::fs::write(dir.path().join("flow.toml"), text).unwrap();
     let opts = RunOptions {
@@ -85,6 +88,34 @@ async fn plugin_policies_write_the_same_bytes_as_mergekit_and_the_built_ins() {
     assert_eq!(
         std::fs::read(dir_of(&summary, "pro").join("model.safetensors")).unwrap(),
         std::fs::read(dir_of(&summary, "builtin_pro").join("model.safetensors")).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn repeat_and_interleave_plugins_match_the_built_in_policies() {
+    let (_dir, summary) = run(
+        "[steps.rep]\nkind = \"scale\"\ninputs = { model = \"tied\" }\nplugin = \"repeat\"\n\n\
+         [steps.builtin_rep]\nkind = \"scale\"\ninputs = { model = \"tied\" }\npolicy = \"repeat\"\n\n\
+         [steps.inter]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"interleave\"\nparams = { every = 4, scale = 0.5 }\n\n\
+         [steps.builtin_inter]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"interleave\"\nevery = 4\nscale_duplicates = 0.5\n",
+    )
+    .await;
+    for (plugin, builtin) in [("rep", "builtin_rep"), ("inter", "builtin_inter")] {
+        assert_eq!(
+            std::fs::read(dir_of(&summary, plugin).join("model.safetensors")).unwrap(),
+            std::fs::read(dir_of(&summary, builtin).join("model.safetensors")).unwrap(),
+            "{plugin}"
+        );
+    }
+    // The scaled copies differ from their originals: the transform was applied.
+    let out = dusflow::model::TensorStore::open(&dir_of(&summary, "inter")).unwrap();
+    assert_ne!(
+        out.bytes("model.layers.3.mlp.down_proj.weight").unwrap(),
+        out.bytes("model.layers.4.mlp.down_proj.weight").unwrap()
+    );
+    assert_eq!(
+        out.bytes("model.layers.3.mlp.up_proj.weight").unwrap(),
+        out.bytes("model.layers.4.mlp.up_proj.weight").unwrap()
     );
 }
 
