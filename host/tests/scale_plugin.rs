@@ -22,14 +22,16 @@ fn plugin_dir(name: &str) -> String {
 }
 
 /// Runs a workflow with models `base` and `tied`, plugins `solar` (solar-dus), `pro` (llama-pro-expand),
-/// `filter` (length-filter, a data filter), `repeat` and `interleave`, and `steps`.
+/// `filter` (length-filter, a data filter), `repeat`, `interleave` and `bad` (misbehaving-policy, 500 ms
+/// per call), and `steps`.
 async fn run(steps: &str) -> (tempfile::TempDir, RunSummary) {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[workflow]\nname = \"scale-plugin\"\noutput = \"out\"\n\n\
          [models.base]\npath = {:?}\n\n[models.tied]\npath = {:?}\n\n\
          [plugins.solar]\npath = {:?}\n\n[plugins.pro]\npath = {:?}\n\n[plugins.filter]\npath = {:?}\n\n\
-         [plugins.repeat]\npath = {:?}\n\n[plugins.interleave]\npath = {:?}\n\n{steps}",
+         [plugins.repeat]\npath = {:?}\n\n[plugins.interleave]\npath = {:?}\n\n\
+         [plugins.bad]\npath = {:?}\nlimits = {{ timeout_ms = 500 }}\n\n{steps}",
         fixture("models/base").display().to_string(),
         fixture("models/tied").display().to_string(),
         plugin_dir("solar-dus"),
@@ -37,6 +39,7 @@ async fn run(steps: &str) -> (tempfile::TempDir, RunSummary) {
         plugin_dir("length-filter"),
         plugin_dir("repeat"),
         plugin_dir("interleave"),
+        plugin_dir("misbehaving-policy"),
     );
     std::fs::write(dir.path().join("flow.toml"), text).unwrap();
     let opts = RunOptions {
@@ -123,7 +126,12 @@ async fn repeat_and_interleave_plugins_match_the_built_in_policies() {
 async fn plugin_failures_fail_the_step_naming_the_plugin() {
     let (dir, summary) = run(
         "[steps.bad_m]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"solar\"\nparams = { m = 20 }\n\n\
-         [steps.wrong_kind]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"filter\"\n",
+         [steps.wrong_kind]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"filter\"\n\n\
+         [steps.looping]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"bad\"\nparams = { mode = \"loop\" }\n\n\
+         [steps.trap]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"bad\"\nparams = { mode = \"panic\" }\n\n\
+         [steps.empty]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"bad\"\nparams = { mode = \"empty\" }\n\n\
+         [steps.range]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"bad\"\nparams = { mode = \"out-of-range\" }\n\n\
+         [steps.many]\nkind = \"scale\"\ninputs = { model = \"base\" }\nplugin = \"bad\"\nparams = { mode = \"many\" }\n",
     )
     .await;
     let bad_m = failure_of(&summary, "bad_m");
@@ -132,6 +140,22 @@ async fn plugin_failures_fail_the_step_naming_the_plugin() {
             && bad_m.contains("m = 20 must be between 1 and 15"),
         "{bad_m}"
     );
+    for (step, what) in [
+        ("looping", "exceeded its time limit of 500 ms"),
+        ("trap", "panics on request"),
+        ("empty", "no layers"),
+        ("range", "layer 32 of model base which has 32 layers"),
+        (
+            "many",
+            "returned 100000 layers, over the limit max_layers = 1024",
+        ),
+    ] {
+        let message = failure_of(&summary, step);
+        assert!(
+            message.contains("`bad`") && message.contains(what),
+            "{step}: {message}"
+        );
+    }
     let wrong = failure_of(&summary, "wrong_kind");
     assert!(
         wrong.contains("layer-policy plugin `filter`") && wrong.contains("data-filter"),
