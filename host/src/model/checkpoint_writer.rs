@@ -110,7 +110,7 @@ where
 }
 
 /// The header bytes (JSON padded to 8) of a canonical file holding `ordered` (already in canonical order).
-fn canonical_header(ordered: &[TensorSpec]) -> Result<Vec<u8>> {
+pub fn canonical_header(ordered: &[TensorSpec]) -> Result<Vec<u8>> {
     let mut offset = 0;
     let mut infos = Vec::with_capacity(ordered.len());
     for s in ordered {
