@@ -337,11 +337,11 @@ impl TensorInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MergePlan {
-    /// out = Σ coefficient[i] · input[i].
+    /// `out = Σ coefficient[i] · input[i]`.
     Linear(Vec<f32>),
     /// Spherical interpolation from input 0 (t = 0) to input 1 (t = 1).
     Slerp(f32),
-    /// out = input[i].
+    /// `out = input[i]`.
     CopyFrom(usize),
     /// Stream the tensor through the plugin's `merge-chunk`.
     Custom,
