@@ -349,8 +349,14 @@ impl Plugin {
             }
             other => unreachable!("classify accepted unsupported version {other}"),
         };
+        // Errors name the plugin: fall back to its file or folder name if it reports none.
+        let name = if info.name.trim().is_empty() {
+            self.inner.info.name.clone()
+        } else {
+            info.name
+        };
         Ok(PluginInfo {
-            name: info.name,
+            name,
             version: info.version,
             description: info.description,
         })
