@@ -123,6 +123,33 @@ impl FileHasher {
     }
 }
 
+/// BLAKE3 of a file read in 16 MiB chunks, each hashed on all cores: fast on multi-GB checkpoints without
+/// mapping them (which would count the whole file in this process's resident memory).
+fn hash_file_contents(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    const CHUNK: usize = 16 << 20;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let mut filled = 0;
+        while filled < CHUNK {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..filled]);
+        if filled < CHUNK {
+            break;
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
 /// Every file under `dir`, sorted, skipping [`IGNORED_DIRS`] and hidden entries.
 pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();

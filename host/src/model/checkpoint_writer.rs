@@ -202,20 +202,27 @@ where
         files.push(name);
     }
     if n > 1 {
-        let total_parameters: usize = specs
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum();
-        // Keys sorted and 2-space indented, as transformers writes it (`json.dumps(indent=2, sort_keys=True)`).
-        let index = serde_json::json!({
-            "metadata": { "total_parameters": total_parameters, "total_size": total_size },
-            "weight_map": weight_map,
-        });
-        let text = serde_json::to_string_pretty(&index)? + "\n";
-        let path = dir.join(INDEX_FILE);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        write_index(dir, specs, weight_map, total_size)?;
     }
     Ok(WrittenCheckpoint { files, total_size })
+}
+
+/// Writes `model.safetensors.index.json` for a sharded checkpoint: `metadata.total_parameters` and
+/// `total_size`, and the tensor -> shard `weight_map`, keys sorted and 2-space indented as transformers writes it.
+pub fn write_index(
+    dir: &Path,
+    specs: &[TensorSpec],
+    weight_map: BTreeMap<String, serde_json::Value>,
+    total_size: u64,
+) -> Result<()> {
+    let total_parameters: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+    let index = serde_json::json!({
+        "metadata": { "total_parameters": total_parameters, "total_size": total_size },
+        "weight_map": weight_map,
+    });
+    let text = serde_json::to_string_pretty(&index)? + "\n";
+    let path = dir.join(INDEX_FILE);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A temporary folder beside its destination, renamed onto the destination by [`StagingDir::commit`] and

@@ -8,7 +8,7 @@
 use crate::model::checkpoint_writer::{
     canonical_header, canonical_order, plan_shards, ShardOptions, TensorSpec, WrittenCheckpoint,
 };
-use crate::model::tensor_store::{INDEX_FILE, SINGLE_FILE};
+use crate::model::tensor_store::SINGLE_FILE;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -57,13 +57,7 @@ where
         files.push(name);
     }
     if n > 1 {
-        let index = serde_json::json!({
-            "metadata": { "total_size": total_size },
-            "weight_map": weight_map,
-        });
-        let path = dir.join(INDEX_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&index)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::model::checkpoint_writer::write_index(dir, specs, weight_map, total_size)?;
     }
     Ok(WrittenCheckpoint { files, total_size })
 }
