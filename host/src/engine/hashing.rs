@@ -87,17 +87,7 @@ impl FileHasher {
                 return Ok(e.hash.clone());
             }
         }
-        let mut hasher = blake3::Hasher::new();
-        if meta.len() > 16 << 20 {
-            hasher
-                .update_mmap_rayon(path)
-                .with_context(|| format!("hashing {}", path.display()))?;
-        } else {
-            hasher.update(
-                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-            );
-        }
-        let hash = hasher.finalize().to_hex().to_string();
+        let hash = hash_file_contents(path).with_context(|| format!("hashing {}", path.display()))?;
         let racy = SystemTime::now()
             .duration_since(mtime)
             .map_or(true, |age| age < RACY_WINDOW);
