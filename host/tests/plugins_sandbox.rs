@@ -99,6 +99,42 @@ fn files_are_readable_only_inside_granted_directories() {
 }
 
 #[test]
+fn read_grants_are_read_only_and_write_grants_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.txt");
+    let write = |plugin: &Plugin| {
+        run(
+            plugin,
+            serde_json::json!({"mode": "write-file", "path": &target}),
+        )
+    };
+
+    let read_only = PluginGrants {
+        read: vec![dir.path().to_path_buf()],
+        ..Default::default()
+    };
+    let err = format!(
+        "{:#}",
+        write(&misbehave(&read_only, &PluginLimits::default())).unwrap_err()
+    );
+    assert!(err.contains("cannot write"), "{err}");
+    assert!(!target.exists());
+
+    let writable = PluginGrants {
+        write: vec![dir.path().to_path_buf()],
+        ..Default::default()
+    };
+    assert_eq!(
+        write(&misbehave(&writable, &PluginLimits::default())).unwrap(),
+        vec![Verdict::Keep]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "written by a plugin"
+    );
+}
+
+#[test]
 fn sockets_are_denied() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();

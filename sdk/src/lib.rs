@@ -27,7 +27,7 @@
 //!
 //! Build with `cargo build --release --target wasm32-wasip2` (crate type `cdylib`), or let
 //! `dus plugin build` do it. Each kind's module has a complete example:
-//! [`layer_policy`], [`data_filter`], [`merge_rule`].
+//! [`layer_policy`](mod@layer_policy), [`data_filter`](mod@data_filter), [`merge_rule`](mod@merge_rule).
 //!
 //! Params are the step's TOML table, serialised to JSON and deserialised into your `Params`
 //! type with serde; a mismatch fails the step with serde's message. Use [`NoParams`] when the

@@ -1,5 +1,10 @@
 //! Host bindings generated from the WIT package, one module per published version and world.
 //! Only this module and the typed handles see these types; everything else uses [`super::types`].
+//!
+//! Adding version 0.2.0: create `sdk/wit/0.2.0/` (0.1.0 stays byte for byte), add a `v0_2_0`
+//! module here and "0.2.0" to [`SUPPORTED_VERSIONS`], and let each typed handle pick its
+//! bindings by [`Plugin::wit_version`](super::Plugin::wit_version), converting both to the same
+//! [`super::types`]. Plugins built against 0.1.0 keep loading unchanged.
 
 /// `dus:plugin@0.1.0`.
 pub(crate) mod v0_1_0 {

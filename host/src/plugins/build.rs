@@ -7,7 +7,8 @@
 //! [build]
 //! # Run with `sh -c` in the plugin folder. It must write the component to $DUS_OUT.
 //! command = 'componentize-py -d "$DUS_WIT" -w data-filter-plugin componentize app -o "$DUS_OUT"'
-//! # Tools that must be on PATH; when one is missing the build fails with a `MissingTool` error.
+//! # Programs that must be on PATH, or files under the toolchains folder ("$DUS_TOOLCHAINS/..."):
+//! # when one is missing the build fails with a `MissingTool` error (tests skip on it).
 //! requires = ["componentize-py"]
 //! ```
 //!
@@ -96,6 +97,7 @@ struct PluginToml {
 #[serde(deny_unknown_fields)]
 struct CommandRecipe {
     command: String,
+    /// Programs on PATH, or paths under the toolchains folder written `$DUS_TOOLCHAINS/...`.
     #[serde(default)]
     requires: Vec<String>,
 }
@@ -387,7 +389,11 @@ fn build_cargo(dir: &Path, out: &Path, cache_dir: &Path) -> Result<()> {
 fn build_command(dir: &Path, out: &Path, recipe: &CommandRecipe) -> Result<()> {
     let path = toolchain_path();
     for tool in &recipe.requires {
-        if !find_on_path(tool, &path) {
+        let present = match tool.strip_prefix("$DUS_TOOLCHAINS/") {
+            Some(rel) => toolchains_dir().join(rel).exists(),
+            None => find_on_path(tool, &path),
+        };
+        if !present {
             return Err(MissingTool {
                 plugin: dir.display().to_string(),
                 tool: tool.clone(),

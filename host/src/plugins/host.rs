@@ -197,6 +197,11 @@ fn classify(engine: &Engine, component: &Component) -> Result<(PluginKind, Strin
         .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
+    classify_exports(exports)
+}
+
+/// [`classify`] on the export names alone.
+fn classify_exports(exports: Vec<String>) -> Result<(PluginKind, String, Vec<String>)> {
     let mut kinds = Vec::new();
     let mut has_info = false;
     for name in &exports {
@@ -344,8 +349,14 @@ impl Plugin {
             }
             other => unreachable!("classify accepted unsupported version {other}"),
         };
+        // Errors name the plugin: fall back to its file or folder name if it reports none.
+        let name = if info.name.trim().is_empty() {
+            self.inner.info.name.clone()
+        } else {
+            info.name
+        };
         Ok(PluginInfo {
-            name: info.name,
+            name,
             version: info.version,
             description: info.description,
         })
@@ -437,6 +448,33 @@ mod tests {
 
     fn shareable<T: Send + Sync + Clone>() {}
     fn movable<T: Send>() {}
+
+    fn classified(names: &[&str]) -> Result<(PluginKind, String)> {
+        classify_exports(names.iter().map(|n| n.to_string()).collect()).map(|(k, v, _)| (k, v))
+    }
+
+    #[test]
+    fn plugins_are_classified_by_their_exported_interfaces() {
+        let ok = classified(&["dus:plugin/info@0.1.0", "dus:plugin/merge-rule@0.1.0"]).unwrap();
+        assert_eq!(ok, (PluginKind::MergeRule, "0.1.0".to_string()));
+        let err = |names: &[&str]| classified(names).unwrap_err().to_string();
+        assert!(
+            err(&["dus:plugin/info@0.9.0", "dus:plugin/data-filter@0.9.0"])
+                .contains("supports dus:plugin versions 0.1.0")
+        );
+        assert!(err(&["dus:plugin/data-filter@0.1.0"]).contains("no dus:plugin/info"));
+        assert!(err(&["dus:plugin/info@0.1.0"]).contains("no plugin kind"));
+        assert!(err(&[
+            "dus:plugin/info@0.1.0",
+            "dus:plugin/data-filter@0.1.0",
+            "dus:plugin/merge-rule@0.1.0"
+        ])
+        .contains("several plugin kinds"));
+        assert!(
+            err(&["dus:plugin/info@0.1.0", "dus:plugin/tokenizer@0.1.0"])
+                .contains("unknown interface")
+        );
+    }
 
     #[test]
     fn the_host_and_plugins_are_shareable_across_threads_and_jobs_movable() {

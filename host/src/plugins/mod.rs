@@ -35,7 +35,7 @@
 //!   → [`MergePlan`]; the step runs `Linear`/`Slerp`/`CopyFrom` natively and streams `Custom`
 //!   tensors through [`MergeRulePlugin::merge_custom`] (or chunk by chunk with `merge_chunk`).
 //!
-//! Params are the step's TOML table serialised to JSON (`serde_json::to_string(&table)`).
+//! Params are the step's TOML table serialised to JSON: [`params_json`]`(&table)`.
 //!
 //! # Sandbox
 //!
@@ -80,6 +80,6 @@ pub use merge_rule::{MergeRulePlugin, DEFAULT_CHUNK_ELEMENTS};
 pub use scaffold::{languages as scaffold_languages, Lang};
 pub use spec::{PluginGrants, PluginLimits};
 pub use types::{
-    DType, LayerPlan, LayerSpec, MergePlan, ModelDescription, PluginInfo, PluginKind, TensorInfo,
-    TensorStats, TensorTransform, TransformOp, Verdict,
+    params_json, DType, LayerPlan, LayerSpec, MergePlan, ModelDescription, PluginInfo, PluginKind,
+    TensorInfo, TensorStats, TensorTransform, TransformOp, Verdict,
 };

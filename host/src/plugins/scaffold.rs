@@ -96,7 +96,7 @@ serde_json = "1"
                 "plugin.toml",
                 format!(
                     "[build]\ncommand = 'node \"$DUS_SDK_TOOLS/componentize-js.mjs\" plugin.js {world}'\n\
-                     requires = [\"node\"]\n"
+                     requires = [\"node\", \"$DUS_TOOLCHAINS/node/node_modules/@bytecodealliance/componentize-js/package.json\"]\n"
                 ),
             ),
             ("plugin.js", source),
@@ -106,7 +106,7 @@ serde_json = "1"
                 "plugin.toml",
                 format!(
                     "[build]\ncommand = 'sh \"$DUS_SDK_TOOLS/build-c.sh\" {world} plugin.c'\n\
-                     requires = [\"clang-19\", \"wit-bindgen\", \"wasm-tools\"]\n"
+                     requires = [\"clang-19\", \"wit-bindgen\", \"wasm-tools\", \"$DUS_TOOLCHAINS/wasi_snapshot_preview1.reactor.wasm\"]\n"
                 ),
             ),
             ("plugin.c", source),

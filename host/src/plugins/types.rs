@@ -337,11 +337,11 @@ impl TensorInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MergePlan {
-    /// out = Σ coefficient[i] · input[i].
+    /// `out = Σ coefficient[i] · input[i]`.
     Linear(Vec<f32>),
     /// Spherical interpolation from input 0 (t = 0) to input 1 (t = 1).
     Slerp(f32),
-    /// out = input[i].
+    /// `out = input[i]`.
     CopyFrom(usize),
     /// Stream the tensor through the plugin's `merge-chunk`.
     Custom,
@@ -401,5 +401,25 @@ mod tests {
         assert!(MergePlan::Slerp(0.5).validate(3).is_err());
         assert!(MergePlan::CopyFrom(2).validate(2).is_err());
         assert!(MergePlan::Linear(vec![0.5, 0.5]).validate(2).is_ok());
+    }
+}
+
+/// The params of a step as plugins receive them: the step's TOML table serialised to JSON.
+/// Use this (not an ad-hoc conversion) so every step passes params the same way.
+pub fn params_json(table: &toml::Table) -> String {
+    serde_json::to_string(table).expect("a TOML table is representable as JSON")
+}
+
+#[cfg(test)]
+mod params_tests {
+    #[test]
+    fn toml_params_become_json() {
+        let table: toml::Table =
+            toml::from_str("m = 8\nname = 'x'\n[inner]\nlist = [1.5, 2.0]\n").unwrap();
+        let json: serde_json::Value = serde_json::from_str(&super::params_json(&table)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"m": 8, "name": "x", "inner": {"list": [1.5, 2.0]}})
+        );
     }
 }

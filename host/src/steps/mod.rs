@@ -5,6 +5,7 @@ pub mod context;
 pub mod init;
 pub mod kind;
 pub mod pretrain;
+pub mod scale;
 pub mod sft;
 pub mod synthetic;
 
@@ -33,6 +34,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register(command::CommandStep);
+        r.register(scale::ScaleStep);
         r.register(synthetic::SyntheticStep);
         r.register(init::InitStep);
         r.register(pretrain::PretrainStep);

@@ -42,9 +42,7 @@ pub fn load_or_skip(name: &str) -> Option<Plugin> {
     ) {
         Ok(p) => Some(p),
         Err(e) if e.downcast_ref::<MissingTool>().is_some() => {
-            eprintln!(
-                "SKIPPED {name}: {e} (CI installs it with scripts/install-plugin-toolchains.sh)"
-            );
+            eprintln!("SKIPPED {name}: {e}");
             None
         }
         Err(e) => panic!("loading plugin {name}: {e:#}"),

@@ -34,7 +34,10 @@ struct Decontaminate {
 
 /// Lower-cased alphanumeric words.
 fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
 }
 
 fn ngram_hashes(text: &str, n: usize) -> impl Iterator<Item = u64> {
@@ -54,7 +57,11 @@ fn ngram_hashes(text: &str, n: usize) -> impl Iterator<Item = u64> {
 
 fn texts_of(line: &str) -> Vec<String> {
     match serde_json::from_str::<Value>(line) {
-        Ok(Value::Object(map)) => map.values().filter_map(Value::as_str).map(String::from).collect(),
+        Ok(Value::Object(map)) => map
+            .values()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
         _ => vec![line.to_string()],
     }
 }
@@ -68,26 +75,45 @@ impl DataFilter for Decontaminate {
             return Err("n must be at least 1".into());
         }
         let dir = std::fs::read_dir(&params.benchmarks_dir).map_err(|e| {
-            format!("cannot list benchmarks_dir {} (is it granted to the plugin?): {e}", params.benchmarks_dir)
+            format!(
+                "cannot list benchmarks_dir {} (is it granted to the plugin?): {e}",
+                params.benchmarks_dir
+            )
         })?;
         let mut ngrams = HashSet::new();
         for entry in dir {
             let path = entry.map_err(|e| e.to_string())?.path();
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 for t in texts_of(line) {
                     ngrams.extend(ngram_hashes(&t, params.n));
                 }
             }
         }
-        eprintln!("decontaminate: {} benchmark {}-grams", ngrams.len(), params.n);
-        Ok(Self { field: params.field, n: params.n, ngrams })
+        eprintln!(
+            "decontaminate: {} benchmark {}-grams",
+            ngrams.len(),
+            params.n
+        );
+        Ok(Self {
+            field: params.field,
+            n: params.n,
+            ngrams,
+        })
     }
 
     fn filter(&mut self, record: Value) -> Result<Verdict, String> {
-        let text = record.get(&self.field).and_then(Value::as_str).unwrap_or("");
+        let text = record
+            .get(&self.field)
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let contaminated = ngram_hashes(text, self.n).any(|h| self.ngrams.contains(&h));
-        Ok(if contaminated { Verdict::Drop } else { Verdict::Keep })
+        Ok(if contaminated {
+            Verdict::Drop
+        } else {
+            Verdict::Keep
+        })
     }
 }
 

@@ -37,7 +37,10 @@ impl DataFilter for LengthFilter {
 
     fn new(params: Params) -> Result<Self, String> {
         if params.min_chars > params.max_chars {
-            return Err(format!("min_chars {} > max_chars {}", params.min_chars, params.max_chars));
+            return Err(format!(
+                "min_chars {} > max_chars {}",
+                params.min_chars, params.max_chars
+            ));
         }
         Ok(Self(params))
     }

@@ -2,7 +2,9 @@
 //! a copy of the layer just passed, with `o_proj` and `down_proj` zeroed so the new block starts as
 //! the identity.
 
-use dusflow_sdk::layer_policy::{LayerPlan, LayerPolicy, LayerSource, LayerSourceExt, ModelConfig, Transform};
+use dusflow_sdk::layer_policy::{
+    LayerPlan, LayerPolicy, LayerSource, LayerSourceExt, ModelConfig, Transform,
+};
 use serde::Deserialize;
 
 /// `[steps.scale] every = 4`.
@@ -20,10 +22,16 @@ impl LayerPolicy for LlamaProExpand {
 
     fn plan(models: &[ModelConfig], params: Params) -> Result<LayerPlan, String> {
         let [base] = models else {
-            return Err(format!("llama-pro-expand expands exactly one base model, got {}", models.len()));
+            return Err(format!(
+                "llama-pro-expand expands exactly one base model, got {}",
+                models.len()
+            ));
         };
         if params.every == 0 || base.num_layers % params.every != 0 {
-            return Err(format!("every = {} must divide the {} layers", params.every, base.num_layers));
+            return Err(format!(
+                "every = {} must divide the {} layers",
+                params.every, base.num_layers
+            ));
         }
         let mut layers = Vec::new();
         for l in 0..base.num_layers {
@@ -35,7 +43,10 @@ impl LayerPolicy for LlamaProExpand {
                 layers.push(block);
             }
         }
-        Ok(LayerPlan { base_model: 0, layers })
+        Ok(LayerPlan {
+            base_model: 0,
+            layers,
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test fixture for the sandbox: a data filter that misbehaves as its params ask, on the first
 //! batch it sees. `mode` is one of: "ok" (keeps everything), "loop" (never returns), "alloc"
-//! (allocates without bound), "read-file" (reads `path`), "connect" (opens a TCP socket to
+//! (allocates without bound), "read-file" (reads `path`), "write-file"
+//! (writes `path`), "connect" (opens a TCP socket to
 //! `addr`), "env" (reads `var`), "clock" (reports the wall clock), "panic", "bad-json" (rewrites records to
 //! invalid JSON), "stderr" (writes a line to stderr, then fails), "chatty" (writes ~5 MB to stderr, then keeps).
 
@@ -55,8 +56,14 @@ impl DataFilter for Misbehave {
                     .map_err(|e| format!("cannot read {}: {e}", p.path))?;
                 Ok(Verdict::rewrite(&serde_json::json!({ "content": text })))
             }
+            "write-file" => {
+                std::fs::write(&p.path, "written by a plugin")
+                    .map_err(|e| format!("cannot write {}: {e}", p.path))?;
+                Ok(Verdict::Keep)
+            }
             "connect" => {
-                let mut s = std::net::TcpStream::connect(&p.addr).map_err(|e| format!("cannot connect to {}: {e}", p.addr))?;
+                let mut s = std::net::TcpStream::connect(&p.addr)
+                    .map_err(|e| format!("cannot connect to {}: {e}", p.addr))?;
                 s.write_all(b"hello").map_err(|e| e.to_string())?;
                 Ok(Verdict::Keep)
             }

@@ -27,11 +27,22 @@ impl MergeRule for SignConsensus {
         if n == 0 {
             return Err(format!("{} has no inputs", tensor.name));
         }
-        let elementwise = tensor.layer.is_some() && (tensor.shape.len() > 1 || self.0.include_norms);
-        Ok(if elementwise { MergePlan::Custom } else { MergePlan::Linear(vec![1.0 / n as f32; n]) })
+        let elementwise =
+            tensor.layer.is_some() && (tensor.shape.len() > 1 || self.0.include_norms);
+        Ok(if elementwise {
+            MergePlan::Custom
+        } else {
+            MergePlan::Linear(vec![1.0 / n as f32; n])
+        })
     }
 
-    fn merge(&self, _: &TensorInfo, _offset: u64, inputs: &[&[f32]], out: &mut [f32]) -> Result<(), String> {
+    fn merge(
+        &self,
+        _: &TensorInfo,
+        _offset: u64,
+        inputs: &[&[f32]],
+        out: &mut [f32],
+    ) -> Result<(), String> {
         // Whole-slice passes (sum, then agreeing total and count) rather than a loop over inputs
         // per element: each pass is a straight loop the compiler vectorises with simd128.
         let mut sum = vec![0.0f32; out.len()];
@@ -47,7 +58,9 @@ impl MergeRule for SignConsensus {
                 *c += if agree { 1.0 } else { 0.0 };
             }
         }
-        out.iter_mut().zip(&count).for_each(|(o, c)| *o = if *c == 0.0 { 0.0 } else { *o / c });
+        out.iter_mut()
+            .zip(&count)
+            .for_each(|(o, c)| *o = if *c == 0.0 { 0.0 } else { *o / c });
         Ok(())
     }
 }

@@ -25,15 +25,24 @@ impl LayerPolicy for SolarDus {
 
     fn plan(models: &[ModelConfig], params: Params) -> Result<LayerPlan, String> {
         let [base] = models else {
-            return Err(format!("solar-dus scales exactly one base model, got {}", models.len()));
+            return Err(format!(
+                "solar-dus scales exactly one base model, got {}",
+                models.len()
+            ));
         };
         let (n, m) = (base.num_layers, params.m);
         if m == 0 || 2 * m >= n {
-            return Err(format!("m = {m} must be between 1 and {} for a {n}-layer model", (n - 1) / 2));
+            return Err(format!(
+                "m = {m} must be between 1 and {} for a {n}-layer model",
+                (n - 1) / 2
+            ));
         }
         let bottom = (0..n - m).map(|l| LayerSource::copy(0, l));
         let top = (m..n).map(|l| LayerSource::copy(0, l));
-        Ok(LayerPlan { base_model: 0, layers: bottom.chain(top).collect() })
+        Ok(LayerPlan {
+            base_model: 0,
+            layers: bottom.chain(top).collect(),
+        })
     }
 }
 
