@@ -197,21 +197,18 @@ pub fn resolve_inputs(cfg: &TrainStepConfig, ctx: &StepContext) -> Result<TrainI
     Ok(TrainInputs { model_dir: model.path.clone(), tokenizer, sources, seed })
 }
 
-/// The filter factory of a step: each name is a `[plugins.*]` the step depends on (through
-/// `filter_params`), loaded once with the plugin host and configured with its `filter_params` entry.
+/// The filter factory of a step: each name is a `[plugins.*]` filter of a dataset the step reads, loaded
+/// with the plugin host (created once) and configured with its `filter_params` entry (`{}` when absent).
 pub fn plugin_filters<'a>(
     cfg: &'a TrainStepConfig,
     ctx: &'a StepContext,
 ) -> impl FnMut(&str) -> Result<Box<dyn RecordFilter>> + 'a {
     let mut host: Option<crate::plugins::PluginHost> = None;
     move |name: &str| {
-        let (Some(spec), Some(params)) = (ctx.plugins.get(name), cfg.filter_params.get(name)) else {
-            bail!(
-                "a dataset of step `{}` uses filter {name:?}; list it in the step's filter_params \
-                 (e.g. filter_params.{name} = {{}}) so the step loads [plugins.{name}]",
-                ctx.step
-            );
+        let Some(spec) = ctx.plugins.get(name) else {
+            bail!("a dataset of step `{}` uses filter {name:?}, which is not declared in [plugins]", ctx.step);
         };
+        let params = cfg.filter_params.get(name).cloned().unwrap_or_else(|| serde_json::json!({}));
         if host.is_none() {
             host = Some(crate::plugins::PluginHost::new()?);
         }
