@@ -65,6 +65,11 @@ impl StepContext {
         self.workflow_dir.join(path)
     }
 
+    /// The compute device the workflow asked for (see [`crate::device::select_device`]).
+    pub fn device(&self) -> Result<candle_core::Device> {
+        crate::device::select_device(self.settings.device)
+    }
+
     /// Whether the step has been asked to stop.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()

@@ -3,8 +3,12 @@
 pub mod command;
 pub mod context;
 pub mod eval;
+pub mod init;
 pub mod kind;
+pub mod pretrain;
 pub mod report;
+pub mod scale;
+pub mod sft;
 pub mod synthetic;
 
 pub use context::{Cancelled, InputArtifact, StepContext};
@@ -34,7 +38,11 @@ impl Registry {
         r.register(command::CommandStep);
         r.register(eval::EvalStep);
         r.register(report::ReportStep);
+        r.register(scale::ScaleStep);
         r.register(synthetic::SyntheticStep);
+        r.register(init::InitStep);
+        r.register(pretrain::PretrainStep);
+        r.register(sft::SftStep);
         r
     }
 
