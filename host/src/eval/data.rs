@@ -1,9 +1,9 @@
-//! Task data: records in the Hugging Face field layouts, read from local JSONL files.
+//! Task data: records in the Hugging Face field layouts, read from local JSONL or Parquet files.
 //!
-//! A task's data is either a folder of split files (`train.jsonl`, `validation.jsonl`, `test.jsonl`,
-//! `dev.jsonl`, ...) or a single JSONL file that serves every split (then few-shot examples are drawn from
-//! the evaluated documents themselves, never the document being evaluated). This reader is deliberately
-//! small; it can be swapped for the shared dataset reader (`data/`) without touching the tasks.
+//! A task's data is either a folder of split files (`train.jsonl`, `validation.parquet`, `test.jsonl`,
+//! `dev.jsonl`, ...) or a single file that serves every split (then few-shot examples are drawn from
+//! the evaluated documents themselves, never the document being evaluated). Files are read by the shared
+//! dataset reader ([`crate::data::read_records`]), so errors name the file and line.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -31,23 +31,23 @@ impl TaskData {
                 std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?;
             for entry in entries {
                 let file = entry?.path();
-                if file.extension().and_then(|e| e.to_str()) == Some("jsonl") {
+                if matches!(file.extension().and_then(|e| e.to_str()), Some("jsonl" | "parquet")) {
                     let split = file
                         .file_stem()
                         .and_then(|s| s.to_str())
                         .unwrap_or_default()
                         .to_string();
-                    splits.insert(split, read_jsonl(&file)?);
+                    splits.insert(split, read_task_file(&file)?);
                 }
             }
             if splits.is_empty() {
                 bail!(
-                    "{}: no <split>.jsonl files (expected e.g. test.jsonl, train.jsonl)",
+                    "{}: no <split>.jsonl or <split>.parquet files (expected e.g. test.jsonl, train.jsonl)",
                     path.display()
                 );
             }
         } else if path.is_file() {
-            splits.insert(ANY_SPLIT.to_string(), read_jsonl(path)?);
+            splits.insert(ANY_SPLIT.to_string(), read_task_file(path)?);
         } else {
             bail!("task data {} does not exist", path.display());
         }
@@ -91,23 +91,11 @@ impl TaskData {
     }
 }
 
-/// Reads one JSON object per non-empty line; errors name the file and line.
-pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-        if !v.is_object() {
-            bail!("{}:{}: expected a JSON object", path.display(), i + 1);
-        }
-        rows.push(v);
-    }
-    Ok(rows)
+/// Reads every record of one JSONL or Parquet file; errors name the file and line.
+pub fn read_task_file(path: &Path) -> Result<Vec<Value>> {
+    let mut stats = crate::data::ReadStats::default();
+    let records = crate::data::read_records(&[path.to_path_buf()], crate::workflow::OnError::Fail, &mut stats)?;
+    Ok(records.into_iter().map(|r| r.value).collect())
 }
 
 /// The value at a dotted path (`choices.text`, `mc2_targets.labels`); list elements by number (`choices.0`).
@@ -157,5 +145,27 @@ pub fn int_field(doc: &Value, path: &str) -> Result<i64> {
             .with_context(|| format!("field `{path}` = {s:?} is not an integer")),
         Some(other) => bail!("field `{path}` is not an integer: {other}"),
         None => bail!("missing field `{path}`"),
+    }
+}
+
+#[cfg(test)]
+mod parquet_tests {
+    use super::*;
+
+    #[test]
+    fn task_data_reads_parquet_files_and_split_folders() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train/alpaca.parquet");
+        let single = TaskData::load(&fixture).unwrap();
+        let rows = single.split("test").unwrap();
+        assert!(!rows.is_empty());
+        assert!(rows.iter().all(|r| r.get("instruction").is_some_and(Value::is_string)));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&fixture, dir.path().join("validation.parquet")).unwrap();
+        std::fs::write(dir.path().join("train.jsonl"), "{\"instruction\": \"x\"}\n").unwrap();
+        let folder = TaskData::load(dir.path()).unwrap();
+        assert_eq!(folder.split("validation").unwrap().len(), rows.len());
+        assert_eq!(folder.split("train").unwrap().len(), 1);
+        assert!(folder.split("test").is_err());
     }
 }
