@@ -3,6 +3,7 @@
 pub mod command;
 pub mod context;
 pub mod kind;
+pub mod merge;
 pub mod synthetic;
 
 pub use context::{Cancelled, InputArtifact, StepContext};
@@ -30,6 +31,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register(command::CommandStep);
+        r.register(merge::MergeStep);
         r.register(synthetic::SyntheticStep);
         r
     }

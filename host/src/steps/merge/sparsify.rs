@@ -1,0 +1,243 @@
+//! Which elements of a task vector (δ = model − base) survive sparsification, decided per element so a
+//! tensor is processed in parallel chunks without sorting or copying it.
+//!
+//! - **Magnitude (TIES)**: keep the `k = max(1, ⌊density · n⌋)` elements of largest |δ| (mergekit's rule).
+//!   The cut value is found exactly by a two-pass radix select on the f32 bit patterns of |δ| (16 high
+//!   bits, then 16 low bits). **Tie rule**: elements strictly above the cut are kept; among elements equal
+//!   to the cut, the lowest flat indices are kept until exactly `k` are kept. (mergekit's `argsort` leaves
+//!   this order unspecified.)
+//! - **Random (DARE)**: element `j` of model `i` in tensor `name` is kept when `u < density`, with
+//!   `u = (splitmix64(key + (j + 1)·0x9E3779B97F4A7C15) >> 11) · 2⁻⁵³` and `key` = the first 8 bytes
+//!   (little-endian) of BLAKE3(`"dusflow-dare-v1\0"` ‖ seed (u64 LE) ‖ i (u64 LE) ‖ name). The mask
+//!   depends only on (seed, model position, tensor name, index): not on chunking, threads or other tensors.
+
+use rayon::prelude::*;
+
+/// Elements per parallel work unit.
+pub const CHUNK: usize = 1 << 16;
+
+/// The survival rule of one model's δ over one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Keep {
+    /// Every element survives (density ≥ 1, or no sparsification).
+    All,
+    /// Nothing survives (density ≤ 0).
+    Nothing,
+    /// The `k` largest magnitudes survive.
+    TopK(TopK),
+    /// Each element survives with probability `density`, from a seeded counter-based generator.
+    Random {
+        /// Per (seed, model, tensor) key.
+        key: u64,
+        /// Survival probability.
+        density: f64,
+    },
+}
+
+/// The exact cut of a top-k selection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopK {
+    /// Bit pattern of the cut magnitude (|δ| as f32 bits).
+    pub threshold: u32,
+    /// How many elements equal to the cut survive (the lowest-index ones).
+    pub equal_kept: u64,
+    /// How many elements equal the cut.
+    pub equal_total: u64,
+    /// For each chunk, how many elements equal to the cut lie before it (only when `equal_kept < equal_total`).
+    pub equal_before_chunk: Vec<u64>,
+}
+
+/// The per-chunk state of a [`Keep`] rule.
+pub struct ChunkKeep<'a> {
+    keep: &'a Keep,
+    equal_seen: u64,
+}
+
+impl Keep {
+    /// State for the chunk with index `chunk` (elements `chunk·CHUNK ..`).
+    pub fn chunk(&self, chunk: usize) -> ChunkKeep<'_> {
+        let equal_seen = match self {
+            Keep::TopK(t) if t.equal_kept < t.equal_total => t.equal_before_chunk[chunk],
+            _ => 0,
+        };
+        ChunkKeep { keep: self, equal_seen }
+    }
+}
+
+impl ChunkKeep<'_> {
+    /// Whether element `index` (flat, in the whole tensor) with difference `delta` survives. Must be called
+    /// for the elements of the chunk in increasing order.
+    #[inline]
+    pub fn keeps(&mut self, index: usize, delta: f32) -> bool {
+        match self.keep {
+            Keep::All => true,
+            Keep::Nothing => false,
+            Keep::TopK(t) => {
+                let bits = delta.abs().to_bits();
+                if bits > t.threshold {
+                    true
+                } else if bits == t.threshold {
+                    self.equal_seen += 1;
+                    self.equal_seen <= t.equal_kept
+                } else {
+                    false
+                }
+            }
+            Keep::Random { key, density } => uniform(*key, index as u64) < *density,
+        }
+    }
+}
+
+/// The top-`k` rule for a tensor of `numel` elements. `magnitudes(chunk, out)` fills `out` with the
+/// |δ| bit patterns of chunk `chunk` (its length is the chunk's length).
+pub fn top_k<F>(numel: usize, k: usize, magnitudes: F) -> Keep
+where
+    F: Fn(usize, &mut [u32]) + Sync,
+{
+    if k == 0 {
+        return Keep::Nothing;
+    }
+    if k >= numel {
+        return Keep::All;
+    }
+    let chunks = numel.div_ceil(CHUNK);
+    let chunk_len = |c: usize| CHUNK.min(numel - c * CHUNK);
+    let histogram = |select: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Vec<u64> {
+        (0..chunks)
+            .into_par_iter()
+            .fold(
+                || (vec![0u64; 1 << 16], vec![0u32; CHUNK]),
+                |(mut hist, mut buf), c| {
+                    let buf_c = &mut buf[..chunk_len(c)];
+                    magnitudes(c, buf_c);
+                    for &b in buf_c.iter() {
+                        if let Some(bucket) = select(b) {
+                            hist[bucket] += 1;
+                        }
+                    }
+                    (hist, buf)
+                },
+            )
+            .map(|(h, _)| h)
+            .reduce(|| vec![0u64; 1 << 16], |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            })
+    };
+    // Walk buckets from the largest down until `need` elements are covered.
+    let find = |hist: &[u64], need: u64| -> (usize, u64) {
+        let mut above = 0u64;
+        for bucket in (0..hist.len()).rev() {
+            if above + hist[bucket] >= need {
+                return (bucket, above);
+            }
+            above += hist[bucket];
+        }
+        unreachable!("k <= numel")
+    };
+    let high_hist = histogram(&|b| Some((b >> 16) as usize));
+    let (high, above_high) = find(&high_hist, k as u64);
+    let low_hist = histogram(&|b| ((b >> 16) as usize == high).then_some((b & 0xFFFF) as usize));
+    let need = k as u64 - above_high;
+    let (low, above_low) = find(&low_hist, need);
+    let threshold = ((high as u32) << 16) | low as u32;
+    let equal_total = low_hist[low];
+    let equal_kept = need - above_low;
+    let equal_before_chunk = if equal_kept < equal_total {
+        let counts: Vec<u64> = (0..chunks)
+            .into_par_iter()
+            .map_init(
+                || vec![0u32; CHUNK],
+                |buf, c| {
+                    let buf_c = &mut buf[..chunk_len(c)];
+                    magnitudes(c, buf_c);
+                    buf_c.iter().filter(|&&b| b == threshold).count() as u64
+                },
+            )
+            .collect();
+        let mut before = Vec::with_capacity(chunks);
+        let mut sum = 0;
+        for c in counts {
+            before.push(sum);
+            sum += c;
+        }
+        before
+    } else {
+        Vec::new()
+    };
+    Keep::TopK(TopK { threshold, equal_kept, equal_total, equal_before_chunk })
+}
+
+/// mergekit's `k` for a magnitude sparsification: `max(1, int(density · numel))`, 0 for an empty tensor.
+pub fn magnitude_count(density: f64, numel: usize) -> usize {
+    if numel == 0 {
+        return 0;
+    }
+    ((density * numel as f64) as usize).max(1)
+}
+
+/// The DARE key of model position `model` in tensor `name` under `seed`.
+pub fn random_key(seed: u64, model: usize, name: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dusflow-dare-v1\0");
+    h.update(&seed.to_le_bytes());
+    h.update(&(model as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    let bytes = h.finalize();
+    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The uniform in [0, 1) of element `index` under `key` (SplitMix64 of the counter).
+#[inline]
+pub fn uniform(key: u64, index: u64) -> f64 {
+    let mut z = key.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(values: &[f32], k: usize) -> Vec<bool> {
+        let keep = top_k(values.len(), k, |c, out| {
+            let start = c * CHUNK;
+            for (o, v) in out.iter_mut().zip(&values[start..]) {
+                *o = v.abs().to_bits();
+            }
+        });
+        let mut state: Vec<_> = (0..values.len().div_ceil(CHUNK)).map(|c| keep.chunk(c)).collect();
+        values.iter().enumerate().map(|(j, v)| state[j / CHUNK].keeps(j, *v)).collect()
+    }
+
+    #[test]
+    fn top_k_matches_a_sort_with_lowest_index_ties() {
+        // Across several chunks, with many exact ties at the cut.
+        let n = CHUNK * 3 + 123;
+        let values: Vec<f32> = (0..n).map(|j| ((j * 7919 % 1000) as f32 - 500.0) / 64.0).collect();
+        for k in [1, 17, n / 10, n / 2, n - 1] {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
+            let mut expected = vec![false; n];
+            order[..k].iter().for_each(|&j| expected[j] = true);
+            assert_eq!(kept(&values, k), expected, "k = {k}");
+        }
+        assert!(kept(&values, n).iter().all(|&x| x));
+        assert!(kept(&values, 0).iter().all(|&x| !x));
+    }
+
+    #[test]
+    fn random_masks_have_the_asked_density_and_depend_on_the_key_only() {
+        let key = random_key(42, 1, "model.layers.0.mlp.up_proj.weight");
+        let n = 200_000;
+        let kept = (0..n).filter(|&j| uniform(key, j) < 0.3).count() as f64 / n as f64;
+        assert!((kept - 0.3).abs() < 0.005, "{kept}");
+        assert_ne!(key, random_key(42, 0, "model.layers.0.mlp.up_proj.weight"));
+        assert_ne!(key, random_key(43, 1, "model.layers.0.mlp.up_proj.weight"));
+        assert_eq!(key, random_key(42, 1, "model.layers.0.mlp.up_proj.weight"));
+        assert_eq!(magnitude_count(0.5, 7), 3);
+        assert_eq!(magnitude_count(0.01, 7), 1);
+    }
+}
