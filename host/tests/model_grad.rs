@@ -3,9 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
-use dusflow::model::{
-    block_causal_bias, init_trainable, packed_position_ids, ForwardOptions, Llama, LlamaConfig,
-};
+use dusflow::model::{block_causal_bias, init_trainable, packed_position_ids, ForwardOptions, Llama, LlamaConfig};
 
 fn tiny(tied: bool, kv_heads: usize) -> LlamaConfig {
     let mut cfg = LlamaConfig::tiny(50, 16, 24, 2, 4, kv_heads);
@@ -15,31 +13,16 @@ fn tiny(tied: bool, kv_heads: usize) -> LlamaConfig {
 }
 
 fn batch(dev: &Device) -> Tensor {
-    Tensor::new(
-        &[[3u32, 7, 11, 2, 40, 9, 9, 1], [5, 5, 17, 33, 2, 0, 48, 6]],
-        dev,
-    )
-    .unwrap()
+    Tensor::new(&[[3u32, 7, 11, 2, 40, 9, 9, 1], [5, 5, 17, 33, 2, 0, 48, 6]], dev).unwrap()
 }
 
 /// Mean next-token cross-entropy, from differentiable ops only.
 fn loss(model: &Llama, ids: &Tensor, opts: &ForwardOptions) -> Tensor {
     let (b, s) = ids.dims2().unwrap();
-    let logits = model
-        .forward_train(
-            &ids.narrow(1, 0, s - 1).unwrap(),
-            &ForwardOptions {
-                position_ids: opts
-                    .position_ids
-                    .as_ref()
-                    .map(|p| p.narrow(1, 0, s - 1).unwrap()),
-                attention_bias: opts
-                    .attention_bias
-                    .as_ref()
-                    .map(|m| m.narrow(2, 0, s - 1).unwrap().narrow(3, 0, s - 1).unwrap()),
-            },
-        )
-        .unwrap();
+    let logits = model.forward_train(&ids.narrow(1, 0, s - 1).unwrap(), &ForwardOptions {
+        position_ids: opts.position_ids.as_ref().map(|p| p.narrow(1, 0, s - 1).unwrap()),
+        attention_bias: opts.attention_bias.as_ref().map(|m| m.narrow(2, 0, s - 1).unwrap().narrow(3, 0, s - 1).unwrap()),
+    }).unwrap();
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     let targets = ids.narrow(1, 1, s - 1).unwrap().unsqueeze(2).unwrap();
     let picked = logp.gather(&targets.contiguous().unwrap(), 2).unwrap();
@@ -47,13 +30,7 @@ fn loss(model: &Llama, ids: &Tensor, opts: &ForwardOptions) -> Tensor {
 }
 
 fn vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let mut v: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut v: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -66,18 +43,8 @@ fn assert_all_grads_nonzero(cfg: &LlamaConfig, opts: &ForwardOptions) {
     let l = loss(&model, &batch(&dev), opts);
     let grads = l.backward().unwrap();
     for (name, var) in &all {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient reached {name}"));
-        let m = g
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {name}"));
+        let m = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(m > 0.0 && m.is_finite(), "{name}: gradient max |g| = {m}");
     }
 }
@@ -97,10 +64,7 @@ fn every_weight_gets_a_gradient_tied_gqa_sliding_window() {
 #[test]
 fn every_weight_gets_a_gradient_with_packed_documents() {
     let dev = Device::Cpu;
-    let docs = vec![
-        vec![0u32, 0, 0, 1, 1, 1, 1, 1],
-        vec![0, 0, 0, 0, 0, 2, 2, 2],
-    ];
+    let docs = vec![vec![0u32, 0, 0, 1, 1, 1, 1, 1], vec![0, 0, 0, 0, 0, 2, 2, 2]];
     let opts = ForwardOptions {
         position_ids: Some(packed_position_ids(&docs, &dev).unwrap()),
         attention_bias: Some(block_causal_bias(&docs, &dev).unwrap()),
@@ -122,29 +86,10 @@ fn packed_documents_match_separate_forwards() {
         attention_bias: Some(block_causal_bias(&docs, &dev).unwrap()),
     };
     let got = model.forward_train(&packed, &opts).unwrap();
-    let la = model
-        .forward_train(
-            &Tensor::new(&[a], &dev).unwrap(),
-            &ForwardOptions::default(),
-        )
-        .unwrap();
-    let lb = model
-        .forward_train(
-            &Tensor::new(&[b], &dev).unwrap(),
-            &ForwardOptions::default(),
-        )
-        .unwrap();
+    let la = model.forward_train(&Tensor::new(&[a], &dev).unwrap(), &ForwardOptions::default()).unwrap();
+    let lb = model.forward_train(&Tensor::new(&[b], &dev).unwrap(), &ForwardOptions::default()).unwrap();
     let want = Tensor::cat(&[&la, &lb], 1).unwrap();
-    let d = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-5, "packed logits differ by {d}");
 }
 
@@ -161,35 +106,23 @@ fn gradient_matches_finite_differences() {
         let eps = 1e-5;
         let mut checked = 0;
         for (name, var) in vars(&varmap) {
-            let analytic: Vec<f64> = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let analytic: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let original = var.as_tensor().copy().unwrap();
             let flat: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
             // The entry with the largest gradient and one fixed entry.
-            let top = (0..flat.len())
-                .max_by(|&a, &b| analytic[a].abs().total_cmp(&analytic[b].abs()))
-                .unwrap();
+            let top = (0..flat.len()).max_by(|&a, &b| analytic[a].abs().total_cmp(&analytic[b].abs())).unwrap();
             for idx in [top, flat.len() / 3] {
                 let eval = |delta: f64| {
                     let mut v = flat.clone();
                     v[idx] += delta;
-                    var.set(&Tensor::from_vec(v, original.shape(), &dev).unwrap())
-                        .unwrap();
+                    var.set(&Tensor::from_vec(v, original.shape(), &dev).unwrap()).unwrap();
                     loss(&model, &ids, &opts).to_scalar::<f64>().unwrap()
                 };
                 let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
                 var.set(&original).unwrap();
                 let a = analytic[idx];
                 let err = (numeric - a).abs() / a.abs().max(numeric.abs()).max(1e-6);
-                assert!(
-                    err < 1e-4 || (numeric - a).abs() < 1e-9,
-                    "{name}[{idx}] (tied={tied}): backprop {a:e}, finite difference {numeric:e}"
-                );
+                assert!(err < 1e-4 || (numeric - a).abs() < 1e-9, "{name}[{idx}] (tied={tied}): backprop {a:e}, finite difference {numeric:e}");
                 checked += 1;
             }
         }

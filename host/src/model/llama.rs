@@ -41,9 +41,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model of `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; num_layers],
-        }
+        KvCache { layers: vec![None; num_layers] }
     }
 
     /// Number of cached positions.
@@ -103,13 +101,8 @@ impl Llama {
         cfg.validate()?;
         let shapes = cfg.weight_shapes();
         let get = |name: &str| -> Result<Tensor> {
-            let shape = &shapes
-                .iter()
-                .find(|(n, _)| n == name)
-                .expect("known weight")
-                .1;
-            vb.get(shape.as_slice(), name)
-                .with_context(|| format!("weight {name}"))
+            let shape = &shapes.iter().find(|(n, _)| n == name).expect("known weight").1;
+            vb.get(shape.as_slice(), name).with_context(|| format!("weight {name}"))
         };
         let embed = get("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -128,20 +121,9 @@ impl Llama {
             });
         }
         let norm = get("model.norm.weight")?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            get("lm_head.weight")?
-        };
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight")? };
         let inv_freq = rope_inv_freq(cfg, embed.device())?;
-        Ok(Llama {
-            cfg: cfg.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
-        })
+        Ok(Llama { cfg: cfg.clone(), embed, layers, norm, lm_head, inv_freq })
     }
 
     /// The configuration.
@@ -197,10 +179,7 @@ impl Llama {
         opts: &ForwardOptions,
         last_only: bool,
     ) -> Result<Tensor> {
-        ensure!(
-            cache.layers.len() == self.layers.len(),
-            "KV cache has the wrong number of layers"
-        );
+        ensure!(cache.layers.len() == self.layers.len(), "KV cache has the wrong number of layers");
         self.run(input_ids, opts, Some(cache), Path::Fast, last_only)
     }
 
@@ -218,35 +197,23 @@ impl Llama {
         path: Path,
         last_only: bool,
     ) -> Result<Tensor> {
-        let (b, s) = input_ids
-            .dims2()
-            .context("input_ids must be (batch, seq)")?;
+        let (b, s) = input_ids.dims2().context("input_ids must be (batch, seq)")?;
         ensure!(s > 0, "empty input");
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let dev = self.device();
         let positions = match &opts.position_ids {
             Some(p) => {
-                ensure!(
-                    p.dims() == [b, s],
-                    "position_ids must have shape ({b}, {s}), got {:?}",
-                    p.dims()
-                );
+                ensure!(p.dims() == [b, s], "position_ids must have shape ({b}, {s}), got {:?}", p.dims());
                 p.to_dtype(DType::F32)?
             }
-            None => Tensor::arange(past as f32, (past + s) as f32, dev)?
-                .unsqueeze(0)?
-                .repeat((b, 1))?,
+            None => Tensor::arange(past as f32, (past + s) as f32, dev)?.unsqueeze(0)?.repeat((b, 1))?,
         };
         let (cos, sin) = self.rope_tables(&positions, path)?;
         let bias = match &opts.attention_bias {
             Some(m) => {
                 let d = m.dims();
                 ensure!(
-                    d.len() == 4
-                        && (d[0] == b || d[0] == 1)
-                        && d[1] == 1
-                        && d[2] == s
-                        && d[3] == past + s,
+                    d.len() == 4 && (d[0] == b || d[0] == 1) && d[1] == 1 && d[2] == s && d[3] == past + s,
                     "attention_bias must have shape ({b} or 1, 1, {s}, {}), got {d:?}",
                     past + s
                 );
@@ -255,22 +222,10 @@ impl Llama {
             None if s == 1 && self.cfg.sliding_window.is_none_or(|w| past < w) => None,
             None => Some(causal_bias(s, past, self.cfg.sliding_window, dev)?),
         };
-        let mut x = self
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden_size))?;
         for (l, w) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &w.input_norm, self.cfg.rms_norm_eps, path)?;
-            let a = self.attention(
-                l,
-                w,
-                &h,
-                &cos,
-                &sin,
-                bias.as_ref(),
-                cache.as_deref_mut(),
-                path,
-            )?;
+            let a = self.attention(l, w, &h, &cos, &sin, bias.as_ref(), cache.as_deref_mut(), path)?;
             x = (x + a)?;
             let h = rms_norm(&x, &w.post_norm, self.cfg.rms_norm_eps, path)?;
             let gate = linear(&h, &w.gate)?;
@@ -287,18 +242,13 @@ impl Llama {
 
     /// cos/sin of shape `(batch, seq, head_dim)` (differentiable path) or `(batch, seq, head_dim/2)` (fused rope).
     fn rope_tables(&self, positions: &Tensor, path: Path) -> Result<(Tensor, Tensor)> {
-        let freqs = positions
-            .unsqueeze(2)?
-            .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let freqs = positions.unsqueeze(2)?.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
         let freqs = match path {
             Path::Differentiable => Tensor::cat(&[&freqs, &freqs], 2)?,
             Path::Fast => freqs,
         };
         let dtype = self.dtype();
-        Ok((
-            freqs.cos()?.to_dtype(dtype)?.contiguous()?,
-            freqs.sin()?.to_dtype(dtype)?.contiguous()?,
-        ))
+        Ok((freqs.cos()?.to_dtype(dtype)?.contiguous()?, freqs.sin()?.to_dtype(dtype)?.contiguous()?))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -314,28 +264,12 @@ impl Llama {
         path: Path,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_kv_heads(),
-            self.cfg.head_dim(),
-        );
-        let q = linear(x, &w.q)?
-            .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = linear(x, &w.k)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = linear(x, &w.v)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_kv_heads(), self.cfg.head_dim());
+        let q = linear(x, &w.q)?.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = linear(x, &w.k)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = linear(x, &w.v)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (q, k) = match path {
-            Path::Differentiable => (
-                rope_differentiable(&q, cos, sin)?,
-                rope_differentiable(&k, cos, sin)?,
-            ),
+            Path::Differentiable => (rope_differentiable(&q, cos, sin)?, rope_differentiable(&k, cos, sin)?),
             Path::Fast => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
@@ -359,11 +293,7 @@ impl Llama {
             Path::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
         };
         let probs = probs.to_dtype(v.dtype())?.reshape((b, nkv, rep * s, t))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, s, hd))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         linear(&out, &w.o)
     }
 }
@@ -384,11 +314,7 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// RMSNorm as in transformers: normalise in f32, cast back, then scale.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
     match path {
-        Path::Fast => Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            weight,
-            eps as f32,
-        )?),
+        Path::Fast => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?),
         Path::Differentiable => {
             let dtype = x.dtype();
             let xf = x.to_dtype(upcast(dtype))?;
@@ -414,28 +340,18 @@ fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 fn rope_inv_freq(cfg: &LlamaConfig, dev: &Device) -> Result<Tensor> {
     let d = cfg.head_dim();
     let base = cfg.rope_base() as f32;
-    let inv: Vec<f32> = (0..d)
-        .step_by(2)
-        .map(|i| 1.0 / base.powf(i as f32 / d as f32))
-        .collect();
+    let inv: Vec<f32> = (0..d).step_by(2).map(|i| 1.0 / base.powf(i as f32 / d as f32)).collect();
     Ok(Tensor::from_vec(inv, d / 2, dev)?)
 }
 
 /// Causal attention bias `(1, 1, seq, past + seq)`: query `i` (absolute `past + i`) sees keys `j <= past + i`,
 /// and with a sliding window only keys with `past + i - j < window`.
-pub fn causal_bias(
-    seq: usize,
-    past: usize,
-    sliding_window: Option<usize>,
-    dev: &Device,
-) -> Result<Tensor> {
+pub fn causal_bias(seq: usize, past: usize, sliding_window: Option<usize>, dev: &Device) -> Result<Tensor> {
     let t = past + seq;
     let mut data = vec![MASKED; seq * t];
     for i in 0..seq {
         let qi = past + i;
-        let lo = sliding_window
-            .map(|w| (qi + 1).saturating_sub(w))
-            .unwrap_or(0);
+        let lo = sliding_window.map(|w| (qi + 1).saturating_sub(w)).unwrap_or(0);
         for j in lo..=qi {
             data[i * t + j] = 0.0;
         }
@@ -461,9 +377,7 @@ pub fn padded_causal_bias(
         ensure!(valid.len() == t, "key_valid rows must all have length {t}");
         for i in 0..seq {
             let qi = past + i;
-            let lo = sliding_window
-                .map(|w| (qi + 1).saturating_sub(w))
-                .unwrap_or(0);
+            let lo = sliding_window.map(|w| (qi + 1).saturating_sub(w)).unwrap_or(0);
             for j in lo..=qi {
                 if valid[j] {
                     data[(r * seq + i) * t + j] = 0.0;

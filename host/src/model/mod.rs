@@ -16,19 +16,10 @@ pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
 
-pub use checkpoint_writer::{
-    write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
-};
+pub use checkpoint_writer::{write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint};
 pub use config::LlamaConfig;
-pub use generation::{
-    generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling,
-};
-pub use llama::{
-    block_causal_bias, causal_bias, packed_position_ids, padded_causal_bias, ForwardOptions,
-    KvCache, Llama,
-};
+pub use generation::{generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling};
+pub use llama::{block_causal_bias, causal_bias, packed_position_ids, padded_causal_bias, ForwardOptions, KvCache, Llama};
 pub use tensor_store::{TensorMeta, TensorStore};
 pub use tokenizer::Tokenizer;
-pub use weights::{
-    init_trainable, load_model, load_trainable, save_model, save_tensors, SaveOptions,
-};
+pub use weights::{init_trainable, load_model, load_trainable, save_model, save_tensors, SaveOptions};

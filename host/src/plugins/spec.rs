@@ -44,9 +44,6 @@ impl PluginLimits {
 
 impl Default for PluginLimits {
     fn default() -> Self {
-        Self {
-            timeout_ms: Self::default_timeout_ms(),
-            memory_mb: Self::default_memory_mb(),
-        }
+        Self { timeout_ms: Self::default_timeout_ms(), memory_mb: Self::default_memory_mb() }
     }
 }

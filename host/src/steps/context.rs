@@ -47,11 +47,7 @@ impl StepContext {
         match self.inputs.get(slot).map(Vec::as_slice) {
             Some([one]) => Ok(one),
             Some([]) | None => bail!("step `{}` has no input `{slot}`", self.step),
-            Some(many) => bail!(
-                "step `{}` input `{slot}` has {} artifacts, expected one",
-                self.step,
-                many.len()
-            ),
+            Some(many) => bail!("step `{}` input `{slot}` has {} artifacts, expected one", self.step, many.len()),
         }
     }
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Merge benchmark: dusflow vs mergekit on the same two ~1.7 GB random bf16 Llamas (plus a base for TIES),
+# one run each, same machine, wall time and peak RSS from /usr/bin/time, then parity of the outputs.
+#
+#   scripts/bench-merge.sh [WORKDIR]      (default /tmp/dus-bench-merge; needs ~12 GB of disk)
+#
+# MERGEKIT (default /work/.venvs/mergekit/bin/mergekit-yaml) must be mergekit 0.1.5. mergekit runs with
+# `dtype: bfloat16` for linear and SLERP (its kernels compute in f32 and round once, as we do: the fastest
+# setting with the same result) and `dtype: float32` for TIES (f32 arithmetic, as we do); output bf16.
+set -euo pipefail
+WORK=${1:-/tmp/dus-bench-merge}
+MERGEKIT=${MERGEKIT:-/work/.venvs/mergekit/bin/mergekit-yaml}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+cargo build --release -p dusflow --example bench_merge --manifest-path "$ROOT/Cargo.toml" >&2
+BENCH=$CARGO_TARGET_DIR/release/examples/bench_merge
+mkdir -p "$WORK"
+[ -f "$WORK/models/b/model.safetensors" ] || "$BENCH" gen "$WORK/models"
+
+measure() { # label, command... → "seconds peak_kib" on stdout
+    local log=$WORK/$1.time
+    shift
+    /usr/bin/time -f "%e %M" -o "$log" "$@" >"$log.out" 2>&1 || { cat "$log.out" >&2; exit 1; }
+    cat "$log"
+}
+
+printf '%-8s %12s %12s %14s %14s %9s %9s\n' method dusflow_s mergekit_s dusflow_rss_MB mergekit_rss_MB speedup rss_ratio
+for method in linear slerp ties; do
+    case $method in
+        linear) cfg="merge_method: linear
+dtype: bfloat16
+models:
+  - {model: $WORK/models/a, parameters: {weight: 0.5}}
+  - {model: $WORK/models/b, parameters: {weight: 0.5}}" ;;
+        slerp) cfg="merge_method: slerp
+dtype: bfloat16
+base_model: $WORK/models/a
+models:
+  - {model: $WORK/models/a}
+  - {model: $WORK/models/b}
+parameters: {t: 0.5}" ;;
+        ties) cfg="merge_method: ties
+dtype: float32
+base_model: $WORK/models/base
+models:
+  - {model: $WORK/models/a, parameters: {weight: 1.0, density: 0.5}}
+  - {model: $WORK/models/b, parameters: {weight: 1.0, density: 0.5}}" ;;
+    esac
+    printf '%s\nout_dtype: bfloat16\n' "$cfg" >"$WORK/$method.yml"
+    rm -rf "$WORK/out-dus-$method" "$WORK/out-mk-$method"
+    sync
+    read -r dus_s dus_kb < <(measure "dus-$method" "$BENCH" merge "$method" "$WORK/models" "$WORK/out-dus-$method")
+    sync
+    read -r mk_s mk_kb < <(measure "mk-$method" "$MERGEKIT" "$WORK/$method.yml" "$WORK/out-mk-$method" --no-copy-tokenizer --quiet)
+    awk -v m="$method" -v ds="$dus_s" -v ms="$mk_s" -v dk="$dus_kb" -v mk="$mk_kb" 'BEGIN {
+        printf "%-8s %12.2f %12.2f %14.0f %14.0f %8.1fx %8.1fx\n", m, ds, ms, dk/1024, mk/1024, ms/ds, mk/dk }'
+    echo "  parity: $("$BENCH" compare "$WORK/out-dus-$method" "$WORK/out-mk-$method")"
+done
