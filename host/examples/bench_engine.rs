@@ -12,9 +12,13 @@ use tokio_util::sync::CancellationToken;
 const STEPS: usize = 200;
 
 fn generated_workflow() -> String {
-    let mut w = String::from("[workflow]\nname = \"bench\"\n\n[datasets.data]\npath = \"data.txt\"\n\n");
+    let mut w =
+        String::from("[workflow]\nname = \"bench\"\n\n[datasets.data]\npath = \"data.txt\"\n\n");
     for i in 0..STEPS {
-        let _ = writeln!(w, "[steps.s{i}]\nkind = \"command\"\nrun = [\"true\", \"{i}\"]");
+        let _ = writeln!(
+            w,
+            "[steps.s{i}]\nkind = \"command\"\nrun = [\"true\", \"{i}\"]"
+        );
         let mut inputs = Vec::new();
         if i > 0 {
             inputs.push(format!("\"s{}\"", i - 1));
@@ -35,7 +39,10 @@ fn generated_workflow() -> String {
 
 async fn wait_finished(rx: &mut tokio::sync::mpsc::UnboundedReceiver<engine::Stamped>) {
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("timeout").expect("open");
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("timeout")
+            .expect("open");
         if matches!(ev.event, Event::RunFinished { .. }) {
             return;
         }
@@ -78,7 +85,10 @@ async fn main() -> anyhow::Result<()> {
         "[workflow]\nname = \"w\"\n[steps.a]\nkind = \"command\"\nrun = \"cat input.txt > $DUS_OUT/x\"\nfiles = [\"input.txt\"]\n[steps.b]\nkind = \"command\"\nrun = \"true\"\n",
     )?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let opts = RunOptions { events: EventSink::default().with_channel(tx), ..RunOptions::default() };
+    let opts = RunOptions {
+        events: EventSink::default().with_channel(tx),
+        ..RunOptions::default()
+    };
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let reg = registry.clone();
@@ -90,7 +100,9 @@ async fn main() -> anyhow::Result<()> {
         let t0 = Instant::now();
         std::fs::write(wdir.path().join("input.txt"), i.to_string())?;
         loop {
-            let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await?.expect("open");
+            let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await?
+                .expect("open");
             if let Event::StepStarted { step, .. } = ev.event {
                 assert_eq!(step, "a");
                 latencies.push(t0.elapsed().as_secs_f64() * 1e3);

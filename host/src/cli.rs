@@ -97,10 +97,18 @@ pub fn main() -> ExitCode {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DUS_LOG").unwrap_or_else(|_| level.into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(progress.log_writer()).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DUS_LOG").unwrap_or_else(|_| level.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(progress.log_writer())
+        .init();
     let registry = Registry::builtin();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(dispatch(cli.command, &registry, progress));
     match result {
         Ok(code) => code,
@@ -116,11 +124,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, registry: &Registry, progress: Progress) -> anyhow::Result<ExitCode> {
+async fn dispatch(
+    command: Command,
+    registry: &Registry,
+    progress: Progress,
+) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { file, common } => {
             let shutdown = ctrl_c_token();
-            let summary = engine::run(&file, registry, common.options(progress), shutdown.clone()).await?;
+            let summary =
+                engine::run(&file, registry, common.options(progress), shutdown.clone()).await?;
             eprint!("{}", summary::render_summary(&summary));
             Ok(if shutdown.is_cancelled() {
                 ExitCode::from(130)

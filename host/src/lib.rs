@@ -4,6 +4,7 @@
 //! and watched), then [`steps`] (the step kinds).
 
 pub mod cli;
+pub mod device;
 pub mod engine;
 pub mod model;
 pub mod plugins;

@@ -36,11 +36,25 @@ text = "O"
 "#;
 
 fn opts(jobs: usize) -> RunOptions {
-    RunOptions { jobs: Some(jobs), ..RunOptions::default() }
+    RunOptions {
+        jobs: Some(jobs),
+        ..RunOptions::default()
+    }
 }
 
-async fn run(p: &Project, registry: &dusflow::steps::Registry, jobs: usize) -> dusflow::engine::RunSummary {
-    engine::run(&p.workflow(), registry, opts(jobs), CancellationToken::new()).await.expect("run")
+async fn run(
+    p: &Project,
+    registry: &dusflow::steps::Registry,
+    jobs: usize,
+) -> dusflow::engine::RunSummary {
+    engine::run(
+        &p.workflow(),
+        registry,
+        opts(jobs),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("run")
 }
 
 #[tokio::test]
@@ -100,8 +114,18 @@ async fn force_reruns_a_cached_step_only() {
     p.write("words.txt", "hello");
     run(&p, &k.registry, 2).await;
     k.log.clear();
-    let options = RunOptions { force: ["b".to_string()].into(), ..opts(2) };
-    let s = engine::run(&p.workflow(), &k.registry, options, CancellationToken::new()).await.unwrap();
+    let options = RunOptions {
+        force: ["b".to_string()].into(),
+        ..opts(2)
+    };
+    let s = engine::run(
+        &p.workflow(),
+        &k.registry,
+        options,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(k.log.names(), ["b"]);
     assert!(s.succeeded());
 }
@@ -130,7 +154,11 @@ repeat = 3
     k.log.clear();
     p.edit("repeat = 2", "repeat = 1");
     run(&p, &k.registry, 2).await;
-    assert_eq!(k.log.names(), ["x"], "only the step that used the default reruns");
+    assert_eq!(
+        k.log.names(),
+        ["x"],
+        "only the step that used the default reruns"
+    );
 }
 
 #[tokio::test]
@@ -164,22 +192,33 @@ async fn a_failing_step_stops_its_dependents_but_not_unrelated_branches() {
     p.write("words.txt", "hello");
     p.edit("text = \"B\"", "text = \"B\"\nfail = true");
     let s = run(&p, &k.registry, 2).await;
-    assert!(matches!(&s.step("b").unwrap().status, StepStatus::Failed(m) if m.contains("asked to fail")));
+    assert!(
+        matches!(&s.step("b").unwrap().status, StepStatus::Failed(m) if m.contains("asked to fail"))
+    );
     assert!(matches!(&s.step("c").unwrap().status, StepStatus::Skipped(m) if m.contains("`b`")));
     assert_eq!(s.step("a").unwrap().status, StepStatus::Ran);
     assert_eq!(s.step("other").unwrap().status, StepStatus::Ran);
-    assert!(!s.step("b").unwrap().dir.exists(), "a failed step leaves no artifact");
+    assert!(
+        !s.step("b").unwrap().dir.exists(),
+        "a failed step leaves no artifact"
+    );
 }
 
 #[tokio::test]
 async fn a_missing_input_file_blocks_the_steps_that_need_it() {
     let k = test_kinds();
     let p = Project::new(CHAIN); // words.txt is not written
-    let plan = engine::plan_workflow(engine::load(&p.workflow(), &k.registry, &opts(1)).unwrap(), &opts(1)).unwrap();
+    let plan = engine::plan_workflow(
+        engine::load(&p.workflow(), &k.registry, &opts(1)).unwrap(),
+        &opts(1),
+    )
+    .unwrap();
     let text = engine::summary::render_plan(&plan);
     assert!(text.contains("blocked") && text.contains("words"), "{text}");
     let s = run(&p, &k.registry, 2).await;
-    assert!(matches!(&s.step("b").unwrap().status, StepStatus::Blocked(m) if m.contains("words.txt")));
+    assert!(
+        matches!(&s.step("b").unwrap().status, StepStatus::Blocked(m) if m.contains("words.txt"))
+    );
     assert_eq!(s.step("a").unwrap().status, StepStatus::Ran);
 }
 
@@ -202,16 +241,26 @@ inputs = { from = "long" }
     let registry = k.registry.clone();
     let wf = p.workflow();
     let token = shutdown.clone();
-    let handle = tokio::spawn(async move { engine::run(&wf, &registry, opts(2), token).await.unwrap() });
+    let handle =
+        tokio::spawn(async move { engine::run(&wf, &registry, opts(2), token).await.unwrap() });
     let started = k.hold_started.clone();
-    tokio::task::spawn_blocking(move || wait_hold_started(&started, 1)).await.unwrap();
+    tokio::task::spawn_blocking(move || wait_hold_started(&started, 1))
+        .await
+        .unwrap();
     shutdown.cancel();
     let s = handle.await.unwrap();
     assert_eq!(s.step("long").unwrap().status, StepStatus::Cancelled);
-    assert!(matches!(s.step("after").unwrap().status, StepStatus::Skipped(_)));
+    assert!(matches!(
+        s.step("after").unwrap().status,
+        StepStatus::Skipped(_)
+    ));
     assert!(!s.step("long").unwrap().dir.exists());
     // Nothing is complete, so the next run starts the step again.
-    let plan = engine::plan_workflow(engine::load(&p.workflow(), &k.registry, &opts(1)).unwrap(), &opts(1)).unwrap();
+    let plan = engine::plan_workflow(
+        engine::load(&p.workflow(), &k.registry, &opts(1)).unwrap(),
+        &opts(1),
+    )
+    .unwrap();
     assert_eq!(plan.to_run(), 2);
 }
 
@@ -298,7 +347,10 @@ repeat = 1000
     );
     let rendered = e.to_string();
     let find = |key: &str| {
-        e.diagnostics.iter().find(|d| d.key == key).unwrap_or_else(|| panic!("no error for {key} in:\n{rendered}"))
+        e.diagnostics
+            .iter()
+            .find(|d| d.key == key)
+            .unwrap_or_else(|| panic!("no error for {key} in:\n{rendered}"))
     };
     assert_eq!(e.diagnostics.len(), 6, "{rendered}");
     let d = find("workflow.colour");
@@ -318,7 +370,10 @@ repeat = 1000
     let d = find("steps.e.repeat");
     assert_eq!(d.line, 25);
     assert!(d.message.contains("at most 100"));
-    assert!(rendered.contains("flow.toml:12:1: steps.b.rpeat:"), "{rendered}");
+    assert!(
+        rendered.contains("flow.toml:12:1: steps.b.rpeat:"),
+        "{rendered}"
+    );
 }
 
 #[test]
@@ -371,7 +426,10 @@ inputs = { from = "base", into = "a" }
         &k.registry,
     );
     let text = e.to_string();
-    assert!(text.contains("`base` is a model, but input `from` takes a files or a dataset"), "{text}");
+    assert!(
+        text.contains("`base` is a model, but input `from` takes a files or a dataset"),
+        "{text}"
+    );
     assert!(text.contains("has no input `into`"), "{text}");
     assert!(text.contains("flow.toml:8:"), "{text}");
 }
@@ -379,7 +437,10 @@ inputs = { from = "base", into = "a" }
 #[test]
 fn toml_syntax_errors_point_at_the_line() {
     let k = test_kinds();
-    let e = errors_of("[workflow]\nname = \"x\"\n[steps.a\nkind = 1\n", &k.registry);
+    let e = errors_of(
+        "[workflow]\nname = \"x\"\n[steps.a\nkind = 1\n",
+        &k.registry,
+    );
     assert_eq!(e.diagnostics[0].line, 3, "{e}");
     assert!(e.diagnostics[0].message.starts_with("TOML syntax"), "{e}");
 }
@@ -390,7 +451,13 @@ fn graph_renders_dot_and_mermaid() {
     let p = Project::new(CHAIN);
     let wf = Workflow::load(&p.workflow(), &k.registry).unwrap();
     let dot = dusflow::workflow::render::dot(&wf);
-    assert!(dot.starts_with("digraph") && dot.contains("\"step:a\" -> \"step:b\" [label=\"from\"]"), "{dot}");
+    assert!(
+        dot.starts_with("digraph") && dot.contains("\"step:a\" -> \"step:b\" [label=\"from\"]"),
+        "{dot}"
+    );
     let mermaid = dusflow::workflow::render::mermaid(&wf);
-    assert!(mermaid.starts_with("flowchart LR") && mermaid.contains("-->|from|"), "{mermaid}");
+    assert!(
+        mermaid.starts_with("flowchart LR") && mermaid.contains("-->|from|"),
+        "{mermaid}"
+    );
 }

@@ -39,7 +39,10 @@ text = "O"
 async fn next_run(rx: &mut UnboundedReceiver<Stamped>) -> BTreeSet<String> {
     let mut started = BTreeSet::new();
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no event within 30 s").expect("open");
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("no event within 30 s")
+            .expect("open");
         match ev.event {
             Event::StepStarted { step, .. } => {
                 started.insert(step);
@@ -52,7 +55,10 @@ async fn next_run(rx: &mut UnboundedReceiver<Stamped>) -> BTreeSet<String> {
 
 async fn next_invalid(rx: &mut UnboundedReceiver<Stamped>) -> String {
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no event within 30 s").expect("open");
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("no event within 30 s")
+            .expect("open");
         if let Event::WorkflowInvalid { errors } = ev.event {
             return errors;
         }
@@ -69,28 +75,106 @@ async fn watch_reruns_exactly_the_affected_steps() {
     let p = Project::new(FLOW);
     p.write("words.txt", "hello");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let options = RunOptions { jobs: Some(2), events: EventSink::default().with_channel(tx), ..RunOptions::default() };
+    let options = RunOptions {
+        jobs: Some(2),
+        events: EventSink::default().with_channel(tx),
+        ..RunOptions::default()
+    };
     let shutdown = CancellationToken::new();
     let registry = k.registry.clone();
     let file = p.workflow();
     let token = shutdown.clone();
-    let watcher = tokio::spawn(async move { engine::watch::watch(&file, &registry, options, token).await });
+    let watcher =
+        tokio::spawn(async move { engine::watch::watch(&file, &registry, options, token).await });
 
     assert_eq!(next_run(&mut rx).await, set(&["a", "b", "c", "other"]));
 
     p.edit("text = \"B\"", "text = \"B2\"");
-    assert_eq!(next_run(&mut rx).await, set(&["b", "c"]), "a parameter edit reruns the step and its dependents");
+    assert_eq!(
+        next_run(&mut rx).await,
+        set(&["b", "c"]),
+        "a parameter edit reruns the step and its dependents"
+    );
 
     p.write("words.txt", "world");
-    assert_eq!(next_run(&mut rx).await, set(&["b", "c"]), "a dataset edit reruns its readers");
+    assert_eq!(
+        next_run(&mut rx).await,
+        set(&["b", "c"]),
+        "a dataset edit reruns its readers"
+    );
 
     p.edit("text = \"O\"", "text = 5");
     let errors = next_invalid(&mut rx).await;
     assert!(errors.contains("steps.other.text"), "{errors}");
 
     p.edit("text = 5", "text = \"O2\"");
-    assert_eq!(next_run(&mut rx).await, set(&["other"]), "after the fix only the edited step runs");
+    assert_eq!(
+        next_run(&mut rx).await,
+        set(&["other"]),
+        "after the fix only the edited step runs"
+    );
 
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), watcher).await.expect("watch stops").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("watch stops")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_cancels_the_running_step_it_affects_and_restarts_it() {
+    let k = test_kinds();
+    let p = Project::new("[workflow]\nname = \"w\"\n[steps.long]\nkind = \"hold\"\ntag = \"1\"\n[steps.quick]\nkind = \"text\"\ntext = \"q\"\n");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let options = RunOptions {
+        jobs: Some(2),
+        events: EventSink::default().with_channel(tx),
+        ..RunOptions::default()
+    };
+    let shutdown = CancellationToken::new();
+    let (registry, file, token) = (k.registry.clone(), p.workflow(), shutdown.clone());
+    let watcher =
+        tokio::spawn(async move { engine::watch::watch(&file, &registry, options, token).await });
+
+    // First run: wait until `quick` finished and `long` is running.
+    let (mut quick_done, mut long_started) = (false, false);
+    while !(quick_done && long_started) {
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("event")
+            .expect("open");
+        match ev.event {
+            Event::StepStarted { step, .. } if step == "long" => long_started = true,
+            Event::StepFinished { step, .. } if step == "quick" => quick_done = true,
+            _ => {}
+        }
+    }
+    let started = k.hold_started.clone();
+    tokio::task::spawn_blocking(move || common::wait_hold_started(&started, 1))
+        .await
+        .unwrap();
+    p.edit("tag = \"1\"", "tag = \"2\"");
+    // The old `long` is cancelled, a new `long` (new key) starts; `quick` is not rerun.
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|s: &String| s == "started long")
+        && seen.iter().any(|s| s == "cancelled long"))
+    {
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("event")
+            .expect("open");
+        match ev.event {
+            Event::StepStarted { step, .. } => seen.push(format!("started {step}")),
+            Event::StepFinished { step, status, .. } => seen.push(format!("{status} {step}")),
+            _ => {}
+        }
+    }
+    assert!(!seen.iter().any(|s| s == "started quick"), "{seen:?}");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("watch stops")
+        .unwrap()
+        .unwrap();
 }

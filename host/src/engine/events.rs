@@ -86,7 +86,13 @@ impl EventSink {
 
     /// Delivers one event.
     pub fn emit(&self, event: Event) {
-        let stamped = Stamped { unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis(), event };
+        let stamped = Stamped {
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+            event,
+        };
         if let Some(log) = &self.log {
             let path = log.lock().expect("event log lock");
             if let Some(dir) = path.parent() {

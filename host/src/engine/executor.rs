@@ -83,7 +83,10 @@ impl RunSummary {
 
     /// Steps with the given status word.
     pub fn count(&self, word: &str) -> usize {
-        self.steps.iter().filter(|s| s.status.word() == word).count()
+        self.steps
+            .iter()
+            .filter(|s| s.status.word() == word)
+            .count()
     }
 
     /// The report of step `name`.
@@ -126,7 +129,11 @@ pub struct Executor {
 
 impl Executor {
     /// An executor writing into `store`. Cancelling `shutdown` (Ctrl-C) cancels every running step.
-    pub fn new(store: ArtifactStore, options: ExecutorOptions, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        store: ArtifactStore,
+        options: ExecutorOptions,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -159,7 +166,9 @@ impl Executor {
     /// running steps to finish (a newer plan may adopt them).
     pub async fn run(&self, plan: Arc<Plan>, superseded: CancellationToken) -> RunSummary {
         let inner = &self.inner;
-        inner.events.emit(Event::RunStarted { steps: plan.steps.len() });
+        inner.events.emit(Event::RunStarted {
+            steps: plan.steps.len(),
+        });
         let n = plan.steps.len();
         let mut results: Vec<Option<(StepStatus, Duration)>> = vec![None; n];
         let mut launched = vec![false; n];
@@ -173,9 +182,18 @@ impl Executor {
                 if step.upstream.iter().any(|&u| results[u].is_none()) {
                     continue;
                 }
-                if let Some(&bad) = step.upstream.iter().find(|&&u| !results[u].as_ref().expect("done").0.is_success()) {
+                if let Some(&bad) = step
+                    .upstream
+                    .iter()
+                    .find(|&&u| !results[u].as_ref().expect("done").0.is_success())
+                {
                     let reason = format!("`{}` did not succeed", plan.steps[bad].name);
-                    self.finish(step, StepStatus::Skipped(reason), Duration::ZERO, &mut results);
+                    self.finish(
+                        step,
+                        StepStatus::Skipped(reason),
+                        Duration::ZERO,
+                        &mut results,
+                    );
                     continue;
                 }
                 if inner.shutdown.is_cancelled() {
@@ -183,11 +201,19 @@ impl Executor {
                     continue;
                 }
                 match &step.status {
-                    PlanStatus::Cached => self.finish(step, StepStatus::Cached, Duration::ZERO, &mut results),
-                    PlanStatus::Blocked(reason) => {
-                        self.finish(step, StepStatus::Blocked(reason.clone()), Duration::ZERO, &mut results)
+                    PlanStatus::Cached => {
+                        self.finish(step, StepStatus::Cached, Duration::ZERO, &mut results)
                     }
-                    PlanStatus::Run(_) if !step.forced && inner.store.complete(&step.name, &step.key).is_some() => {
+                    PlanStatus::Blocked(reason) => self.finish(
+                        step,
+                        StepStatus::Blocked(reason.clone()),
+                        Duration::ZERO,
+                        &mut results,
+                    ),
+                    PlanStatus::Run(_)
+                        if !step.forced
+                            && inner.store.complete(&step.name, &step.key).is_some() =>
+                    {
                         self.finish(step, StepStatus::Cached, Duration::ZERO, &mut results)
                     }
                     PlanStatus::Run(_) => {
@@ -197,7 +223,9 @@ impl Executor {
                         waiting.spawn(async move {
                             let status = match done.wait_for(Option::is_some).await {
                                 Ok(s) => s.clone().expect("some"),
-                                Err(_) => StepStatus::Failed("step task ended without a result".into()),
+                                Err(_) => {
+                                    StepStatus::Failed("step task ended without a result".into())
+                                }
                             };
                             (i, status, started.elapsed())
                         });
@@ -227,22 +255,45 @@ impl Executor {
         summary
     }
 
-    fn finish(&self, step: &PlannedStep, status: StepStatus, elapsed: Duration, results: &mut [Option<(StepStatus, Duration)>]) {
-        if !matches!(status, StepStatus::Ran | StepStatus::Failed(_) | StepStatus::Cancelled) {
+    fn finish(
+        &self,
+        step: &PlannedStep,
+        status: StepStatus,
+        elapsed: Duration,
+        results: &mut [Option<(StepStatus, Duration)>],
+    ) {
+        if !matches!(
+            status,
+            StepStatus::Ran | StepStatus::Failed(_) | StepStatus::Cancelled
+        ) {
             // Executed steps report their own end; here only the ones decided without running.
-            self.inner.events.emit(Event::StepFinished { step: step.name.clone(), status: status.word().into(), seconds: 0.0 });
+            self.inner.events.emit(Event::StepFinished {
+                step: step.name.clone(),
+                status: status.word().into(),
+                seconds: 0.0,
+            });
         }
         results[step.index] = Some((status, elapsed));
     }
 
-    fn summary(&self, plan: &Plan, results: Vec<Option<(StepStatus, Duration)>>, superseded: bool) -> RunSummary {
+    fn summary(
+        &self,
+        plan: &Plan,
+        results: Vec<Option<(StepStatus, Duration)>>,
+        superseded: bool,
+    ) -> RunSummary {
         let steps = plan
             .steps
             .iter()
             .zip(results)
             .map(|(s, r)| {
                 let (status, duration) = r.unwrap_or((StepStatus::Cancelled, Duration::ZERO));
-                StepReport { name: s.name.clone(), status, duration, dir: s.dir.clone() }
+                StepReport {
+                    name: s.name.clone(),
+                    status,
+                    duration,
+                    dir: s.dir.clone(),
+                }
             })
             .collect();
         RunSummary { steps, superseded }
@@ -260,13 +311,23 @@ impl Executor {
         }
         let (tx, rx) = watch::channel(None);
         let cancel = self.inner.shutdown.child_token();
-        inflight.insert(folder.clone(), InFlight { cancel: cancel.clone(), done: rx.clone() });
+        inflight.insert(
+            folder.clone(),
+            InFlight {
+                cancel: cancel.clone(),
+                done: rx.clone(),
+            },
+        );
         drop(inflight);
         let this = self.clone();
         let plan = plan.clone();
         tokio::spawn(async move {
             let status = this.execute(&plan, i, cancel).await;
-            this.inner.inflight.lock().expect("inflight").remove(&folder);
+            this.inner
+                .inflight
+                .lock()
+                .expect("inflight")
+                .remove(&folder);
             let _ = tx.send(Some(status));
         });
         rx
@@ -288,7 +349,10 @@ impl Executor {
         } else {
             None
         };
-        inner.events.emit(Event::StepStarted { step: planned.name.clone(), key: planned.key.clone() });
+        inner.events.emit(Event::StepStarted {
+            step: planned.name.clone(),
+            key: planned.key.clone(),
+        });
         let started_ms = unix_ms();
         let started = Instant::now();
         let resumable = step.kind.resumable();
@@ -338,11 +402,14 @@ impl Executor {
                             Err(e) => StepStatus::Failed(format!("saving the artifact: {e:#}")),
                         }
                     }
-                    Ok(Err(e)) if e.is::<Cancelled>() || cancel.is_cancelled() => StepStatus::Cancelled,
-                    Ok(Err(e)) => StepStatus::Failed(format!("{e:#}")),
-                    Err(join) if join.is_panic() => {
-                        StepStatus::Failed(format!("step panicked: {}", panic_message(join.into_panic())))
+                    Ok(Err(e)) if e.is::<Cancelled>() || cancel.is_cancelled() => {
+                        StepStatus::Cancelled
                     }
+                    Ok(Err(e)) => StepStatus::Failed(format!("{e:#}")),
+                    Err(join) if join.is_panic() => StepStatus::Failed(format!(
+                        "step panicked: {}",
+                        panic_message(join.into_panic())
+                    )),
                     Err(join) => StepStatus::Failed(format!("step task failed: {join}")),
                 };
                 if status != StepStatus::Ran {
@@ -367,7 +434,10 @@ impl Executor {
 }
 
 fn unix_ms() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

@@ -39,18 +39,25 @@ impl FileHasher {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        Self { cache_file: Some(cache_file), entries: Mutex::new(entries) }
+        Self {
+            cache_file: Some(cache_file),
+            entries: Mutex::new(entries),
+        }
     }
 
     /// A hasher that keeps nothing between runs.
     pub fn in_memory() -> Self {
-        Self { cache_file: None, entries: Mutex::new(HashMap::new()) }
+        Self {
+            cache_file: None,
+            entries: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Hex BLAKE3 of a file's bytes, or of a folder's sorted (relative path, file hash) list.
     /// Folders skip [`IGNORED_DIRS`] and hidden entries.
     pub fn hash_path(&self, path: &Path) -> Result<String> {
-        let meta = std::fs::metadata(path).with_context(|| format!("{} does not exist or cannot be read", path.display()))?;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("{} does not exist or cannot be read", path.display()))?;
         if meta.is_dir() {
             let mut hasher = blake3::Hasher::new();
             for file in list_files(path)? {
@@ -67,9 +74,13 @@ impl FileHasher {
     }
 
     fn hash_file(&self, path: &Path) -> Result<String> {
-        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let mtime_ns = mtime.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+        let mtime_ns = mtime
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
         let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         if let Some(e) = self.entries.lock().expect("hash cache").get(&key) {
             if e.size == meta.len() && e.mtime_ns == mtime_ns && e.inode == meta.ino() {
@@ -78,14 +89,25 @@ impl FileHasher {
         }
         let mut hasher = blake3::Hasher::new();
         if meta.len() > 16 << 20 {
-            hasher.update_mmap_rayon(path).with_context(|| format!("hashing {}", path.display()))?;
+            hasher
+                .update_mmap_rayon(path)
+                .with_context(|| format!("hashing {}", path.display()))?;
         } else {
-            hasher.update(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+            hasher.update(
+                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            );
         }
         let hash = hasher.finalize().to_hex().to_string();
-        let racy = SystemTime::now().duration_since(mtime).map_or(true, |age| age < RACY_WINDOW);
+        let racy = SystemTime::now()
+            .duration_since(mtime)
+            .map_or(true, |age| age < RACY_WINDOW);
         if !racy {
-            let entry = Entry { size: meta.len(), mtime_ns, inode: meta.ino(), hash: hash.clone() };
+            let entry = Entry {
+                size: meta.len(),
+                mtime_ns,
+                inode: meta.ino(),
+                hash: hash.clone(),
+            };
             self.entries.lock().expect("hash cache").insert(key, entry);
         }
         Ok(hash)
@@ -127,7 +149,9 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Hex BLAKE3 of `value` as canonical JSON (object keys sorted at every level).
 pub fn hash_json(value: &serde_json::Value) -> String {
-    blake3::hash(canonical_json(value).as_bytes()).to_hex().to_string()
+    blake3::hash(canonical_json(value).as_bytes())
+        .to_hex()
+        .to_string()
 }
 
 /// `value` serialised with object keys sorted at every level.
@@ -137,9 +161,15 @@ pub fn canonical_json(value: &serde_json::Value) -> String {
             serde_json::Value::Object(map) => {
                 let mut keys: Vec<&String> = map.keys().collect();
                 keys.sort();
-                serde_json::Value::Object(keys.into_iter().map(|k| (k.clone(), sort(&map[k]))).collect())
+                serde_json::Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sort(&map[k])))
+                        .collect(),
+                )
             }
-            serde_json::Value::Array(items) => serde_json::Value::Array(items.iter().map(sort).collect()),
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.iter().map(sort).collect())
+            }
             other => other.clone(),
         }
     }
@@ -166,7 +196,11 @@ mod tests {
         let first = h.hash_path(dir.path()).unwrap();
         std::fs::create_dir(dir.path().join("target")).unwrap();
         std::fs::write(dir.path().join("target/x.o"), "junk").unwrap();
-        assert_eq!(h.hash_path(dir.path()).unwrap(), first, "build output must not change the hash");
+        assert_eq!(
+            h.hash_path(dir.path()).unwrap(),
+            first,
+            "build output must not change the hash"
+        );
         std::fs::write(dir.path().join("a.txt"), "two").unwrap();
         let second = h.hash_path(dir.path()).unwrap();
         assert_ne!(second, first);

@@ -45,7 +45,13 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { force: HashSet::new(), jobs: None, output: None, events: EventSink::default(), progress: Progress::hidden() }
+        Self {
+            force: HashSet::new(),
+            jobs: None,
+            output: None,
+            events: EventSink::default(),
+            progress: Progress::hidden(),
+        }
     }
 }
 
@@ -70,7 +76,12 @@ pub fn plan_workflow(workflow: Arc<Workflow>, options: &RunOptions) -> Result<Pl
 }
 
 /// Loads, plans and runs a workflow once. Cancelling `shutdown` stops running steps cleanly.
-pub async fn run(path: &Path, registry: &Registry, options: RunOptions, shutdown: CancellationToken) -> Result<RunSummary> {
+pub async fn run(
+    path: &Path,
+    registry: &Registry,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary> {
     let workflow = load(path, registry, &options)?;
     let store = ArtifactStore::new(&workflow.output_dir);
     let _lock = store.lock()?;
@@ -78,7 +89,11 @@ pub async fn run(path: &Path, registry: &Registry, options: RunOptions, shutdown
         tracing::info!("removed incomplete artifact {}", removed.display());
     }
     let plan = Arc::new(plan_workflow(workflow.clone(), &options)?);
-    let executor = Executor::new(store.clone(), executor_options(&workflow, &options), shutdown);
+    let executor = Executor::new(
+        store.clone(),
+        executor_options(&workflow, &options),
+        shutdown,
+    );
     Ok(executor.run(plan, CancellationToken::new()).await)
 }
 
@@ -87,6 +102,12 @@ fn executor_options(workflow: &Workflow, options: &RunOptions) -> ExecutorOption
         .jobs
         .or(workflow.settings.jobs)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let log = ArtifactStore::new(&workflow.output_dir).state_dir().join("events.jsonl");
-    ExecutorOptions { jobs, events: options.events.clone().with_log(log), progress: options.progress.clone() }
+    let log = ArtifactStore::new(&workflow.output_dir)
+        .state_dir()
+        .join("events.jsonl");
+    ExecutorOptions {
+        jobs,
+        events: options.events.clone().with_log(log),
+        progress: options.progress.clone(),
+    }
 }

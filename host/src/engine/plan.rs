@@ -59,17 +59,28 @@ pub struct Plan {
 impl Plan {
     /// Artifact folder names of every step, for matching in-flight work across plans.
     pub fn folder_names(&self) -> HashSet<String> {
-        self.steps.iter().map(|s| ArtifactStore::folder_name(&s.name, &s.key)).collect()
+        self.steps
+            .iter()
+            .map(|s| ArtifactStore::folder_name(&s.name, &s.key))
+            .collect()
     }
 
     /// How many steps would run.
     pub fn to_run(&self) -> usize {
-        self.steps.iter().filter(|s| !matches!(s.status, PlanStatus::Cached)).count()
+        self.steps
+            .iter()
+            .filter(|s| !matches!(s.status, PlanStatus::Cached))
+            .count()
     }
 }
 
 /// Computes keys and statuses. `force` names steps (or swept bases) to rerun regardless of the cache.
-pub fn plan(workflow: Arc<Workflow>, store: &ArtifactStore, hasher: &FileHasher, force: &HashSet<String>) -> Plan {
+pub fn plan(
+    workflow: Arc<Workflow>,
+    store: &ArtifactStore,
+    hasher: &FileHasher,
+    force: &HashSet<String>,
+) -> Plan {
     let mut watched: Vec<PathBuf> = vec![workflow.file.clone()];
     let mut input_keys: HashMap<InputRef, Result<String, String>> = HashMap::new();
     let mut plugin_keys: HashMap<String, Result<String, String>> = HashMap::new();
@@ -79,13 +90,20 @@ pub fn plan(workflow: Arc<Workflow>, store: &ArtifactStore, hasher: &FileHasher,
             .or_insert_with(|| {
                 let spec = &workflow.plugins[name];
                 watched.push(spec.path.clone());
-                hasher.hash_path(&spec.path).map_err(|e| format!("plugin `{name}`: {e:#}"))
+                hasher
+                    .hash_path(&spec.path)
+                    .map_err(|e| format!("plugin `{name}`: {e:#}"))
             })
             .clone()
     };
 
     let mut steps: Vec<PlannedStep> = Vec::with_capacity(workflow.steps.len());
-    let index_of: HashMap<&str, usize> = workflow.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    let index_of: HashMap<&str, usize> = workflow
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
     for (index, step) in workflow.steps.iter().enumerate() {
         let mut blocked: Option<String> = None;
         let mut inputs_material = BTreeMap::new();
@@ -101,9 +119,18 @@ pub fn plan(workflow: Arc<Workflow>, store: &ArtifactStore, hasher: &FileHasher,
                         watched.push(spec.path.clone());
                         let key = input_keys
                             .entry(r.clone())
-                            .or_insert_with(|| hasher.hash_path(&spec.path).map_err(|e| format!("model `{name}`: {e:#}")))
+                            .or_insert_with(|| {
+                                hasher
+                                    .hash_path(&spec.path)
+                                    .map_err(|e| format!("model `{name}`: {e:#}"))
+                            })
                             .clone();
-                        let artifact = InputArtifact { name: name.clone(), kind: ArtifactKind::Model, path: spec.path.clone(), dataset: None };
+                        let artifact = InputArtifact {
+                            name: name.clone(),
+                            kind: ArtifactKind::Model,
+                            path: spec.path.clone(),
+                            dataset: None,
+                        };
                         (name, key, artifact)
                     }
                     InputRef::Dataset(name) => {
@@ -111,13 +138,19 @@ pub fn plan(workflow: Arc<Workflow>, store: &ArtifactStore, hasher: &FileHasher,
                         let key = match input_keys.get(r) {
                             Some(k) => k.clone(),
                             None => {
-                                let k = dataset_key(name, spec, hasher, &mut watched, &mut plugin_key);
+                                let k =
+                                    dataset_key(name, spec, hasher, &mut watched, &mut plugin_key);
                                 input_keys.insert(r.clone(), k.clone());
                                 k
                             }
                         };
                         let path = spec.path.paths().into_iter().next().unwrap_or_default();
-                        let artifact = InputArtifact { name: name.clone(), kind: ArtifactKind::Dataset, path, dataset: Some(spec.clone()) };
+                        let artifact = InputArtifact {
+                            name: name.clone(),
+                            kind: ArtifactKind::Dataset,
+                            path,
+                            dataset: Some(spec.clone()),
+                        };
                         (name, key, artifact)
                     }
                     InputRef::Step(name) => {
@@ -125,7 +158,9 @@ pub fn plan(workflow: Arc<Workflow>, store: &ArtifactStore, hasher: &FileHasher,
                         upstream.push(up);
                         let planned = &steps[up];
                         let key = match &planned.status {
-                            PlanStatus::Blocked(_) => Err(format!("needs step `{name}`, which is blocked")),
+                            PlanStatus::Blocked(_) => {
+                                Err(format!("needs step `{name}`, which is blocked"))
+                            }
                             _ => Ok(planned.key.clone()),
                         };
                         let artifact = InputArtifact {
@@ -209,7 +244,11 @@ pub fn plan(workflow: Arc<Workflow>, store: &ArtifactStore, hasher: &FileHasher,
     }
     watched.sort();
     watched.dedup();
-    Plan { workflow, steps, watched }
+    Plan {
+        workflow,
+        steps,
+        watched,
+    }
 }
 
 fn dataset_key(
@@ -222,22 +261,33 @@ fn dataset_key(
     let mut files = Vec::new();
     for path in spec.path.paths() {
         watched.push(path.clone());
-        files.push(hasher.hash_path(&path).map_err(|e| format!("dataset `{name}`: {e:#}"))?);
+        files.push(
+            hasher
+                .hash_path(&path)
+                .map_err(|e| format!("dataset `{name}`: {e:#}"))?,
+        );
     }
     let mut filters = Vec::new();
     for f in &spec.filters {
         filters.push(plugin_key(f, watched)?);
     }
     let spec_json = serde_json::to_value(spec).expect("dataset spec is JSON");
-    Ok(hash_json(&serde_json::json!({ "files": files, "filters": filters, "spec": spec_json })))
+    Ok(hash_json(
+        &serde_json::json!({ "files": files, "filters": filters, "spec": spec_json }),
+    ))
 }
 
 /// Why a step without a cached artifact runs, compared with the last artifact recorded for its name.
 fn why_run(store: &ArtifactStore, step: &str, material: &KeyMaterial) -> String {
-    let Some(last) = last_manifest(store, step) else { return "new".into() };
+    let Some(last) = last_manifest(store, step) else {
+        return "new".into();
+    };
     let old = &last.material;
     let mut reasons = Vec::new();
-    if old.runtime != material.runtime || old.kind_version != material.kind_version || old.kind != material.kind {
+    if old.runtime != material.runtime
+        || old.kind_version != material.kind_version
+        || old.kind != material.kind
+    {
         reasons.push("runtime or step kind changed".to_string());
     }
     let changed = changed_keys(&old.config, &material.config);
@@ -267,7 +317,12 @@ fn why_run(store: &ArtifactStore, step: &str, material: &KeyMaterial) -> String 
 fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
     match (old.as_object(), new.as_object()) {
         (Some(a), Some(b)) => {
-            let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+            let mut keys: Vec<String> = a
+                .keys()
+                .chain(b.keys())
+                .filter(|k| a.get(*k) != b.get(*k))
+                .cloned()
+                .collect();
             keys.sort();
             keys.dedup();
             keys
@@ -279,7 +334,10 @@ fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String>
 
 /// Path of the record of the last artifact completed for a step name.
 pub fn last_record_path(store: &ArtifactStore, step: &str) -> PathBuf {
-    store.state_dir().join("last").join(format!("{}.json", ArtifactStore::folder_name(step, "")))
+    store
+        .state_dir()
+        .join("last")
+        .join(format!("{}.json", ArtifactStore::folder_name(step, "")))
 }
 
 fn last_manifest(store: &ArtifactStore, step: &str) -> Option<Manifest> {

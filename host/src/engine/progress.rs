@@ -13,12 +13,16 @@ pub struct Progress {
 impl Progress {
     /// Draws nothing.
     pub fn hidden() -> Self {
-        Self { multi: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()) }
+        Self {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
+        }
     }
 
     /// Draws on stderr when it is a terminal.
     pub fn stderr() -> Self {
-        Self { multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()) }
+        Self {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+        }
     }
 
     /// A new bar for a step; the step sets its length, position and message.
@@ -28,14 +32,20 @@ impl Progress {
         )
         .expect("valid template")
         .progress_chars("=> ");
-        let bar = self.multi.add(ProgressBar::no_length().with_style(style).with_prefix(step.to_string()));
+        let bar = self.multi.add(
+            ProgressBar::no_length()
+                .with_style(style)
+                .with_prefix(step.to_string()),
+        );
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
     }
 
     /// A `tracing` writer that prints log lines above the bars instead of through them.
     pub fn log_writer(&self) -> LogWriter {
-        LogWriter { multi: self.multi.clone() }
+        LogWriter {
+            multi: self.multi.clone(),
+        }
     }
 }
 

@@ -85,7 +85,13 @@ impl ArtifactStore {
     pub fn folder_name(step: &str, key: &str) -> String {
         let safe: String = step
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "_-.,=+[]".contains(c) { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_-.,=+[]".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(120)
             .collect();
         format!("{safe}-{}", &key[..12.min(key.len())])
@@ -98,7 +104,9 @@ impl ArtifactStore {
 
     /// Where the step writes while it runs.
     pub fn partial_dir(&self, step: &str, key: &str) -> PathBuf {
-        self.state_dir().join("partial").join(Self::folder_name(step, key))
+        self.state_dir()
+            .join("partial")
+            .join(Self::folder_name(step, key))
     }
 
     /// The manifest of a complete artifact with this key, if there is one.
@@ -113,11 +121,18 @@ impl ArtifactStore {
     pub fn lock(&self) -> Result<RunLock> {
         let dir = self.state_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let file = File::options().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
         match file.try_lock() {
             Ok(()) => Ok(RunLock { _file: file }),
             Err(std::fs::TryLockError::WouldBlock) => {
-                bail!("another dus process is using {}; wait for it or stop it", self.root.display())
+                bail!(
+                    "another dus process is using {}; wait for it or stop it",
+                    self.root.display()
+                )
             }
             Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the output directory"),
         }
@@ -138,19 +153,26 @@ impl ArtifactStore {
         let target = self.artifact_dir(&manifest.step, &manifest.key);
         if target.exists() {
             // A forced rerun replaces the old artifact: retire it first so a crash leaves no manifest behind.
-            let retired = self.state_dir().join("retired").join(Self::folder_name(&manifest.step, &manifest.key));
+            let retired = self
+                .state_dir()
+                .join("retired")
+                .join(Self::folder_name(&manifest.step, &manifest.key));
             if retired.exists() {
                 std::fs::remove_dir_all(&retired)?;
             }
             std::fs::create_dir_all(retired.parent().expect("retired parent"))?;
-            std::fs::rename(&target, &retired).with_context(|| format!("moving aside {}", target.display()))?;
+            std::fs::rename(&target, &retired)
+                .with_context(|| format!("moving aside {}", target.display()))?;
             let _ = std::fs::remove_dir_all(&retired);
         }
         std::fs::create_dir_all(&self.root)?;
         std::fs::rename(partial, &target)
             .with_context(|| format!("renaming {} to {}", partial.display(), target.display()))?;
         sync_dir(&self.root);
-        write_file_atomic(&target.join(MANIFEST), &serde_json::to_vec_pretty(manifest)?)?;
+        write_file_atomic(
+            &target.join(MANIFEST),
+            &serde_json::to_vec_pretty(manifest)?,
+        )?;
         Ok(target)
     }
 
@@ -164,15 +186,21 @@ impl ArtifactStore {
     /// Removes artifact folders that have no manifest (an interrupted commit); returns what it removed.
     pub fn clean_incomplete(&self) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return Ok(removed) };
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Ok(removed);
+        };
         for entry in entries {
             let path = entry?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             if name.starts_with('.') || !path.is_dir() || !looks_like_artifact(&name) {
                 continue;
             }
             if !path.join(MANIFEST).exists() {
-                std::fs::remove_dir_all(&path).with_context(|| format!("removing incomplete {}", path.display()))?;
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing incomplete {}", path.display()))?;
                 removed.push(path);
             }
         }
@@ -183,7 +211,8 @@ impl ArtifactStore {
 
 /// `<name>-<12 hex digits>`.
 fn looks_like_artifact(name: &str) -> bool {
-    name.rsplit_once('-').is_some_and(|(_, h)| h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit()))
+    name.rsplit_once('-')
+        .is_some_and(|(_, h)| h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

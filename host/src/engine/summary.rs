@@ -19,16 +19,40 @@ pub fn render_plan(plan: &Plan) -> String {
         plan.to_run(),
         wf.output_dir.display()
     );
-    let width = plan.steps.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
-    let _ = writeln!(out, "  {:>3}  {:<width$}  {:<10} {:<8} detail", "#", "step", "kind", "status");
+    let width = plan
+        .steps
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "  {:>3}  {:<width$}  {:<10} {:<8} detail",
+        "#", "step", "kind", "status"
+    );
     for (n, s) in plan.steps.iter().enumerate() {
         let kind = wf.steps[s.index].kind.name();
         let (status, detail) = match &s.status {
-            PlanStatus::Cached => ("cached", s.dir.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default()),
+            PlanStatus::Cached => (
+                "cached",
+                s.dir
+                    .file_name()
+                    .map(|f| f.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+            ),
             PlanStatus::Run(why) => ("run", why.clone()),
             PlanStatus::Blocked(why) => ("blocked", why.clone()),
         };
-        let _ = writeln!(out, "  {:>3}  {:<width$}  {:<10} {:<8} {}", n + 1, s.name, kind, status, detail);
+        let _ = writeln!(
+            out,
+            "  {:>3}  {:<width$}  {:<10} {:<8} {}",
+            n + 1,
+            s.name,
+            kind,
+            status,
+            detail
+        );
     }
     out
 }
@@ -36,11 +60,27 @@ pub fn render_plan(plan: &Plan) -> String {
 /// The run summary: one line per step with its outcome and wall time, then totals.
 pub fn render_summary(summary: &RunSummary) -> String {
     let mut out = String::new();
-    let width = summary.steps.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
+    let width = summary
+        .steps
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let _ = writeln!(out, "  {:<width$}  {:<9} {:>9}", "step", "status", "time");
     for s in &summary.steps {
-        let time = if s.duration.is_zero() { "-".to_string() } else { format!("{:.1}s", s.duration.as_secs_f64()) };
-        let _ = writeln!(out, "  {:<width$}  {:<9} {:>9}", s.name, s.status.word(), time);
+        let time = if s.duration.is_zero() {
+            "-".to_string()
+        } else {
+            format!("{:.1}s", s.duration.as_secs_f64())
+        };
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:<9} {:>9}",
+            s.name,
+            s.status.word(),
+            time
+        );
         let detail = match &s.status {
             StepStatus::Failed(m) | StepStatus::Skipped(m) | StepStatus::Blocked(m) => Some(m),
             _ => None,

@@ -25,13 +25,18 @@ type Debouncer = notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>;
 
 fn new_watcher() -> Result<(Debouncer, mpsc::UnboundedReceiver<Vec<PathBuf>>)> {
     let (tx, rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let config = notify_debouncer_mini::Config::default().with_timeout(DEBOUNCE).with_batch_mode(false);
-    let debouncer = notify_debouncer_mini::new_debouncer_opt::<_, notify::RecommendedWatcher>(config, move |res| {
-        if let Ok(events) = res {
-            let events: Vec<notify_debouncer_mini::DebouncedEvent> = events;
-            let _ = tx.send(events.into_iter().map(|e| e.path).collect());
-        }
-    })?;
+    let config = notify_debouncer_mini::Config::default()
+        .with_timeout(DEBOUNCE)
+        .with_batch_mode(false);
+    let debouncer = notify_debouncer_mini::new_debouncer_opt::<_, notify::RecommendedWatcher>(
+        config,
+        move |res| {
+            if let Ok(events) = res {
+                let events: Vec<notify_debouncer_mini::DebouncedEvent> = events;
+                let _ = tx.send(events.into_iter().map(|e| e.path).collect());
+            }
+        },
+    )?;
     Ok((debouncer, rx))
 }
 
@@ -48,7 +53,10 @@ struct WatchSet {
 
 impl WatchSet {
     fn new(paths: &[PathBuf], output_dir: Option<&Path>) -> Self {
-        let mut set = WatchSet { ignore: output_dir.map(Path::to_path_buf), ..Default::default() };
+        let mut set = WatchSet {
+            ignore: output_dir.map(Path::to_path_buf),
+            ..Default::default()
+        };
         for p in paths {
             if p.is_dir() {
                 set.dirs.push(p.clone());
@@ -60,7 +68,11 @@ impl WatchSet {
     }
 
     fn is_relevant(&self, path: &Path) -> bool {
-        if self.ignore.as_deref().is_some_and(|out| path.starts_with(out)) {
+        if self
+            .ignore
+            .as_deref()
+            .is_some_and(|out| path.starts_with(out))
+        {
             return false;
         }
         if self.files.contains(path) {
@@ -98,7 +110,12 @@ impl WatchSet {
 }
 
 /// Runs the workflow at `path`, then reruns affected steps on every relevant change until `shutdown`.
-pub async fn watch(path: &Path, registry: &Registry, options: RunOptions, shutdown: CancellationToken) -> Result<()> {
+pub async fn watch(
+    path: &Path,
+    registry: &Registry,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let file = std::path::absolute(path)?;
     let mut os_watch: Option<(Debouncer, mpsc::UnboundedReceiver<Vec<PathBuf>>)> = None;
     let mut executor: Option<(Executor, RunLock)> = None;
@@ -109,19 +126,28 @@ pub async fn watch(path: &Path, registry: &Registry, options: RunOptions, shutdo
         let mut watched = vec![file.clone()];
         let mut output_dir = None;
         match load(&file, registry, &options).and_then(|wf| {
-            let opts = RunOptions { force: std::mem::take(&mut force), ..options.clone() };
+            let opts = RunOptions {
+                force: std::mem::take(&mut force),
+                ..options.clone()
+            };
             plan_workflow(wf, &opts)
         }) {
             Ok(plan) => {
                 let plan = Arc::new(plan);
                 watched.extend(plan.watched.iter().cloned());
                 output_dir = Some(plan.workflow.output_dir.clone());
-                let same_store = executor.as_ref().is_some_and(|(e, _)| e.store().root() == plan.workflow.output_dir);
+                let same_store = executor
+                    .as_ref()
+                    .is_some_and(|(e, _)| e.store().root() == plan.workflow.output_dir);
                 if !same_store {
                     let store = ArtifactStore::new(&plan.workflow.output_dir);
                     let lock = store.lock()?;
                     store.clean_incomplete()?;
-                    let exec = Executor::new(store, executor_options(&plan.workflow, &options), shutdown.clone());
+                    let exec = Executor::new(
+                        store,
+                        executor_options(&plan.workflow, &options),
+                        shutdown.clone(),
+                    );
                     if let Some((old, _)) = executor.take() {
                         old.cancel_except(&HashSet::new());
                     }
@@ -147,7 +173,9 @@ pub async fn watch(path: &Path, registry: &Registry, options: RunOptions, shutdo
             Err(e) => {
                 eprintln!("{e:#}");
                 eprintln!("watching for changes (Ctrl-C to stop)");
-                options.events.emit(Event::WorkflowInvalid { errors: format!("{e:#}") });
+                options.events.emit(Event::WorkflowInvalid {
+                    errors: format!("{e:#}"),
+                });
                 // Keep watching what the last valid plan read, plus the workflow file.
                 watched.extend(watch_set.files.iter().cloned());
                 watched.extend(watch_set.dirs.iter().cloned());
@@ -155,7 +183,10 @@ pub async fn watch(path: &Path, registry: &Registry, options: RunOptions, shutdo
         }
         watched.sort();
         watched.dedup();
-        let new_set = WatchSet::new(&watched, output_dir.as_deref().or(watch_set.ignore.as_deref()));
+        let new_set = WatchSet::new(
+            &watched,
+            output_dir.as_deref().or(watch_set.ignore.as_deref()),
+        );
         if new_set != watch_set || os_watch.is_none() {
             // Re-create watches from scratch: the simplest way to drop paths no longer read.
             drop(os_watch.take());

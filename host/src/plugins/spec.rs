@@ -44,6 +44,9 @@ impl PluginLimits {
 
 impl Default for PluginLimits {
     fn default() -> Self {
-        Self { timeout_ms: Self::default_timeout_ms(), memory_mb: Self::default_memory_mb() }
+        Self {
+            timeout_ms: Self::default_timeout_ms(),
+            memory_mb: Self::default_memory_mb(),
+        }
     }
 }

@@ -71,7 +71,11 @@ impl StepKind for CommandStep {
         config.output
     }
 
-    fn check(&self, config: &CommandConfig, _: &dyn super::kind::CheckContext) -> Vec<super::kind::ConfigIssue> {
+    fn check(
+        &self,
+        config: &CommandConfig,
+        _: &dyn super::kind::CheckContext,
+    ) -> Vec<super::kind::ConfigIssue> {
         let empty = match &config.run {
             CommandLine::Shell(s) => s.trim().is_empty(),
             CommandLine::Argv(v) => v.is_empty() || v[0].is_empty(),
@@ -84,11 +88,16 @@ impl StepKind for CommandStep {
     }
 
     fn dependencies(&self, config: &CommandConfig) -> Dependencies {
-        Dependencies { plugins: Vec::new(), files: config.files.clone() }
+        Dependencies {
+            plugins: Vec::new(),
+            files: config.files.clone(),
+        }
     }
 
     fn resources(&self, config: &CommandConfig) -> Resources {
-        Resources { exclusive_device: config.exclusive_device }
+        Resources {
+            exclusive_device: config.exclusive_device,
+        }
     }
 
     fn run(&self, config: &CommandConfig, ctx: &StepContext) -> Result<()> {
@@ -105,7 +114,8 @@ impl StepKind for CommandStep {
             }
         };
         let log_path = ctx.out_dir.join("command.log");
-        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         cmd.current_dir(&ctx.workflow_dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -113,18 +123,26 @@ impl StepKind for CommandStep {
             .env("DUS_OUT", &ctx.out_dir)
             .env("DUS_STEP", &ctx.step)
             .env("DUS_SEED", ctx.settings.seed.to_string())
-            .env("DUS_DTYPE", format!("{:?}", ctx.settings.dtype).to_lowercase());
+            .env(
+                "DUS_DTYPE",
+                format!("{:?}", ctx.settings.dtype).to_lowercase(),
+            );
         for (slot, artifacts) in &ctx.inputs {
             let var = slot.to_uppercase().replace('-', "_");
             if let Some(first) = artifacts.first() {
                 cmd.env(format!("DUS_INPUT_{var}"), &first.path);
             }
-            let all: Vec<String> = artifacts.iter().map(|a| a.path.display().to_string()).collect();
+            let all: Vec<String> = artifacts
+                .iter()
+                .map(|a| a.path.display().to_string())
+                .collect();
             cmd.env(format!("DUS_INPUTS_{var}"), all.join(":"));
         }
         cmd.envs(&config.env);
 
-        let mut child = cmd.spawn().with_context(|| format!("starting {:?}", config.run))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {:?}", config.run))?;
         ctx.progress.set_message("running");
         let status = loop {
             if let Some(status) = child.try_wait()? {
@@ -139,7 +157,11 @@ impl StepKind for CommandStep {
         };
         if !status.success() {
             let tail = log_tail(&log_path);
-            bail!("command {:?} failed ({status}); last lines of {}:\n{tail}", config.run, log_path.display());
+            bail!(
+                "command {:?} failed ({status}); last lines of {}:\n{tail}",
+                config.run,
+                log_path.display()
+            );
         }
         Ok(())
     }

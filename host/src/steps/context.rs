@@ -47,7 +47,11 @@ impl StepContext {
         match self.inputs.get(slot).map(Vec::as_slice) {
             Some([one]) => Ok(one),
             Some([]) | None => bail!("step `{}` has no input `{slot}`", self.step),
-            Some(many) => bail!("step `{}` input `{slot}` has {} artifacts, expected one", self.step, many.len()),
+            Some(many) => bail!(
+                "step `{}` input `{slot}` has {} artifacts, expected one",
+                self.step,
+                many.len()
+            ),
         }
     }
 
@@ -59,6 +63,11 @@ impl StepContext {
     /// Resolves a path written in the workflow relative to the workflow file.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         self.workflow_dir.join(path)
+    }
+
+    /// The compute device the workflow asked for (see [`crate::device::select_device`]).
+    pub fn device(&self) -> Result<candle_core::Device> {
+        crate::device::select_device(self.settings.device)
     }
 
     /// Whether the step has been asked to stop.

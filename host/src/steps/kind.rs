@@ -67,7 +67,10 @@ pub struct ConfigIssue {
 impl ConfigIssue {
     /// An issue with key `key`.
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { key: key.into(), message: message.into() }
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -157,7 +160,10 @@ pub trait ErasedStepKind: Send + Sync {
     /// See [`StepKind::inputs`].
     fn inputs(&self) -> InputSlots;
     /// Deserializes the parameters; on success also returns them normalised as JSON (defaults filled in).
-    fn parse(&self, params: toml::de::ValueDeserializer<'_>) -> Result<(AnyConfig, serde_json::Value), ParseFailure>;
+    fn parse(
+        &self,
+        params: toml::de::ValueDeserializer<'_>,
+    ) -> Result<(AnyConfig, serde_json::Value), ParseFailure>;
     /// See [`StepKind::output`].
     fn output(&self, config: &AnyConfig) -> ArtifactKind;
     /// See [`StepKind::check`].
@@ -176,7 +182,9 @@ pub(crate) struct Erased<K>(pub K);
 
 impl<K: StepKind> Erased<K> {
     fn config<'a>(&self, config: &'a AnyConfig) -> &'a K::Config {
-        config.downcast_ref::<K::Config>().expect("step config of another kind")
+        config
+            .downcast_ref::<K::Config>()
+            .expect("step config of another kind")
     }
 }
 
@@ -190,11 +198,15 @@ impl<K: StepKind> ErasedStepKind for Erased<K> {
     fn inputs(&self) -> InputSlots {
         self.0.inputs()
     }
-    fn parse(&self, params: toml::de::ValueDeserializer<'_>) -> Result<(AnyConfig, serde_json::Value), ParseFailure> {
-        let config: K::Config = serde_path_to_error::deserialize(params).map_err(|e| ParseFailure {
-            path: path_string(e.path()),
-            error: e.into_inner(),
-        })?;
+    fn parse(
+        &self,
+        params: toml::de::ValueDeserializer<'_>,
+    ) -> Result<(AnyConfig, serde_json::Value), ParseFailure> {
+        let config: K::Config =
+            serde_path_to_error::deserialize(params).map_err(|e| ParseFailure {
+                path: path_string(e.path()),
+                error: e.into_inner(),
+            })?;
         let json = serde_json::to_value(&config).expect("step configs serialize to JSON");
         Ok((Arc::new(config), json))
     }

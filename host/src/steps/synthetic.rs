@@ -82,16 +82,23 @@ impl StepKind for SyntheticStep {
             issues.push(ConfigIssue::new("count", "must be between 1 and 10000000"));
         }
         if !(4..=100_000).contains(&c.max_operand) {
-            issues.push(ConfigIssue::new("max_operand", "must be between 4 and 100000"));
+            issues.push(ConfigIssue::new(
+                "max_operand",
+                "must be between 4 and 100000",
+            ));
         }
         issues
     }
 
     fn run(&self, c: &SyntheticConfig, ctx: &StepContext) -> Result<()> {
-        let seed = ctx.settings.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ c.seed ^ (c.task as u64).wrapping_shl(48);
+        let seed = ctx.settings.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ c.seed
+            ^ (c.task as u64).wrapping_shl(48);
         let records = generate(c.task, c.count, c.max_operand, seed);
         let path = ctx.out_dir.join("data.jsonl");
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        );
         ctx.progress.set_length(records.len() as u64);
         for r in &records {
             serde_json::to_writer(&mut out, r)?;
@@ -100,7 +107,10 @@ impl StepKind for SyntheticStep {
         }
         out.flush()?;
         let info = json!({ "task": c.task, "count": records.len(), "seed": seed, "format": format_of(c.task) });
-        std::fs::write(ctx.out_dir.join("info.json"), serde_json::to_vec_pretty(&info)?)?;
+        std::fs::write(
+            ctx.out_dir.join("info.json"),
+            serde_json::to_vec_pretty(&info)?,
+        )?;
         Ok(())
     }
 }
@@ -117,7 +127,12 @@ pub fn format_of(task: SyntheticTask) -> &'static str {
 }
 
 /// Generates `count` records of `task`, deterministically from `seed`.
-pub fn generate(task: SyntheticTask, count: usize, max_operand: u32, seed: u64) -> Vec<serde_json::Value> {
+pub fn generate(
+    task: SyntheticTask,
+    count: usize,
+    max_operand: u32,
+    seed: u64,
+) -> Vec<serde_json::Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..count)
         .map(|i| match task {
@@ -138,7 +153,9 @@ pub fn generate(task: SyntheticTask, count: usize, max_operand: u32, seed: u64) 
 }
 
 const NAMES: [&str; 8] = ["Tom", "Ana", "Ravi", "Mei", "Omar", "Lena", "Kofi", "Sara"];
-const THINGS: [&str; 8] = ["apples", "books", "coins", "marbles", "pencils", "stamps", "shells", "cards"];
+const THINGS: [&str; 8] = [
+    "apples", "books", "coins", "marbles", "pencils", "stamps", "shells", "cards",
+];
 
 /// A word problem and its worked solution.
 pub struct Problem {
@@ -182,14 +199,18 @@ fn problem(rng: &mut ChaCha8Rng, max: u32) -> Problem {
     let b = rng.random_range(1..=max) as i64;
     match rng.random_range(0..4) {
         0 => Problem {
-            question: format!("{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"),
+            question: format!(
+                "{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"
+            ),
             steps: vec![format!("{a} + {b} = {}", a + b)],
             answer: a + b,
         },
         1 => {
             let (hi, lo) = (a.max(b), a.min(b));
             Problem {
-                question: format!("{name} has {hi} {thing} and gives away {lo}. How many {thing} are left?"),
+                question: format!(
+                    "{name} has {hi} {thing} and gives away {lo}. How many {thing} are left?"
+                ),
                 steps: vec![format!("{hi} - {lo} = {}", hi - lo)],
                 answer: hi - lo,
             }
@@ -197,13 +218,15 @@ fn problem(rng: &mut ChaCha8Rng, max: u32) -> Problem {
         2 => {
             let k = rng.random_range(2..=9) as i64;
             Problem {
-                question: format!("{name} buys {k} boxes with {a} {thing} in each box. How many {thing} is that?"),
+                question: format!(
+                    "{name} buys {k} boxes with {a} {thing} in each box. How many {thing} is that?"
+                ),
                 steps: vec![format!("{k} * {a} = {}", k * a)],
                 answer: k * a,
             }
         }
         _ => {
-            let c = rng.random_range(1..=a) as i64;
+            let c = rng.random_range(1..=a);
             Problem {
                 question: format!(
                     "{name} has {a} {thing}, finds {b} more, then loses {c}. How many {thing} does {name} have?"
@@ -251,7 +274,10 @@ fn multiple_choice(rng: &mut ChaCha8Rng, max: u32, index: usize) -> serde_json::
     }
     options.shuffle(rng);
     let labels = ["A", "B", "C", "D"];
-    let key = labels[options.iter().position(|&o| o == answer).expect("answer is an option")];
+    let key = labels[options
+        .iter()
+        .position(|&o| o == answer)
+        .expect("answer is an option")];
     json!({
         "id": format!("synth-mc-{index}"),
         "question": question,
@@ -261,7 +287,9 @@ fn multiple_choice(rng: &mut ChaCha8Rng, max: u32, index: usize) -> serde_json::
 }
 
 fn alpaca(rng: &mut ChaCha8Rng, max: u32) -> serde_json::Value {
-    let words = ["cat", "river", "stone", "light", "garden", "music", "paper", "cloud"];
+    let words = [
+        "cat", "river", "stone", "light", "garden", "music", "paper", "cloud",
+    ];
     match rng.random_range(0..4) {
         0 => {
             let (a, b) = (rng.random_range(0..=max), rng.random_range(0..=max));
@@ -291,7 +319,13 @@ mod tests {
 
     #[test]
     fn same_seed_same_records_different_seed_different_records() {
-        for task in [SyntheticTask::Text, SyntheticTask::Arithmetic, SyntheticTask::MultipleChoice, SyntheticTask::Alpaca, SyntheticTask::Preference] {
+        for task in [
+            SyntheticTask::Text,
+            SyntheticTask::Arithmetic,
+            SyntheticTask::MultipleChoice,
+            SyntheticTask::Alpaca,
+            SyntheticTask::Preference,
+        ] {
             assert_eq!(generate(task, 50, 20, 7), generate(task, 50, 20, 7));
             assert_ne!(generate(task, 50, 20, 7), generate(task, 50, 20, 8));
         }
@@ -310,7 +344,11 @@ mod tests {
             for step in work.split(". ") {
                 let (lhs, rhs) = step.rsplit_once(" = ").unwrap();
                 let parts: Vec<&str> = lhs.split(' ').collect();
-                let (x, op, y): (i64, &str, i64) = (parts[0].parse().unwrap(), parts[1], parts[2].parse().unwrap());
+                let (x, op, y): (i64, &str, i64) = (
+                    parts[0].parse().unwrap(),
+                    parts[1],
+                    parts[2].parse().unwrap(),
+                );
                 let v = match op {
                     "+" => x + y,
                     "-" => x - y,
@@ -337,7 +375,12 @@ mod tests {
     #[test]
     fn multiple_choice_has_four_distinct_options_including_the_key() {
         for r in generate(SyntheticTask::MultipleChoice, 200, 20, 4) {
-            let texts: Vec<&str> = r["choices"]["text"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            let texts: Vec<&str> = r["choices"]["text"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
             let mut dedup = texts.clone();
             dedup.sort();
             dedup.dedup();
@@ -345,7 +388,11 @@ mod tests {
             let key = r["answerKey"].as_str().unwrap();
             let idx = ["A", "B", "C", "D"].iter().position(|l| *l == key).unwrap();
             let q = r["question"].as_str().unwrap();
-            let nums: Vec<i64> = q.trim_end_matches('?').split(' ').filter_map(|w| w.parse().ok()).collect();
+            let nums: Vec<i64> = q
+                .trim_end_matches('?')
+                .split(' ')
+                .filter_map(|w| w.parse().ok())
+                .collect();
             let expected = if q.contains("plus") {
                 nums[0] + nums[1]
             } else if q.contains("minus") {

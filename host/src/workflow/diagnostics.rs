@@ -39,7 +39,11 @@ pub struct WorkflowError {
 impl fmt::Display for WorkflowError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.diagnostics.len();
-        writeln!(f, "workflow is invalid ({n} error{}):", if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "workflow is invalid ({n} error{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
         for d in &self.diagnostics {
             writeln!(f, "  {d}")?;
         }
@@ -58,13 +62,28 @@ pub(crate) struct DiagnosticSink<'s> {
 
 impl<'s> DiagnosticSink<'s> {
     pub(crate) fn new(file: &Path, source: &'s str) -> Self {
-        Self { file: file.to_path_buf(), source, diagnostics: Vec::new() }
+        Self {
+            file: file.to_path_buf(),
+            source,
+            diagnostics: Vec::new(),
+        }
     }
 
     /// Records a problem at `span` (byte offsets into the source).
-    pub(crate) fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn error(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let (line, column) = line_column(self.source, span.start);
-        let diagnostic = Diagnostic { file: self.file.clone(), line, column, key: key.into(), message: message.into() };
+        let diagnostic = Diagnostic {
+            file: self.file.clone(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        };
         if !self.diagnostics.iter().any(|(_, d)| d == &diagnostic) {
             self.diagnostics.push((span.start, diagnostic));
         }
@@ -80,7 +99,9 @@ impl<'s> DiagnosticSink<'s> {
             return Ok(());
         }
         self.diagnostics.sort_by_key(|(pos, _)| *pos);
-        Err(WorkflowError { diagnostics: self.diagnostics.into_iter().map(|(_, d)| d).collect() })
+        Err(WorkflowError {
+            diagnostics: self.diagnostics.into_iter().map(|(_, d)| d).collect(),
+        })
     }
 }
 
@@ -101,7 +122,10 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 }
 
 /// The closest candidate to `word` by edit distance, for "did you mean" hints.
-pub(crate) fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
@@ -118,13 +142,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
             }
@@ -135,7 +161,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// " (did you mean `x`?)" or nothing.
 pub(crate) fn hint<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    did_you_mean(word, candidates).map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default()
+    did_you_mean(word, candidates)
+        .map(|c| format!(" (did you mean `{c}`?)"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -153,7 +181,10 @@ mod tests {
 
     #[test]
     fn suggestions_pick_the_nearest_name() {
-        assert_eq!(did_you_mean("pretrian", ["pretrain", "sft", "dpo"]), Some("pretrain"));
+        assert_eq!(
+            did_you_mean("pretrian", ["pretrain", "sft", "dpo"]),
+            Some("pretrain")
+        );
         assert_eq!(did_you_mean("zzz", ["pretrain", "sft"]), None);
     }
 }

@@ -20,7 +20,9 @@ use toml::Spanned;
 type Value<'i> = Spanned<DeValue<'i>>;
 type Key<'i> = Spanned<Cow<'i, str>>;
 
-const SECTIONS: [&str; 6] = ["workflow", "defaults", "models", "datasets", "plugins", "steps"];
+const SECTIONS: [&str; 6] = [
+    "workflow", "defaults", "models", "datasets", "plugins", "steps",
+];
 const STEP_RESERVED: [&str; 4] = ["kind", "inputs", "sweep", "description"];
 
 pub(super) fn load(path: &Path, registry: &Registry) -> Result<Workflow, WorkflowError> {
@@ -37,12 +39,20 @@ pub(super) fn load(path: &Path, registry: &Registry) -> Result<Workflow, Workflo
     let mut sink = DiagnosticSink::new(&file, &source);
     let (root, syntax_errors) = DeTable::parse_recoverable(&source);
     for e in &syntax_errors {
-        sink.error(e.span().unwrap_or(0..0), "", format!("TOML syntax: {}", e.message()));
+        sink.error(
+            e.span().unwrap_or(0..0),
+            "",
+            format!("TOML syntax: {}", e.message()),
+        );
     }
     if sink.has_errors() {
         return Err(sink.finish().unwrap_err());
     }
-    let loader = Loader { registry, dir: &dir, source: &source };
+    let loader = Loader {
+        registry,
+        dir: &dir,
+        source: &source,
+    };
     let workflow = loader.load(&file, root.get_ref(), &mut sink);
     sink.finish()?;
     Ok(workflow.expect("a workflow without diagnostics is complete"))
@@ -68,25 +78,39 @@ struct RawStep<'i> {
 }
 
 impl<'a> Loader<'a> {
-    fn load<'i>(&self, file: &Path, root: &DeTable<'i>, sink: &mut DiagnosticSink) -> Option<Workflow> {
+    fn load<'i>(
+        &self,
+        file: &Path,
+        root: &DeTable<'i>,
+        sink: &mut DiagnosticSink,
+    ) -> Option<Workflow> {
         for (key, _) in root.iter() {
             if !SECTIONS.contains(&key.get_ref().as_ref()) {
                 sink.error(
                     key.span(),
                     key.get_ref().as_ref(),
-                    format!("unknown section{}; expected one of {}", hint(key.get_ref(), SECTIONS), SECTIONS.join(", ")),
+                    format!(
+                        "unknown section{}; expected one of {}",
+                        hint(key.get_ref(), SECTIONS),
+                        SECTIONS.join(", ")
+                    ),
                 );
             }
         }
         let settings = match root.get("workflow") {
             Some(v) => self.typed::<WorkflowSettings>(v, "workflow", sink),
             None => {
-                sink.error(0..0, "workflow", "missing [workflow] table (it needs at least `name`)");
+                sink.error(
+                    0..0,
+                    "workflow",
+                    "missing [workflow] table (it needs at least `name`)",
+                );
                 None
             }
         };
         let mut models: IndexMap<String, ModelSpec> = self.named_section(root, "models", sink);
-        let mut datasets: IndexMap<String, DatasetSpec> = self.named_section(root, "datasets", sink);
+        let mut datasets: IndexMap<String, DatasetSpec> =
+            self.named_section(root, "datasets", sink);
         let mut plugins: IndexMap<String, PluginSpec> = self.named_section(root, "plugins", sink);
         for m in models.values_mut() {
             m.path = self.dir.join(&m.path);
@@ -112,7 +136,12 @@ impl<'a> Loader<'a> {
         let steps = self.order(steps, sink);
 
         let settings = settings?;
-        let output_dir = self.dir.join(settings.output.clone().unwrap_or_else(|| Path::new("runs").join(&settings.name)));
+        let output_dir = self.dir.join(
+            settings
+                .output
+                .clone()
+                .unwrap_or_else(|| Path::new("runs").join(&settings.name)),
+        );
         Some(Workflow {
             file: file.to_path_buf(),
             dir: self.dir.to_path_buf(),
@@ -126,13 +155,22 @@ impl<'a> Loader<'a> {
     }
 
     /// Deserializes `value` into `T`, reporting the first serde error at its position.
-    fn typed<T: DeserializeOwned>(&self, value: &Value<'_>, key: &str, sink: &mut DiagnosticSink) -> Option<T> {
+    fn typed<T: DeserializeOwned>(
+        &self,
+        value: &Value<'_>,
+        key: &str,
+        sink: &mut DiagnosticSink,
+    ) -> Option<T> {
         match serde_path_to_error::deserialize(ValueDeserializer::from(value.clone())) {
             Ok(v) => Some(v),
             Err(e) => {
                 let path = join_key(key, &e.path().to_string());
                 let inner = e.into_inner();
-                sink.error(inner.span().unwrap_or(value.span()), clean_path(&path), serde_message(&inner));
+                sink.error(
+                    inner.span().unwrap_or(value.span()),
+                    clean_path(&path),
+                    serde_message(&inner),
+                );
                 None
             }
         }
@@ -146,7 +184,12 @@ impl<'a> Loader<'a> {
         sink: &mut DiagnosticSink,
     ) -> IndexMap<String, T> {
         let mut out = IndexMap::new();
-        let Some(table) = root.get(section).and_then(|v| expect_table(v, section, sink)) else { return out };
+        let Some(table) = root
+            .get(section)
+            .and_then(|v| expect_table(v, section, sink))
+        else {
+            return out;
+        };
         for (name, value) in table.iter() {
             let key = format!("{section}.{}", name.get_ref());
             if check_name(name, &key, sink) {
@@ -168,11 +211,15 @@ impl<'a> Loader<'a> {
         for (name, spec) in datasets {
             for (i, filter) in spec.filters.iter().enumerate() {
                 if !plugins.contains_key(filter) {
-                    let span = lookup(root, &format!("datasets.{name}.filters[{i}]")).unwrap_or(0..0);
+                    let span =
+                        lookup(root, &format!("datasets.{name}.filters[{i}]")).unwrap_or(0..0);
                     sink.error(
                         span,
                         format!("datasets.{name}.filters"),
-                        format!("unknown plugin `{filter}`{}", hint(filter, plugins.keys().map(String::as_str))),
+                        format!(
+                            "unknown plugin `{filter}`{}",
+                            hint(filter, plugins.keys().map(String::as_str))
+                        ),
                     );
                 }
             }
@@ -183,7 +230,9 @@ impl<'a> Loader<'a> {
     fn check_unique_names(&self, root: &DeTable<'_>, sink: &mut DiagnosticSink) {
         let mut seen: HashMap<String, &str> = HashMap::new();
         for section in ["models", "datasets", "steps"] {
-            let Some(DeValue::Table(t)) = root.get(section).map(Spanned::get_ref) else { continue };
+            let Some(DeValue::Table(t)) = root.get(section).map(Spanned::get_ref) else {
+                continue;
+            };
             for (name, _) in t.iter() {
                 if let Some(other) = seen.insert(name.get_ref().to_string(), section) {
                     sink.error(
@@ -196,16 +245,28 @@ impl<'a> Loader<'a> {
         }
     }
 
-    fn defaults<'i>(&self, root: &DeTable<'i>, sink: &mut DiagnosticSink) -> HashMap<String, DeTable<'i>> {
+    fn defaults<'i>(
+        &self,
+        root: &DeTable<'i>,
+        sink: &mut DiagnosticSink,
+    ) -> HashMap<String, DeTable<'i>> {
         let mut out = HashMap::new();
-        let Some(table) = root.get("defaults").and_then(|v| expect_table(v, "defaults", sink)) else { return out };
+        let Some(table) = root
+            .get("defaults")
+            .and_then(|v| expect_table(v, "defaults", sink))
+        else {
+            return out;
+        };
         for (kind, value) in table.iter() {
             let key = format!("defaults.{}", kind.get_ref());
             if self.registry.get(kind.get_ref()).is_none() {
                 sink.error(
                     kind.span(),
                     key,
-                    format!("unknown step kind{}; defaults are given per kind, e.g. [defaults.sft]", hint(kind.get_ref(), self.registry.names())),
+                    format!(
+                        "unknown step kind{}; defaults are given per kind, e.g. [defaults.sft]",
+                        hint(kind.get_ref(), self.registry.names())
+                    ),
                 );
                 continue;
             }
@@ -223,13 +284,20 @@ impl<'a> Loader<'a> {
         sink: &mut DiagnosticSink,
     ) -> Vec<RawStep<'i>> {
         let mut out = Vec::new();
-        let Some(table) = root.get("steps").and_then(|v| expect_table(v, "steps", sink)) else { return out };
+        let Some(table) = root
+            .get("steps")
+            .and_then(|v| expect_table(v, "steps", sink))
+        else {
+            return out;
+        };
         for (name, value) in table.iter() {
             let key = format!("steps.{}", name.get_ref());
             if !check_name(name, &key, sink) {
                 continue;
             }
-            let Some(step) = expect_table(value, &key, sink) else { continue };
+            let Some(step) = expect_table(value, &key, sink) else {
+                continue;
+            };
             out.extend(self.raw_step(name, value.span(), step, defaults, sink));
         }
         out
@@ -249,11 +317,22 @@ impl<'a> Loader<'a> {
         let kind_name = match step.get("kind").map(|v| (v.span(), v.get_ref())) {
             Some((_, DeValue::String(s))) => s.to_string(),
             Some((span, _)) => {
-                sink.error(span, format!("{key}.kind"), "expected a string naming a step kind");
+                sink.error(
+                    span,
+                    format!("{key}.kind"),
+                    "expected a string naming a step kind",
+                );
                 return Vec::new();
             }
             None => {
-                sink.error(name.span(), &key, format!("missing `kind`; one of: {}", self.registry.names().collect::<Vec<_>>().join(", ")));
+                sink.error(
+                    name.span(),
+                    &key,
+                    format!(
+                        "missing `kind`; one of: {}",
+                        self.registry.names().collect::<Vec<_>>().join(", ")
+                    ),
+                );
                 return Vec::new();
             }
         };
@@ -296,7 +375,9 @@ impl<'a> Loader<'a> {
             None => Vec::new(),
         };
 
-        let header = Some(step_span(self.source, &base)).filter(|s| !s.is_empty()).unwrap_or(name.span());
+        let header = Some(step_span(self.source, &base))
+            .filter(|s| !s.is_empty())
+            .unwrap_or(name.span());
         let mut out = Vec::new();
         for point in grid(&sweep) {
             let mut params = params.clone();
@@ -310,7 +391,10 @@ impl<'a> Loader<'a> {
                     let refs = self.ref_list(value, &format!("{key}.sweep"), sink);
                     match inputs.iter_mut().find(|(k, _)| k.get_ref() == slot) {
                         Some(entry) => entry.1 = refs,
-                        None => inputs.push((Spanned::new(axis_key.span(), Cow::Owned(slot.to_string())), refs)),
+                        None => inputs.push((
+                            Spanned::new(axis_key.span(), Cow::Owned(slot.to_string())),
+                            refs,
+                        )),
                     }
                 } else {
                     set_path(&mut params, axis_key, value.clone());
@@ -343,12 +427,27 @@ impl<'a> Loader<'a> {
         key: &str,
         sink: &mut DiagnosticSink,
     ) -> Vec<(Key<'i>, Vec<Spanned<String>>)> {
-        let Some(table) = expect_table(value, key, sink) else { return Vec::new() };
-        table.iter().map(|(slot, v)| (slot.clone(), self.ref_list(v, &format!("{key}.{}", slot.get_ref()), sink))).collect()
+        let Some(table) = expect_table(value, key, sink) else {
+            return Vec::new();
+        };
+        table
+            .iter()
+            .map(|(slot, v)| {
+                (
+                    slot.clone(),
+                    self.ref_list(v, &format!("{key}.{}", slot.get_ref()), sink),
+                )
+            })
+            .collect()
     }
 
     /// A reference (`"name"`) or a list of references.
-    fn ref_list(&self, value: &Value<'_>, key: &str, sink: &mut DiagnosticSink) -> Vec<Spanned<String>> {
+    fn ref_list(
+        &self,
+        value: &Value<'_>,
+        key: &str,
+        sink: &mut DiagnosticSink,
+    ) -> Vec<Spanned<String>> {
         match value.get_ref() {
             DeValue::String(s) => vec![Spanned::new(value.span(), s.to_string())],
             DeValue::Array(items) => items
@@ -356,30 +455,55 @@ impl<'a> Loader<'a> {
                 .filter_map(|item| match item.get_ref() {
                     DeValue::String(s) => Some(Spanned::new(item.span(), s.to_string())),
                     _ => {
-                        sink.error(item.span(), key, "expected the name of a model, dataset or step");
+                        sink.error(
+                            item.span(),
+                            key,
+                            "expected the name of a model, dataset or step",
+                        );
                         None
                     }
                 })
                 .collect(),
             _ => {
-                sink.error(value.span(), key, "expected a name or a list of names of models, datasets or steps");
+                sink.error(
+                    value.span(),
+                    key,
+                    "expected a name or a list of names of models, datasets or steps",
+                );
                 Vec::new()
             }
         }
     }
 
-    fn sweep_axes<'i>(&self, value: &Value<'i>, key: &str, sink: &mut DiagnosticSink) -> Vec<(Key<'i>, Vec<Value<'i>>)> {
-        let Some(table) = expect_table(value, key, sink) else { return Vec::new() };
+    fn sweep_axes<'i>(
+        &self,
+        value: &Value<'i>,
+        key: &str,
+        sink: &mut DiagnosticSink,
+    ) -> Vec<(Key<'i>, Vec<Value<'i>>)> {
+        let Some(table) = expect_table(value, key, sink) else {
+            return Vec::new();
+        };
         let mut axes = Vec::new();
         for (axis, values) in table.iter() {
             let axis_name = axis.get_ref();
             if STEP_RESERVED.contains(&axis_name.as_ref()) || axis_name == "inputs" {
-                sink.error(axis.span(), format!("{key}.{axis_name}"), "cannot sweep this key; sweep parameters or `inputs.SLOT`");
+                sink.error(
+                    axis.span(),
+                    format!("{key}.{axis_name}"),
+                    "cannot sweep this key; sweep parameters or `inputs.SLOT`",
+                );
                 continue;
             }
             match values.get_ref() {
-                DeValue::Array(items) if !items.is_empty() => axes.push((axis.clone(), items.to_vec())),
-                _ => sink.error(values.span(), format!("{key}.{axis_name}"), "expected a non-empty list of values to sweep"),
+                DeValue::Array(items) if !items.is_empty() => {
+                    axes.push((axis.clone(), items.to_vec()))
+                }
+                _ => sink.error(
+                    values.span(),
+                    format!("{key}.{axis_name}"),
+                    "expected a non-empty list of values to sweep",
+                ),
             }
         }
         axes
@@ -403,15 +527,25 @@ impl<'a> Loader<'a> {
     ) -> Option<Vec<Step>> {
         let mut points_of: IndexMap<String, Vec<String>> = IndexMap::new();
         for r in &raw {
-            points_of.entry(r.base.clone()).or_default().push(r.name.clone());
+            points_of
+                .entry(r.base.clone())
+                .or_default()
+                .push(r.name.clone());
         }
         let check_ctx = PluginNames(plugins);
         // First pass: parse every step's parameters (output kinds are needed to type-check inputs).
         let mut parsed = Vec::new();
         let mut failed = false;
         for r in raw {
-            let kind = self.registry.get(&r.kind_name).expect("kind checked").clone();
-            let params = ValueDeserializer::from(Spanned::new(r.params_span.clone(), DeValue::Table(r.params.clone())));
+            let kind = self
+                .registry
+                .get(&r.kind_name)
+                .expect("kind checked")
+                .clone();
+            let params = ValueDeserializer::from(Spanned::new(
+                r.params_span.clone(),
+                DeValue::Table(r.params.clone()),
+            ));
             match kind.parse(params) {
                 Ok((config, json)) => parsed.push((r, kind, config, json)),
                 Err(failure) => {
@@ -422,8 +556,10 @@ impl<'a> Loader<'a> {
                 }
             }
         }
-        let outputs: HashMap<String, ArtifactKind> =
-            parsed.iter().map(|(r, kind, config, _)| (r.name.clone(), kind.output(config))).collect();
+        let outputs: HashMap<String, ArtifactKind> = parsed
+            .iter()
+            .map(|(r, kind, config, _)| (r.name.clone(), kind.output(config)))
+            .collect();
 
         let mut steps = Vec::new();
         for (r, kind, config, json) in parsed {
@@ -445,45 +581,70 @@ impl<'a> Loader<'a> {
             let mut dependencies = kind.dependencies(&config);
             for plugin in &dependencies.plugins {
                 if !plugins.contains_key(plugin) {
-                    sink.error(r.header.clone(), &key, format!("uses plugin `{plugin}`, which is not declared in [plugins]"));
+                    sink.error(
+                        r.header.clone(),
+                        &key,
+                        format!("uses plugin `{plugin}`, which is not declared in [plugins]"),
+                    );
                 }
             }
-            dependencies.files = dependencies.files.iter().map(|f| self.dir.join(f)).collect();
+            dependencies.files = dependencies
+                .files
+                .iter()
+                .map(|f| self.dir.join(f))
+                .collect();
 
             let mut inputs: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
             for (slot, refs) in &r.inputs {
                 let slot_key = format!("{key}.inputs.{}", slot.get_ref());
                 let spec = match kind.inputs() {
                     InputSlots::Any => None,
-                    InputSlots::Fixed(slots) => match slots.iter().find(|s| s.name == slot.get_ref().as_ref()) {
-                        Some(s) => Some(*s),
-                        None => {
-                            let names: Vec<&str> = slots.iter().map(|s| s.name).collect();
-                            sink.error(
-                                slot.span(),
-                                slot_key,
-                                format!(
-                                    "step kind `{}` has no input `{}`{}; its inputs: {}",
-                                    kind.name(),
-                                    slot.get_ref(),
-                                    hint(slot.get_ref(), names.iter().copied()),
-                                    names.join(", ")
-                                ),
-                            );
-                            continue;
+                    InputSlots::Fixed(slots) => {
+                        match slots.iter().find(|s| s.name == slot.get_ref().as_ref()) {
+                            Some(s) => Some(*s),
+                            None => {
+                                let names: Vec<&str> = slots.iter().map(|s| s.name).collect();
+                                sink.error(
+                                    slot.span(),
+                                    slot_key,
+                                    format!(
+                                        "step kind `{}` has no input `{}`{}; its inputs: {}",
+                                        kind.name(),
+                                        slot.get_ref(),
+                                        hint(slot.get_ref(), names.iter().copied()),
+                                        names.join(", ")
+                                    ),
+                                );
+                                continue;
+                            }
                         }
-                    },
+                    }
                 };
                 let mut resolved = Vec::new();
                 for reference in refs {
                     let name = reference.get_ref();
                     let found: Vec<(InputRef, ArtifactKind)> = [
-                        models.get(name).map(|_| vec![(InputRef::Model(name.clone()), ArtifactKind::Model)]),
-                        datasets.get(name).map(|_| vec![(InputRef::Dataset(name.clone()), ArtifactKind::Dataset)]),
-                        points_of.get(name).map(|points| {
-                            points.iter().map(|p| (InputRef::Step(p.clone()), outputs.get(p).copied().unwrap_or(ArtifactKind::Files))).collect()
+                        models
+                            .get(name)
+                            .map(|_| vec![(InputRef::Model(name.clone()), ArtifactKind::Model)]),
+                        datasets.get(name).map(|_| {
+                            vec![(InputRef::Dataset(name.clone()), ArtifactKind::Dataset)]
                         }),
-                        outputs.get(name).filter(|_| !points_of.contains_key(name)).map(|k| vec![(InputRef::Step(name.clone()), *k)]),
+                        points_of.get(name).map(|points| {
+                            points
+                                .iter()
+                                .map(|p| {
+                                    (
+                                        InputRef::Step(p.clone()),
+                                        outputs.get(p).copied().unwrap_or(ArtifactKind::Files),
+                                    )
+                                })
+                                .collect()
+                        }),
+                        outputs
+                            .get(name)
+                            .filter(|_| !points_of.contains_key(name))
+                            .map(|k| vec![(InputRef::Step(name.clone()), *k)]),
                     ]
                     .into_iter()
                     .flatten()
@@ -493,11 +654,18 @@ impl<'a> Loader<'a> {
                         if points_of.contains_key(name) || r.base == *name {
                             continue; // the step exists but failed to parse: already reported
                         }
-                        let all = models.keys().chain(datasets.keys()).chain(points_of.keys()).map(String::as_str);
+                        let all = models
+                            .keys()
+                            .chain(datasets.keys())
+                            .chain(points_of.keys())
+                            .map(String::as_str);
                         sink.error(
                             reference.span(),
                             &slot_key,
-                            format!("unknown reference `{name}`{}: not a model, dataset or step", hint(name, all)),
+                            format!(
+                                "unknown reference `{name}`{}: not a model, dataset or step",
+                                hint(name, all)
+                            ),
                         );
                         continue;
                     }
@@ -507,7 +675,11 @@ impl<'a> Loader<'a> {
                                 sink.error(
                                     reference.span(),
                                     &slot_key,
-                                    format!("`{name}` is a {artifact}, but input `{}` takes {}", spec.name, accepted(&spec)),
+                                    format!(
+                                        "`{name}` is a {artifact}, but input `{}` takes {}",
+                                        spec.name,
+                                        accepted(&spec)
+                                    ),
                                 );
                             }
                         }
@@ -532,7 +704,10 @@ impl<'a> Loader<'a> {
                 inputs.insert(slot.get_ref().to_string(), resolved);
             }
             if let InputSlots::Fixed(slots) = kind.inputs() {
-                for slot in slots.iter().filter(|s| s.required && !inputs.contains_key(s.name)) {
+                for slot in slots
+                    .iter()
+                    .filter(|s| s.required && !inputs.contains_key(s.name))
+                {
                     sink.error(
                         r.header.clone(),
                         &key,
@@ -560,18 +735,27 @@ impl<'a> Loader<'a> {
     /// Orders steps so that every step comes after its inputs, keeping file order otherwise; reports cycles.
     fn order(&self, steps: Option<Vec<Step>>, sink: &mut DiagnosticSink) -> Option<Vec<Step>> {
         let steps = steps?;
-        let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
         let mut indegree = vec![0usize; steps.len()];
         let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
         for (i, step) in steps.iter().enumerate() {
-            let upstream: HashSet<usize> = step.upstream().filter_map(|u| index.get(u).copied()).collect();
+            let upstream: HashSet<usize> = step
+                .upstream()
+                .filter_map(|u| index.get(u).copied())
+                .collect();
             indegree[i] = upstream.len();
             for u in upstream {
                 dependents[u].push(i);
             }
         }
-        let mut ready: BinaryHeap<std::cmp::Reverse<usize>> =
-            (0..steps.len()).filter(|&i| indegree[i] == 0).map(std::cmp::Reverse).collect();
+        let mut ready: BinaryHeap<std::cmp::Reverse<usize>> = (0..steps.len())
+            .filter(|&i| indegree[i] == 0)
+            .map(std::cmp::Reverse)
+            .collect();
         let mut order = Vec::with_capacity(steps.len());
         while let Some(std::cmp::Reverse(i)) = ready.pop() {
             order.push(i);
@@ -595,13 +779,20 @@ impl<'a> Loader<'a> {
             return None;
         }
         let mut slots: Vec<Option<Step>> = steps.into_iter().map(Some).collect();
-        Some(order.into_iter().map(|i| slots[i].take().expect("each step once")).collect())
+        Some(
+            order
+                .into_iter()
+                .map(|i| slots[i].take().expect("each step once"))
+                .collect(),
+        )
     }
 }
 
 /// One cycle among the steps left with unmet inputs after a topological sort.
 fn find_cycle(steps: &[Step], index: &HashMap<&str, usize>, indegree: &[usize]) -> Vec<usize> {
-    let start = (0..steps.len()).find(|&i| indegree[i] > 0).expect("a step in a cycle");
+    let start = (0..steps.len())
+        .find(|&i| indegree[i] > 0)
+        .expect("a step in a cycle");
     // Walk upstream edges among blocked steps until a step repeats.
     let mut path = vec![start];
     let mut at = start;
@@ -614,7 +805,11 @@ fn find_cycle(steps: &[Step], index: &HashMap<&str, usize>, indegree: &[usize]) 
         if let Some(pos) = path.iter().position(|&p| p == next) {
             let mut cycle = path[pos..].to_vec();
             cycle.reverse(); // upstream walk -> data-flow order
-            let first = cycle.iter().enumerate().min_by_key(|(_, &s)| s).map_or(0, |(i, _)| i);
+            let first = cycle
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, &s)| s)
+                .map_or(0, |(i, _)| i);
             cycle.rotate_left(first);
             return cycle;
         }
@@ -657,7 +852,11 @@ fn ref_name(r: &InputRef) -> &str {
     }
 }
 
-fn expect_table<'b, 'i>(value: &'b Value<'i>, key: &str, sink: &mut DiagnosticSink) -> Option<&'b DeTable<'i>> {
+fn expect_table<'b, 'i>(
+    value: &'b Value<'i>,
+    key: &str,
+    sink: &mut DiagnosticSink,
+) -> Option<&'b DeTable<'i>> {
     match value.get_ref() {
         DeValue::Table(t) => Some(t),
         _ => {
@@ -670,9 +869,16 @@ fn expect_table<'b, 'i>(value: &'b Value<'i>, key: &str, sink: &mut DiagnosticSi
 /// Names of models, datasets, plugins and steps: letters, digits, `_` and `-`.
 fn check_name(name: &Key<'_>, key: &str, sink: &mut DiagnosticSink) -> bool {
     let ok = !name.get_ref().is_empty()
-        && name.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        && name
+            .get_ref()
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !ok {
-        sink.error(name.span(), key, "names may contain only letters, digits, `_` and `-`");
+        sink.error(
+            name.span(),
+            key,
+            "names may contain only letters, digits, `_` and `-`",
+        );
     }
     ok
 }
@@ -686,7 +892,8 @@ fn merge_defaults<'i>(params: &mut DeTable<'i>, defaults: &DeTable<'i>) {
                 params.insert(k.clone(), v.clone());
             }
             Some(current) => {
-                if let (DeValue::Table(cur), DeValue::Table(def)) = (current.get_mut(), v.get_ref()) {
+                if let (DeValue::Table(cur), DeValue::Table(def)) = (current.get_mut(), v.get_ref())
+                {
                     merge_defaults(cur, def);
                 }
             }
@@ -705,10 +912,15 @@ fn set_path<'i>(params: &mut DeTable<'i>, key: &Key<'i>, value: Value<'i>) {
         if !matches!(entry.get_ref(), DeValue::Table(_)) {
             *entry = Spanned::new(key.span(), DeValue::Table(DeTable::new()));
         }
-        let DeValue::Table(t) = entry.get_mut() else { unreachable!() };
+        let DeValue::Table(t) = entry.get_mut() else {
+            unreachable!()
+        };
         table = t;
     }
-    table.insert(Spanned::new(key.span(), Cow::Owned(parts[parts.len() - 1].to_string())), value);
+    table.insert(
+        Spanned::new(key.span(), Cow::Owned(parts[parts.len() - 1].to_string())),
+        value,
+    );
 }
 
 /// The cartesian product of the axes' indices, first axis outermost; one empty point without axes.
@@ -734,7 +946,10 @@ fn lookup(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
         let (name, rest) = part.split_once('[').map_or((part, ""), |(n, r)| (n, r));
         segments.push((name.to_string(), None));
         for idx in rest.split('[').filter(|s| !s.is_empty()) {
-            segments.push((String::new(), idx.trim_end_matches(']').parse::<usize>().ok()));
+            segments.push((
+                String::new(),
+                idx.trim_end_matches(']').parse::<usize>().ok(),
+            ));
         }
     }
     let mut current: Option<&Value<'_>> = None;
@@ -761,7 +976,10 @@ fn join_key(prefix: &str, path: &str) -> String {
 
 /// serde_path_to_error writes `?` for unknown segments; drop them.
 fn clean_path(path: &str) -> String {
-    path.split('.').filter(|p| *p != "?").collect::<Vec<_>>().join(".")
+    path.split('.')
+        .filter(|p| *p != "?")
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn serde_message(e: &toml::de::Error) -> String {

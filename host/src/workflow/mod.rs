@@ -12,7 +12,9 @@ pub mod render;
 mod schema;
 
 pub use diagnostics::{Diagnostic, WorkflowError};
-pub use schema::{DType, DatasetSpec, DeviceChoice, ModelSpec, OnError, PathList, PluginSpec, WorkflowSettings};
+pub use schema::{
+    DType, DatasetSpec, DeviceChoice, ModelSpec, OnError, PathList, PluginSpec, WorkflowSettings,
+};
 
 use crate::steps::{AnyConfig, ArtifactKind, Dependencies, ErasedStepKind, Registry, Resources};
 use indexmap::IndexMap;

@@ -6,19 +6,44 @@ use std::fmt::Write;
 /// DOT source: models and datasets as notes, steps as boxes labelled with their kind.
 pub fn dot(workflow: &Workflow) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "digraph {:?} {{\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];", workflow.settings.name);
+    let _ = writeln!(
+        out,
+        "digraph {:?} {{\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];",
+        workflow.settings.name
+    );
     for name in workflow.models.keys() {
-        let _ = writeln!(out, "  {:?} [shape=cylinder, label={:?}];", node_id("model", name), format!("model: {name}"));
+        let _ = writeln!(
+            out,
+            "  {:?} [shape=cylinder, label={:?}];",
+            node_id("model", name),
+            format!("model: {name}")
+        );
     }
     for name in workflow.datasets.keys() {
-        let _ = writeln!(out, "  {:?} [shape=note, label={:?}];", node_id("dataset", name), format!("dataset: {name}"));
+        let _ = writeln!(
+            out,
+            "  {:?} [shape=note, label={:?}];",
+            node_id("dataset", name),
+            format!("dataset: {name}")
+        );
     }
     for step in &workflow.steps {
         let label = format!("{}\\n({})", step.name, step.kind.name());
-        let _ = writeln!(out, "  {:?} [shape=box, style=rounded, label=\"{}\"];", node_id("step", &step.name), label.replace('"', "\\\""));
+        let _ = writeln!(
+            out,
+            "  {:?} [shape=box, style=rounded, label=\"{}\"];",
+            node_id("step", &step.name),
+            label.replace('"', "\\\"")
+        );
         for (slot, refs) in &step.inputs {
             for r in refs {
-                let _ = writeln!(out, "  {:?} -> {:?} [label={:?}];", ref_id(r), node_id("step", &step.name), slot);
+                let _ = writeln!(
+                    out,
+                    "  {:?} -> {:?} [label={:?}];",
+                    ref_id(r),
+                    node_id("step", &step.name),
+                    slot
+                );
             }
         }
     }
@@ -35,18 +60,40 @@ pub fn mermaid(workflow: &Workflow) -> String {
     };
     let mut out = String::from("flowchart LR\n");
     for name in workflow.models.keys() {
-        let _ = writeln!(out, "  {}[(\"model: {}\")]", id(node_id("model", name)), escape(name));
+        let _ = writeln!(
+            out,
+            "  {}[(\"model: {}\")]",
+            id(node_id("model", name)),
+            escape(name)
+        );
     }
     for name in workflow.datasets.keys() {
-        let _ = writeln!(out, "  {}[/\"dataset: {}\"/]", id(node_id("dataset", name)), escape(name));
+        let _ = writeln!(
+            out,
+            "  {}[/\"dataset: {}\"/]",
+            id(node_id("dataset", name)),
+            escape(name)
+        );
     }
     for step in &workflow.steps {
-        let _ = writeln!(out, "  {}(\"{}<br/><i>{}</i>\")", id(node_id("step", &step.name)), escape(&step.name), step.kind.name());
+        let _ = writeln!(
+            out,
+            "  {}(\"{}<br/><i>{}</i>\")",
+            id(node_id("step", &step.name)),
+            escape(&step.name),
+            step.kind.name()
+        );
     }
     for step in &workflow.steps {
         for (slot, refs) in &step.inputs {
             for r in refs {
-                let _ = writeln!(out, "  {} -->|{}| {}", id(ref_id(r)), escape(slot), id(node_id("step", &step.name)));
+                let _ = writeln!(
+                    out,
+                    "  {} -->|{}| {}",
+                    id(ref_id(r)),
+                    escape(slot),
+                    id(node_id("step", &step.name))
+                );
             }
         }
     }

@@ -14,7 +14,12 @@ pub struct Log(pub Arc<Mutex<Vec<(String, Instant, Instant)>>>);
 
 impl Log {
     pub fn names(&self) -> Vec<String> {
-        self.0.lock().unwrap().iter().map(|(n, _, _)| n.clone()).collect()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _, _)| n.clone())
+            .collect()
     }
     pub fn clear(&self) {
         self.0.lock().unwrap().clear();
@@ -54,7 +59,11 @@ impl StepKind for TextStep {
     fn output(&self, _: &TextConfig) -> ArtifactKind {
         ArtifactKind::Files
     }
-    fn check(&self, c: &TextConfig, _: &dyn dusflow::steps::CheckContext) -> Vec<dusflow::steps::ConfigIssue> {
+    fn check(
+        &self,
+        c: &TextConfig,
+        _: &dyn dusflow::steps::CheckContext,
+    ) -> Vec<dusflow::steps::ConfigIssue> {
         if c.repeat > 100 {
             vec![dusflow::steps::ConfigIssue::new("repeat", "at most 100")]
         } else {
@@ -68,12 +77,20 @@ impl StepKind for TextStep {
         }
         let mut out = c.text.repeat(c.repeat.max(1) as usize);
         for input in ctx.inputs_of("from") {
-            let p = if input.path.is_dir() { input.path.join("out.txt") } else { input.path.clone() };
+            let p = if input.path.is_dir() {
+                input.path.join("out.txt")
+            } else {
+                input.path.clone()
+            };
             out.push('|');
             out.push_str(&std::fs::read_to_string(&p)?);
         }
         std::fs::write(ctx.out_dir.join("out.txt"), out)?;
-        self.log.0.lock().unwrap().push((ctx.step.clone(), start, Instant::now()));
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .push((ctx.step.clone(), start, Instant::now()));
         Ok(())
     }
 }
@@ -105,9 +122,15 @@ impl StepKind for MeetStep {
         let mut n = lock.lock().unwrap();
         *n += 1;
         cv.notify_all();
-        let (n, timeout) = cv.wait_timeout_while(n, Duration::from_secs(20), |n| *n < c.parties).unwrap();
+        let (n, timeout) = cv
+            .wait_timeout_while(n, Duration::from_secs(20), |n| *n < c.parties)
+            .unwrap();
         if timeout.timed_out() {
-            bail!("only {} of {} steps were running at the same time", *n, c.parties);
+            bail!(
+                "only {} of {} steps were running at the same time",
+                *n,
+                c.parties
+            );
         }
         Ok(())
     }
@@ -164,16 +187,26 @@ pub fn test_kinds() -> TestKinds {
     let hold_started = Arc::new((Mutex::new(0), Condvar::new()));
     let mut registry = Registry::builtin();
     registry.register(TextStep { log: log.clone() });
-    registry.register(MeetStep { state: Arc::new((Mutex::new(0), Condvar::new())) });
-    registry.register(HoldStep { started: hold_started.clone() });
-    TestKinds { registry, log, hold_started }
+    registry.register(MeetStep {
+        state: Arc::new((Mutex::new(0), Condvar::new())),
+    });
+    registry.register(HoldStep {
+        started: hold_started.clone(),
+    });
+    TestKinds {
+        registry,
+        log,
+        hold_started,
+    }
 }
 
 /// Waits until `count` hold steps have started.
 pub fn wait_hold_started(state: &Arc<(Mutex<usize>, Condvar)>, count: usize) {
     let (lock, cv) = &**state;
     let guard = lock.lock().unwrap();
-    let (_guard, t) = cv.wait_timeout_while(guard, Duration::from_secs(20), |n| *n < count).unwrap();
+    let (_guard, t) = cv
+        .wait_timeout_while(guard, Duration::from_secs(20), |n| *n < count)
+        .unwrap();
     assert!(!t.timed_out(), "hold step did not start");
 }
 
@@ -208,6 +241,8 @@ impl Project {
 
 /// Reads `out.txt` of a step's artifact.
 pub fn output_of(summary: &dusflow::engine::RunSummary, step: &str) -> String {
-    let report = summary.step(step).unwrap_or_else(|| panic!("no step {step}"));
+    let report = summary
+        .step(step)
+        .unwrap_or_else(|| panic!("no step {step}"));
     std::fs::read_to_string(Path::new(&report.dir).join("out.txt")).unwrap()
 }
