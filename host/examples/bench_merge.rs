@@ -27,12 +27,19 @@ const VOCAB: usize = 32000;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["gen", dir] => gen(Path::new(dir), 16),
         ["gen", dir, layers] => gen(Path::new(dir), layers.parse()?),
         ["merge", method, dir, out] => run_merge(method, Path::new(dir), Path::new(out)),
         ["compare", x, y] => compare(Path::new(x), Path::new(y)),
-        _ => bail!("usage: bench_merge gen DIR [LAYERS] | merge linear|slerp|ties DIR OUT | compare X Y"),
+        _ => bail!(
+            "usage: bench_merge gen DIR [LAYERS] | merge linear|slerp|ties DIR OUT | compare X Y"
+        ),
     }
 }
 
@@ -66,27 +73,38 @@ fn noise(seed: u64, i: u64) -> f32 {
 }
 
 fn gen(dir: &Path, layers: usize) -> Result<()> {
-    let specs: Vec<TensorSpec> = shapes(layers).into_iter().map(|(n, s)| TensorSpec::new(n, Dtype::BF16, s)).collect();
-    let params: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+    let specs: Vec<TensorSpec> = shapes(layers)
+        .into_iter()
+        .map(|(n, s)| TensorSpec::new(n, Dtype::BF16, s))
+        .collect();
+    let params: usize = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
     for (model, seed) in [("base", None), ("a", Some(1u64)), ("b", Some(2u64))] {
         let out = dir.join(model);
         std::fs::create_dir_all(&out)?;
         let started = Instant::now();
         write_checkpoint(&out, &specs, ShardOptions::default(), |spec| {
-            let tseed = blake3::hash(spec.name.as_bytes()).as_bytes()[..8].iter().fold(0u64, |a, b| a << 8 | *b as u64);
+            let tseed = blake3::hash(spec.name.as_bytes()).as_bytes()[..8]
+                .iter()
+                .fold(0u64, |a, b| a << 8 | *b as u64);
             let n: usize = spec.shape.iter().product();
             let norm = spec.shape.len() == 1;
             let mut bytes = vec![0u8; n * 2];
-            bytes.par_chunks_mut(2 << 16).enumerate().for_each(|(c, chunk)| {
-                for (k, o) in chunk.chunks_exact_mut(2).enumerate() {
-                    let i = (c * (1 << 16) + k) as u64;
-                    let mut v = if norm { 1.0 } else { 0.04 * noise(tseed, i) };
-                    if let Some(s) = seed {
-                        v += 0.01 * noise(tseed ^ s.wrapping_mul(0x5851_F42D_4C95_7F2D), i);
+            bytes
+                .par_chunks_mut(2 << 16)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    for (k, o) in chunk.chunks_exact_mut(2).enumerate() {
+                        let i = (c * (1 << 16) + k) as u64;
+                        let mut v = if norm { 1.0 } else { 0.04 * noise(tseed, i) };
+                        if let Some(s) = seed {
+                            v += 0.01 * noise(tseed ^ s.wrapping_mul(0x5851_F42D_4C95_7F2D), i);
+                        }
+                        o.copy_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
                     }
-                    o.copy_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
-                }
-            });
+                });
             Ok(Cow::Owned(bytes))
         })?;
         let config = serde_json::json!({
@@ -96,8 +114,14 @@ fn gen(dir: &Path, layers: usize) -> Result<()> {
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false, "hidden_act": "silu",
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"
         });
-        std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-        eprintln!("{model}: {params} parameters in {:.1} s", started.elapsed().as_secs_f64());
+        std::fs::write(
+            out.join("config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        eprintln!(
+            "{model}: {params} parameters in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -110,11 +134,22 @@ fn run_merge(method: &str, dir: &Path, out: &Path) -> Result<()> {
         other => bail!("unknown method {other}"),
     };
     let config: MergeConfig = toml::from_str(&format!("{toml}\ndtype = \"bfloat16\""))?;
-    let named = |m: &str| NamedModel { name: m.into(), path: dir.join(m) };
+    let named = |m: &str| NamedModel {
+        name: m.into(),
+        path: dir.join(m),
+    };
     let base = (method == "ties").then(|| named("base"));
     std::fs::create_dir_all(out)?;
     let started = Instant::now();
-    let summary = merge(&config, &[named("a"), named("b")], base.as_ref(), 0, out, &ProgressBar::hidden(), &|| false)?;
+    let summary = merge(
+        &config,
+        &[named("a"), named("b")],
+        base.as_ref(),
+        0,
+        out,
+        &ProgressBar::hidden(),
+        &|| false,
+    )?;
     eprintln!(
         "dusflow {method}: {} tensors, {} bytes in {:.2} s",
         summary.tensors,
@@ -129,9 +164,15 @@ fn compare(x: &Path, y: &Path) -> Result<()> {
     let (mut total, mut same, mut max_ulps) = (0usize, 0usize, 0u32);
     for name in a.names() {
         let decode = |s: &TensorStore| -> Result<Vec<f32>> {
-            let meta = s.meta(name).with_context(|| PathBuf::from(y).display().to_string())?;
+            let meta = s
+                .meta(name)
+                .with_context(|| PathBuf::from(y).display().to_string())?;
             let mut v = vec![0f32; meta.numel()];
-            Source { bytes: s.bytes(name)?, dtype: meta.dtype }.decode(0, &mut v);
+            Source {
+                bytes: s.bytes(name)?,
+                dtype: meta.dtype,
+            }
+            .decode(0, &mut v);
             Ok(v)
         };
         let (va, vb) = (decode(&a)?, decode(&b)?);
@@ -149,6 +190,9 @@ fn compare(x: &Path, y: &Path) -> Result<()> {
             max_ulps = max_ulps.max(key(*p).abs_diff(key(*q)));
         }
     }
-    println!("identical {same} of {total} ({:.5} %), max {max_ulps} bf16 ulp", same as f64 / total as f64 * 100.0);
+    println!(
+        "identical {same} of {total} ({:.5} %), max {max_ulps} bf16 ulp",
+        same as f64 / total as f64 * 100.0
+    );
     Ok(())
 }

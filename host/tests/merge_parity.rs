@@ -25,11 +25,17 @@ struct Case {
 fn case(name: &str) -> Case {
     let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
     let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
-    cases.into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"))
+    cases
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
 }
 
 fn model(name: &str) -> NamedModel {
-    NamedModel { name: name.into(), path: fixtures().join("models").join(name) }
+    NamedModel {
+        name: name.into(),
+        path: fixtures().join("models").join(name),
+    }
 }
 
 /// Runs our merge of a case; returns (our output, mergekit's output) stores and the temp dir.
@@ -39,7 +45,16 @@ fn run_case(name: &str) -> (TensorStore, TensorStore, tempfile::TempDir) {
     let models: Vec<NamedModel> = c.models.iter().map(|m| model(m)).collect();
     let base = c.base.as_deref().map(model);
     let dir = tempfile::tempdir().unwrap();
-    merge(&config, &models, base.as_ref(), 0, dir.path(), &ProgressBar::hidden(), &|| false).unwrap();
+    merge(
+        &config,
+        &models,
+        base.as_ref(),
+        0,
+        dir.path(),
+        &ProgressBar::hidden(),
+        &|| false,
+    )
+    .unwrap();
     let ours = TensorStore::open(dir.path()).unwrap();
     let theirs = TensorStore::open(&fixtures().join("outputs").join(name)).unwrap();
     let mut a: Vec<&str> = ours.names().collect();
@@ -52,7 +67,10 @@ fn run_case(name: &str) -> (TensorStore, TensorStore, tempfile::TempDir) {
 
 fn values(store: &TensorStore, name: &str) -> Vec<f32> {
     let meta = store.meta(name).unwrap();
-    let src = Source { bytes: store.bytes(name).unwrap(), dtype: meta.dtype };
+    let src = Source {
+        bytes: store.bytes(name).unwrap(),
+        dtype: meta.dtype,
+    };
     let mut out = vec![0f32; meta.numel()];
     src.decode(0, &mut out);
     out
@@ -74,10 +92,23 @@ fn bf16_ulps(a: f32, b: f32) -> u32 {
 fn assert_bit_identical(name: &str) {
     let (ours, theirs, _dir) = run_case(name);
     for t in ours.names() {
-        assert_eq!(ours.meta(t).unwrap().dtype, theirs.meta(t).unwrap().dtype, "{name}: {t} dtype");
+        assert_eq!(
+            ours.meta(t).unwrap().dtype,
+            theirs.meta(t).unwrap().dtype,
+            "{name}: {t} dtype"
+        );
         let (a, b) = (values(&ours, t), values(&theirs, t));
-        let differing = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-        assert_eq!(differing, 0, "{name}: {t}: {differing} of {} elements differ from mergekit", a.len());
+        let differing = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "{name}: {t}: {differing} of {} elements differ from mergekit",
+            a.len()
+        );
     }
 }
 
@@ -109,7 +140,11 @@ fn slerp_is_within_one_bf16_ulp_of_mergekit() {
         }
     }
     let share = exact as f64 / total as f64;
-    assert!(share >= 0.9999, "slerp: only {:.5} % of {total} elements identical", share * 100.0);
+    assert!(
+        share >= 0.9999,
+        "slerp: only {:.5} % of {total} elements identical",
+        share * 100.0
+    );
 }
 
 /// TIES: every element whose survival does not depend on the order of ties at a model's top-k cut must
@@ -117,16 +152,22 @@ fn slerp_is_within_one_bf16_ulp_of_mergekit() {
 fn ties_close_to_mergekit(name: &str, density: f64, max_tie_dependent: f64) {
     let c = case(name);
     let (ours, theirs, _dir) = run_case(name);
-    let base = TensorStore::open(&fixtures().join("models").join(c.base.as_deref().unwrap())).unwrap();
-    let models: Vec<TensorStore> =
-        c.models.iter().map(|m| TensorStore::open(&fixtures().join("models").join(m)).unwrap()).collect();
+    let base =
+        TensorStore::open(&fixtures().join("models").join(c.base.as_deref().unwrap())).unwrap();
+    let models: Vec<TensorStore> = c
+        .models
+        .iter()
+        .map(|m| TensorStore::open(&fixtures().join("models").join(m)).unwrap())
+        .collect();
     let (mut total, mut at_cut) = (0usize, 0usize);
     for t in ours.names() {
         let (a, b) = (values(&ours, t), values(&theirs, t));
         let bv = values(&base, t);
         // Each model's cut: the k-th largest |δ| (mergekit: k = max(1, int(density · n))).
-        let deltas: Vec<Vec<f32>> =
-            models.iter().map(|m| values(m, t).iter().zip(&bv).map(|(x, y)| x - y).collect()).collect();
+        let deltas: Vec<Vec<f32>> = models
+            .iter()
+            .map(|m| values(m, t).iter().zip(&bv).map(|(x, y)| x - y).collect())
+            .collect();
         let cuts: Vec<f32> = deltas
             .iter()
             .map(|d| {
@@ -141,13 +182,25 @@ fn ties_close_to_mergekit(name: &str, density: f64, max_tie_dependent: f64) {
             if tie_dependent {
                 at_cut += (a[j].to_bits() != b[j].to_bits()) as usize;
             } else {
-                assert_eq!(a[j].to_bits(), b[j].to_bits(), "{name}: {t}[{j}]: {} vs mergekit {}", a[j], b[j]);
+                assert_eq!(
+                    a[j].to_bits(),
+                    b[j].to_bits(),
+                    "{name}: {t}[{j}]: {} vs mergekit {}",
+                    a[j],
+                    b[j]
+                );
             }
         }
     }
     let share = at_cut as f64 / total as f64;
-    eprintln!("{name}: {at_cut} of {total} elements differ, all at a top-k cut ({:.4} %)", share * 100.0);
-    assert!(share <= max_tie_dependent, "{name}: {at_cut} of {total} tie-dependent elements differ");
+    eprintln!(
+        "{name}: {at_cut} of {total} elements differ, all at a top-k cut ({:.4} %)",
+        share * 100.0
+    );
+    assert!(
+        share <= max_tie_dependent,
+        "{name}: {at_cut} of {total} tie-dependent elements differ"
+    );
 }
 
 #[test]
@@ -198,15 +251,31 @@ fn dare_linear_follows_its_documented_rule_and_matches_mergekit_statistically() 
     let (mut total, mut kept_total) = (0usize, 0usize);
     for t in ours.names() {
         let (bv, av, out) = (values(&base, t), values(&a, t), values(&ours, t));
-        let kept: Vec<bool> = (0..bv.len()).map(|j| dare_keeps(seed, 0, t, j, density)).collect();
+        let kept: Vec<bool> = (0..bv.len())
+            .map(|j| dare_keeps(seed, 0, t, j, density))
+            .collect();
         let delta: Vec<f32> = av.iter().zip(&bv).map(|(x, y)| x - y).collect();
         let before: f64 = delta.iter().map(|d| d.abs() as f64).sum();
-        let after: f64 = delta.iter().zip(&kept).filter(|(_, k)| **k).map(|(d, _)| d.abs() as f64).sum();
+        let after: f64 = delta
+            .iter()
+            .zip(&kept)
+            .filter(|(_, k)| **k)
+            .map(|(d, _)| d.abs() as f64)
+            .sum();
         let scale = (before as f32) / (after as f32);
         for j in 0..bv.len() {
-            let d = if kept[j] { delta[j] * scale } else { delta[j] * 0.0 * scale };
+            let d = if kept[j] {
+                delta[j] * scale
+            } else {
+                delta[j] * 0.0 * scale
+            };
             let want = half::bf16::from_f32(bv[j] + (0.0 + d * weight)).to_f32();
-            assert_eq!(out[j].to_bits(), want.to_bits(), "{t}[{j}]: {} vs rule {want}", out[j]);
+            assert_eq!(
+                out[j].to_bits(),
+                want.to_bits(),
+                "{t}[{j}]: {} vs rule {want}",
+                out[j]
+            );
         }
         total += bv.len();
         kept_total += kept.iter().filter(|k| **k).count();
@@ -217,8 +286,14 @@ fn dare_linear_follows_its_documented_rule_and_matches_mergekit_statistically() 
     let (ours_same, ours_l1) = change_stats(&ours, &base);
     let (theirs_same, theirs_l1) = change_stats(&theirs, &base);
     eprintln!("dare_linear: unchanged {ours_same:.4} vs mergekit {theirs_same:.4}; L1 {ours_l1:.4} vs {theirs_l1:.4}");
-    assert!((ours_same - theirs_same).abs() < 0.02, "unchanged share {ours_same} vs mergekit {theirs_same}");
-    assert!((ours_l1 / theirs_l1 - 1.0).abs() < 0.03, "L1 of the change {ours_l1} vs mergekit {theirs_l1}");
+    assert!(
+        (ours_same - theirs_same).abs() < 0.02,
+        "unchanged share {ours_same} vs mergekit {theirs_same}"
+    );
+    assert!(
+        (ours_l1 / theirs_l1 - 1.0).abs() < 0.03,
+        "L1 of the change {ours_l1} vs mergekit {theirs_l1}"
+    );
 }
 
 #[test]
@@ -228,8 +303,14 @@ fn dare_ties_matches_mergekit_statistically() {
     let (ours_same, ours_l1) = change_stats(&ours, &base);
     let (theirs_same, theirs_l1) = change_stats(&theirs, &base);
     eprintln!("dare_ties: unchanged {ours_same:.4} vs mergekit {theirs_same:.4}; L1 {ours_l1:.4} vs {theirs_l1:.4}");
-    assert!((ours_same - theirs_same).abs() < 0.02, "unchanged share {ours_same} vs mergekit {theirs_same}");
-    assert!((ours_l1 / theirs_l1 - 1.0).abs() < 0.03, "L1 of the change {ours_l1} vs mergekit {theirs_l1}");
+    assert!(
+        (ours_same - theirs_same).abs() < 0.02,
+        "unchanged share {ours_same} vs mergekit {theirs_same}"
+    );
+    assert!(
+        (ours_l1 / theirs_l1 - 1.0).abs() < 0.03,
+        "L1 of the change {ours_l1} vs mergekit {theirs_l1}"
+    );
 }
 
 #[test]
@@ -238,10 +319,21 @@ fn dare_masks_change_with_the_seed_only() {
     let models: Vec<NamedModel> = c.models.iter().map(|m| model(m)).collect();
     let base = model("base");
     let run = |seed: u64| {
-        let config: MergeConfig =
-            toml::from_str(&format!("method = \"dare_ties\"\ndensity = 0.5\nseed = {seed}")).unwrap();
+        let config: MergeConfig = toml::from_str(&format!(
+            "method = \"dare_ties\"\ndensity = 0.5\nseed = {seed}"
+        ))
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        merge(&config, &models, Some(&base), 0, dir.path(), &ProgressBar::hidden(), &|| false).unwrap();
+        merge(
+            &config,
+            &models,
+            Some(&base),
+            0,
+            dir.path(),
+            &ProgressBar::hidden(),
+            &|| false,
+        )
+        .unwrap();
         std::fs::read(dir.path().join("model.safetensors")).unwrap()
     };
     assert_eq!(run(7), run(7));

@@ -17,13 +17,20 @@ use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
 fn fixture_model(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge/models").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/merge/models")
+        .join(name)
 }
 
 fn models_section() -> String {
     ["a", "b", "base"]
         .iter()
-        .map(|m| format!("[models.{m}]\npath = {:?}\n", fixture_model(m).display().to_string()))
+        .map(|m| {
+            format!(
+                "[models.{m}]\npath = {:?}\n",
+                fixture_model(m).display().to_string()
+            )
+        })
         .collect()
 }
 
@@ -74,16 +81,26 @@ denisty = 0.5
     let rendered = e.to_string();
     let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
     let find = |key: &str| {
-        e.diagnostics.iter().find(|d| d.key == key).unwrap_or_else(|| panic!("no error for {key} in:\n{rendered}"))
+        e.diagnostics
+            .iter()
+            .find(|d| d.key == key)
+            .unwrap_or_else(|| panic!("no error for {key} in:\n{rendered}"))
     };
     let d = find("steps.few_weights.weights");
     assert_eq!(d.line, line_of("weights = [0.5]"), "{d}");
-    assert!(d.message.contains("1 entries") && d.message.contains("2 models"), "{d}");
+    assert!(
+        d.message.contains("1 entries") && d.message.contains("2 models"),
+        "{d}"
+    );
     let d = find("steps.bad_t.t");
     assert_eq!(d.line, line_of("t = [0.0, 1.5]"), "{d}");
     assert!(d.message.contains("1.5"), "{d}");
-    assert!(find("steps.no_base.inputs.base").message.contains("needs `inputs.base`"));
-    assert!(find("steps.three_slerp.inputs").message.contains("exactly two models"));
+    assert!(find("steps.no_base.inputs.base")
+        .message
+        .contains("needs `inputs.base`"));
+    assert!(find("steps.three_slerp.inputs")
+        .message
+        .contains("exactly two models"));
     assert!(find("steps.typo.denisty").message.contains("unknown field"));
 }
 
@@ -104,17 +121,28 @@ dtype = "bfloat16"
         models = models_section()
     );
     let p = Project::new(&text);
-    let summary = engine::run(&p.workflow(), &Registry::builtin(), RunOptions::default(), CancellationToken::new())
-        .await
-        .expect("run");
+    let summary = engine::run(
+        &p.workflow(),
+        &Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("run");
     assert!(summary.succeeded(), "{summary:?}");
     let dir = PathBuf::from(&summary.step("average").unwrap().dir);
     let ours = TensorStore::open(&dir).unwrap();
-    let mergekit =
-        TensorStore::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge/outputs/linear")).unwrap();
+    let mergekit = TensorStore::open(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge/outputs/linear"),
+    )
+    .unwrap();
     assert_eq!(ours.len(), mergekit.len());
     for name in mergekit.names() {
-        assert_eq!(ours.bytes(name).unwrap(), mergekit.bytes(name).unwrap(), "{name}");
+        assert_eq!(
+            ours.bytes(name).unwrap(),
+            mergekit.bytes(name).unwrap(),
+            "{name}"
+        );
     }
     // config.json comes from the first listed model, with the output dtype.
     let config: serde_json::Value =
@@ -126,21 +154,43 @@ dtype = "bfloat16"
 #[test]
 fn sharded_output_holds_the_same_tensors() {
     let models = [
-        NamedModel { name: "a".into(), path: fixture_model("a") },
-        NamedModel { name: "b".into(), path: fixture_model("b") },
+        NamedModel {
+            name: "a".into(),
+            path: fixture_model("a"),
+        },
+        NamedModel {
+            name: "b".into(),
+            path: fixture_model("b"),
+        },
     ];
     let run = |extra: &str| {
-        let config: MergeConfig = toml::from_str(&format!("method = \"slerp\"\nt = 0.3\n{extra}")).unwrap();
+        let config: MergeConfig =
+            toml::from_str(&format!("method = \"slerp\"\nt = 0.3\n{extra}")).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let summary = merge(&config, &models, None, 0, dir.path(), &ProgressBar::hidden(), &|| false).unwrap();
+        let summary = merge(
+            &config,
+            &models,
+            None,
+            0,
+            dir.path(),
+            &ProgressBar::hidden(),
+            &|| false,
+        )
+        .unwrap();
         (dir, summary)
     };
     let (single, s1) = run("");
     let (sharded, s2) = run("shard_size = \"20KB\"");
     assert_eq!(s1.files, vec!["model.safetensors"]);
     assert!(s2.files.len() > 2, "{:?}", s2.files);
-    assert!(sharded.path().join("model.safetensors.index.json").is_file());
-    let (a, b) = (TensorStore::open(single.path()).unwrap(), TensorStore::open(sharded.path()).unwrap());
+    assert!(sharded
+        .path()
+        .join("model.safetensors.index.json")
+        .is_file());
+    let (a, b) = (
+        TensorStore::open(single.path()).unwrap(),
+        TensorStore::open(sharded.path()).unwrap(),
+    );
     assert_eq!(a.len(), b.len());
     for name in a.names() {
         assert_eq!(a.bytes(name).unwrap(), b.bytes(name).unwrap(), "{name}");
@@ -149,8 +199,14 @@ fn sharded_output_holds_the_same_tensors() {
 
 fn write_model(dir: &Path, tensors: &[(&str, Vec<usize>)]) {
     std::fs::create_dir_all(dir).unwrap();
-    let specs: Vec<TensorSpec> = tensors.iter().map(|(n, s)| TensorSpec::new(*n, Dtype::F32, s.clone())).collect();
-    write_safetensors(&dir.join("model.safetensors"), &specs, |s| Ok(Cow::Owned(vec![0u8; s.byte_len()]))).unwrap();
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, s)| TensorSpec::new(*n, Dtype::F32, s.clone()))
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &specs, |s| {
+        Ok(Cow::Owned(vec![0u8; s.byte_len()]))
+    })
+    .unwrap();
 }
 
 #[test]
@@ -159,19 +215,58 @@ fn incompatible_models_are_errors_naming_the_tensor() {
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
     let c = tmp.path().join("c");
-    write_model(&a, &[("model.embed_tokens.weight", vec![8, 4]), ("model.norm.weight", vec![4])]);
-    write_model(&b, &[("model.embed_tokens.weight", vec![9, 4]), ("model.norm.weight", vec![4])]);
+    write_model(
+        &a,
+        &[
+            ("model.embed_tokens.weight", vec![8, 4]),
+            ("model.norm.weight", vec![4]),
+        ],
+    );
+    write_model(
+        &b,
+        &[
+            ("model.embed_tokens.weight", vec![9, 4]),
+            ("model.norm.weight", vec![4]),
+        ],
+    );
     write_model(&c, &[("model.embed_tokens.weight", vec![8, 4])]);
     let config: MergeConfig = toml::from_str("method = \"linear\"").unwrap();
-    let named = |n: &str, p: &Path| NamedModel { name: n.into(), path: p.to_path_buf() };
+    let named = |n: &str, p: &Path| NamedModel {
+        name: n.into(),
+        path: p.to_path_buf(),
+    };
     let out = tempfile::tempdir().unwrap();
-    let err = merge(&config, &[named("a", &a), named("b", &b)], None, 0, out.path(), &ProgressBar::hidden(), &|| false)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("model.embed_tokens.weight") && err.contains("[8, 4]") && err.contains("[9, 4]"), "{err}");
+    let err = merge(
+        &config,
+        &[named("a", &a), named("b", &b)],
+        None,
+        0,
+        out.path(),
+        &ProgressBar::hidden(),
+        &|| false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("model.embed_tokens.weight")
+            && err.contains("[8, 4]")
+            && err.contains("[9, 4]"),
+        "{err}"
+    );
     assert!(err.contains("vocabularies"), "{err}");
-    let err = merge(&config, &[named("a", &a), named("c", &c)], None, 0, out.path(), &ProgressBar::hidden(), &|| false)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("model.norm.weight") && err.contains("not in model `c`"), "{err}");
+    let err = merge(
+        &config,
+        &[named("a", &a), named("c", &c)],
+        None,
+        0,
+        out.path(),
+        &ProgressBar::hidden(),
+        &|| false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("model.norm.weight") && err.contains("not in model `c`"),
+        "{err}"
+    );
 }

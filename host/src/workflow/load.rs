@@ -568,11 +568,17 @@ impl<'a> Loader<'a> {
                 .inputs
                 .iter()
                 .map(|(slot, refs)| {
-                    let n = refs.iter().map(|name| points_of.get(name.get_ref()).map_or(1, Vec::len)).sum();
+                    let n = refs
+                        .iter()
+                        .map(|name| points_of.get(name.get_ref()).map_or(1, Vec::len))
+                        .sum();
                     (slot.get_ref().to_string(), n)
                 })
                 .collect();
-            let step_check = StepCheck { plugins: &check_ctx, input_counts: &counts };
+            let step_check = StepCheck {
+                plugins: &check_ctx,
+                input_counts: &counts,
+            };
             for issue in kind.check(&config, &step_check) {
                 let full = join_key(&key, &issue.key);
                 let span = lookup(&r.params, &issue.key).unwrap_or(r.header.clone());

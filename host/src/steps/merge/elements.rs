@@ -93,14 +93,26 @@ mod tests {
             let mut bytes = vec![0u8; values.len() * element_size(dtype).unwrap()];
             encode(&values, dtype, &mut bytes);
             let mut back = vec![0f32; values.len()];
-            Source { bytes: &bytes, dtype }.decode(0, &mut back);
+            Source {
+                bytes: &bytes,
+                dtype,
+            }
+            .decode(0, &mut back);
             assert_eq!(back.map_bits(), values.map_bits(), "{dtype:?}");
         }
         // 1 + 2^-8 is halfway between two bf16 values: ties to even (1.0); 1 + 3·2^-9 rounds up.
         let mut bytes = [0u8; 4];
-        encode(&[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 512.0], Dtype::BF16, &mut bytes);
+        encode(
+            &[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 512.0],
+            Dtype::BF16,
+            &mut bytes,
+        );
         let mut back = [0f32; 2];
-        Source { bytes: &bytes, dtype: Dtype::BF16 }.decode(0, &mut back);
+        Source {
+            bytes: &bytes,
+            dtype: Dtype::BF16,
+        }
+        .decode(0, &mut back);
         assert_eq!(back, [1.0, 1.0 + 1.0 / 128.0]);
     }
 

@@ -65,10 +65,19 @@ pub enum TensorPlan {
 
 /// Merges one tensor of `numel` elements from `inputs` into little-endian bytes of `out_dtype`.
 /// `name` seeds DARE masks.
-pub fn merge_tensor(plan: &TensorPlan, name: &str, inputs: &[Source<'_>], out_dtype: Dtype) -> Result<Vec<u8>> {
+pub fn merge_tensor(
+    plan: &TensorPlan,
+    name: &str,
+    inputs: &[Source<'_>],
+    out_dtype: Dtype,
+) -> Result<Vec<u8>> {
     let numel = inputs.first().map(Source::numel).unwrap_or(0);
     if let Some(bad) = inputs.iter().find(|s| s.numel() != numel) {
-        bail!("tensor {name:?}: inputs have {} and {} elements", numel, bad.numel());
+        bail!(
+            "tensor {name:?}: inputs have {} and {} elements",
+            numel,
+            bad.numel()
+        );
     }
     let out_size = out_dtype.bitsize() / 8;
     let mut out = vec![0u8; numel * out_size];
@@ -77,17 +86,24 @@ pub fn merge_tensor(plan: &TensorPlan, name: &str, inputs: &[Source<'_>], out_dt
             check_count(name, "linear", weights.len(), inputs.len())?;
             // mergekit: result = 0; result += xᵢ·wᵢ (in order); result /= Σ wᵢ.
             let denominator: f32 = weights.iter().fold(0.0f32, |a, w| a + w);
-            for_each_chunk(&mut out, out_size, out_dtype, inputs.len(), inputs, |_, _, x, acc| {
-                acc.fill(0.0);
-                for (xi, &w) in x.iter().zip(weights) {
-                    for (a, v) in acc.iter_mut().zip(xi.iter()) {
-                        *a += v * w;
+            for_each_chunk(
+                &mut out,
+                out_size,
+                out_dtype,
+                inputs.len(),
+                inputs,
+                |_, _, x, acc| {
+                    acc.fill(0.0);
+                    for (xi, &w) in x.iter().zip(weights) {
+                        for (a, v) in acc.iter_mut().zip(xi.iter()) {
+                            *a += v * w;
+                        }
                     }
-                }
-                if *normalize {
-                    acc.iter_mut().for_each(|a| *a /= denominator);
-                }
-            });
+                    if *normalize {
+                        acc.iter_mut().for_each(|a| *a /= denominator);
+                    }
+                },
+            );
         }
         TensorPlan::Slerp { t } => {
             check_count(name, "slerp", 2, inputs.len())?;
@@ -100,13 +116,22 @@ pub fn merge_tensor(plan: &TensorPlan, name: &str, inputs: &[Source<'_>], out_dt
         }
         TensorPlan::TaskVector(p) => {
             check_count(name, "task-vector", p.weights.len() + 1, inputs.len())?;
-            check_count(name, "task-vector density", p.densities.len() + 1, inputs.len())?;
+            check_count(
+                name,
+                "task-vector density",
+                p.densities.len() + 1,
+                inputs.len(),
+            )?;
             task_vector(p, name, inputs, numel, &mut out, out_size, out_dtype);
         }
         TensorPlan::CopyFrom(i) => {
-            let Some(src) = inputs.get(*i) else { bail!("tensor {name:?}: copy from input {i} of {}", inputs.len()) };
+            let Some(src) = inputs.get(*i) else {
+                bail!("tensor {name:?}: copy from input {i} of {}", inputs.len())
+            };
             let src = std::slice::from_ref(src);
-            for_each_chunk(&mut out, out_size, out_dtype, 1, src, |_, _, x, acc| acc.copy_from_slice(&x[0]));
+            for_each_chunk(&mut out, out_size, out_dtype, 1, src, |_, _, x, acc| {
+                acc.copy_from_slice(&x[0])
+            });
         }
     }
     Ok(out)
@@ -121,24 +146,32 @@ fn check_count(name: &str, what: &str, expected: usize, got: usize) -> Result<()
 
 /// Runs `f(chunk index, first element, decoded inputs, result)` over the tensor in parallel chunks and
 /// encodes each chunk's result into `out`.
-fn for_each_chunk<F>(out: &mut [u8], out_size: usize, out_dtype: Dtype, n: usize, inputs: &[Source<'_>], f: F)
-where
+fn for_each_chunk<F>(
+    out: &mut [u8],
+    out_size: usize,
+    out_dtype: Dtype,
+    n: usize,
+    inputs: &[Source<'_>],
+    f: F,
+) where
     F: Fn(usize, usize, &[Vec<f32>], &mut [f32]) + Sync,
 {
-    out.par_chunks_mut(CHUNK * out_size).enumerate().for_each_init(
-        || (vec![vec![0f32; CHUNK]; n], vec![0f32; CHUNK]),
-        |(x, acc), (c, out_chunk)| {
-            let len = out_chunk.len() / out_size;
-            let start = c * CHUNK;
-            for (buf, src) in x.iter_mut().zip(inputs) {
-                buf.resize(len, 0.0);
-                src.decode(start, buf);
-            }
-            acc.resize(len, 0.0);
-            f(c, start, x, acc);
-            encode(acc, out_dtype, out_chunk);
-        },
-    );
+    out.par_chunks_mut(CHUNK * out_size)
+        .enumerate()
+        .for_each_init(
+            || (vec![vec![0f32; CHUNK]; n], vec![0f32; CHUNK]),
+            |(x, acc), (c, out_chunk)| {
+                let len = out_chunk.len() / out_size;
+                let start = c * CHUNK;
+                for (buf, src) in x.iter_mut().zip(inputs) {
+                    buf.resize(len, 0.0);
+                    src.decode(start, buf);
+                }
+                acc.resize(len, 0.0);
+                f(c, start, x, acc);
+                encode(acc, out_dtype, out_chunk);
+            },
+        );
 }
 
 /// mergekit's SLERP coefficients `(coef_a, coef_b)` for the whole tensor: norms and the normalised dot
@@ -174,7 +207,10 @@ pub fn slerp_coefficients(t: f32, inputs: &[Source<'_>], numel: usize) -> (f32, 
     }
     let theta = dot.acos();
     let sin_theta = theta.sin();
-    (((1.0 - t) * theta).sin() / sin_theta, (t * theta).sin() / sin_theta)
+    (
+        ((1.0 - t) * theta).sin() / sin_theta,
+        (t * theta).sin() / sin_theta,
+    )
 }
 
 fn task_vector(
@@ -205,9 +241,14 @@ fn task_vector(
                 _ if density >= 1.0 => Keep::All,
                 Sparsification::Magnitude if density <= 0.0 => Keep::Nothing,
                 Sparsification::Magnitude => {
-                    sparsify::top_k(numel, sparsify::magnitude_count(density, numel), |c, o| delta_chunk(i, c, o))
+                    sparsify::top_k(numel, sparsify::magnitude_count(density, numel), |c, o| {
+                        delta_chunk(i, c, o)
+                    })
                 }
-                Sparsification::Random { seed } => Keep::Random { key: sparsify::random_key(seed, i, name), density },
+                Sparsification::Random { seed } => Keep::Random {
+                    key: sparsify::random_key(seed, i, name),
+                    density,
+                },
             }
         })
         .collect();
@@ -237,7 +278,12 @@ fn task_vector(
             )
             .reduce(
                 || vec![(0.0, 0.0); models],
-                |a, b| a.iter().zip(&b).map(|(x, y)| (x.0 + y.0, x.1 + y.1)).collect(),
+                |a, b| {
+                    a.iter()
+                        .zip(&b)
+                        .map(|(x, y)| (x.0 + y.0, x.1 + y.1))
+                        .collect()
+                },
             );
         sums.iter()
             .zip(&keeps)
@@ -251,48 +297,59 @@ fn task_vector(
     };
     let weights = &p.weights;
     let weight_sum = weights.iter().fold(0.0f32, |a, w| a + w);
-    for_each_chunk(out, out_size, out_dtype, models + 1, inputs, |c, start, x, acc| {
-        let mut keep: Vec<_> = keeps.iter().map(|k| k.chunk(c)).collect();
-        let mut dw = vec![0f32; models];
-        for j in 0..acc.len() {
-            let base = x[0][j];
-            for i in 0..models {
-                let mut d = x[i + 1][j] - base;
-                if !keep[i].keeps(start + j, d) {
-                    d *= 0.0;
-                }
-                if let Some(s) = scales[i] {
-                    d *= s;
-                }
-                dw[i] = d * weights[i];
-            }
-            let (mut mixed, mut divisor);
-            if p.consensus {
-                let total = dw.iter().fold(0.0f32, |a, d| a + d);
-                let majority = if total >= 0.0 { 1.0f32 } else { -1.0 };
-                mixed = 0.0f32;
-                divisor = 0.0f32;
+    for_each_chunk(
+        out,
+        out_size,
+        out_dtype,
+        models + 1,
+        inputs,
+        |c, start, x, acc| {
+            let mut keep: Vec<_> = keeps.iter().map(|k| k.chunk(c)).collect();
+            let mut dw = vec![0f32; models];
+            for j in 0..acc.len() {
+                let base = x[0][j];
                 for i in 0..models {
-                    let agrees = (dw[i] != 0.0 && dw[i].signum() == majority) as u8 as f32;
-                    mixed += dw[i] * agrees;
-                    divisor += weights[i] * agrees;
+                    let mut d = x[i + 1][j] - base;
+                    if !keep[i].keeps(start + j, d) {
+                        d *= 0.0;
+                    }
+                    if let Some(s) = scales[i] {
+                        d *= s;
+                    }
+                    dw[i] = d * weights[i];
                 }
-                if divisor == 0.0 {
-                    divisor = 1.0;
+                let (mut mixed, mut divisor);
+                if p.consensus {
+                    let total = dw.iter().fold(0.0f32, |a, d| a + d);
+                    let majority = if total >= 0.0 { 1.0f32 } else { -1.0 };
+                    mixed = 0.0f32;
+                    divisor = 0.0f32;
+                    for i in 0..models {
+                        let agrees = (dw[i] != 0.0 && dw[i].signum() == majority) as u8 as f32;
+                        mixed += dw[i] * agrees;
+                        divisor += weights[i] * agrees;
+                    }
+                    if divisor == 0.0 {
+                        divisor = 1.0;
+                    }
+                } else {
+                    mixed = dw.iter().fold(0.0f32, |a, d| a + d);
+                    divisor = if weight_sum.abs() < 1e-8 {
+                        1.0
+                    } else {
+                        weight_sum
+                    };
                 }
-            } else {
-                mixed = dw.iter().fold(0.0f32, |a, d| a + d);
-                divisor = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
+                if p.normalize {
+                    mixed /= divisor;
+                }
+                if p.lambda != 1.0 {
+                    mixed *= p.lambda;
+                }
+                acc[j] = base + mixed;
             }
-            if p.normalize {
-                mixed /= divisor;
-            }
-            if p.lambda != 1.0 {
-                mixed *= p.lambda;
-            }
-            acc[j] = base + mixed;
-        }
-    });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -303,10 +360,15 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
     fn floats(b: &[u8]) -> Vec<f32> {
-        b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
     fn src(b: &[u8]) -> Source<'_> {
-        Source { bytes: b, dtype: Dtype::F32 }
+        Source {
+            bytes: b,
+            dtype: Dtype::F32,
+        }
     }
 
     #[test]
@@ -333,13 +395,32 @@ mod tests {
     fn slerp_ends_and_orthogonal_midpoint() {
         let a = bytes(&[1.0, 0.0]);
         let b = bytes(&[0.0, 1.0]);
-        let at = |t| floats(&merge_tensor(&TensorPlan::Slerp { t }, "w", &[src(&a), src(&b)], Dtype::F32).unwrap());
+        let at = |t| {
+            floats(
+                &merge_tensor(
+                    &TensorPlan::Slerp { t },
+                    "w",
+                    &[src(&a), src(&b)],
+                    Dtype::F32,
+                )
+                .unwrap(),
+            )
+        };
         assert_eq!(at(0.0), vec![1.0, 0.0]);
         let mid = at(0.5);
-        assert!((mid[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6 && (mid[1] - mid[0]).abs() < 1e-7);
+        assert!(
+            (mid[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6
+                && (mid[1] - mid[0]).abs() < 1e-7
+        );
         // Collinear: lerp.
         let c = bytes(&[2.0, 0.0]);
-        let lerp = merge_tensor(&TensorPlan::Slerp { t: 0.25 }, "w", &[src(&a), src(&c)], Dtype::F32).unwrap();
+        let lerp = merge_tensor(
+            &TensorPlan::Slerp { t: 0.25 },
+            "w",
+            &[src(&a), src(&c)],
+            Dtype::F32,
+        )
+        .unwrap();
         assert_eq!(floats(&lerp), vec![1.25, 0.0]);
     }
 }

@@ -39,7 +39,10 @@ pub mod sparsify;
 pub mod stream;
 
 use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources, StepKind};
+use super::kind::{
+    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
+    StepKind,
+};
 use anyhow::{bail, Result};
 use params::Param;
 use serde::{Deserialize, Serialize};
@@ -130,7 +133,10 @@ impl ByteSize {
                 let t = t.trim();
                 let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
                 let (num, unit) = t.split_at(split);
-                let num: f64 = num.trim().parse().map_err(|_| format!("`{t}` is not a size like \"2GB\""))?;
+                let num: f64 = num
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("`{t}` is not a size like \"2GB\""))?;
                 let scale = match unit.trim().to_ascii_lowercase().as_str() {
                     "" | "b" => 1.0,
                     "kb" => 1e3,
@@ -139,7 +145,11 @@ impl ByteSize {
                     "kib" => 1024.0,
                     "mib" => 1024.0 * 1024.0,
                     "gib" => 1024.0 * 1024.0 * 1024.0,
-                    other => return Err(format!("unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)")),
+                    other => {
+                        return Err(format!(
+                            "unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+                        ))
+                    }
                 };
                 Ok((num * scale) as u64)
             }
@@ -193,8 +203,18 @@ pub struct MergeConfig {
 pub struct MergeStep;
 
 const SLOTS: &[InputSlot] = &[
-    InputSlot { name: "models", accepts: &[ArtifactKind::Model], many: true, required: true },
-    InputSlot { name: "base", accepts: &[ArtifactKind::Model], many: false, required: false },
+    InputSlot {
+        name: "models",
+        accepts: &[ArtifactKind::Model],
+        many: true,
+        required: true,
+    },
+    InputSlot {
+        name: "base",
+        accepts: &[ArtifactKind::Model],
+        many: false,
+        required: false,
+    },
 ];
 
 impl StepKind for MergeStep {
@@ -213,22 +233,34 @@ impl StepKind for MergeStep {
     }
 
     fn check(&self, c: &MergeConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
-        check_config(c, ctx.input_count("models"), ctx.input_count("base"), &|p| ctx.has_plugin(p))
+        check_config(
+            c,
+            ctx.input_count("models"),
+            ctx.input_count("base"),
+            &|p| ctx.has_plugin(p),
+        )
     }
 
     fn dependencies(&self, c: &MergeConfig) -> Dependencies {
-        Dependencies { plugins: c.plugin.iter().cloned().collect(), files: Vec::new() }
+        Dependencies {
+            plugins: c.plugin.iter().cloned().collect(),
+            files: Vec::new(),
+        }
     }
 
     fn resources(&self, _: &MergeConfig) -> Resources {
         // Saturates every core and the memory bandwidth; running it beside training helps neither.
-        Resources { exclusive_device: true }
+        Resources {
+            exclusive_device: true,
+        }
     }
 
     fn run(&self, c: &MergeConfig, ctx: &StepContext) -> Result<()> {
         let models = ctx.inputs_of("models").len();
         let base = ctx.inputs_of("base").len();
-        let issues = check_config(c, Some(models), Some(base), &|p| ctx.plugins.contains_key(p));
+        let issues = check_config(c, Some(models), Some(base), &|p| {
+            ctx.plugins.contains_key(p)
+        });
         if let Some(first) = issues.first() {
             bail!("step `{}`: {}: {}", ctx.step, first.key, first.message);
         }
@@ -261,20 +293,47 @@ pub fn check_config(
     if let Some(method) = c.method {
         let unused = |key: &str, used: bool, issue: &mut dyn FnMut(&str, String)| {
             if !used {
-                issue(key, format!("is not used by method `{}`", method_name(method)));
+                issue(
+                    key,
+                    format!("is not used by method `{}`", method_name(method)),
+                );
             }
         };
         unused("t", c.t.is_none() || method == Method::Slerp, &mut issue);
-        unused("weights", c.weights.is_none() || method != Method::Slerp, &mut issue);
         unused(
-            "density",
-            c.density.is_none() || !matches!(method, Method::Linear | Method::Slerp | Method::TaskArithmetic),
+            "weights",
+            c.weights.is_none() || method != Method::Slerp,
             &mut issue,
         );
-        unused("lambda", c.lambda.is_none() || method.needs_base(), &mut issue);
-        unused("rescale", c.rescale.is_none() || method.needs_base(), &mut issue);
-        unused("normalize", c.normalize.is_none() || method != Method::Slerp, &mut issue);
-        unused("seed", c.seed.is_none() || matches!(method, Method::DareLinear | Method::DareTies), &mut issue);
+        unused(
+            "density",
+            c.density.is_none()
+                || !matches!(
+                    method,
+                    Method::Linear | Method::Slerp | Method::TaskArithmetic
+                ),
+            &mut issue,
+        );
+        unused(
+            "lambda",
+            c.lambda.is_none() || method.needs_base(),
+            &mut issue,
+        );
+        unused(
+            "rescale",
+            c.rescale.is_none() || method.needs_base(),
+            &mut issue,
+        );
+        unused(
+            "normalize",
+            c.normalize.is_none() || method != Method::Slerp,
+            &mut issue,
+        );
+        unused(
+            "seed",
+            c.seed.is_none() || matches!(method, Method::DareLinear | Method::DareTies),
+            &mut issue,
+        );
         if method == Method::Slerp && c.t.is_none() {
             issue("t", "slerp needs `t` (0 = first model, 1 = second)".into());
         }
@@ -288,7 +347,10 @@ pub fn check_config(
             );
         }
         if method == Method::Linear && has_base == Some(true) {
-            issue("inputs.base", "linear does not use a base; list every model in `inputs.models`".into());
+            issue(
+                "inputs.base",
+                "linear does not use a base; list every model in `inputs.models`".into(),
+            );
         }
         if method == Method::Slerp {
             let total = models.zip(base).map(|(m, b)| m + b);
@@ -306,7 +368,10 @@ pub fn check_config(
         if weights.len() != n {
             issue(
                 "weights",
-                format!("has {} entries but `inputs.models` has {n} models (one weight per model)", weights.len()),
+                format!(
+                    "has {} entries but `inputs.models` has {n} models (one weight per model)",
+                    weights.len()
+                ),
             );
         }
     }

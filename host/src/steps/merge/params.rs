@@ -119,7 +119,10 @@ impl Param {
         match self {
             Param::Value(v) => Some(*v),
             Param::Gradient(values) => interpolate(values, pos.fraction),
-            Param::Filtered(rules) => rules.iter().find(|r| r.matches(name)).and_then(|r| r.value.at(pos)),
+            Param::Filtered(rules) => rules
+                .iter()
+                .find(|r| r.matches(name))
+                .and_then(|r| r.value.at(pos)),
         }
     }
 
@@ -128,15 +131,22 @@ impl Param {
         match self {
             Param::Value(v) => vec![*v],
             Param::Gradient(values) => values.clone(),
-            Param::Filtered(rules) => rules.iter().flat_map(|r| r.value.values().iter().copied()).collect(),
+            Param::Filtered(rules) => rules
+                .iter()
+                .flat_map(|r| r.value.values().iter().copied())
+                .collect(),
         }
     }
 
     /// A problem with the shape of the parameter (an empty list), if any.
     pub fn shape_issue(&self) -> Option<String> {
         match self {
-            Param::Gradient(v) if v.is_empty() => Some("a gradient needs at least one value".into()),
-            Param::Filtered(rules) if rules.is_empty() => Some("a filter list needs at least one entry".into()),
+            Param::Gradient(v) if v.is_empty() => {
+                Some("a gradient needs at least one value".into())
+            }
+            Param::Filtered(rules) if rules.is_empty() => {
+                Some("a filter list needs at least one entry".into())
+            }
             Param::Filtered(rules) => rules
                 .iter()
                 .position(|r| r.value.values().is_empty())
@@ -183,10 +193,19 @@ mod tests {
             .try_into()
             .unwrap();
         let pos = TensorPosition { fraction: 0.25 };
-        assert_eq!(p.resolve("model.layers.1.self_attn.q_proj.weight", pos), Some(0.1));
-        assert_eq!(p.resolve("model.layers.1.mlp.up_proj.weight", pos), Some(0.25));
+        assert_eq!(
+            p.resolve("model.layers.1.self_attn.q_proj.weight", pos),
+            Some(0.1)
+        );
+        assert_eq!(
+            p.resolve("model.layers.1.mlp.up_proj.weight", pos),
+            Some(0.25)
+        );
         assert_eq!(p.resolve("lm_head.weight", pos), Some(0.5));
-        let only = Param::Filtered(vec![FilterRule { filter: Some("mlp".into()), value: Scalar::Value(1.0) }]);
+        let only = Param::Filtered(vec![FilterRule {
+            filter: Some("mlp".into()),
+            value: Scalar::Value(1.0),
+        }]);
         assert_eq!(only.resolve("lm_head.weight", pos), None);
     }
 }

@@ -25,7 +25,10 @@ impl MethodPlanner {
     pub fn new(config: &MergeConfig, method: Method, models: usize, default_seed: u64) -> Self {
         MethodPlanner {
             method,
-            weights: config.weights.clone().unwrap_or_else(|| vec![Param::Value(1.0); models]),
+            weights: config
+                .weights
+                .clone()
+                .unwrap_or_else(|| vec![Param::Value(1.0); models]),
             t: config.t.clone(),
             density: config.density.clone(),
             lambda: config.lambda.clone(),
@@ -38,10 +41,13 @@ impl MethodPlanner {
     /// The plan for tensor `name` at `pos`. Inputs are ordered as [`input_order`] says.
     pub fn plan(&self, name: &str, pos: TensorPosition) -> Result<TensorPlan> {
         let resolve = |key: &str, p: &Param| {
-            p.resolve(name, pos)
-                .ok_or_else(|| anyhow!("no `{key}` filter matches tensor {name:?} (add an entry without `filter`)"))
+            p.resolve(name, pos).ok_or_else(|| {
+                anyhow!("no `{key}` filter matches tensor {name:?} (add an entry without `filter`)")
+            })
         };
-        let optional = |key: &str, p: &Option<Param>, default: f64| p.as_ref().map_or(Ok(default), |p| resolve(key, p));
+        let optional = |key: &str, p: &Option<Param>, default: f64| {
+            p.as_ref().map_or(Ok(default), |p| resolve(key, p))
+        };
         let weights = self
             .weights
             .iter()
@@ -49,10 +55,15 @@ impl MethodPlanner {
             .map(|(i, w)| resolve(&format!("weights[{i}]"), w).map(|v| v as f32))
             .collect::<Result<Vec<f32>>>()?;
         Ok(match self.method {
-            Method::Linear => TensorPlan::Linear { weights, normalize: self.normalize },
+            Method::Linear => TensorPlan::Linear {
+                weights,
+                normalize: self.normalize,
+            },
             Method::Slerp => {
                 let t = self.t.as_ref().ok_or_else(|| anyhow!("slerp needs `t`"))?;
-                TensorPlan::Slerp { t: resolve("t", t)? as f32 }
+                TensorPlan::Slerp {
+                    t: resolve("t", t)? as f32,
+                }
             }
             method => {
                 let density = optional("density", &self.density, 1.0)?;

@@ -60,7 +60,10 @@ impl Keep {
             Keep::TopK(t) if t.equal_kept < t.equal_total => t.equal_before_chunk[chunk],
             _ => 0,
         };
-        ChunkKeep { keep: self, equal_seen }
+        ChunkKeep {
+            keep: self,
+            equal_seen,
+        }
     }
 }
 
@@ -168,7 +171,12 @@ where
     } else {
         Vec::new()
     };
-    Keep::TopK(TopK { threshold, equal_kept, equal_total, equal_before_chunk })
+    Keep::TopK(TopK {
+        threshold,
+        equal_kept,
+        equal_total,
+        equal_before_chunk,
+    })
 }
 
 /// mergekit's `k` for a magnitude sparsification: `max(1, int(density · numel))`, 0 for an empty tensor.
@@ -211,15 +219,23 @@ mod tests {
                 *o = v.abs().to_bits();
             }
         });
-        let mut state: Vec<_> = (0..values.len().div_ceil(CHUNK)).map(|c| keep.chunk(c)).collect();
-        values.iter().enumerate().map(|(j, v)| state[j / CHUNK].keeps(j, *v)).collect()
+        let mut state: Vec<_> = (0..values.len().div_ceil(CHUNK))
+            .map(|c| keep.chunk(c))
+            .collect();
+        values
+            .iter()
+            .enumerate()
+            .map(|(j, v)| state[j / CHUNK].keeps(j, *v))
+            .collect()
     }
 
     #[test]
     fn top_k_matches_a_sort_with_lowest_index_ties() {
         // Across several chunks, with many exact ties at the cut.
         let n = CHUNK * 3 + 123;
-        let values: Vec<f32> = (0..n).map(|j| ((j * 7919 % 1000) as f32 - 500.0) / 64.0).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|j| ((j * 7919 % 1000) as f32 - 500.0) / 64.0)
+            .collect();
         for k in [1, 17, n / 10, n / 2, n - 1] {
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));

@@ -52,12 +52,26 @@ pub struct MergeSummary {
 /// Runs a merge step.
 pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
     let named = |slot: &str| -> Vec<NamedModel> {
-        ctx.inputs_of(slot).iter().map(|a| NamedModel { name: a.name.clone(), path: a.path.clone() }).collect()
+        ctx.inputs_of(slot)
+            .iter()
+            .map(|a| NamedModel {
+                name: a.name.clone(),
+                path: a.path.clone(),
+            })
+            .collect()
     };
     let models = named("models");
     let base = named("base").into_iter().next();
     let cancelled = || ctx.is_cancelled();
-    merge(c, &models, base.as_ref(), ctx.settings.seed, &ctx.out_dir, &ctx.progress, &cancelled)?;
+    merge(
+        c,
+        &models,
+        base.as_ref(),
+        ctx.settings.seed,
+        &ctx.out_dir,
+        &ctx.progress,
+        &cancelled,
+    )?;
     Ok(())
 }
 
@@ -85,7 +99,11 @@ pub fn merge(
         .collect::<Result<Vec<_>>>()?;
     let names = check_compatible(&inputs, &stores)?;
     let reference = &stores[0];
-    let num_layers = names.iter().filter_map(|n| layer_index(n)).max().map_or(0, |m| m + 1);
+    let num_layers = names
+        .iter()
+        .filter_map(|n| layer_index(n))
+        .max()
+        .map_or(0, |m| m + 1);
     let planner = MethodPlanner::new(config, method, models.len(), default_seed);
     let order = input_order(Some(method), models.len(), base.is_some());
 
@@ -118,19 +136,28 @@ pub fn merge(
         let name = spec.name.as_str();
         let meta = reference.meta(name)?;
         if !is_float(meta.dtype) {
-            return Ok(reference.bytes(name)?.to_vec());
+            let bytes = reference.bytes(name)?;
+            let copy = bytes.to_vec();
+            release_pages(bytes);
+            return Ok(copy);
         }
         let sources = order
             .iter()
             .map(|&i| {
                 let meta = stores[i].meta(name)?;
-                element_size(meta.dtype).with_context(|| format!("tensor {name:?} in model `{}`", inputs[i].name))?;
-                Ok(Source { bytes: stores[i].bytes(name)?, dtype: meta.dtype })
+                element_size(meta.dtype)
+                    .with_context(|| format!("tensor {name:?} in model `{}`", inputs[i].name))?;
+                Ok(Source {
+                    bytes: stores[i].bytes(name)?,
+                    dtype: meta.dtype,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let plan = planner.plan(name, TensorPosition::of(name, num_layers))?;
-        merge_tensor(&plan, name, &sources, spec.dtype)
-            .with_context(|| format!("merging tensor {name:?} ({})", planner.name()))
+        let merged = merge_tensor(&plan, name, &sources, spec.dtype)
+            .with_context(|| format!("merging tensor {name:?} ({})", planner.name()));
+        sources.iter().for_each(|s| release_pages(s.bytes));
+        merged
     };
 
     progress.set_length(specs.len() as u64);
@@ -138,7 +165,11 @@ pub fn merge(
     let written = std::thread::scope(|scope| {
         scope.spawn(move || {
             for spec in &write_order {
-                let result = if cancelled() { Err(anyhow!(Cancelled)) } else { compute(spec) };
+                let result = if cancelled() {
+                    Err(anyhow!(Cancelled))
+                } else {
+                    compute(spec)
+                };
                 let failed = result.is_err();
                 if tx.send(result).is_err() || failed {
                     break;
@@ -153,7 +184,11 @@ pub fn merge(
     })?;
 
     copy_side_files(&inputs[0].path, out_dir, config)?;
-    Ok(MergeSummary { tensors: specs.len(), bytes: written.total_size, files: written.files })
+    Ok(MergeSummary {
+        tensors: specs.len(),
+        bytes: written.total_size,
+        files: written.files,
+    })
 }
 
 /// Checks that every input has the same tensor names and shapes as the first; returns the names in model
@@ -189,7 +224,11 @@ pub fn check_compatible(inputs: &[&NamedModel], stores: &[TensorStore]) -> Resul
             }
         }
         if let Some(extra) = store.names().find(|n| !reference.contains(n)) {
-            bail!("tensor {extra:?} is in model `{}` but not in model `{}`", model.name, inputs[0].name);
+            bail!(
+                "tensor {extra:?} is in model `{}` but not in model `{}`",
+                model.name,
+                inputs[0].name
+            );
         }
     }
     let mut names: Vec<String> = reference.names().map(str::to_string).collect();
@@ -208,8 +247,11 @@ fn model_order_key(name: &str) -> (u8, usize, String) {
 
 /// Copies the donor's config and tokenizer files; sets `torch_dtype` when the output dtype is forced.
 fn copy_side_files(donor: &Path, out_dir: &Path, config: &MergeConfig) -> Result<()> {
-    let donor_dir =
-        if donor.is_dir() { donor.to_path_buf() } else { donor.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let donor_dir = if donor.is_dir() {
+        donor.to_path_buf()
+    } else {
+        donor.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
     for file in SIDE_FILES {
         let src = donor_dir.join(file);
         if !src.is_file() {
@@ -218,15 +260,21 @@ fn copy_side_files(donor: &Path, out_dir: &Path, config: &MergeConfig) -> Result
         let dst = out_dir.join(file);
         if *file == "config.json" {
             if let Some(dtype) = config.dtype {
-                let text = std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
-                let mut json: serde_json::Value =
-                    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", src.display()))?;
+                let text = std::fs::read_to_string(&src)
+                    .with_context(|| format!("reading {}", src.display()))?;
+                let mut json: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid JSON", src.display()))?;
                 if let Some(obj) = json.as_object_mut() {
                     // transformers ≥ 5 writes `dtype`, older versions `torch_dtype`: update what is there.
-                    let keys: Vec<&str> =
-                        ["dtype", "torch_dtype"].into_iter().filter(|k| obj.contains_key(*k)).collect();
+                    let keys: Vec<&str> = ["dtype", "torch_dtype"]
+                        .into_iter()
+                        .filter(|k| obj.contains_key(*k))
+                        .collect();
                     for key in if keys.is_empty() { vec!["dtype"] } else { keys } {
-                        obj.insert(key.to_string(), serde_json::Value::String(dtype.torch_name().into()));
+                        obj.insert(
+                            key.to_string(),
+                            serde_json::Value::String(dtype.torch_name().into()),
+                        );
                     }
                 }
                 std::fs::write(&dst, serde_json::to_string_pretty(&json)? + "\n")
@@ -234,7 +282,29 @@ fn copy_side_files(donor: &Path, out_dir: &Path, config: &MergeConfig) -> Result
                 continue;
             }
         }
-        std::fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        std::fs::copy(&src, &dst)
+            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     }
     Ok(())
+}
+
+/// Drops the pages of `bytes` — a slice of a read-only file mapping, no longer needed — from this process's
+/// resident set, so reading whole models does not grow the RSS by their size. The data stays in the page
+/// cache (a later read faults it back in). Only whole pages inside the slice are dropped.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside a live read-only shared file mapping (TensorStore's); for such
+            // a mapping MADV_DONTNEED only unmaps the pages from this process, and a later access reads the
+            // same file contents again. Nothing is freed or modified.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
 }
