@@ -1,10 +1,70 @@
 //! From a merge config to what happens to each tensor: parameters resolved for the tensor's name and layer,
 //! and mergekit's per-method defaults applied.
 
+use super::elements::Source;
 use super::methods::{Sparsification, TaskVectorPlan, TensorPlan};
 use super::params::{Param, TensorPosition};
 use super::{method_name, MergeConfig, Method};
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
+use safetensors::Dtype;
+
+/// A tensor as planners see it.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorDescription<'a> {
+    /// Full name, e.g. `model.layers.3.mlp.down_proj.weight`.
+    pub name: &'a str,
+    /// Shape (the same in every input).
+    pub shape: &'a [usize],
+    /// Element type in the first input.
+    pub dtype: Dtype,
+    /// Layer index, `None` outside the layers.
+    pub layer: Option<usize>,
+    /// Number of layers of the models.
+    pub num_layers: usize,
+    /// Position along per-layer gradients.
+    pub position: TensorPosition,
+}
+
+/// Decides what happens to each tensor: the built-in methods ([`MethodPlanner`]) or a merge-rule plugin.
+/// Called from one thread, tensor by tensor, in output order.
+pub trait TensorPlanner: Send {
+    /// What plans the tensors, for messages (`ties`, `plugin schedule`).
+    fn describe(&self) -> String;
+    /// The plan for one tensor, given its inputs (in [`input_order`]); `None` when the planner computes the
+    /// values itself with [`TensorPlanner::merge_values`].
+    fn plan(
+        &mut self,
+        tensor: &TensorDescription<'_>,
+        inputs: &[Source<'_>],
+    ) -> Result<Option<TensorPlan>>;
+    /// The merged values (little-endian bytes of `out_dtype`) of a tensor planned `None`.
+    fn merge_values(
+        &mut self,
+        tensor: &TensorDescription<'_>,
+        _inputs: &[Source<'_>],
+        _out_dtype: Dtype,
+    ) -> Result<Vec<u8>> {
+        bail!(
+            "{} does not compute values itself (tensor {:?})",
+            self.describe(),
+            tensor.name
+        )
+    }
+}
+
+impl TensorPlanner for MethodPlanner {
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
+
+    fn plan(
+        &mut self,
+        tensor: &TensorDescription<'_>,
+        _: &[Source<'_>],
+    ) -> Result<Option<TensorPlan>> {
+        MethodPlanner::plan(self, tensor.name, tensor.position).map(Some)
+    }
+}
 
 /// Plans tensors for a built-in method.
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@
 use super::elements::{element_size, is_float, Source};
 use super::methods::merge_tensor;
 use super::params::{layer_index, TensorPosition};
-use super::plan::{input_order, MethodPlanner};
+use super::plan::{input_order, MethodPlanner, TensorDescription, TensorPlanner};
 use super::MergeConfig;
 use crate::model::checkpoint_writer::{canonical_order, plan_shards};
 use crate::model::{write_checkpoint, ShardOptions, TensorSpec, TensorStore};
@@ -89,6 +89,33 @@ pub fn merge(
     let Some(method) = config.method else {
         bail!("merge-rule plugins are not available in this build yet (set `method`)");
     };
+    let mut planner = MethodPlanner::new(config, method, models.len(), default_seed);
+    let order = input_order(Some(method), models.len(), base.is_some());
+    merge_with(
+        &mut planner,
+        &order,
+        config,
+        models,
+        base,
+        out_dir,
+        progress,
+        cancelled,
+    )
+}
+
+/// Like [`merge`], with tensors planned by `planner`, which reads the inputs at positions `order` of
+/// `base` ++ `models`.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_with(
+    planner: &mut dyn TensorPlanner,
+    order: &[usize],
+    config: &MergeConfig,
+    models: &[NamedModel],
+    base: Option<&NamedModel>,
+    out_dir: &Path,
+    progress: &ProgressBar,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<MergeSummary> {
     let inputs: Vec<&NamedModel> = base.into_iter().chain(models).collect();
     if inputs.is_empty() {
         bail!("merge has no input models");
@@ -104,8 +131,6 @@ pub fn merge(
         .filter_map(|n| layer_index(n))
         .max()
         .map_or(0, |m| m + 1);
-    let planner = MethodPlanner::new(config, method, models.len(), default_seed);
-    let order = input_order(Some(method), models.len(), base.is_some());
 
     let mut specs = Vec::with_capacity(names.len());
     for name in &names {
@@ -132,7 +157,7 @@ pub fn merge(
         })
         .collect();
 
-    let compute = |spec: &TensorSpec| -> Result<Vec<u8>> {
+    let mut compute = |spec: &TensorSpec| -> Result<Vec<u8>> {
         let name = spec.name.as_str();
         let meta = reference.meta(name)?;
         if !is_float(meta.dtype) {
@@ -153,9 +178,19 @@ pub fn merge(
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let plan = planner.plan(name, TensorPosition::of(name, num_layers))?;
-        let merged = merge_tensor(&plan, name, &sources, spec.dtype)
-            .with_context(|| format!("merging tensor {name:?} ({})", planner.name()));
+        let tensor = TensorDescription {
+            name,
+            shape: meta.shape,
+            dtype: meta.dtype,
+            layer: layer_index(name),
+            num_layers,
+            position: TensorPosition::of(name, num_layers),
+        };
+        let merged = match planner.plan(&tensor, &sources)? {
+            Some(plan) => merge_tensor(&plan, name, &sources, spec.dtype),
+            None => planner.merge_values(&tensor, &sources, spec.dtype),
+        }
+        .with_context(|| format!("merging tensor {name:?} ({})", planner.describe()));
         sources.iter().for_each(|s| release_pages(s.bytes));
         merged
     };
