@@ -144,8 +144,8 @@ fn check_count(name: &str, what: &str, expected: usize, got: usize) -> Result<()
     Ok(())
 }
 
-/// Runs `f(chunk index, first element, decoded inputs, result)` over the tensor in parallel chunks and
-/// encodes each chunk's result into `out`.
+/// Runs `f(chunk index, first element, decoded inputs (scratch: `f` may overwrite them), result)` over the
+/// tensor in parallel chunks and encodes each chunk's result into `out`.
 fn for_each_chunk<F>(
     out: &mut [u8],
     out_size: usize,
@@ -154,7 +154,7 @@ fn for_each_chunk<F>(
     inputs: &[Source<'_>],
     f: F,
 ) where
-    F: Fn(usize, usize, &[Vec<f32>], &mut [f32]) + Sync,
+    F: Fn(usize, usize, &mut [Vec<f32>], &mut [f32]) + Sync,
 {
     out.par_chunks_mut(CHUNK * out_size)
         .enumerate()
@@ -223,14 +223,18 @@ fn task_vector(
     out_dtype: Dtype,
 ) {
     let models = p.weights.len();
+    // |δ| bit patterns of one chunk, decoded in stack-sized blocks (no allocation per chunk).
     let delta_chunk = |i: usize, c: usize, out: &mut [u32]| {
-        let len = out.len();
-        let mut b = vec![0f32; len];
-        let mut x = vec![0f32; len];
-        inputs[0].decode(c * CHUNK, &mut b);
-        inputs[i + 1].decode(c * CHUNK, &mut x);
-        for ((o, xv), bv) in out.iter_mut().zip(&x).zip(&b) {
-            *o = (xv - bv).abs().to_bits();
+        const BLOCK: usize = 1024;
+        let (mut b, mut x) = ([0f32; BLOCK], [0f32; BLOCK]);
+        for (k, block) in out.chunks_mut(BLOCK).enumerate() {
+            let start = c * CHUNK + k * BLOCK;
+            let len = block.len();
+            inputs[0].decode(start, &mut b[..len]);
+            inputs[i + 1].decode(start, &mut x[..len]);
+            for ((o, xv), bv) in block.iter_mut().zip(&x[..len]).zip(&b[..len]) {
+                *o = (xv - bv).abs().to_bits();
+            }
         }
     };
     let keeps: Vec<Keep> = (0..models)
@@ -257,20 +261,21 @@ fn task_vector(
         let sums: Vec<(f64, f64)> = (0..numel.div_ceil(CHUNK))
             .into_par_iter()
             .map_init(
-                || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
-                |(b, x), c| {
+                || (vec![0f32; CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK]),
+                |(b, x, m), c| {
                     let len = CHUNK.min(numel - c * CHUNK);
                     inputs[0].decode(c * CHUNK, &mut b[..len]);
                     let mut sums = vec![(0f64, 0f64); models];
                     for (i, sum) in sums.iter_mut().enumerate() {
                         inputs[i + 1].decode(c * CHUNK, &mut x[..len]);
-                        let mut keep = keeps[i].chunk(c);
-                        for (j, (xv, bv)) in x[..len].iter().zip(&b[..len]).enumerate() {
-                            let d = xv - bv;
+                        x[..len]
+                            .iter_mut()
+                            .zip(&b[..len])
+                            .for_each(|(xv, bv)| *xv -= bv);
+                        keeps[i].mask_chunk(c, &x[..len], &mut m[..len]);
+                        for (d, k) in x[..len].iter().zip(&m[..len]) {
                             sum.0 += d.abs() as f64;
-                            if keep.keeps(c * CHUNK + j, d) {
-                                sum.1 += d.abs() as f64;
-                            }
+                            sum.1 += (d * k).abs() as f64;
                         }
                     }
                     sums
@@ -303,51 +308,72 @@ fn task_vector(
         out_dtype,
         models + 1,
         inputs,
-        |c, start, x, acc| {
-            let mut keep: Vec<_> = keeps.iter().map(|k| k.chunk(c)).collect();
-            let mut dw = vec![0f32; models];
-            for j in 0..acc.len() {
-                let base = x[0][j];
-                for i in 0..models {
-                    let mut d = x[i + 1][j] - base;
-                    if !keep[i].keeps(start + j, d) {
-                        d *= 0.0;
-                    }
-                    if let Some(s) = scales[i] {
-                        d *= s;
-                    }
-                    dw[i] = d * weights[i];
+        |c, _start, x, acc| {
+            // Structure of arrays, one branch-free pass at a time, so the compiler vectorises each.
+            let (base, models_x) = x.split_first_mut().expect("base input");
+            let base = &base[..];
+            let mut mask = vec![0f32; acc.len()];
+            for (i, d) in models_x.iter_mut().enumerate() {
+                d.iter_mut().zip(base).for_each(|(xv, bv)| *xv -= bv);
+                keeps[i].mask_chunk(c, d, &mut mask);
+                // mergekit: δ·mask, then · rescale, then · weight (each rounded in f32).
+                let w = weights[i];
+                match scales[i] {
+                    Some(s) => d
+                        .iter_mut()
+                        .zip(&mask)
+                        .for_each(|(v, m)| *v = *v * m * s * w),
+                    None => d.iter_mut().zip(&mask).for_each(|(v, m)| *v = *v * m * w),
                 }
-                let (mut mixed, mut divisor);
-                if p.consensus {
-                    let total = dw.iter().fold(0.0f32, |a, d| a + d);
-                    let majority = if total >= 0.0 { 1.0f32 } else { -1.0 };
-                    mixed = 0.0f32;
-                    divisor = 0.0f32;
-                    for i in 0..models {
-                        let agrees = (dw[i] != 0.0 && dw[i].signum() == majority) as u8 as f32;
-                        mixed += dw[i] * agrees;
-                        divisor += weights[i] * agrees;
-                    }
-                    if divisor == 0.0 {
-                        divisor = 1.0;
-                    }
-                } else {
-                    mixed = dw.iter().fold(0.0f32, |a, d| a + d);
-                    divisor = if weight_sum.abs() < 1e-8 {
-                        1.0
-                    } else {
-                        weight_sum
-                    };
-                }
-                if p.normalize {
-                    mixed /= divisor;
-                }
-                if p.lambda != 1.0 {
-                    mixed *= p.lambda;
-                }
-                acc[j] = base + mixed;
             }
+            // acc = Σ wᵢ δᵢ mᵢ (mixed), mask = divisor.
+            acc.fill(0.0);
+            if p.consensus {
+                // Majority sign by sum (≥ 0 → +), then keep the contributions of that sign.
+                mask.fill(0.0);
+                for dw in models_x.iter() {
+                    acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
+                }
+                let majority: Vec<f32> = acc
+                    .iter()
+                    .map(|t| if *t >= 0.0 { 1.0 } else { -1.0 })
+                    .collect();
+                acc.fill(0.0);
+                for (dw, w) in models_x.iter().zip(weights) {
+                    for (((a, dv), s), m) in acc
+                        .iter_mut()
+                        .zip(dw.iter())
+                        .zip(&majority)
+                        .zip(mask.iter_mut())
+                    {
+                        let agrees =
+                            ((*dv > 0.0 && *s > 0.0) || (*dv < 0.0 && *s < 0.0)) as u8 as f32;
+                        *a += dv * agrees;
+                        *m += w * agrees;
+                    }
+                }
+                mask.iter_mut().for_each(|m| {
+                    if *m == 0.0 {
+                        *m = 1.0
+                    }
+                });
+            } else {
+                for dw in models_x.iter() {
+                    acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
+                }
+                mask.fill(if weight_sum.abs() < 1e-8 {
+                    1.0
+                } else {
+                    weight_sum
+                });
+            }
+            if p.normalize {
+                acc.iter_mut().zip(&mask).for_each(|(a, m)| *a /= m);
+            }
+            if p.lambda != 1.0 {
+                acc.iter_mut().for_each(|a| *a *= p.lambda);
+            }
+            acc.iter_mut().zip(base).for_each(|(a, b)| *a = b + *a);
         },
     );
 }

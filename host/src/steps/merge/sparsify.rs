@@ -47,46 +47,45 @@ pub struct TopK {
     pub equal_before_chunk: Vec<u64>,
 }
 
-/// The per-chunk state of a [`Keep`] rule.
-pub struct ChunkKeep<'a> {
-    keep: &'a Keep,
-    equal_seen: u64,
-}
-
 impl Keep {
-    /// State for the chunk with index `chunk` (elements `chunk·CHUNK ..`).
-    pub fn chunk(&self, chunk: usize) -> ChunkKeep<'_> {
-        let equal_seen = match self {
-            Keep::TopK(t) if t.equal_kept < t.equal_total => t.equal_before_chunk[chunk],
-            _ => 0,
-        };
-        ChunkKeep {
-            keep: self,
-            equal_seen,
-        }
-    }
-}
-
-impl ChunkKeep<'_> {
-    /// Whether element `index` (flat, in the whole tensor) with difference `delta` survives. Must be called
-    /// for the elements of the chunk in increasing order.
-    #[inline]
-    pub fn keeps(&mut self, index: usize, delta: f32) -> bool {
-        match self.keep {
-            Keep::All => true,
-            Keep::Nothing => false,
+    /// Writes the survival multipliers (1.0 kept, 0.0 dropped) of chunk `chunk` (elements `chunk·CHUNK ..`)
+    /// with differences `deltas` into `mask`, in branch-free passes where possible.
+    pub fn mask_chunk(&self, chunk: usize, deltas: &[f32], mask: &mut [f32]) {
+        let mask = &mut mask[..deltas.len()];
+        match self {
+            Keep::All => mask.fill(1.0),
+            Keep::Nothing => mask.fill(0.0),
+            Keep::TopK(t) if t.equal_kept >= t.equal_total => {
+                let cut = t.threshold;
+                mask.iter_mut()
+                    .zip(deltas)
+                    .for_each(|(m, d)| *m = (d.abs().to_bits() >= cut) as u8 as f32);
+            }
             Keep::TopK(t) => {
-                let bits = delta.abs().to_bits();
-                if bits > t.threshold {
-                    true
-                } else if bits == t.threshold {
-                    self.equal_seen += 1;
-                    self.equal_seen <= t.equal_kept
-                } else {
-                    false
+                let cut = t.threshold;
+                let mut equal_seen = t.equal_before_chunk[chunk];
+                mask.iter_mut()
+                    .zip(deltas)
+                    .for_each(|(m, d)| *m = (d.abs().to_bits() > cut) as u8 as f32);
+                if equal_seen < t.equal_kept {
+                    for (m, d) in mask.iter_mut().zip(deltas) {
+                        if d.abs().to_bits() == cut {
+                            equal_seen += 1;
+                            if equal_seen <= t.equal_kept {
+                                *m = 1.0;
+                            } else {
+                                break;
+                            }
+                        }
+                    }
                 }
             }
-            Keep::Random { key, density } => uniform(*key, index as u64) < *density,
+            Keep::Random { key, density } => {
+                let start = (chunk * CHUNK) as u64;
+                mask.iter_mut().enumerate().for_each(|(j, m)| {
+                    *m = (uniform(*key, start + j as u64) < *density) as u8 as f32
+                });
+            }
         }
     }
 }
@@ -105,7 +104,9 @@ where
     }
     let chunks = numel.div_ceil(CHUNK);
     let chunk_len = |c: usize| CHUNK.min(numel - c * CHUNK);
-    let histogram = |select: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Vec<u64> {
+    // Counts of the high 16 bits (`high = None`) or of the low 16 bits among elements whose high bits are
+    // `high`.
+    let histogram = |high: Option<u32>| -> Vec<u64> {
         (0..chunks)
             .into_par_iter()
             .fold(
@@ -113,10 +114,12 @@ where
                 |(mut hist, mut buf), c| {
                     let buf_c = &mut buf[..chunk_len(c)];
                     magnitudes(c, buf_c);
-                    for &b in buf_c.iter() {
-                        if let Some(bucket) = select(b) {
-                            hist[bucket] += 1;
-                        }
+                    match high {
+                        None => buf_c.iter().for_each(|&b| hist[(b >> 16) as usize] += 1),
+                        Some(h) => buf_c
+                            .iter()
+                            .filter(|&&b| b >> 16 == h)
+                            .for_each(|&b| hist[(b & 0xFFFF) as usize] += 1),
                     }
                     (hist, buf)
                 },
@@ -141,9 +144,9 @@ where
         }
         unreachable!("k <= numel")
     };
-    let high_hist = histogram(&|b| Some((b >> 16) as usize));
+    let high_hist = histogram(None);
     let (high, above_high) = find(&high_hist, k as u64);
-    let low_hist = histogram(&|b| ((b >> 16) as usize == high).then_some((b & 0xFFFF) as usize));
+    let low_hist = histogram(Some(high as u32));
     let need = k as u64 - above_high;
     let (low, above_low) = find(&low_hist, need);
     let threshold = ((high as u32) << 16) | low as u32;
@@ -219,13 +222,17 @@ mod tests {
                 *o = v.abs().to_bits();
             }
         });
-        let mut state: Vec<_> = (0..values.len().div_ceil(CHUNK))
-            .map(|c| keep.chunk(c))
-            .collect();
+        let mut mask = vec![0f32; CHUNK];
         values
-            .iter()
+            .chunks(CHUNK)
             .enumerate()
-            .map(|(j, v)| state[j / CHUNK].keeps(j, *v))
+            .flat_map(|(c, chunk)| {
+                keep.mask_chunk(c, chunk, &mut mask);
+                mask[..chunk.len()]
+                    .iter()
+                    .map(|m| *m == 1.0)
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
