@@ -45,6 +45,13 @@ impl Source<'_> {
             }
             Dtype::BF16 => {
                 let bytes = &self.bytes[start * 2..(start + out.len()) * 2];
+                if let Some(halves) = as_u16(bytes) {
+                    // Aligned little-endian fast path (vectorises).
+                    for (o, h) in out.iter_mut().zip(halves) {
+                        *o = f32::from_bits((*h as u32) << 16);
+                    }
+                    return;
+                }
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
                 }
@@ -69,6 +76,13 @@ pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
             }
         }
         Dtype::BF16 => {
+            if let Some(halves) = as_u16_mut(out) {
+                // Aligned little-endian fast path: branch-free round-to-nearest-even (vectorises).
+                for (v, h) in values.iter().zip(halves) {
+                    *h = bf16_bits(*v);
+                }
+                return;
+            }
             for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
                 o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
             }
@@ -80,6 +94,39 @@ pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
         }
         other => unreachable!("encode to {other:?} (checked by element_size)"),
     }
+}
+
+/// f32 → bf16 bits, round to nearest even; NaN stays NaN (quiet), like `half::bf16::from_f32`.
+#[inline]
+fn bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
+    let nan = ((bits >> 16) as u16) | 0x0040;
+    if v.is_nan() {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// `bytes` as native u16s when the platform is little-endian and the slice is 2-byte aligned.
+fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid u16; align_to only returns a correctly aligned middle part.
+    let (head, mid, tail) = unsafe { bytes.align_to::<u16>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
+}
+
+/// Mutable form of [`as_u16`].
+fn as_u16_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: as in `as_u16`; writing any u16 leaves valid bytes.
+    let (head, mid, tail) = unsafe { bytes.align_to_mut::<u16>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
 }
 
 #[cfg(test)]
@@ -114,6 +161,29 @@ mod tests {
         }
         .decode(0, &mut back);
         assert_eq!(back, [1.0, 1.0 + 1.0 / 128.0]);
+    }
+
+    #[test]
+    fn fast_bf16_rounding_matches_half() {
+        let mut x = 0x1234_5678u32;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f32::from_bits(x);
+            assert_eq!(bf16_bits(v), bf16::from_f32(v).to_bits(), "{v:e} ({x:#x})");
+        }
+        for v in [
+            f32::INFINITY,
+            -f32::INFINITY,
+            f32::MAX,
+            -0.0,
+            0.0,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ] {
+            assert_eq!(bf16_bits(v), bf16::from_f32(v).to_bits(), "{v:e}");
+        }
     }
 
     trait Bits {

@@ -346,8 +346,8 @@ fn task_vector(
                         .zip(&majority)
                         .zip(mask.iter_mut())
                     {
-                        let agrees =
-                            ((*dv > 0.0 && *s > 0.0) || (*dv < 0.0 && *s < 0.0)) as u8 as f32;
+                        // Same sign as the majority (±1) and non-zero; NaN never agrees.
+                        let agrees = (dv * s > 0.0) as u8 as f32;
                         *a += dv * agrees;
                         *m += w * agrees;
                     }
