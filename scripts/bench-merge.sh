@@ -24,14 +24,14 @@ mkdir -p "$WORK" "$OUT_ROOT"
 
 cat "$WORK"/models/*/model.safetensors >/dev/null # warm the page cache for both tools
 
-measure() { # label, command... → "seconds peak_kib" on stdout
+measure() { # label, command... → "wall_seconds peak_kib cpu_seconds" on stdout
     local log=$WORK/$1.time
     shift
-    /usr/bin/time -f "%e %M" -o "$log" "$@" >"$log.out" 2>&1 || { cat "$log.out" >&2; exit 1; }
-    cat "$log"
+    /usr/bin/time -f "%e %M %U %S" -o "$log" "$@" >"$log.out" 2>&1 || { cat "$log.out" >&2; exit 1; }
+    awk '{ printf "%s %s %.2f\n", $1, $2, $3 + $4 }' "$log"
 }
 
-printf '%-8s %12s %12s %14s %14s %9s %9s\n' method dusflow_s mergekit_s dusflow_rss_MB mergekit_rss_MB speedup rss_ratio
+printf '%-8s %10s %11s %8s %8s %14s %15s %8s %8s %9s\n' method dusflow_s mergekit_s dus_cpu mk_cpu dusflow_rss_MB mergekit_rss_MB speedup cpu_ratio rss_ratio
 for method in linear slerp ties; do
     case $method in
         linear) cfg="merge_method: linear
@@ -57,11 +57,12 @@ models:
     dus_out=$OUT_ROOT/dus-$method mk_out=$OUT_ROOT/mk-$method
     rm -rf "$dus_out" "$mk_out"
     sync
-    read -r dus_s dus_kb < <(measure "dus-$method" "$BENCH" merge "$method" "$WORK/models" "$dus_out")
+    read -r dus_s dus_kb dus_cpu < <(measure "dus-$method" "$BENCH" merge "$method" "$WORK/models" "$dus_out")
     sync
-    read -r mk_s mk_kb < <(measure "mk-$method" "$MERGEKIT" "$WORK/$method.yml" "$mk_out" --no-copy-tokenizer --quiet)
-    awk -v m="$method" -v ds="$dus_s" -v ms="$mk_s" -v dk="$dus_kb" -v mk="$mk_kb" 'BEGIN {
-        printf "%-8s %12.2f %12.2f %14.0f %14.0f %8.1fx %8.1fx\n", m, ds, ms, dk/1024, mk/1024, ms/ds, mk/dk }'
+    read -r mk_s mk_kb mk_cpu < <(measure "mk-$method" "$MERGEKIT" "$WORK/$method.yml" "$mk_out" --no-copy-tokenizer --quiet)
+    awk -v m="$method" -v ds="$dus_s" -v ms="$mk_s" -v dk="$dus_kb" -v mk="$mk_kb" -v dc="$dus_cpu" -v mc="$mk_cpu" 'BEGIN {
+        printf "%-8s %10.2f %11.2f %8.2f %8.2f %14.0f %15.0f %7.1fx %8.1fx %8.1fx\n",
+            m, ds, ms, dc, mc, dk/1024, mk/1024, ms/ds, mc/dc, mk/dk }'
     echo "  parity: $("$BENCH" compare "$dus_out" "$mk_out")"
     rm -rf "$dus_out" "$mk_out"
 done

@@ -2,8 +2,8 @@
 //! tensor is processed in parallel chunks without sorting or copying it.
 //!
 //! - **Magnitude (TIES)**: keep the `k = max(1, ⌊density · n⌋)` elements of largest |δ| (mergekit's rule).
-//!   The cut value is found exactly by a two-pass radix select on the f32 bit patterns of |δ| (16 high
-//!   bits, then 16 low bits). **Tie rule**: elements strictly above the cut are kept; among elements equal
+//!   The cut value is found exactly by a two-pass radix select on the f32 bit patterns of |δ| (a histogram
+//!   of the 16 high bits, then the low 16 bits of the elements in the cut's bucket). **Tie rule**: elements strictly above the cut are kept; among elements equal
 //!   to the cut, the lowest flat indices are kept until exactly `k` are kept. (mergekit's `argsort` leaves
 //!   this order unspecified.)
 //! - **Random (DARE)**: element `j` of model `i` in tensor `name` is kept when `u < density`, with
@@ -104,35 +104,26 @@ where
     }
     let chunks = numel.div_ceil(CHUNK);
     let chunk_len = |c: usize| CHUNK.min(numel - c * CHUNK);
-    // Counts of the high 16 bits (`high = None`) or of the low 16 bits among elements whose high bits are
-    // `high`.
-    let histogram = |high: Option<u32>| -> Vec<u64> {
-        (0..chunks)
-            .into_par_iter()
-            .fold(
-                || (vec![0u64; 1 << 16], vec![0u32; CHUNK]),
-                |(mut hist, mut buf), c| {
-                    let buf_c = &mut buf[..chunk_len(c)];
-                    magnitudes(c, buf_c);
-                    match high {
-                        None => buf_c.iter().for_each(|&b| hist[(b >> 16) as usize] += 1),
-                        Some(h) => buf_c
-                            .iter()
-                            .filter(|&&b| b >> 16 == h)
-                            .for_each(|&b| hist[(b & 0xFFFF) as usize] += 1),
-                    }
-                    (hist, buf)
-                },
-            )
-            .map(|(h, _)| h)
-            .reduce(
-                || vec![0u64; 1 << 16],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
-    };
+    // First pass: counts of the high 16 bits.
+    let high_hist = (0..chunks)
+        .into_par_iter()
+        .fold(
+            || (vec![0u64; 1 << 16], vec![0u32; CHUNK]),
+            |(mut hist, mut buf), c| {
+                let buf_c = &mut buf[..chunk_len(c)];
+                magnitudes(c, buf_c);
+                buf_c.iter().for_each(|&b| hist[(b >> 16) as usize] += 1);
+                (hist, buf)
+            },
+        )
+        .map(|(h, _)| h)
+        .reduce(
+            || vec![0u64; 1 << 16],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
     // Walk buckets from the largest down until `need` elements are covered.
     let find = |hist: &[u64], need: u64| -> (usize, u64) {
         let mut above = 0u64;
@@ -144,31 +135,40 @@ where
         }
         unreachable!("k <= numel")
     };
-    let high_hist = histogram(None);
     let (high, above_high) = find(&high_hist, k as u64);
-    let low_hist = histogram(Some(high as u32));
+    // Second pass: the low 16 bits of the elements in bucket `high`, kept per chunk in order (one bucket
+    // of 65536: few elements), which gives the exact cut and the per-chunk tie counts without a third pass.
+    let high = high as u32;
+    let lows: Vec<Vec<u16>> = (0..chunks)
+        .into_par_iter()
+        .map_init(
+            || vec![0u32; CHUNK],
+            |buf, c| {
+                let buf_c = &mut buf[..chunk_len(c)];
+                magnitudes(c, buf_c);
+                buf_c
+                    .iter()
+                    .filter(|&&b| b >> 16 == high)
+                    .map(|&b| (b & 0xFFFF) as u16)
+                    .collect()
+            },
+        )
+        .collect();
+    let mut low_hist = vec![0u64; 1 << 16];
+    lows.iter()
+        .flatten()
+        .for_each(|&l| low_hist[l as usize] += 1);
     let need = k as u64 - above_high;
     let (low, above_low) = find(&low_hist, need);
-    let threshold = ((high as u32) << 16) | low as u32;
+    let threshold = (high << 16) | low as u32;
     let equal_total = low_hist[low];
     let equal_kept = need - above_low;
     let equal_before_chunk = if equal_kept < equal_total {
-        let counts: Vec<u64> = (0..chunks)
-            .into_par_iter()
-            .map_init(
-                || vec![0u32; CHUNK],
-                |buf, c| {
-                    let buf_c = &mut buf[..chunk_len(c)];
-                    magnitudes(c, buf_c);
-                    buf_c.iter().filter(|&&b| b == threshold).count() as u64
-                },
-            )
-            .collect();
         let mut before = Vec::with_capacity(chunks);
         let mut sum = 0;
-        for c in counts {
+        for chunk_lows in &lows {
             before.push(sum);
-            sum += c;
+            sum += chunk_lows.iter().filter(|&&l| l as usize == low).count() as u64;
         }
         before
     } else {
