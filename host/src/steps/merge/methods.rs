@@ -373,7 +373,7 @@ fn task_vector(
             if p.lambda != 1.0 {
                 acc.iter_mut().for_each(|a| *a *= p.lambda);
             }
-            acc.iter_mut().zip(base).for_each(|(a, b)| *a = b + *a);
+            acc.iter_mut().zip(base).for_each(|(a, b)| *a += b);
         },
     );
 }
