@@ -55,6 +55,12 @@ enum Command {
     },
     /// List the step kinds this build knows.
     Kinds,
+    /// Write, build and check WebAssembly plugins.
+    Plugin {
+        /// What to do with plugins.
+        #[command(subcommand)]
+        command: crate::plugins::cli::PluginCommand,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,6 +168,10 @@ async fn dispatch(
             let shutdown = ctrl_c_token();
             engine::watch::watch(&file, registry, common.options(progress), shutdown).await?;
             Ok(ExitCode::from(130))
+        }
+        Command::Plugin { command } => {
+            crate::plugins::cli::run(command)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Kinds => {
             for name in registry.names() {

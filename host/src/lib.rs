@@ -4,9 +4,11 @@
 //! and watched), then [`steps`] (the step kinds).
 
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod engine;
 pub mod model;
 pub mod plugins;
 pub mod steps;
+pub mod train;
 pub mod workflow;

@@ -2,7 +2,10 @@
 //! driven by `scripts/check-model-hf.sh`). Ignored in normal runs: it needs a Python side to be meaningful.
 
 use candle_core::{DType, Device, Tensor};
-use dusflow::model::{init_trainable, load_model, save_model, ForwardOptions, LlamaConfig, SaveOptions, ShardOptions, Tokenizer};
+use dusflow::model::{
+    init_trainable, load_model, save_model, ForwardOptions, LlamaConfig, SaveOptions, ShardOptions,
+    Tokenizer,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +36,9 @@ fn export_for_transformers_check() {
     let (_, fresh) = init_trainable(&cfg, 1234, DType::F32, &dev).unwrap();
     let opts = SaveOptions {
         dtype: DType::BF16,
-        shards: ShardOptions { max_shard_bytes: Some(60_000) },
+        shards: ShardOptions {
+            max_shard_bytes: Some(60_000),
+        },
         copy_from: Some(tok_src.path().to_path_buf()),
         replace: true,
     };
@@ -42,31 +47,65 @@ fn export_for_transformers_check() {
     let llama = load_model(&fixtures.join("llama"), DType::F32, &dev).unwrap();
     let opts = SaveOptions {
         dtype: DType::F32,
-        shards: ShardOptions { max_shard_bytes: Some(50_000) },
+        shards: ShardOptions {
+            max_shard_bytes: Some(50_000),
+        },
         copy_from: Some(fixtures.join("llama")),
         replace: true,
     };
     save_model(&out.join("llama_f32_sharded"), &llama, &opts).unwrap();
     // 3. The Mistral fixture (tied, sliding window) as one bf16 file.
     let mistral = load_model(&fixtures.join("mistral"), DType::F32, &dev).unwrap();
-    let opts = SaveOptions { dtype: DType::BF16, replace: true, ..Default::default() };
+    let opts = SaveOptions {
+        dtype: DType::BF16,
+        replace: true,
+        ..Default::default()
+    };
     save_model(&out.join("mistral_bf16"), &mistral, &opts).unwrap();
 
-    let ids = Tensor::new(&[[256u32, 72, 101, 108, 108, 111, 44, 32, 119, 111], [256, 1, 2, 3, 90, 91, 92, 93, 94, 95]], &dev).unwrap();
+    let ids = Tensor::new(
+        &[
+            [256u32, 72, 101, 108, 108, 111, 44, 32, 119, 111],
+            [256, 1, 2, 3, 90, 91, 92, 93, 94, 95],
+        ],
+        &dev,
+    )
+    .unwrap();
     let mut outputs: HashMap<String, Tensor> = HashMap::new();
-    let small: Vec<Vec<u32>> = ids.to_vec2::<u32>().unwrap().iter().map(|r| r.iter().map(|t| t % 97).collect()).collect();
+    let small: Vec<Vec<u32>> = ids
+        .to_vec2::<u32>()
+        .unwrap()
+        .iter()
+        .map(|r| r.iter().map(|t| t % 97).collect())
+        .collect();
     let small_ids = Tensor::new(small, &dev).unwrap();
     outputs.insert("input_ids".into(), ids.to_dtype(DType::I64).unwrap());
-    outputs.insert("mistral_input_ids".into(), small_ids.to_dtype(DType::I64).unwrap());
+    outputs.insert(
+        "mistral_input_ids".into(),
+        small_ids.to_dtype(DType::I64).unwrap(),
+    );
     for name in ["fresh_tied_bf16", "llama_f32_sharded"] {
         outputs.insert(format!("{name}.logits"), logits_of(&out.join(name), &ids));
     }
-    outputs.insert("mistral_bf16.logits".into(), logits_of(&out.join("mistral_bf16"), &small_ids));
+    outputs.insert(
+        "mistral_bf16.logits".into(),
+        logits_of(&out.join("mistral_bf16"), &small_ids),
+    );
     let tok = Tokenizer::from_model_dir(&out.join("fresh_tied_bf16")).unwrap();
     for (i, text) in TEXTS.iter().enumerate() {
         let ids = tok.encode(text, true).unwrap();
-        outputs.insert(format!("text{i}.ids"), Tensor::new(ids.as_slice(), &dev).unwrap().to_dtype(DType::I64).unwrap());
+        outputs.insert(
+            format!("text{i}.ids"),
+            Tensor::new(ids.as_slice(), &dev)
+                .unwrap()
+                .to_dtype(DType::I64)
+                .unwrap(),
+        );
     }
     candle_core::safetensors::save(&outputs, out.join("rust_outputs.safetensors")).unwrap();
-    std::fs::write(out.join("texts.json"), serde_json::to_string(TEXTS).unwrap()).unwrap();
+    std::fs::write(
+        out.join("texts.json"),
+        serde_json::to_string(TEXTS).unwrap(),
+    )
+    .unwrap();
 }

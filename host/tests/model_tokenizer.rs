@@ -14,7 +14,10 @@ fn byte_level_encodes_bytes_and_adds_bos() {
     assert_eq!(tok.encode(text, false).unwrap(), want[1..].to_vec());
     assert_eq!(tok.decode(&ids, true).unwrap(), text);
     assert_eq!(tok.decode(&ids, false).unwrap(), format!("<s>{text}"));
-    assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id()), (Some(BYTE_BOS), Some(BYTE_EOS), Some(BYTE_PAD)));
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.pad_id()),
+        (Some(BYTE_BOS), Some(BYTE_EOS), Some(BYTE_PAD))
+    );
     assert_eq!(tok.vocab_size(), BYTE_VOCAB);
     assert!(tok.adds_bos());
     // Every byte, including those that are not UTF-8 on their own, maps to its own id.
@@ -29,12 +32,24 @@ fn byte_level_round_trips_through_disk() {
     Tokenizer::save_byte_level(dir.path()).unwrap();
     let tok = Tokenizer::from_model_dir(dir.path()).unwrap();
     let builtin = Tokenizer::byte_level();
-    for text in ["", "plain ascii", "naïve café — ünïcödé 😀", "</s> inside text"] {
-        assert_eq!(tok.encode(text, true).unwrap(), builtin.encode(text, true).unwrap(), "{text:?}");
+    for text in [
+        "",
+        "plain ascii",
+        "naïve café — ünïcödé 😀",
+        "</s> inside text",
+    ] {
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            builtin.encode(text, true).unwrap(),
+            "{text:?}"
+        );
     }
     // The special-token string in text is the special token, as in Hugging Face tokenizers.
     assert_eq!(tok.encode("a</s>", false).unwrap(), vec![97, BYTE_EOS]);
-    assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id()), (Some(BYTE_BOS), Some(BYTE_EOS), Some(BYTE_PAD)));
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.pad_id()),
+        (Some(BYTE_BOS), Some(BYTE_EOS), Some(BYTE_PAD))
+    );
 }
 
 #[test]

@@ -366,12 +366,7 @@ impl Executor {
                     workflow_dir: plan.workflow.dir.clone(),
                     settings: plan.workflow.settings.clone(),
                     inputs: planned.inputs.clone(),
-                    plugins: step
-                        .dependencies
-                        .plugins
-                        .iter()
-                        .map(|p| (p.clone(), plan.workflow.plugins[p].clone()))
-                        .collect(),
+                    plugins: step_plugins(&plan, planned),
                     progress: bar.clone(),
                     cancel: cancel.clone(),
                 };
@@ -431,6 +426,18 @@ impl Executor {
         });
         status
     }
+}
+
+/// The plugins a step may load: its own dependencies plus the filters of the datasets it reads.
+fn step_plugins(plan: &Plan, planned: &PlannedStep) -> std::collections::BTreeMap<String, crate::workflow::PluginSpec> {
+    let step = &plan.workflow.steps[planned.index];
+    let filters = planned.inputs.values().flatten().filter_map(|a| a.dataset.as_ref()).flat_map(|d| d.filters.iter());
+    step.dependencies
+        .plugins
+        .iter()
+        .chain(filters)
+        .filter_map(|name| plan.workflow.plugins.get(name).map(|spec| (name.clone(), spec.clone())))
+        .collect()
 }
 
 fn unix_ms() -> u128 {

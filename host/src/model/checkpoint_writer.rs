@@ -29,7 +29,11 @@ pub struct TensorSpec {
 impl TensorSpec {
     /// A spec from its parts.
     pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
-        TensorSpec { name: name.into(), dtype, shape }
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape,
+        }
     }
 
     /// Size of the tensor's data in bytes.
@@ -54,19 +58,26 @@ where
     canonical_order(&mut ordered);
     for w in ordered.windows(2) {
         if w[0].name == w[1].name {
-            bail!("tensor {:?} is listed twice for {}", w[0].name, path.display());
+            bail!(
+                "tensor {:?} is listed twice for {}",
+                w[0].name,
+                path.display()
+            );
         }
     }
-    let header = canonical_header(&ordered).with_context(|| format!("building header of {}", path.display()))?;
+    let header = canonical_header(&ordered)
+        .with_context(|| format!("building header of {}", path.display()))?;
     let tmp = temp_sibling(path);
     let result = (|| -> Result<u64> {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         let mut written = 0u64;
         for spec in &ordered {
-            let bytes = produce(spec).with_context(|| format!("producing tensor {:?}", spec.name))?;
+            let bytes =
+                produce(spec).with_context(|| format!("producing tensor {:?}", spec.name))?;
             if bytes.len() != spec.byte_len() {
                 bail!(
                     "tensor {:?}: got {} bytes, {} {:?} needs {}",
@@ -77,7 +88,8 @@ where
                     spec.byte_len()
                 );
             }
-            out.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            out.write_all(&bytes)
+                .with_context(|| format!("writing {}", tmp.display()))?;
             written += bytes.len() as u64;
         }
         let file = out.into_inner().map_err(|e| e.into_error())?;
@@ -98,12 +110,19 @@ where
 }
 
 /// The header bytes (JSON padded to 8) of a canonical file holding `ordered` (already in canonical order).
-fn canonical_header(ordered: &[TensorSpec]) -> Result<Vec<u8>> {
+pub fn canonical_header(ordered: &[TensorSpec]) -> Result<Vec<u8>> {
     let mut offset = 0;
     let mut infos = Vec::with_capacity(ordered.len());
     for s in ordered {
         let n = s.byte_len();
-        infos.push((s.name.clone(), TensorInfo { dtype: s.dtype, shape: s.shape.clone(), data_offsets: (offset, offset + n) }));
+        infos.push((
+            s.name.clone(),
+            TensorInfo {
+                dtype: s.dtype,
+                shape: s.shape.clone(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
         offset += n;
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -132,7 +151,9 @@ pub struct WrittenCheckpoint {
 
 /// Assigns tensors to shards: filled greedily in the order given (model order keeps layers together).
 pub fn plan_shards(specs: &[TensorSpec], opts: ShardOptions) -> Vec<Vec<TensorSpec>> {
-    let Some(limit) = opts.max_shard_bytes else { return vec![specs.to_vec()] };
+    let Some(limit) = opts.max_shard_bytes else {
+        return vec![specs.to_vec()];
+    };
     let mut shards: Vec<Vec<TensorSpec>> = Vec::new();
     let mut current: Vec<TensorSpec> = Vec::new();
     let mut size = 0u64;
@@ -154,7 +175,12 @@ pub fn plan_shards(specs: &[TensorSpec], opts: ShardOptions) -> Vec<Vec<TensorSp
 /// Writes the tensors of a checkpoint into the folder `dir` (which must already exist, typically a
 /// [`StagingDir`]): `model.safetensors`, or `model-0000i-of-0000N.safetensors` shards plus
 /// `model.safetensors.index.json`. `produce` is called once per tensor.
-pub fn write_checkpoint<'a, F>(dir: &Path, specs: &[TensorSpec], opts: ShardOptions, mut produce: F) -> Result<WrittenCheckpoint>
+pub fn write_checkpoint<'a, F>(
+    dir: &Path,
+    specs: &[TensorSpec],
+    opts: ShardOptions,
+    mut produce: F,
+) -> Result<WrittenCheckpoint>
 where
     F: FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
 {
@@ -164,7 +190,11 @@ where
     let mut weight_map = BTreeMap::new();
     let mut total_size = 0u64;
     for (i, shard) in shards.iter().enumerate() {
-        let name = if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+        let name = if n == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
         total_size += write_safetensors(&dir.join(&name), shard, &mut produce)?;
         for s in shard {
             weight_map.insert(s.name.clone(), serde_json::Value::String(name.clone()));
@@ -172,15 +202,27 @@ where
         files.push(name);
     }
     if n > 1 {
-        let index = serde_json::json!({
-            "metadata": { "total_size": total_size },
-            "weight_map": weight_map,
-        });
-        let text = serde_json::to_string_pretty(&index)? + "\n";
-        let path = dir.join(INDEX_FILE);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        write_index(dir, specs, weight_map, total_size)?;
     }
     Ok(WrittenCheckpoint { files, total_size })
+}
+
+/// Writes `model.safetensors.index.json` for a sharded checkpoint: `metadata.total_parameters` and
+/// `total_size`, and the tensor -> shard `weight_map`, keys sorted and 2-space indented as transformers writes it.
+pub fn write_index(
+    dir: &Path,
+    specs: &[TensorSpec],
+    weight_map: BTreeMap<String, serde_json::Value>,
+    total_size: u64,
+) -> Result<()> {
+    let total_parameters: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+    let index = serde_json::json!({
+        "metadata": { "total_parameters": total_parameters, "total_size": total_size },
+        "weight_map": weight_map,
+    });
+    let text = serde_json::to_string_pretty(&index)? + "\n";
+    let path = dir.join(INDEX_FILE);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A temporary folder beside its destination, renamed onto the destination by [`StagingDir::commit`] and
@@ -199,10 +241,15 @@ impl StagingDir {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
         let staging = temp_sibling(target);
         std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
-        Ok(StagingDir { staging, target: target.to_path_buf(), committed: false })
+        Ok(StagingDir {
+            staging,
+            target: target.to_path_buf(),
+            committed: false,
+        })
     }
 
     /// The folder to write into.
@@ -217,10 +264,16 @@ impl StagingDir {
             if !replace {
                 bail!("{} already exists", self.target.display());
             }
-            std::fs::remove_dir_all(&self.target).with_context(|| format!("removing old {}", self.target.display()))?;
+            std::fs::remove_dir_all(&self.target)
+                .with_context(|| format!("removing old {}", self.target.display()))?;
         }
-        std::fs::rename(&self.staging, &self.target)
-            .with_context(|| format!("renaming {} to {}", self.staging.display(), self.target.display()))?;
+        std::fs::rename(&self.staging, &self.target).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                self.staging.display(),
+                self.target.display()
+            )
+        })?;
         self.committed = true;
         Ok(self.target.clone())
     }
@@ -235,7 +288,13 @@ impl Drop for StagingDir {
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     path.with_file_name(format!(".{name}.tmp-{}-{nanos}", std::process::id()))
 }

@@ -156,15 +156,21 @@ impl LlamaConfig {
 
     /// Reads and validates `config.json` (a file, or a model folder containing one).
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
         Self::from_json_str(&text).with_context(|| format!("in {}", file.display()))
     }
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        let cfg: LlamaConfig = serde_path_to_error::deserialize(de).context("invalid config.json")?;
+        let cfg: LlamaConfig =
+            serde_path_to_error::deserialize(de).context("invalid config.json")?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -179,15 +185,23 @@ impl LlamaConfig {
         if let Some(archs) = &self.architectures {
             for a in archs {
                 if !SUPPORTED_ARCHITECTURES.contains(&a.as_str()) {
-                    bail!("unsupported architecture {a:?}: dusflow runs {SUPPORTED_ARCHITECTURES:?}");
+                    bail!(
+                        "unsupported architecture {a:?}: dusflow runs {SUPPORTED_ARCHITECTURES:?}"
+                    );
                 }
             }
         }
         if !matches!(self.model_type.as_str(), "llama" | "mistral") {
-            bail!("unsupported model_type {:?}: dusflow runs \"llama\" and \"mistral\"", self.model_type);
+            bail!(
+                "unsupported model_type {:?}: dusflow runs \"llama\" and \"mistral\"",
+                self.model_type
+            );
         }
         if self.hidden_act != "silu" {
-            bail!("unsupported hidden_act {:?}: only \"silu\" (SwiGLU) is implemented", self.hidden_act);
+            bail!(
+                "unsupported hidden_act {:?}: only \"silu\" (SwiGLU) is implemented",
+                self.hidden_act
+            );
         }
         if self.attention_bias || self.mlp_bias {
             bail!("attention_bias / mlp_bias = true is not supported (Llama and Mistral have no biases)");
@@ -238,7 +252,8 @@ impl LlamaConfig {
 
     /// Per-head width.
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// RoPE base: `rope_parameters.rope_theta`, else `rope_theta`, else 10000 (the transformers default).
@@ -251,9 +266,27 @@ impl LlamaConfig {
             .unwrap_or(10000.0)
     }
 
+    /// The checkpoint's declared dtype (`dtype`, or legacy `torch_dtype`), if it is one candle computes in.
+    pub fn declared_dtype(&self) -> Option<candle_core::DType> {
+        let name = self
+            .extra
+            .get("dtype")
+            .or_else(|| self.extra.get("torch_dtype"))?
+            .as_str()?;
+        match name {
+            "float32" => Some(candle_core::DType::F32),
+            "bfloat16" => Some(candle_core::DType::BF16),
+            "float16" => Some(candle_core::DType::F16),
+            _ => None,
+        }
+    }
+
     /// End-of-sequence ids (possibly several, possibly none).
     pub fn eos_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Every weight the model needs, with its shape, in the order of the model's layers.
@@ -283,7 +316,10 @@ impl LlamaConfig {
 
     /// Total number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
-        self.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.weight_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -292,7 +328,10 @@ fn check_rope_block(key: &str, block: Option<&serde_json::Value>) -> Result<()> 
     if block.is_null() {
         return Ok(());
     }
-    let kind = block.get("rope_type").or_else(|| block.get("type")).and_then(|t| t.as_str());
+    let kind = block
+        .get("rope_type")
+        .or_else(|| block.get("type"))
+        .and_then(|t| t.as_str());
     match kind {
         None | Some("default") => {
             if let Some(f) = block.get("partial_rotary_factor").and_then(|f| f.as_f64()) {

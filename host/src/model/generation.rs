@@ -42,7 +42,12 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 64, sampling: Sampling::Greedy, stop_strings: vec![], stop_token_ids: vec![] }
+        GenerateOptions {
+            max_new_tokens: 64,
+            sampling: Sampling::Greedy,
+            stop_strings: vec![],
+            stop_token_ids: vec![],
+        }
     }
 }
 
@@ -69,9 +74,17 @@ pub struct Generation {
 }
 
 /// Generates continuations of token-id prompts in one batch, left-padded, with a KV cache.
-pub fn generate(model: &Llama, tok: &Tokenizer, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Generation>> {
+pub fn generate(
+    model: &Llama,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generation>> {
     ensure!(!prompts.is_empty(), "no prompts");
-    ensure!(prompts.iter().all(|p| !p.is_empty()), "empty prompt (add BOS or some text)");
+    ensure!(
+        prompts.iter().all(|p| !p.is_empty()),
+        "empty prompt (add BOS or some text)"
+    );
     let dev = model.device().clone();
     let b = prompts.len();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -88,11 +101,15 @@ pub fn generate(model: &Llama, tok: &Tokenizer, prompts: &[Vec<u32>], opts: &Gen
         let padding = max_len - p.len();
         ids.extend(std::iter::repeat_n(pad, padding).chain(p.iter().copied()));
         positions.extend(std::iter::repeat_n(0u32, padding).chain(0..p.len() as u32));
-        key_valid.push(std::iter::repeat_n(false, padding).chain(std::iter::repeat_n(true, p.len())).collect());
+        key_valid.push(
+            std::iter::repeat_n(false, padding)
+                .chain(std::iter::repeat_n(true, p.len()))
+                .collect(),
+        );
         next_pos.push(p.len() as u32);
     }
     let window = model.config().sliding_window;
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_headroom(model.config().num_hidden_layers, opts.max_new_tokens);
     let mut input = Tensor::from_vec(ids, (b, max_len), &dev)?;
     let mut fwd = ForwardOptions {
         position_ids: Some(Tensor::from_vec(positions, (b, max_len), &dev)?),
@@ -104,8 +121,13 @@ pub fn generate(model: &Llama, tok: &Tokenizer, prompts: &[Vec<u32>], opts: &Gen
             Sampling::Greedy => StdRng::seed_from_u64(0),
         })
         .collect();
-    let mut out: Vec<Generation> =
-        (0..b).map(|_| Generation { tokens: vec![], text: String::new(), finish: FinishReason::Length }).collect();
+    let mut out: Vec<Generation> = (0..b)
+        .map(|_| Generation {
+            tokens: vec![],
+            text: String::new(),
+            finish: FinishReason::Length,
+        })
+        .collect();
     let mut done = vec![false; b];
     for _ in 0..opts.max_new_tokens {
         let logits = model.forward_cached(&input, &mut cache, &fwd, true)?;
@@ -124,7 +146,12 @@ pub fn generate(model: &Llama, tok: &Tokenizer, prompts: &[Vec<u32>], opts: &Gen
                 out[i].tokens.push(t);
                 if !opts.stop_strings.is_empty() {
                     let text = tok.decode(&out[i].tokens, true)?;
-                    if let Some(cut) = opts.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    if let Some(cut) = opts
+                        .stop_strings
+                        .iter()
+                        .filter_map(|s| text.find(s.as_str()))
+                        .min()
+                    {
                         out[i].text = text[..cut].to_string();
                         out[i].finish = FinishReason::StopString;
                         done[i] = true;
@@ -136,8 +163,9 @@ pub fn generate(model: &Llama, tok: &Tokenizer, prompts: &[Vec<u32>], opts: &Gen
         if done.iter().all(|d| *d) {
             break;
         }
+        // Finished rows keep decoding padding; their new keys are masked.
         for (i, valid) in key_valid.iter_mut().enumerate() {
-            valid.push(!done[i] || out[i].finish == FinishReason::Length);
+            valid.push(!done[i]);
         }
         input = Tensor::from_vec(next, (b, 1), &dev)?;
         fwd = ForwardOptions {
@@ -159,7 +187,12 @@ pub fn generate(model: &Llama, tok: &Tokenizer, prompts: &[Vec<u32>], opts: &Gen
 fn choose(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
     match sampling {
         Sampling::Greedy => argmax(logits),
-        Sampling::Sample { temperature, top_k, top_p, .. } => {
+        Sampling::Sample {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } => {
             let t = temperature.max(1e-6);
             let mut order: Vec<usize> = (0..logits.len()).collect();
             order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
@@ -167,7 +200,10 @@ fn choose(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
                 order.truncate(*top_k);
             }
             let max = logits[order[0]] as f64;
-            let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / t).exp()).collect();
+            let weights: Vec<f64> = order
+                .iter()
+                .map(|&i| ((logits[i] as f64 - max) / t).exp())
+                .collect();
             let total: f64 = weights.iter().sum();
             let mut keep = order.len();
             let mut acc = 0.0;
@@ -210,16 +246,46 @@ pub struct LogLikelihood {
     pub is_greedy: bool,
 }
 
-/// Scores `(context, continuation)` token-id pairs, `batch_size` at a time (right-padded). The context must
-/// be non-empty (it holds BOS when the evaluation adds one).
-pub fn loglikelihood(model: &Llama, requests: &[(Vec<u32>, Vec<u32>)], batch_size: usize) -> Result<Vec<LogLikelihood>> {
+/// Scores `(context, continuation)` token-id pairs, `batch_size` at a time (right-padded), returning results
+/// in request order. Requests are batched longest first so that batches hold similar lengths. The context
+/// must be non-empty (it holds BOS when the evaluation adds one).
+pub fn loglikelihood(
+    model: &Llama,
+    requests: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+) -> Result<Vec<LogLikelihood>> {
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(requests[i].0.len() + requests[i].1.len()));
+    let sorted: Vec<(Vec<u32>, Vec<u32>)> = order.iter().map(|&i| requests[i].clone()).collect();
+    let scored = loglikelihood_in_order(model, &sorted, batch_size)?;
+    let mut results = vec![
+        LogLikelihood {
+            logprob: 0.0,
+            is_greedy: false
+        };
+        requests.len()
+    ];
+    for (r, i) in scored.into_iter().zip(order) {
+        results[i] = r;
+    }
+    Ok(results)
+}
+
+fn loglikelihood_in_order(
+    model: &Llama,
+    requests: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+) -> Result<Vec<LogLikelihood>> {
     let dev = model.device().clone();
     let mut results = Vec::with_capacity(requests.len());
     for chunk in requests.chunks(batch_size.max(1)) {
         let seqs: Vec<Vec<u32>> = chunk
             .iter()
             .map(|(ctx, cont)| {
-                ensure!(!ctx.is_empty() && !cont.is_empty(), "context and continuation must be non-empty");
+                ensure!(
+                    !ctx.is_empty() && !cont.is_empty(),
+                    "context and continuation must be non-empty"
+                );
                 let mut s = ctx.clone();
                 s.extend_from_slice(cont);
                 s.pop();
@@ -227,18 +293,32 @@ pub fn loglikelihood(model: &Llama, requests: &[(Vec<u32>, Vec<u32>)], batch_siz
             })
             .collect::<Result<_>>()?;
         let len = seqs.iter().map(Vec::len).max().unwrap_or(1);
-        let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, len - s.len()))).collect();
+        let flat: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| {
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, len - s.len()))
+            })
+            .collect();
         let input = Tensor::from_vec(flat, (chunk.len(), len), &dev)?;
-        let logp = candle_nn::ops::log_softmax(&model.forward(&input, &ForwardOptions::default())?.to_dtype(DType::F32)?, D::Minus1)?;
+        // Logits only for the continuation rows: the (batch, seq, vocab) tensor would dominate memory.
+        let hidden = model.forward_hidden(&input, &ForwardOptions::default())?;
         for (r, (ctx, cont)) in chunk.iter().enumerate() {
-            let rows: Vec<Vec<f32>> = logp.get(r)?.narrow(0, ctx.len() - 1, cont.len())?.to_vec2()?;
+            let rows = hidden.get(r)?.narrow(0, ctx.len() - 1, cont.len())?;
+            let logp =
+                candle_nn::ops::log_softmax(&model.head(&rows)?.to_dtype(DType::F32)?, D::Minus1)?;
+            let rows: Vec<Vec<f32>> = logp.to_vec2()?;
             let mut total = 0.0;
             let mut greedy = true;
             for (row, &t) in rows.iter().zip(cont) {
                 total += row[t as usize] as f64;
                 greedy &= argmax(row) == t;
             }
-            results.push(LogLikelihood { logprob: total, is_greedy: greedy });
+            results.push(LogLikelihood {
+                logprob: total,
+                is_greedy: greedy,
+            });
         }
     }
     Ok(results)

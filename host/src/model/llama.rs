@@ -32,39 +32,51 @@ pub struct ForwardOptions {
     pub attention_bias: Option<Tensor>,
 }
 
-/// Per-layer keys and values of the tokens seen so far, for incremental decoding.
-#[derive(Debug, Clone)]
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding. Buffers are preallocated
+/// and written in place (growing by the first chunk's length + `headroom` when full), so a decoding step
+/// does not copy the whole cache. Not `Clone`: clones would share and overwrite the same buffers.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<candle_nn::kv_cache::KvCache>>,
+    headroom: usize,
+    len: usize,
 }
 
 impl KvCache {
-    /// An empty cache for a model of `num_layers` layers.
+    /// An empty cache for a model of `num_layers` layers, with room for 256 tokens beyond the first chunk.
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        Self::with_headroom(num_layers, 256)
+    }
+
+    /// An empty cache whose buffers hold the first chunk plus `headroom` tokens before growing
+    /// (e.g. the prompt length plus `max_new_tokens`).
+    pub fn with_headroom(num_layers: usize, headroom: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+            headroom: headroom.max(1),
+            len: 0,
+        }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+        self.len
     }
 
     /// True when nothing is cached yet.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let seq = k.dim(2)?;
+        let cache = self.layers[layer]
+            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, seq + self.headroom));
+        let out = cache.append(&k, &v)?;
+        if layer + 1 == self.layers.len() {
+            self.len += seq;
+        }
+        Ok(out)
     }
 }
 
@@ -92,6 +104,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Tensor,
+    /// Dtype the forward computes in; weights of another dtype are cast at use (differentiably).
+    compute: DType,
 }
 
 impl Llama {
@@ -101,8 +115,13 @@ impl Llama {
         cfg.validate()?;
         let shapes = cfg.weight_shapes();
         let get = |name: &str| -> Result<Tensor> {
-            let shape = &shapes.iter().find(|(n, _)| n == name).expect("known weight").1;
-            vb.get(shape.as_slice(), name).with_context(|| format!("weight {name}"))
+            let shape = &shapes
+                .iter()
+                .find(|(n, _)| n == name)
+                .expect("known weight")
+                .1;
+            vb.get(shape.as_slice(), name)
+                .with_context(|| format!("weight {name}"))
         };
         let embed = get("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -121,9 +140,22 @@ impl Llama {
             });
         }
         let norm = get("model.norm.weight")?;
-        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight")? };
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight")?
+        };
         let inv_freq = rope_inv_freq(cfg, embed.device())?;
-        Ok(Llama { cfg: cfg.clone(), embed, layers, norm, lm_head, inv_freq })
+        let compute = embed.dtype();
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            compute,
+        })
     }
 
     /// The configuration.
@@ -136,9 +168,71 @@ impl Llama {
         self.embed.device()
     }
 
-    /// Dtype of the weights (and of the computation).
+    /// Dtype of the weights (see [`Llama::compute_dtype`] for the computation's).
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
+    }
+
+    /// A detached copy of the model in another dtype and/or on another device (e.g. a bf16 inference copy
+    /// of f32 training variables); the copy shares nothing with the original's variables.
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<Llama> {
+        let conv = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_device(device)?.to_dtype(dtype)?.detach().copy()?)
+        };
+        let embed = conv(&self.embed)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|w| {
+                Ok(Layer {
+                    input_norm: conv(&w.input_norm)?,
+                    q: conv(&w.q)?,
+                    k: conv(&w.k)?,
+                    v: conv(&w.v)?,
+                    o: conv(&w.o)?,
+                    post_norm: conv(&w.post_norm)?,
+                    gate: conv(&w.gate)?,
+                    up: conv(&w.up)?,
+                    down: conv(&self.cw(&w.down)?)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if self.cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            conv(&self.lm_head)?
+        };
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            norm: conv(&self.norm)?,
+            inv_freq: self.inv_freq.to_device(device)?,
+            embed,
+            layers,
+            lm_head,
+            compute: dtype,
+        })
+    }
+
+    /// The same model computing in `dtype` while its weights keep their own dtype: e.g. f32 master
+    /// variables with a bf16 forward. Weights are cast at use with a differentiable op, so gradients
+    /// still reach the f32 variables.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
+    }
+
+    /// Dtype the forward computes in (by default the weights' dtype).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// A weight in the compute dtype.
+    fn cw(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dtype() == self.compute {
+            t.clone()
+        } else {
+            t.to_dtype(self.compute)?
+        })
     }
 
     /// Every weight by its checkpoint name (the tied head is not listed separately).
@@ -166,7 +260,7 @@ impl Llama {
     /// Training forward: logits `(batch, seq, vocab)` for `input_ids` `(batch, seq)` (u32), using only ops
     /// that propagate gradients. Default mask: causal (plus Mistral's sliding window when configured).
     pub fn forward_train(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
-        self.run(input_ids, opts, None, Path::Differentiable, false)
+        self.head(&self.run(input_ids, opts, None, Path::Differentiable, false)?)
     }
 
     /// Inference forward over new tokens, appending their keys/values to `cache`. Positions default to
@@ -179,16 +273,39 @@ impl Llama {
         opts: &ForwardOptions,
         last_only: bool,
     ) -> Result<Tensor> {
-        ensure!(cache.layers.len() == self.layers.len(), "KV cache has the wrong number of layers");
-        self.run(input_ids, opts, Some(cache), Path::Fast, last_only)
+        ensure!(
+            cache.layers.len() == self.layers.len(),
+            "KV cache has the wrong number of layers"
+        );
+        self.head(&self.run(input_ids, opts, Some(cache), Path::Fast, last_only)?)
     }
 
     /// Inference forward without a cache (fused kernels, no gradient), all positions.
     pub fn forward(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
-        let mut cache = KvCache::new(self.layers.len());
-        self.run(input_ids, opts, Some(&mut cache), Path::Fast, false)
+        self.head(&self.forward_hidden(input_ids, opts)?)
     }
 
+    /// Training forward up to the final norm: hidden states `(batch, seq, hidden)`, differentiable. Apply
+    /// [`Llama::head`] to the rows that need logits (e.g. completion tokens only) to save memory.
+    pub fn forward_hidden_train(
+        &self,
+        input_ids: &Tensor,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        self.run(input_ids, opts, None, Path::Differentiable, false)
+    }
+
+    /// Inference forward up to the final norm (fused kernels, no gradient): `(batch, seq, hidden)`.
+    pub fn forward_hidden(&self, input_ids: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        self.run(input_ids, opts, None, Path::Fast, false)
+    }
+
+    /// The language-model head: logits `(..., vocab)` from final hidden states `(..., hidden)`.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(&hidden.to_dtype(self.compute)?, &self.cw(&self.lm_head)?)
+    }
+
+    /// Final hidden states (after the last norm).
     fn run(
         &self,
         input_ids: &Tensor,
@@ -197,23 +314,35 @@ impl Llama {
         path: Path,
         last_only: bool,
     ) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2().context("input_ids must be (batch, seq)")?;
+        let (b, s) = input_ids
+            .dims2()
+            .context("input_ids must be (batch, seq)")?;
         ensure!(s > 0, "empty input");
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let dev = self.device();
         let positions = match &opts.position_ids {
             Some(p) => {
-                ensure!(p.dims() == [b, s], "position_ids must have shape ({b}, {s}), got {:?}", p.dims());
+                ensure!(
+                    p.dims() == [b, s],
+                    "position_ids must have shape ({b}, {s}), got {:?}",
+                    p.dims()
+                );
                 p.to_dtype(DType::F32)?
             }
-            None => Tensor::arange(past as f32, (past + s) as f32, dev)?.unsqueeze(0)?.repeat((b, 1))?,
+            None => Tensor::arange(past as f32, (past + s) as f32, dev)?
+                .unsqueeze(0)?
+                .repeat((b, 1))?,
         };
         let (cos, sin) = self.rope_tables(&positions, path)?;
         let bias = match &opts.attention_bias {
             Some(m) => {
                 let d = m.dims();
                 ensure!(
-                    d.len() == 4 && (d[0] == b || d[0] == 1) && d[1] == 1 && d[2] == s && d[3] == past + s,
+                    d.len() == 4
+                        && (d[0] == b || d[0] == 1)
+                        && d[1] == 1
+                        && d[2] == s
+                        && d[3] == past + s,
                     "attention_bias must have shape ({b} or 1, 1, {s}, {}), got {d:?}",
                     past + s
                 );
@@ -222,33 +351,50 @@ impl Llama {
             None if s == 1 && self.cfg.sliding_window.is_none_or(|w| past < w) => None,
             None => Some(causal_bias(s, past, self.cfg.sliding_window, dev)?),
         };
-        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden_size))?;
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?
+            .to_dtype(self.compute)?;
         for (l, w) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &w.input_norm, self.cfg.rms_norm_eps, path)?;
-            let a = self.attention(l, w, &h, &cos, &sin, bias.as_ref(), cache.as_deref_mut(), path)?;
+            let h = rms_norm(&x, &self.cw(&w.input_norm)?, self.cfg.rms_norm_eps, path)?;
+            let a = self.attention(
+                l,
+                w,
+                &h,
+                &cos,
+                &sin,
+                bias.as_ref(),
+                cache.as_deref_mut(),
+                path,
+            )?;
             x = (x + a)?;
-            let h = rms_norm(&x, &w.post_norm, self.cfg.rms_norm_eps, path)?;
-            let gate = linear(&h, &w.gate)?;
-            let up = linear(&h, &w.up)?;
-            let m = linear(&(candle_nn::ops::silu(&gate)? * up)?, &w.down)?;
+            let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.cfg.rms_norm_eps, path)?;
+            let gate = linear(&h, &self.cw(&w.gate)?)?;
+            let up = linear(&h, &self.cw(&w.up)?)?;
+            let m = linear(&(candle_nn::ops::silu(&gate)? * up)?, &self.cw(&w.down)?)?;
             x = (x + m)?;
         }
         if last_only {
             x = x.narrow(1, s - 1, 1)?;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, path)?;
-        linear(&x, &self.lm_head)
+        rms_norm(&x, &self.cw(&self.norm)?, self.cfg.rms_norm_eps, path)
     }
 
     /// cos/sin of shape `(batch, seq, head_dim)` (differentiable path) or `(batch, seq, head_dim/2)` (fused rope).
     fn rope_tables(&self, positions: &Tensor, path: Path) -> Result<(Tensor, Tensor)> {
-        let freqs = positions.unsqueeze(2)?.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let freqs = positions
+            .unsqueeze(2)?
+            .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
         let freqs = match path {
             Path::Differentiable => Tensor::cat(&[&freqs, &freqs], 2)?,
             Path::Fast => freqs,
         };
-        let dtype = self.dtype();
-        Ok((freqs.cos()?.to_dtype(dtype)?.contiguous()?, freqs.sin()?.to_dtype(dtype)?.contiguous()?))
+        let dtype = self.compute;
+        Ok((
+            freqs.cos()?.to_dtype(dtype)?.contiguous()?,
+            freqs.sin()?.to_dtype(dtype)?.contiguous()?,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -264,12 +410,28 @@ impl Llama {
         path: Path,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_kv_heads(), self.cfg.head_dim());
-        let q = linear(x, &w.q)?.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = linear(x, &w.k)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = linear(x, &w.v)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let q = linear(x, &self.cw(&w.q)?)?
+            .reshape((b, s, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = linear(x, &self.cw(&w.k)?)?
+            .reshape((b, s, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = linear(x, &self.cw(&w.v)?)?
+            .reshape((b, s, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let (q, k) = match path {
-            Path::Differentiable => (rope_differentiable(&q, cos, sin)?, rope_differentiable(&k, cos, sin)?),
+            Path::Differentiable => (
+                rope_differentiable(&q, cos, sin)?,
+                rope_differentiable(&k, cos, sin)?,
+            ),
             Path::Fast => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
@@ -293,8 +455,12 @@ impl Llama {
             Path::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
         };
         let probs = probs.to_dtype(v.dtype())?.reshape((b, nkv, rep * s, t))?;
-        let out = probs.matmul(&v)?.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-        linear(&out, &w.o)
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        linear(&out, &self.cw(&w.o)?)
     }
 }
 
@@ -314,7 +480,11 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// RMSNorm as in transformers: normalise in f32, cast back, then scale.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
     match path {
-        Path::Fast => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?),
+        Path::Fast => Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            weight,
+            eps as f32,
+        )?),
         Path::Differentiable => {
             let dtype = x.dtype();
             let xf = x.to_dtype(upcast(dtype))?;
@@ -340,18 +510,28 @@ fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 fn rope_inv_freq(cfg: &LlamaConfig, dev: &Device) -> Result<Tensor> {
     let d = cfg.head_dim();
     let base = cfg.rope_base() as f32;
-    let inv: Vec<f32> = (0..d).step_by(2).map(|i| 1.0 / base.powf(i as f32 / d as f32)).collect();
+    let inv: Vec<f32> = (0..d)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / d as f32))
+        .collect();
     Ok(Tensor::from_vec(inv, d / 2, dev)?)
 }
 
 /// Causal attention bias `(1, 1, seq, past + seq)`: query `i` (absolute `past + i`) sees keys `j <= past + i`,
 /// and with a sliding window only keys with `past + i - j < window`.
-pub fn causal_bias(seq: usize, past: usize, sliding_window: Option<usize>, dev: &Device) -> Result<Tensor> {
+pub fn causal_bias(
+    seq: usize,
+    past: usize,
+    sliding_window: Option<usize>,
+    dev: &Device,
+) -> Result<Tensor> {
     let t = past + seq;
     let mut data = vec![MASKED; seq * t];
     for i in 0..seq {
         let qi = past + i;
-        let lo = sliding_window.map(|w| (qi + 1).saturating_sub(w)).unwrap_or(0);
+        let lo = sliding_window
+            .map(|w| (qi + 1).saturating_sub(w))
+            .unwrap_or(0);
         for j in lo..=qi {
             data[i * t + j] = 0.0;
         }
@@ -377,7 +557,9 @@ pub fn padded_causal_bias(
         ensure!(valid.len() == t, "key_valid rows must all have length {t}");
         for i in 0..seq {
             let qi = past + i;
-            let lo = sliding_window.map(|w| (qi + 1).saturating_sub(w)).unwrap_or(0);
+            let lo = sliding_window
+                .map(|w| (qi + 1).saturating_sub(w))
+                .unwrap_or(0);
             for j in lo..=qi {
                 if valid[j] {
                     data[(r * seq + i) * t + j] = 0.0;

@@ -65,7 +65,10 @@ pub struct TensorStore {
 
 impl std::fmt::Debug for TensorStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorStore").field("root", &self.root).field("tensors", &self.entries.len()).finish()
+        f.debug_struct("TensorStore")
+            .field("root", &self.root)
+            .field("tensors", &self.entries.len())
+            .finish()
     }
 }
 
@@ -81,9 +84,16 @@ impl TensorStore {
             } else if single.is_file() {
                 Self::open_file(&single)
             } else {
-                bail!("{}: no {SINGLE_FILE} or {INDEX_FILE} in this folder", path.display())
+                bail!(
+                    "{}: no {SINGLE_FILE} or {INDEX_FILE} in this folder",
+                    path.display()
+                )
             }
-        } else if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json")) {
+        } else if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".index.json"))
+        {
             Self::open_sharded(path)
         } else {
             Self::open_file(path)
@@ -97,16 +107,20 @@ impl TensorStore {
         for (name, info) in infos {
             entries.insert(name, entry(0, &info));
         }
-        Ok(TensorStore { root: path.to_path_buf(), files: vec![file], entries })
+        Ok(TensorStore {
+            root: path.to_path_buf(),
+            files: vec![file],
+            entries,
+        })
     }
 
     /// Opens a sharded checkpoint from its `model.safetensors.index.json`: every shard named in the
     /// `weight_map` is mapped, and every mapped name must be in the shard that the index names.
     pub fn open_sharded(index_path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(index_path).with_context(|| format!("reading {}", index_path.display()))?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index_path.display()))?;
+        let text = std::fs::read_to_string(index_path)
+            .with_context(|| format!("reading {}", index_path.display()))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", index_path.display()))?;
         let weight_map = index
             .get("weight_map")
             .and_then(|w| w.as_object())
@@ -114,9 +128,12 @@ impl TensorStore {
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut shard_names: Vec<&str> = Vec::new();
         for (name, file) in weight_map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| anyhow!("{}: weight_map[{name:?}] is not a string", index_path.display()))?;
+            let file = file.as_str().ok_or_else(|| {
+                anyhow!(
+                    "{}: weight_map[{name:?}] is not a string",
+                    index_path.display()
+                )
+            })?;
             if !shard_names.contains(&file) {
                 shard_names.push(file);
             }
@@ -125,15 +142,17 @@ impl TensorStore {
         let mut files = Vec::new();
         let mut entries = BTreeMap::new();
         let mut per_shard: Vec<BTreeMap<String, TensorInfo>> = Vec::new();
-        for (i, shard) in shard_names.iter().enumerate() {
+        for shard in &shard_names {
             let (file, infos) = map_file(&dir.join(shard))?;
             files.push(file);
             per_shard.push(infos.into_iter().collect());
-            let _ = i;
         }
         for (name, file) in weight_map {
             let file = file.as_str().unwrap_or_default();
-            let i = shard_names.iter().position(|s| *s == file).expect("shard listed above");
+            let i = shard_names
+                .iter()
+                .position(|s| *s == file)
+                .expect("shard listed above");
             let info = per_shard[i].get(name).ok_or_else(|| {
                 anyhow!(
                     "{}: tensor {name:?} is mapped to {file} but that file does not contain it",
@@ -142,7 +161,11 @@ impl TensorStore {
             })?;
             entries.insert(name.clone(), entry(i, info));
         }
-        Ok(TensorStore { root: dir.to_path_buf(), files, entries })
+        Ok(TensorStore {
+            root: dir.to_path_buf(),
+            files,
+            entries,
+        })
     }
 
     /// The file or folder this store was opened from.
@@ -178,12 +201,18 @@ impl TensorStore {
     /// Metadata of one tensor, or `None` if absent.
     pub fn get(&self, name: &str) -> Option<TensorMeta<'_>> {
         let (name, e) = self.entries.get_key_value(name)?;
-        Some(TensorMeta { name, dtype: e.dtype, shape: &e.shape, file: &self.files[e.file].path })
+        Some(TensorMeta {
+            name,
+            dtype: e.dtype,
+            shape: &e.shape,
+            file: &self.files[e.file].path,
+        })
     }
 
     /// Metadata of one tensor; an error naming the checkpoint if absent.
     pub fn meta(&self, name: &str) -> Result<TensorMeta<'_>> {
-        self.get(name).ok_or_else(|| anyhow!("tensor {name:?} not found in {}", self.describe()))
+        self.get(name)
+            .ok_or_else(|| anyhow!("tensor {name:?} not found in {}", self.describe()))
     }
 
     /// Metadata of every tensor, in name order.
@@ -198,14 +227,20 @@ impl TensorStore {
 
     /// The raw little-endian bytes of a tensor, borrowed from the memory map (no copy).
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
-        let e = self.entries.get(name).ok_or_else(|| anyhow!("tensor {name:?} not found in {}", self.describe()))?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor {name:?} not found in {}", self.describe()))?;
         let f = &self.files[e.file];
         Ok(&f.map[f.data_start + e.start..f.data_start + e.end])
     }
 
     /// Sum of the byte sizes of all tensors.
     pub fn total_bytes(&self) -> u64 {
-        self.entries.values().map(|e| (e.end - e.start) as u64).sum()
+        self.entries
+            .values()
+            .map(|e| (e.end - e.start) as u64)
+            .sum()
     }
 
     /// Copies a tensor into a candle [`Tensor`] of its stored dtype on `device`.
@@ -218,7 +253,13 @@ impl TensorStore {
     }
 
     /// Like [`TensorStore::tensor`], checking the shape and converting to `dtype`.
-    pub fn tensor_as(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn tensor_as(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let meta = self.meta(name)?;
         if meta.shape != shape {
             bail!(
@@ -229,7 +270,11 @@ impl TensorStore {
             );
         }
         let t = self.tensor(name, device)?;
-        Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+        Ok(if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        })
     }
 
     fn describe(&self) -> String {
@@ -281,17 +326,35 @@ fn entry(file: usize, info: &TensorInfo) -> Entry {
 
 fn map_file(path: &Path) -> Result<(MappedFile, Vec<(String, TensorInfo)>)> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = file.metadata().with_context(|| format!("reading metadata of {}", path.display()))?.len();
+    let len = file
+        .metadata()
+        .with_context(|| format!("reading metadata of {}", path.display()))?
+        .len();
     if len < 8 {
-        bail!("{}: truncated safetensors file ({len} bytes, too short for the 8-byte header length)", path.display());
+        bail!(
+            "{}: truncated safetensors file ({len} bytes, too short for the 8-byte header length)",
+            path.display()
+        );
     }
     // SAFETY: the map is read-only; checkpoints are not modified while a step reads them.
-    let map = unsafe { Mmap::map(&file) }.with_context(|| format!("memory-mapping {}", path.display()))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| header_error(path, &map, e))?;
-    let mut infos: Vec<(String, TensorInfo)> =
-        metadata.tensors().into_iter().map(|(name, info)| (name, info.clone())).collect();
+    let map = unsafe { Mmap::map(&file) }
+        .with_context(|| format!("memory-mapping {}", path.display()))?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(&map).map_err(|e| header_error(path, &map, e))?;
+    let mut infos: Vec<(String, TensorInfo)> = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.clone()))
+        .collect();
     infos.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((MappedFile { path: path.to_path_buf(), map, data_start: 8 + header_len }, infos))
+    Ok((
+        MappedFile {
+            path: path.to_path_buf(),
+            map,
+            data_start: 8 + header_len,
+        },
+        infos,
+    ))
 }
 
 fn header_error(path: &Path, map: &[u8], e: SafeTensorError) -> anyhow::Error {

@@ -39,8 +39,14 @@ impl Tokenizer {
     /// `special_tokens_map.json` (`bos_token`, `eos_token`, `pad_token`), else from `config.json` ids.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
-        let mut tok = Tokenizer { inner, bos: None, eos: None, pad: None };
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+        let mut tok = Tokenizer {
+            inner,
+            bos: None,
+            eos: None,
+            pad: None,
+        };
         for file in ["tokenizer_config.json", "special_tokens_map.json"] {
             if let Some(v) = read_json(&dir.join(file))? {
                 tok.bos = tok.bos.or_else(|| tok.special_id(&v, "bos_token"));
@@ -49,7 +55,10 @@ impl Tokenizer {
             }
         }
         if let Some(cfg) = read_json(&dir.join("config.json"))? {
-            let id = |k: &str| cfg.get(k).and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64)));
+            let id = |k: &str| {
+                cfg.get(k)
+                    .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64)))
+            };
             tok.bos = tok.bos.or(id("bos_token_id").map(|v| v as u32));
             tok.eos = tok.eos.or(id("eos_token_id").map(|v| v as u32));
             tok.pad = tok.pad.or(id("pad_token_id").map(|v| v as u32));
@@ -62,7 +71,12 @@ impl Tokenizer {
     pub fn byte_level() -> Self {
         let inner = tokenizers::Tokenizer::from_bytes(byte_level_json().to_string().as_bytes())
             .expect("the built-in byte-level tokenizer.json is valid");
-        Tokenizer { inner, bos: Some(BYTE_BOS), eos: Some(BYTE_EOS), pad: Some(BYTE_PAD) }
+        Tokenizer {
+            inner,
+            bos: Some(BYTE_BOS),
+            eos: Some(BYTE_EOS),
+            pad: Some(BYTE_PAD),
+        }
     }
 
     /// Writes the byte-level tokenizer into `dir`: `tokenizer.json`, `tokenizer_config.json` and
@@ -90,13 +104,18 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's template (e.g. a leading BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("encoding failed: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("encoding failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, optionally dropping special tokens.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| anyhow!("decoding failed: {e}"))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
     /// Begin-of-sequence id, if known.
@@ -139,7 +158,9 @@ impl Tokenizer {
 
     fn special_id(&self, config: &Value, key: &str) -> Option<u32> {
         let v = config.get(key)?;
-        let text = v.as_str().or_else(|| v.get("content").and_then(Value::as_str))?;
+        let text = v
+            .as_str()
+            .or_else(|| v.get("content").and_then(Value::as_str))?;
         self.inner.token_to_id(text)
     }
 }
@@ -148,13 +169,18 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| {
+        format!("{}: invalid JSON", path.display())
+    })?))
 }
 
 /// GPT-2's reversible byte → printable character map used by byte-level BPE.
 fn byte_to_char(b: u8) -> char {
-    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u8| {
+        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     if printable(b) {
         return char::from(b);
     }

@@ -10,7 +10,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::checkpoint_writer::{write_checkpoint, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint};
+use super::checkpoint_writer::{
+    write_checkpoint, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
+};
 use super::config::LlamaConfig;
 use super::llama::Llama;
 use super::tensor_store::{safetensors_dtype, TensorStore};
@@ -28,11 +30,19 @@ pub const AUX_FILES: &[&str] = &[
 
 /// Reads every weight that `cfg` requires from `store`, checking presence and shape, converted to `dtype`.
 /// Extra tensors are ignored except a redundant `lm_head.weight` of a tied model.
-pub fn load_tensors(store: &TensorStore, cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn load_tensors(
+    store: &TensorStore,
+    cfg: &LlamaConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for (name, shape) in cfg.weight_shapes() {
         if !store.contains(&name) {
-            bail!("{}: missing tensor {name:?} (required by config.json)", describe(store));
+            bail!(
+                "{}: missing tensor {name:?} (required by config.json)",
+                describe(store)
+            );
         }
         out.insert(name.clone(), store.tensor_as(&name, &shape, dtype, device)?);
     }
@@ -66,8 +76,14 @@ pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<(VarM
 }
 
 /// A freshly initialised trainable model: linear and embedding weights ~ normal(0, `initializer_range`)
-/// (as transformers' `_init_weights`), norm weights 1. Deterministic for a given `seed`.
-pub fn init_trainable(cfg: &LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<(VarMap, Llama)> {
+/// (as transformers' `_init_weights`), norm weights 1, the `pad_token_id` row of the embedding 0.
+/// Deterministic for a given `seed` (the values differ from PyTorch's RNG stream).
+pub fn init_trainable(
+    cfg: &LlamaConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarMap, Llama)> {
     cfg.validate()?;
     let mut rng = StdRng::seed_from_u64(seed);
     let normal = Normal::new(0.0f32, cfg.initializer_range as f32).context("initializer_range")?;
@@ -76,11 +92,21 @@ pub fn init_trainable(cfg: &LlamaConfig, seed: u64, dtype: DType, device: &Devic
         let mut data = varmap.data().lock().expect("varmap lock");
         for (name, shape) in cfg.weight_shapes() {
             let n: usize = shape.iter().product();
-            let values: Vec<f32> = if name.ends_with("norm.weight") {
+            let mut values: Vec<f32> = if name.ends_with("norm.weight") {
                 vec![1.0; n]
             } else {
                 (0..n).map(|_| normal.sample(&mut rng)).collect()
             };
+            // transformers' nn.Embedding(padding_idx=pad_token_id) starts with a zero padding row.
+            if name == "model.embed_tokens.weight" {
+                if let Some(pad) = cfg
+                    .pad_token_id
+                    .map(|p| p as usize)
+                    .filter(|p| *p < cfg.vocab_size)
+                {
+                    values[pad * cfg.hidden_size..(pad + 1) * cfg.hidden_size].fill(0.0);
+                }
+            }
             let t = Tensor::from_vec(values, shape.as_slice(), device)?.to_dtype(dtype)?;
             data.insert(name, Var::from_tensor(&t)?);
         }
@@ -104,7 +130,12 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions { dtype: DType::F32, shards: ShardOptions::default(), copy_from: None, replace: false }
+        SaveOptions {
+            dtype: DType::F32,
+            shards: ShardOptions::default(),
+            copy_from: None,
+            replace: false,
+        }
     }
 }
 
@@ -114,15 +145,46 @@ pub fn save_model(dir: &Path, model: &Llama, opts: &SaveOptions) -> Result<Writt
     save_tensors(dir, model.config(), &model.named_weights(), opts)
 }
 
+/// Saves the variables of a `VarMap` (e.g. after training) with `cfg` as a Hugging Face folder at `dir`, in
+/// model order; every weight that `cfg` requires must be present. See [`save_model`].
+pub fn save_varmap(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    varmap: &VarMap,
+    opts: &SaveOptions,
+) -> Result<WrittenCheckpoint> {
+    let tensors = {
+        let data = varmap.data().lock().expect("varmap lock");
+        cfg.weight_shapes()
+            .into_iter()
+            .map(|(name, _)| match data.get(&name) {
+                Some(v) => Ok((name, v.as_tensor().clone())),
+                None => bail!("VarMap has no variable {name:?} (required by the config)"),
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    save_tensors(dir, cfg, &tensors, opts)
+}
+
 /// Saves named tensors (checkpoint names) with `cfg` as a Hugging Face folder at `dir`; see [`save_model`].
-pub fn save_tensors(dir: &Path, cfg: &LlamaConfig, tensors: &[(String, Tensor)], opts: &SaveOptions) -> Result<WrittenCheckpoint> {
+pub fn save_tensors(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    tensors: &[(String, Tensor)],
+    opts: &SaveOptions,
+) -> Result<WrittenCheckpoint> {
     let st_dtype = safetensors_dtype(opts.dtype)?;
     let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let specs: Vec<TensorSpec> =
-        tensors.iter().map(|(n, t)| TensorSpec::new(n.clone(), st_dtype, t.dims().to_vec())).collect();
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, t)| TensorSpec::new(n.clone(), st_dtype, t.dims().to_vec()))
+        .collect();
     let staging = StagingDir::new(dir)?;
     let written = write_checkpoint(staging.path(), &specs, opts.shards, |spec| {
-        Ok(Cow::Owned(tensor_bytes(by_name[spec.name.as_str()], opts.dtype)?))
+        Ok(Cow::Owned(tensor_bytes(
+            by_name[spec.name.as_str()],
+            opts.dtype,
+        )?))
     })?;
     let mut cfg = cfg.clone();
     let dtype_name = torch_dtype_name(opts.dtype);
@@ -144,7 +206,8 @@ pub fn copy_aux_files(src: &Path, dst: &Path) -> Result<()> {
     for name in AUX_FILES {
         let from = src.join(name);
         if from.is_file() {
-            std::fs::copy(&from, dst.join(name)).with_context(|| format!("copying {}", from.display()))?;
+            std::fs::copy(&from, dst.join(name))
+                .with_context(|| format!("copying {}", from.display()))?;
         }
     }
     Ok(())
@@ -154,10 +217,26 @@ pub fn copy_aux_files(src: &Path, dst: &Path) -> Result<()> {
 pub fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
     let t = t.to_dtype(dtype)?.flatten_all()?;
     Ok(match dtype {
-        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
-        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
-        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         other => bail!("saving {other:?} tensors is not supported"),
     })
 }
@@ -172,5 +251,10 @@ fn torch_dtype_name(dtype: DType) -> &'static str {
 }
 
 fn describe(store: &TensorStore) -> String {
-    store.files().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    store
+        .files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

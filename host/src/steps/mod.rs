@@ -2,8 +2,12 @@
 
 pub mod command;
 pub mod context;
+pub mod init;
 pub mod kind;
 pub mod merge;
+pub mod pretrain;
+pub mod scale;
+pub mod sft;
 pub mod synthetic;
 
 pub use context::{Cancelled, InputArtifact, StepContext};
@@ -32,7 +36,11 @@ impl Registry {
         let mut r = Self::empty();
         r.register(command::CommandStep);
         r.register(merge::MergeStep);
+        r.register(scale::ScaleStep);
         r.register(synthetic::SyntheticStep);
+        r.register(init::InitStep);
+        r.register(pretrain::PretrainStep);
+        r.register(sft::SftStep);
         r
     }
 

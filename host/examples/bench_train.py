@@ -1,0 +1,110 @@
+"""CPU training throughput, dusflow vs transformers + torch AdamW, side by side in one run.
+
+Both train the same randomly initialised Llama (written once by transformers) on the same token ids:
+fp32, batch BATCH x SEQ, AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no decay), global-norm clip 1.0,
+causal LM loss over all positions. WARMUP steps are run first and not timed. The two implementations are
+timed alternately for ROUNDS rounds so that load from other processes hits both; the ratio is
+dusflow tokens/s / torch tokens/s per round.
+
+Usage (from the repository root):
+  /work/.venvs/torch/bin/python host/examples/bench_train.py [--batch 8] [--seq 128] [--steps 8] [--warmup 2]
+      [--rounds 2] [--hidden 256] [--layers 4] [--vocab 8000] [--profile dev|release]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def make_model(path, args):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(2048, args.seq), tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return cfg
+
+
+def torch_bench(model_dir, tokens, args):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    b, s = args.batch, args.seq
+    ids = torch.tensor(tokens, dtype=torch.long)
+    losses = []
+    start = None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            start = time.perf_counter()
+        x = ids[step * b * s:(step + 1) * b * s].view(b, s)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    return {"impl": "torch", "tokens_per_s": b * s * args.steps / seconds, "seconds": seconds,
+            "first_loss": losses[0], "last_loss": losses[-1], "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    for name, default in [("batch", 8), ("seq", 128), ("steps", 8), ("warmup", 2), ("rounds", 2),
+                          ("hidden", 256), ("layers", 4), ("heads", 4), ("vocab", 8000)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--profile", default="dev")
+    args = p.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    import random
+    import struct
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        make_model(model_dir, args)
+        rng = random.Random(0)
+        n = args.batch * args.seq * (args.steps + args.warmup)
+        tokens = [rng.randrange(args.vocab) for _ in range(n)]
+        tokens_file = os.path.join(tmp, "tokens.u32")
+        with open(tokens_file, "wb") as f:
+            f.write(struct.pack(f"<{n}I", *tokens))
+        cargo = ["cargo", "run", "-q", "-p", "dusflow", "--profile", args.profile, "--example", "bench_train", "--"]
+        subprocess.run(["cargo", "build", "-q", "-p", "dusflow", "--profile", args.profile, "--example",
+                        "bench_train"], cwd=root, check=True)
+        from safetensors.torch import load_file
+        params = sum(t.numel() for t in load_file(os.path.join(model_dir, "model.safetensors")).values())
+        print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}; "
+              f"model {params / 1e6:.1f} M params (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); "
+              f"batch {args.batch} x seq {args.seq}, {args.steps} timed steps after {args.warmup}; profile {args.profile}")
+        ratios = []
+        for r in range(args.rounds):
+            out = subprocess.run(cargo + [model_dir, tokens_file, str(args.batch), str(args.seq), str(args.steps),
+                                          str(args.warmup)], cwd=root, check=True, capture_output=True, text=True)
+            ours = json.loads(out.stdout.strip().splitlines()[-1])
+            theirs = torch_bench(model_dir, tokens, args)
+            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            ratios.append(ratio)
+            print(f"round {r + 1}: dusflow {ours['tokens_per_s']:.0f} tok/s (loss {ours['first_loss']:.3f} -> "
+                  f"{ours['last_loss']:.3f}); torch {theirs['tokens_per_s']:.0f} tok/s (loss {theirs['first_loss']:.3f}"
+                  f" -> {theirs['last_loss']:.3f}); ratio {ratio:.2f}")
+        print(f"ratio dusflow/torch: best {max(ratios):.2f}, mean {sum(ratios) / len(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+//! Training throughput of dusflow's loop on CPU (the Rust half of `host/examples/bench_train.py`, which
+//! runs transformers + torch AdamW on the same model and tokens and prints the ratio).
+//!
+//! `cargo run --example bench_train -- MODEL_DIR TOKENS_FILE BATCH SEQ STEPS WARMUP`
+//! TOKENS_FILE holds little-endian u32 token ids (at least BATCH·SEQ·(STEPS+WARMUP)). Prints one JSON line.
+
+use anyhow::{ensure, Context, Result};
+use candle_core::Device;
+use dusflow::data::TrainSequence;
+use dusflow::train::job::load_for_training;
+use dusflow::train::{train, AdamWConfig, ComputeDType, ScheduleKind, StepMetrics, TrainOptions};
+use std::time::Instant;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    ensure!(args.len() == 6, "usage: bench_train MODEL_DIR TOKENS_FILE BATCH SEQ STEPS WARMUP");
+    let num = |i: usize| -> Result<usize> { args[i].parse().with_context(|| format!("argument {}", i + 1)) };
+    let (batch, seq, steps, warmup) = (num(2)?, num(3)?, num(4)?, num(5)?);
+    let bytes = std::fs::read(&args[1]).with_context(|| format!("reading {}", args[1]))?;
+    let ids: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    let total = steps + warmup;
+    ensure!(ids.len() >= batch * seq * total, "not enough tokens");
+    let rows: Vec<TrainSequence> = ids[..batch * seq * total]
+        .chunks_exact(seq)
+        .map(|r| TrainSequence { ids: r.to_vec(), learn: vec![true; seq], doc_ids: None })
+        .collect();
+
+    let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let (model, mut opt) = load_for_training(args[0].as_ref(), ComputeDType::F32, adamw, &Device::Cpu)?;
+    let opts = TrainOptions {
+        lr: 1e-4,
+        schedule: ScheduleKind::Constant,
+        warmup_steps: 0,
+        total_steps: total,
+        micro_batch: batch,
+        grad_accum: 1,
+        clip: Some(1.0),
+        seed: 0,
+        shuffle: false,
+        checkpoint_every: 0,
+        pad_id: 0,
+    };
+    let work = tempfile::tempdir()?;
+    let mut timed_from: Option<Instant> = None;
+    let mut losses = Vec::new();
+    let mut observer = |m: &StepMetrics, _: usize| {
+        if m.step == warmup {
+            timed_from = Some(Instant::now());
+        }
+        losses.push(m.loss);
+        Ok(())
+    };
+    let started = Instant::now();
+    train(&model, &mut opt, &rows, &opts, work.path(), &mut observer)?;
+    let timed = timed_from.unwrap_or(started).elapsed().as_secs_f64();
+    let tokens = (batch * seq * steps) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "dusflow",
+            "tokens_per_s": tokens / timed,
+            "seconds": timed,
+            "steps": steps,
+            "first_loss": losses.first(),
+            "last_loss": losses.last(),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,433 @@
+//! `kind = "scale"`: depth up-scaling (step 1 of the SOLAR recipe). From one model (or several, for
+//! frankenmerges) and a layer policy, writes a new Hugging Face model folder whose layers are copies of the
+//! inputs' layers, renumbered, with optional per-tensor transforms.
+//!
+//! Same conventions as mergekit's `passthrough`: embeddings, config.json and tokenizer files from the first
+//! slice's model, final norm and LM head from the last slice's (tied embeddings stay tied), config.json with
+//! only `num_hidden_layers` (and the dtype, when casting) changed, and canonical safetensors, so the SOLAR
+//! output is byte-identical to mergekit's.
+//!
+//! ```toml
+//! [steps.scale]
+//! kind = "scale"
+//! inputs = { model = "base" }
+//! policy = "solar"     # solar (m or s) | repeat (times) | interleave (every) | llama-pro (every) | slices
+//! m = 8                # 32 layers -> 48
+//! # slices = [{ model = "base", layers = [0, 24] }, { model = "base", layers = [8, 32] }]
+//! # dtype = "bf16"     # cast; default: keep the stored dtype
+//! # shard_size = "5GB"
+//! ```
+//!
+//! Modules: [`plan`] (the plan every policy produces), [`policy`] (built-in policies), [`source`] (input
+//! models), [`writer`] (streams the plan into a folder), [`copy_writer`] (canonical safetensors with kernel-side
+//! copies), [`config_json`] (byte-preserving config edits).
+
+pub mod config_json;
+pub mod copy_writer;
+pub mod plan;
+pub mod plugin_policy;
+pub mod policy;
+pub mod source;
+pub mod writer;
+
+pub use plan::{LayerSource, ScalePlan, TensorTransform, TransformOp};
+pub use policy::{builtin_plan, BuiltinPolicy, PolicyParams, SliceSpec, TransformSpec};
+pub use source::SourceModel;
+pub use writer::{write_scaled, ScaleReport, WriteOptions};
+
+use super::context::StepContext;
+use super::kind::{
+    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, StepKind,
+};
+use crate::model::checkpoint_writer::ShardOptions;
+use crate::workflow::DType;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Which policy a step runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Policy {
+    /// A built-in policy.
+    Builtin(BuiltinPolicy),
+    /// The `[plugins.NAME]` layer-policy plugin.
+    Plugin(String),
+}
+
+impl Policy {
+    /// The name used in messages and in `scale_plan.json`.
+    pub fn name(&self) -> &str {
+        match self {
+            Policy::Builtin(p) => p.name(),
+            Policy::Plugin(name) => name,
+        }
+    }
+}
+
+/// Default sanity limit on the new model's layer count.
+pub const DEFAULT_MAX_LAYERS: usize = 1024;
+
+/// Parameters of a `scale` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleConfig {
+    /// The built-in policy; may be left out when `slices` or `plugin` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<BuiltinPolicy>,
+    /// A `[plugins.NAME]` layer-policy plugin instead of a built-in policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
+    /// The plugin's parameters (a table, passed to it as JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<serde_json::Value>,
+    /// `solar`: layers trimmed from each copy (n = 32, m = 8 → 48).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub m: Option<usize>,
+    /// `solar`: target layer count instead of `m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s: Option<usize>,
+    /// `repeat`: copies of the stack (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times: Option<usize>,
+    /// `interleave` / `llama-pro`: a copy after every `every`-th layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<usize>,
+    /// `solar` / `repeat` / `interleave`: multiply `o_proj` and `down_proj` of repeated layers by this factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_duplicates: Option<f32>,
+    /// Explicit slices (mergekit style), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slices: Vec<SliceSpec>,
+    /// Cast floating-point tensors to this dtype; default keeps what is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<DType>,
+    /// Largest shard: `"5GB"` (10^9), `"500MB"`, `"2GiB"` (2^30), or `"none"` for one file.
+    #[serde(default = "ScaleConfig::default_shard_size")]
+    pub shard_size: String,
+    /// Refuse plans with more layers than this.
+    #[serde(default = "ScaleConfig::default_max_layers")]
+    pub max_layers: usize,
+}
+
+impl ScaleConfig {
+    fn default_shard_size() -> String {
+        "5GB".to_string()
+    }
+    fn default_max_layers() -> usize {
+        DEFAULT_MAX_LAYERS
+    }
+
+    /// The policy to run: `plugin`, `policy`, or `slices` when only `slices` is given.
+    pub fn resolved_policy(&self) -> Result<Policy> {
+        match (&self.plugin, self.policy, self.slices.is_empty()) {
+            (Some(_), Some(p), _) => {
+                bail!("give `policy = \"{}\"` or `plugin`, not both", p.name())
+            }
+            (Some(name), None, _) => Ok(Policy::Plugin(name.clone())),
+            (None, Some(p), _) => Ok(Policy::Builtin(p)),
+            (None, None, false) => Ok(Policy::Builtin(BuiltinPolicy::Slices)),
+            (None, None, true) => {
+                bail!("set `policy` (solar, repeat, interleave, llama-pro), give `slices`, or name a `plugin`")
+            }
+        }
+    }
+
+    /// The built-in policies' parameters.
+    pub fn policy_params(&self) -> PolicyParams {
+        PolicyParams {
+            m: self.m,
+            s: self.s,
+            times: self.times,
+            every: self.every,
+            scale_duplicates: self.scale_duplicates,
+            slices: self.slices.clone(),
+        }
+    }
+
+    /// The writer options.
+    pub fn write_options(&self) -> Result<WriteOptions> {
+        Ok(WriteOptions {
+            dtype: self.dtype.map(|d| match d {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::Bf16 => safetensors::Dtype::BF16,
+                DType::F16 => safetensors::Dtype::F16,
+            }),
+            shard: ShardOptions {
+                max_shard_bytes: parse_size(&self.shard_size)?,
+            },
+        })
+    }
+}
+
+/// Parses a shard size: a number of bytes with an optional unit (B, KB, MB, GB, TB = powers of 1000;
+/// KiB, MiB, GiB, TiB = powers of 1024), or `none` / `0` for no sharding.
+pub fn parse_size(text: &str) -> Result<Option<u64>> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("none") || t == "0" {
+        return Ok(None);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("shard_size {text:?}: expected e.g. \"5GB\" or \"500MB\""))?;
+    let factor: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        "TIB" => 1024.0f64.powi(4),
+        other => bail!(
+            "shard_size {text:?}: unknown unit {other:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        ),
+    };
+    let bytes = (number * factor).round();
+    if bytes < 1.0 {
+        bail!("shard_size {text:?} is below one byte");
+    }
+    Ok(Some(bytes as u64))
+}
+
+const INPUTS: &[InputSlot] = &[InputSlot {
+    name: "model",
+    accepts: &[ArtifactKind::Model],
+    many: true,
+    required: true,
+}];
+
+/// The `scale` step kind.
+pub struct ScaleStep;
+
+impl StepKind for ScaleStep {
+    type Config = ScaleConfig;
+
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+
+    fn inputs(&self) -> InputSlots {
+        InputSlots::Fixed(INPUTS)
+    }
+
+    fn output(&self, _: &ScaleConfig) -> ArtifactKind {
+        ArtifactKind::Model
+    }
+
+    fn check(&self, c: &ScaleConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let policy = match c.resolved_policy() {
+            Ok(Policy::Builtin(p)) => p,
+            Ok(Policy::Plugin(name)) => {
+                if !ctx.has_plugin(&name) {
+                    issues.push(ConfigIssue::new(
+                        "plugin",
+                        format!("no [plugins.{name}] in this workflow"),
+                    ));
+                }
+                let builtin = [
+                    c.m.is_some(),
+                    c.s.is_some(),
+                    c.times.is_some(),
+                    c.every.is_some(),
+                ];
+                if builtin.iter().any(|&b| b)
+                    || c.scale_duplicates.is_some()
+                    || !c.slices.is_empty()
+                {
+                    issues.push(ConfigIssue::new(
+                        "plugin",
+                        "a plugin takes its parameters in `params = { ... }`, not as step keys",
+                    ));
+                }
+                return issues;
+            }
+            Err(e) => return vec![ConfigIssue::new("policy", e.to_string())],
+        };
+        if c.params.is_some() {
+            issues.push(ConfigIssue::new(
+                "params",
+                "`params` is for plugins; built-in policies take step keys",
+            ));
+        }
+        let allowed: &[&str] = match policy {
+            BuiltinPolicy::Solar => &["m", "s", "scale_duplicates"],
+            BuiltinPolicy::Repeat => &["times", "scale_duplicates"],
+            BuiltinPolicy::Interleave => &["every", "scale_duplicates"],
+            BuiltinPolicy::LlamaPro => &["every"],
+            BuiltinPolicy::Slices => &["slices"],
+        };
+        let given = [
+            ("m", c.m.is_some()),
+            ("s", c.s.is_some()),
+            ("times", c.times.is_some()),
+            ("every", c.every.is_some()),
+            ("scale_duplicates", c.scale_duplicates.is_some()),
+            ("slices", !c.slices.is_empty()),
+        ];
+        for (key, set) in given {
+            if set && !allowed.contains(&key) {
+                issues.push(ConfigIssue::new(
+                    key,
+                    format!(
+                        "policy `{}` does not use `{key}` (it takes: {})",
+                        policy.name(),
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+        if policy == BuiltinPolicy::Solar && c.m.is_none() && c.s.is_none() {
+            issues.push(ConfigIssue::new(
+                "m",
+                "policy `solar` needs `m` (layers trimmed per copy) or `s` (target layer count)",
+            ));
+        }
+        if policy == BuiltinPolicy::Solar && c.m.is_some() && c.s.is_some() {
+            issues.push(ConfigIssue::new(
+                "s",
+                "policy `solar`: give `m` or `s`, not both",
+            ));
+        }
+        if policy == BuiltinPolicy::Slices && c.slices.is_empty() {
+            issues.push(ConfigIssue::new(
+                "slices",
+                "policy `slices` needs a non-empty `slices` list",
+            ));
+        }
+        if matches!(policy, BuiltinPolicy::Interleave | BuiltinPolicy::LlamaPro)
+            && c.every.is_none()
+        {
+            issues.push(ConfigIssue::new(
+                "every",
+                format!("policy `{}` needs `every`", policy.name()),
+            ));
+        }
+        for (i, s) in c.slices.iter().enumerate() {
+            if s.layers[0] >= s.layers[1] {
+                issues.push(ConfigIssue::new(
+                    format!("slices[{i}].layers"),
+                    format!(
+                        "[{}, {}] is empty (ranges are half-open)",
+                        s.layers[0], s.layers[1]
+                    ),
+                ));
+            }
+            for (j, t) in s.transforms.iter().enumerate() {
+                if let Err(e) = t.to_transform() {
+                    issues.push(ConfigIssue::new(
+                        format!("slices[{i}].transforms[{j}]"),
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        if c.max_layers == 0 {
+            issues.push(ConfigIssue::new("max_layers", "must be at least 1"));
+        }
+        if let Err(e) = parse_size(&c.shard_size) {
+            issues.push(ConfigIssue::new("shard_size", e.to_string()));
+        }
+        issues
+    }
+
+    fn dependencies(&self, c: &ScaleConfig) -> Dependencies {
+        Dependencies {
+            plugins: c.plugin.iter().cloned().collect(),
+            files: Vec::new(),
+        }
+    }
+
+    fn run(&self, c: &ScaleConfig, ctx: &StepContext) -> Result<()> {
+        let inputs = ctx.inputs_of("model");
+        if inputs.is_empty() {
+            bail!("step `{}` has no input `model`", ctx.step);
+        }
+        let models = inputs
+            .iter()
+            .map(|a| SourceModel::open(&a.name, &a.path))
+            .collect::<Result<Vec<_>>>()?;
+        let policy = c.resolved_policy()?;
+        let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+        let counts: Vec<usize> = models.iter().map(|m| m.num_layers).collect();
+        let plan = match &policy {
+            Policy::Builtin(p) => builtin_plan(*p, &c.policy_params(), &names, &counts)?,
+            Policy::Plugin(name) => {
+                let spec = ctx.plugins.get(name).ok_or_else(|| {
+                    anyhow::anyhow!("plugin `{name}` was not given to step `{}`", ctx.step)
+                })?;
+                let params =
+                    serde_json::to_string(c.params.as_ref().unwrap_or(&serde_json::json!({})))?;
+                plugin_policy::plugin_plan(name, spec, &models, &params)?
+            }
+        };
+        plan.validate(policy.name(), &names, &counts, c.max_layers)?;
+        let report = scale_into(
+            &models,
+            &plan,
+            policy.name(),
+            &ctx.out_dir,
+            &c.write_options()?,
+            ctx,
+        )?;
+        ctx.progress.finish_with_message(format!(
+            "{} layers, {} tensors",
+            report.layers, report.tensors
+        ));
+        Ok(())
+    }
+}
+
+/// Runs `plan` into the step's folder with progress and cancellation, and records the plan beside the model
+/// (`scale_plan.json`: policy, inputs and, per new layer, its source and transforms).
+pub fn scale_into(
+    models: &[SourceModel],
+    plan: &ScalePlan,
+    policy: &str,
+    out_dir: &std::path::Path,
+    opts: &WriteOptions,
+    ctx: &StepContext,
+) -> Result<ScaleReport> {
+    let report = write_scaled(models, plan, policy, out_dir, opts, &mut |bytes, total| {
+        ctx.progress.set_length(total);
+        ctx.progress.inc(bytes);
+        ctx.check_cancelled()
+    })?;
+    let record = serde_json::json!({
+        "policy": policy,
+        "inputs": models.iter().map(|m| serde_json::json!({ "name": m.name, "layers": m.num_layers })).collect::<Vec<_>>(),
+        "plan": plan,
+        "files": report.files,
+        "total_size": report.total_size,
+    });
+    std::fs::write(
+        out_dir.join(PLAN_FILE),
+        serde_json::to_string_pretty(&record)? + "\n",
+    )
+    .context("writing scale_plan.json")?;
+    Ok(report)
+}
+
+/// The provenance file a `scale` step writes beside the model.
+pub const PLAN_FILE: &str = "scale_plan.json";
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn shard_sizes_use_decimal_and_binary_units() {
+        assert_eq!(parse_size("5GB").unwrap(), Some(5_000_000_000));
+        assert_eq!(parse_size("2GiB").unwrap(), Some(2 << 30));
+        assert_eq!(parse_size("1.5MB").unwrap(), Some(1_500_000));
+        assert_eq!(parse_size("none").unwrap(), None);
+        assert!(parse_size("5 parsecs")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
+    }
+}

@@ -1,0 +1,91 @@
+//! Per-step metrics: a JSONL log that survives resumption, and a loss-curve SVG drawn with plotters.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer step, 1-based.
+    pub step: usize,
+    /// Mean loss over the step's target tokens.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens in the step.
+    pub targets: usize,
+    /// Input tokens processed in the step.
+    pub tokens: usize,
+    /// Input tokens per second over the step.
+    pub tokens_per_s: f64,
+}
+
+/// The `metrics.jsonl` file, one [`StepMetrics`] per line.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Every logged step, including those before a resume.
+    pub history: Vec<StepMetrics>,
+}
+
+impl MetricsLog {
+    /// Opens `path`, keeping only lines of steps `<= keep_until` (the resumed checkpoint's step).
+    pub fn open(path: &Path, keep_until: usize) -> Result<Self> {
+        let mut history = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for line in text.lines() {
+                match serde_json::from_str::<StepMetrics>(line) {
+                    Ok(m) if m.step <= keep_until => history.push(m),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = String::new();
+        for m in &history {
+            body.push_str(&serde_json::to_string(m)?);
+            body.push('\n');
+        }
+        std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(MetricsLog { path: path.to_path_buf(), file, history })
+    }
+
+    /// Appends one step.
+    pub fn log(&mut self, m: &StepMetrics) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(m)?)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.history.push(m.clone());
+        Ok(())
+    }
+}
+
+/// Draws loss against step as an SVG file.
+pub fn plot_loss(history: &[StepMetrics], title: &str, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let points: Vec<(f64, f64)> =
+        history.iter().filter(|m| m.loss.is_finite()).map(|m| (m.step as f64, m.loss)).collect();
+    let max_step = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (lo, hi) = if lo.is_finite() { (lo.min(hi - 1e-6) * 0.95, hi * 1.05) } else { (0.0, 1.0) };
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_step, lo..hi)
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc("optimizer step").y_desc("loss").draw().map_err(plot_err)?;
+    chart.draw_series(LineSeries::new(points, &BLUE)).map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing the loss curve: {e}")
+}

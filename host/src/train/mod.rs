@@ -1,0 +1,28 @@
+//! Training: optimizer, learning-rate schedule, loss, micro-batches, checkpoints, metrics and the loop
+//! (issue 6). [`trainer::train`] is the loop; the `pretrain` and `sft` steps prepare rows and call it.
+//!
+//! - [`optimizer`]: AdamW with fp32 master weights (torch semantics);
+//! - [`schedule`]: warmup + cosine / linear / constant (transformers semantics);
+//! - [`loss`]: weighted next-token negative log-likelihood (sum, normalised per optimizer step);
+//! - [`batch`]: rows → padded tensors, targets, weights, packed masks;
+//! - [`checkpoint`]: atomic checkpoints of masters + moments + step;
+//! - [`metrics`]: `metrics.jsonl` and the loss-curve SVG;
+//! - [`trainer`]: the loop.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod loss;
+pub mod metrics;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;
+
+pub use batch::{build_micro_batch, MicroBatch};
+pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
+pub use loss::weighted_nll_sum;
+pub use metrics::{plot_loss, MetricsLog, StepMetrics};
+pub use optimizer::{set_master, AdamW, AdamWConfig, Param};
+pub use schedule::{LrSchedule, ScheduleKind};
+pub use trainer::{checkpoint_dir, clip_gradients, global_norm, train, TrainObserver, TrainOptions, TrainSummary};
+pub mod job;
+pub use job::{ComputeDType, TrainStepConfig};
