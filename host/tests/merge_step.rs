@@ -270,3 +270,90 @@ fn incompatible_models_are_errors_naming_the_tensor() {
         "{err}"
     );
 }
+
+/// The sign-consensus rule of `plugins/sign-consensus-merge`, computed natively for comparison.
+fn sign_consensus(values: &[f32]) -> f32 {
+    let sum: f32 = values.iter().sum();
+    let agree: Vec<f32> = values
+        .iter()
+        .copied()
+        .filter(|v| (*v >= 0.0) == (sum >= 0.0))
+        .collect();
+    if agree.is_empty() {
+        0.0
+    } else {
+        agree.iter().sum::<f32>() / agree.len() as f32
+    }
+}
+
+#[tokio::test]
+async fn a_merge_rule_plugin_plans_natively_and_merges_custom_tensors() {
+    let plugin_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sign-consensus-merge");
+    let text = format!(
+        r#"[workflow]
+name = "plugin-merge"
+
+{models}
+[plugins.consensus]
+path = {plugin:?}
+
+[steps.consensus]
+kind = "merge"
+inputs = {{ models = ["a", "b"] }}
+plugin = "consensus"
+
+[steps.average]
+kind = "merge"
+inputs = {{ models = ["a", "b"] }}
+method = "linear"
+"#,
+        models = models_section(),
+        plugin = plugin_dir.display().to_string()
+    );
+    let p = Project::new(&text);
+    let summary = engine::run(
+        &p.workflow(),
+        &Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("run");
+    assert!(summary.succeeded(), "{summary:?}");
+    let open = |step: &str| TensorStore::open(Path::new(&summary.step(step).unwrap().dir)).unwrap();
+    let (merged, average) = (open("consensus"), open("average"));
+    let (a, b) = (
+        TensorStore::open(&fixture_model("a")).unwrap(),
+        TensorStore::open(&fixture_model("b")).unwrap(),
+    );
+    let decode = |s: &TensorStore, name: &str| {
+        let meta = s.meta(name).unwrap();
+        let mut v = vec![0f32; meta.numel()];
+        dusflow::steps::merge::elements::Source {
+            bytes: s.bytes(name).unwrap(),
+            dtype: meta.dtype,
+        }
+        .decode(0, &mut v);
+        v
+    };
+    let mut custom = 0;
+    for name in a.names() {
+        let elementwise = name.contains("layers.") && a.meta(name).unwrap().shape.len() > 1;
+        if elementwise {
+            custom += 1;
+            let (va, vb, got) = (decode(&a, name), decode(&b, name), decode(&merged, name));
+            for j in 0..va.len() {
+                let want = half::bf16::from_f32(sign_consensus(&[va[j], vb[j]])).to_f32();
+                assert_eq!(got[j].to_bits(), want.to_bits(), "{name}[{j}]");
+            }
+        } else {
+            // Planned `linear([0.5, 0.5])`: run by the native kernel, equal to the built-in average.
+            assert_eq!(
+                merged.bytes(name).unwrap(),
+                average.bytes(name).unwrap(),
+                "{name}"
+            );
+        }
+    }
+    assert!(custom > 0);
+}

@@ -35,6 +35,7 @@ pub mod elements;
 pub mod methods;
 pub mod params;
 pub mod plan;
+pub mod plugin_rule;
 pub mod sparsify;
 pub mod stream;
 

@@ -6,6 +6,7 @@ use super::elements::{element_size, is_float, Source};
 use super::methods::merge_tensor;
 use super::params::{layer_index, TensorPosition};
 use super::plan::{input_order, MethodPlanner, TensorDescription, TensorPlanner};
+use super::plugin_rule::PluginPlanner;
 use super::MergeConfig;
 use crate::model::checkpoint_writer::{canonical_order, plan_shards};
 use crate::model::{write_checkpoint, ShardOptions, TensorSpec, TensorStore};
@@ -63,6 +64,30 @@ pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
     let models = named("models");
     let base = named("base").into_iter().next();
     let cancelled = || ctx.is_cancelled();
+    if let Some(name) = &c.plugin {
+        let spec = ctx
+            .plugins
+            .get(name)
+            .ok_or_else(|| anyhow!("plugin `{name}` is not declared in [plugins]"))?;
+        let params = c
+            .plugin_params
+            .clone()
+            .unwrap_or(serde_json::Value::Object(Default::default()));
+        let mut planner = PluginPlanner::start(name, spec, &params.to_string())?;
+        // The plugin sees every input, base first.
+        let order: Vec<usize> = (0..models.len() + base.is_some() as usize).collect();
+        merge_with(
+            &mut planner,
+            &order,
+            c,
+            &models,
+            base.as_ref(),
+            &ctx.out_dir,
+            &ctx.progress,
+            &cancelled,
+        )?;
+        return Ok(());
+    }
     merge(
         c,
         &models,
