@@ -78,6 +78,11 @@ impl ConfigIssue {
 pub trait CheckContext {
     /// Whether `[plugins.NAME]` exists.
     fn has_plugin(&self, name: &str) -> bool;
+    /// How many artifacts the step's input slot `slot` receives (a swept step counts all its points);
+    /// `None` when unknown. Lets a kind check per-input parameters (e.g. one merge weight per model).
+    fn input_count(&self, _slot: &str) -> Option<usize> {
+        None
+    }
 }
 
 /// Things beyond inputs that a step reads, whose content enters its cache key and that watch mode watches.

@@ -5,6 +5,7 @@ pub mod context;
 pub mod eval;
 pub mod init;
 pub mod kind;
+pub mod merge;
 pub mod pretrain;
 pub mod report;
 pub mod scale;
@@ -38,6 +39,7 @@ impl Registry {
         r.register(command::CommandStep);
         r.register(eval::EvalStep);
         r.register(report::ReportStep);
+        r.register(merge::MergeStep);
         r.register(scale::ScaleStep);
         r.register(synthetic::SyntheticStep);
         r.register(init::InitStep);

@@ -564,7 +564,22 @@ impl<'a> Loader<'a> {
         let mut steps = Vec::new();
         for (r, kind, config, json) in parsed {
             let key = format!("steps.{}", r.base);
-            for issue in kind.check(&config, &check_ctx) {
+            let counts: HashMap<String, usize> = r
+                .inputs
+                .iter()
+                .map(|(slot, refs)| {
+                    let n = refs
+                        .iter()
+                        .map(|name| points_of.get(name.get_ref()).map_or(1, Vec::len))
+                        .sum();
+                    (slot.get_ref().to_string(), n)
+                })
+                .collect();
+            let step_check = StepCheck {
+                plugins: &check_ctx,
+                input_counts: &counts,
+            };
+            for issue in kind.check(&config, &step_check) {
                 let full = join_key(&key, &issue.key);
                 let span = lookup(&r.params, &issue.key).unwrap_or(r.header.clone());
                 sink.error(span, full, issue.message);
@@ -814,6 +829,21 @@ struct PluginNames<'a>(&'a IndexMap<String, PluginSpec>);
 impl CheckContext for PluginNames<'_> {
     fn has_plugin(&self, name: &str) -> bool {
         self.0.contains_key(name)
+    }
+}
+
+/// The checks' view of one step: the workflow's plugins and how many artifacts each input slot gets.
+struct StepCheck<'a> {
+    plugins: &'a PluginNames<'a>,
+    input_counts: &'a HashMap<String, usize>,
+}
+
+impl CheckContext for StepCheck<'_> {
+    fn has_plugin(&self, name: &str) -> bool {
+        self.plugins.has_plugin(name)
+    }
+    fn input_count(&self, slot: &str) -> Option<usize> {
+        Some(self.input_counts.get(slot).copied().unwrap_or(0))
     }
 }
 

@@ -1,0 +1,452 @@
+//! The merge kernels, one tensor at a time, spread over cores in chunks: linear, SLERP, and the task-vector
+//! family (task arithmetic, TIES, DARE). Arithmetic follows mergekit 0.1.5 operation by operation, in f32,
+//! rounded once to the output dtype.
+
+use super::elements::{encode, Source};
+use super::sparsify::{self, Keep, CHUNK};
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+/// How the task-vector methods drop elements of δ = model − base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sparsification {
+    /// Keep everything (task arithmetic).
+    None,
+    /// Keep the largest |δ| (TIES).
+    Magnitude,
+    /// Keep a seeded random subset (DARE).
+    Random {
+        /// Seed of the masks.
+        seed: u64,
+    },
+}
+
+/// A task-vector merge of one tensor: `base + λ · Σ wᵢ δᵢ mᵢ [/ Σ wᵢ mᵢ]` (mergekit's
+/// `GeneralizedTaskArithmeticMerge`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskVectorPlan {
+    /// Weight of each non-base model.
+    pub weights: Vec<f32>,
+    /// Density of each non-base model (fraction kept).
+    pub densities: Vec<f64>,
+    /// How δ is sparsified.
+    pub sparsification: Sparsification,
+    /// TIES sign election (majority by sum) and disjoint mean.
+    pub consensus: bool,
+    /// Divide by the (masked) weight sum.
+    pub normalize: bool,
+    /// Rescale each sparsified δ to its original L1 norm.
+    pub rescale: bool,
+    /// Scale of the merged task vector.
+    pub lambda: f32,
+}
+
+/// What to do with one tensor. Inputs are ordered: for [`TensorPlan::TaskVector`] the base comes first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorPlan {
+    /// `Σ wᵢ xᵢ`, divided by `Σ wᵢ` when `normalize`.
+    Linear {
+        /// One weight per input.
+        weights: Vec<f32>,
+        /// Divide by the weight sum.
+        normalize: bool,
+    },
+    /// Spherical interpolation from input 0 (`t = 0`) to input 1 (`t = 1`), over the flattened tensor.
+    Slerp {
+        /// Interpolation factor.
+        t: f32,
+    },
+    /// Base (input 0) plus the merged task vectors of the other inputs.
+    TaskVector(TaskVectorPlan),
+    /// Input `i` unchanged (converted to the output dtype).
+    CopyFrom(usize),
+}
+
+/// Merges one tensor of `numel` elements from `inputs` into little-endian bytes of `out_dtype`.
+/// `name` seeds DARE masks.
+pub fn merge_tensor(
+    plan: &TensorPlan,
+    name: &str,
+    inputs: &[Source<'_>],
+    out_dtype: Dtype,
+) -> Result<Vec<u8>> {
+    let numel = inputs.first().map(Source::numel).unwrap_or(0);
+    if let Some(bad) = inputs.iter().find(|s| s.numel() != numel) {
+        bail!(
+            "tensor {name:?}: inputs have {} and {} elements",
+            numel,
+            bad.numel()
+        );
+    }
+    let out_size = out_dtype.bitsize() / 8;
+    let mut out = vec![0u8; numel * out_size];
+    match plan {
+        TensorPlan::Linear { weights, normalize } => {
+            check_count(name, "linear", weights.len(), inputs.len())?;
+            // mergekit: result = 0; result += xᵢ·wᵢ (in order); result /= Σ wᵢ.
+            let denominator: f32 = weights.iter().fold(0.0f32, |a, w| a + w);
+            for_each_chunk(
+                &mut out,
+                out_size,
+                out_dtype,
+                inputs.len(),
+                inputs,
+                |_, _, x, acc| {
+                    acc.fill(0.0);
+                    for (xi, &w) in x.iter().zip(weights) {
+                        for (a, v) in acc.iter_mut().zip(xi.iter()) {
+                            *a += v * w;
+                        }
+                    }
+                    if *normalize {
+                        acc.iter_mut().for_each(|a| *a /= denominator);
+                    }
+                },
+            );
+        }
+        TensorPlan::Slerp { t } => {
+            check_count(name, "slerp", 2, inputs.len())?;
+            let (ca, cb) = slerp_coefficients(*t, inputs, numel);
+            for_each_chunk(&mut out, out_size, out_dtype, 2, inputs, |_, _, x, acc| {
+                for ((o, a), b) in acc.iter_mut().zip(x[0].iter()).zip(x[1].iter()) {
+                    *o = ca * a + cb * b;
+                }
+            });
+        }
+        TensorPlan::TaskVector(p) => {
+            check_count(name, "task-vector", p.weights.len() + 1, inputs.len())?;
+            check_count(
+                name,
+                "task-vector density",
+                p.densities.len() + 1,
+                inputs.len(),
+            )?;
+            task_vector(p, name, inputs, numel, &mut out, out_size, out_dtype);
+        }
+        TensorPlan::CopyFrom(i) => {
+            let Some(src) = inputs.get(*i) else {
+                bail!("tensor {name:?}: copy from input {i} of {}", inputs.len())
+            };
+            let src = std::slice::from_ref(src);
+            for_each_chunk(&mut out, out_size, out_dtype, 1, src, |_, _, x, acc| {
+                acc.copy_from_slice(&x[0])
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn check_count(name: &str, what: &str, expected: usize, got: usize) -> Result<()> {
+    if expected != got {
+        bail!("tensor {name:?}: {what} plan expects {expected} inputs, got {got}");
+    }
+    Ok(())
+}
+
+/// Runs `f(chunk index, first element, decoded inputs (scratch: `f` may overwrite them), result)` over the
+/// tensor in parallel chunks and encodes each chunk's result into `out`.
+fn for_each_chunk<F>(
+    out: &mut [u8],
+    out_size: usize,
+    out_dtype: Dtype,
+    n: usize,
+    inputs: &[Source<'_>],
+    f: F,
+) where
+    F: Fn(usize, usize, &mut [Vec<f32>], &mut [f32]) + Sync,
+{
+    out.par_chunks_mut(CHUNK * out_size)
+        .enumerate()
+        .for_each_init(
+            || (vec![vec![0f32; CHUNK]; n], vec![0f32; CHUNK]),
+            |(x, acc), (c, out_chunk)| {
+                let len = out_chunk.len() / out_size;
+                let start = c * CHUNK;
+                for (buf, src) in x.iter_mut().zip(inputs) {
+                    buf.resize(len, 0.0);
+                    src.decode(start, buf);
+                }
+                acc.resize(len, 0.0);
+                f(c, start, x, acc);
+                encode(acc, out_dtype, out_chunk);
+            },
+        );
+}
+
+/// mergekit's SLERP coefficients `(coef_a, coef_b)` for the whole tensor: norms and the normalised dot
+/// product (accumulated here in f64), then θ and the sines in f32; plain lerp when |cos θ| > 0.9995.
+pub fn slerp_coefficients(t: f32, inputs: &[Source<'_>], numel: usize) -> (f32, f32) {
+    let (aa, bb, ab) = (0..numel.div_ceil(CHUNK))
+        .into_par_iter()
+        .map_init(
+            || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
+            |(a, b), c| {
+                let len = CHUNK.min(numel - c * CHUNK);
+                inputs[0].decode(c * CHUNK, &mut a[..len]);
+                inputs[1].decode(c * CHUNK, &mut b[..len]);
+                let mut sums = (0f64, 0f64, 0f64);
+                for (&x, &y) in a[..len].iter().zip(&b[..len]) {
+                    let (x, y) = (x as f64, y as f64);
+                    sums.0 += x * x;
+                    sums.1 += y * y;
+                    sums.2 += x * y;
+                }
+                sums
+            },
+        )
+        .reduce(|| (0.0, 0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1, p.2 + q.2));
+    const EPS: f64 = 1e-8;
+    let norm_a = (aa.sqrt() as f32) as f64;
+    let norm_b = (bb.sqrt() as f32) as f64;
+    let norm_a = if norm_a > EPS { norm_a } else { 1.0 };
+    let norm_b = if norm_b > EPS { norm_b } else { 1.0 };
+    let dot = ((ab / (norm_a * norm_b)) as f32).clamp(-1.0, 1.0);
+    if dot.abs() > 0.9995f32 {
+        return (1.0 - t, t);
+    }
+    let theta = dot.acos();
+    let sin_theta = theta.sin();
+    (
+        ((1.0 - t) * theta).sin() / sin_theta,
+        (t * theta).sin() / sin_theta,
+    )
+}
+
+fn task_vector(
+    p: &TaskVectorPlan,
+    name: &str,
+    inputs: &[Source<'_>],
+    numel: usize,
+    out: &mut [u8],
+    out_size: usize,
+    out_dtype: Dtype,
+) {
+    let models = p.weights.len();
+    // |δ| bit patterns of one chunk, decoded in stack-sized blocks (no allocation per chunk).
+    let delta_chunk = |i: usize, c: usize, out: &mut [u32]| {
+        const BLOCK: usize = 1024;
+        let (mut b, mut x) = ([0f32; BLOCK], [0f32; BLOCK]);
+        for (k, block) in out.chunks_mut(BLOCK).enumerate() {
+            let start = c * CHUNK + k * BLOCK;
+            let len = block.len();
+            inputs[0].decode(start, &mut b[..len]);
+            inputs[i + 1].decode(start, &mut x[..len]);
+            for ((o, xv), bv) in block.iter_mut().zip(&x[..len]).zip(&b[..len]) {
+                *o = (xv - bv).abs().to_bits();
+            }
+        }
+    };
+    let keeps: Vec<Keep> = (0..models)
+        .map(|i| {
+            let density = p.densities[i];
+            match p.sparsification {
+                Sparsification::None => Keep::All,
+                _ if density >= 1.0 => Keep::All,
+                Sparsification::Magnitude if density <= 0.0 => Keep::Nothing,
+                Sparsification::Magnitude => {
+                    sparsify::top_k(numel, sparsify::magnitude_count(density, numel), |c, o| {
+                        delta_chunk(i, c, o)
+                    })
+                }
+                Sparsification::Random { seed } => Keep::Random {
+                    key: sparsify::random_key(seed, i, name),
+                    density,
+                },
+            }
+        })
+        .collect();
+    // L1 rescale (mergekit's `rescaled_masked_tensor`): masked · (Σ|δ| / Σ|δ·m|), skipped below 1e-7.
+    let scales: Vec<Option<f32>> = if p.rescale {
+        let sums: Vec<(f64, f64)> = (0..numel.div_ceil(CHUNK))
+            .into_par_iter()
+            .map_init(
+                || (vec![0f32; CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK]),
+                |(b, x, m), c| {
+                    let len = CHUNK.min(numel - c * CHUNK);
+                    inputs[0].decode(c * CHUNK, &mut b[..len]);
+                    let mut sums = vec![(0f64, 0f64); models];
+                    for (i, sum) in sums.iter_mut().enumerate() {
+                        inputs[i + 1].decode(c * CHUNK, &mut x[..len]);
+                        x[..len]
+                            .iter_mut()
+                            .zip(&b[..len])
+                            .for_each(|(xv, bv)| *xv -= bv);
+                        keeps[i].mask_chunk(c, &x[..len], &mut m[..len]);
+                        for (d, k) in x[..len].iter().zip(&m[..len]) {
+                            sum.0 += d.abs() as f64;
+                            sum.1 += (d * k).abs() as f64;
+                        }
+                    }
+                    sums
+                },
+            )
+            .reduce(
+                || vec![(0.0, 0.0); models],
+                |a, b| {
+                    a.iter()
+                        .zip(&b)
+                        .map(|(x, y)| (x.0 + y.0, x.1 + y.1))
+                        .collect()
+                },
+            );
+        sums.iter()
+            .zip(&keeps)
+            .map(|(&(before, after), keep)| {
+                let (before, after) = (before as f32, after as f32);
+                (*keep != Keep::All && before >= 1e-7 && after >= 1e-7).then(|| before / after)
+            })
+            .collect()
+    } else {
+        vec![None; models]
+    };
+    let weights = &p.weights;
+    let weight_sum = weights.iter().fold(0.0f32, |a, w| a + w);
+    for_each_chunk(
+        out,
+        out_size,
+        out_dtype,
+        models + 1,
+        inputs,
+        |c, _start, x, acc| {
+            // Structure of arrays, one branch-free pass at a time, so the compiler vectorises each.
+            let (base, models_x) = x.split_first_mut().expect("base input");
+            let base = &base[..];
+            let mut mask = vec![0f32; acc.len()];
+            for (i, d) in models_x.iter_mut().enumerate() {
+                d.iter_mut().zip(base).for_each(|(xv, bv)| *xv -= bv);
+                keeps[i].mask_chunk(c, d, &mut mask);
+                // mergekit: δ·mask, then · rescale, then · weight (each rounded in f32).
+                let w = weights[i];
+                match scales[i] {
+                    Some(s) => d
+                        .iter_mut()
+                        .zip(&mask)
+                        .for_each(|(v, m)| *v = *v * m * s * w),
+                    None => d.iter_mut().zip(&mask).for_each(|(v, m)| *v = *v * m * w),
+                }
+            }
+            // acc = Σ wᵢ δᵢ mᵢ (mixed), mask = divisor.
+            acc.fill(0.0);
+            if p.consensus {
+                // Majority sign by sum (≥ 0 → +), then keep the contributions of that sign.
+                mask.fill(0.0);
+                for dw in models_x.iter() {
+                    acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
+                }
+                let majority: Vec<f32> = acc
+                    .iter()
+                    .map(|t| if *t >= 0.0 { 1.0 } else { -1.0 })
+                    .collect();
+                acc.fill(0.0);
+                for (dw, w) in models_x.iter().zip(weights) {
+                    for (((a, dv), s), m) in acc
+                        .iter_mut()
+                        .zip(dw.iter())
+                        .zip(&majority)
+                        .zip(mask.iter_mut())
+                    {
+                        // Same sign as the majority (±1) and non-zero; NaN never agrees.
+                        let agrees = (dv * s > 0.0) as u8 as f32;
+                        *a += dv * agrees;
+                        *m += w * agrees;
+                    }
+                }
+                mask.iter_mut().for_each(|m| {
+                    if *m == 0.0 {
+                        *m = 1.0
+                    }
+                });
+            } else {
+                for dw in models_x.iter() {
+                    acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
+                }
+                mask.fill(if weight_sum.abs() < 1e-8 {
+                    1.0
+                } else {
+                    weight_sum
+                });
+            }
+            if p.normalize {
+                acc.iter_mut().zip(&mask).for_each(|(a, m)| *a /= m);
+            }
+            if p.lambda != 1.0 {
+                acc.iter_mut().for_each(|a| *a *= p.lambda);
+            }
+            acc.iter_mut().zip(base).for_each(|(a, b)| *a += b);
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+    fn floats(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+    fn src(b: &[u8]) -> Source<'_> {
+        Source {
+            bytes: b,
+            dtype: Dtype::F32,
+        }
+    }
+
+    #[test]
+    fn ties_elects_signs_and_takes_the_disjoint_mean() {
+        let base = bytes(&[0.0, 0.0, 0.0, 1.0]);
+        let a = bytes(&[1.0, -2.0, 0.5, 1.0]);
+        let b = bytes(&[3.0, 1.0, -0.25, 1.0]);
+        let plan = TensorPlan::TaskVector(TaskVectorPlan {
+            weights: vec![1.0, 1.0],
+            densities: vec![1.0, 1.0],
+            sparsification: Sparsification::Magnitude,
+            consensus: true,
+            normalize: true,
+            rescale: false,
+            lambda: 1.0,
+        });
+        let out = merge_tensor(&plan, "w", &[src(&base), src(&a), src(&b)], Dtype::F32).unwrap();
+        // element 0: both +, mean 2; element 1: sum -1 → only a (-2); element 2: sum 0.25 ≥ 0 → a (0.5);
+        // element 3: both δ = 0 → base.
+        assert_eq!(floats(&out), vec![2.0, -2.0, 0.5, 1.0]);
+    }
+
+    #[test]
+    fn slerp_ends_and_orthogonal_midpoint() {
+        let a = bytes(&[1.0, 0.0]);
+        let b = bytes(&[0.0, 1.0]);
+        let at = |t| {
+            floats(
+                &merge_tensor(
+                    &TensorPlan::Slerp { t },
+                    "w",
+                    &[src(&a), src(&b)],
+                    Dtype::F32,
+                )
+                .unwrap(),
+            )
+        };
+        assert_eq!(at(0.0), vec![1.0, 0.0]);
+        let mid = at(0.5);
+        assert!(
+            (mid[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6
+                && (mid[1] - mid[0]).abs() < 1e-7
+        );
+        // Collinear: lerp.
+        let c = bytes(&[2.0, 0.0]);
+        let lerp = merge_tensor(
+            &TensorPlan::Slerp { t: 0.25 },
+            "w",
+            &[src(&a), src(&c)],
+            Dtype::F32,
+        )
+        .unwrap();
+        assert_eq!(floats(&lerp), vec![1.25, 0.0]);
+    }
+}

@@ -1,0 +1,370 @@
+//! Running a merge: open the inputs as memory maps, check they fit together (names, shapes), then compute
+//! tensors in output order on a worker thread (each one spread over the cores) while the writer streams
+//! the previous one to disk. At most three output tensors exist at once.
+
+use super::elements::{element_size, is_float, Source};
+use super::methods::merge_tensor;
+use super::params::{layer_index, TensorPosition};
+use super::plan::{input_order, MethodPlanner, TensorDescription, TensorPlanner};
+use super::plugin_rule::PluginPlanner;
+use super::MergeConfig;
+use crate::model::checkpoint_writer::{canonical_order, plan_shards};
+use crate::model::{write_checkpoint, ShardOptions, TensorSpec, TensorStore};
+use crate::steps::context::{Cancelled, StepContext};
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::ProgressBar;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+/// Files copied from the donor model (the base, else the first listed model) when present.
+pub const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+];
+
+/// One input model: a display name and its folder (or safetensors file).
+#[derive(Debug, Clone)]
+pub struct NamedModel {
+    /// Name used in messages (the workflow reference).
+    pub name: String,
+    /// Model folder.
+    pub path: PathBuf,
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone)]
+pub struct MergeSummary {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Safetensors files written.
+    pub files: Vec<String>,
+}
+
+/// Runs a merge step.
+pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
+    let named = |slot: &str| -> Vec<NamedModel> {
+        ctx.inputs_of(slot)
+            .iter()
+            .map(|a| NamedModel {
+                name: a.name.clone(),
+                path: a.path.clone(),
+            })
+            .collect()
+    };
+    let models = named("models");
+    let base = named("base").into_iter().next();
+    let cancelled = || ctx.is_cancelled();
+    if let Some(name) = &c.plugin {
+        let spec = ctx
+            .plugins
+            .get(name)
+            .ok_or_else(|| anyhow!("plugin `{name}` is not declared in [plugins]"))?;
+        let params = c
+            .plugin_params
+            .clone()
+            .unwrap_or(serde_json::Value::Object(Default::default()));
+        let mut planner = PluginPlanner::start(name, spec, &params.to_string())?;
+        // The plugin sees every input, base first.
+        let order: Vec<usize> = (0..models.len() + base.is_some() as usize).collect();
+        merge_with(
+            &mut planner,
+            &order,
+            c,
+            &models,
+            base.as_ref(),
+            &ctx.out_dir,
+            &ctx.progress,
+            &cancelled,
+        )?;
+        return Ok(());
+    }
+    merge(
+        c,
+        &models,
+        base.as_ref(),
+        ctx.settings.seed,
+        &ctx.out_dir,
+        &ctx.progress,
+        &cancelled,
+    )?;
+    Ok(())
+}
+
+/// Merges `models` (and `base`) into the existing folder `out_dir` as `config` says. `default_seed` seeds
+/// DARE when the config has no `seed`; `cancelled` is polled between tensors.
+pub fn merge(
+    config: &MergeConfig,
+    models: &[NamedModel],
+    base: Option<&NamedModel>,
+    default_seed: u64,
+    out_dir: &Path,
+    progress: &ProgressBar,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<MergeSummary> {
+    let Some(method) = config.method else {
+        bail!("merge-rule plugins are not available in this build yet (set `method`)");
+    };
+    let mut planner = MethodPlanner::new(config, method, models.len(), default_seed);
+    let order = input_order(Some(method), models.len(), base.is_some());
+    merge_with(
+        &mut planner,
+        &order,
+        config,
+        models,
+        base,
+        out_dir,
+        progress,
+        cancelled,
+    )
+}
+
+/// Like [`merge`], with tensors planned by `planner`, which reads the inputs at positions `order` of
+/// `base` ++ `models`.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_with(
+    planner: &mut dyn TensorPlanner,
+    order: &[usize],
+    config: &MergeConfig,
+    models: &[NamedModel],
+    base: Option<&NamedModel>,
+    out_dir: &Path,
+    progress: &ProgressBar,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<MergeSummary> {
+    let inputs: Vec<&NamedModel> = base.into_iter().chain(models).collect();
+    if inputs.is_empty() {
+        bail!("merge has no input models");
+    }
+    let stores = inputs
+        .iter()
+        .map(|m| TensorStore::open(&m.path).with_context(|| format!("opening model `{}`", m.name)))
+        .collect::<Result<Vec<_>>>()?;
+    let names = check_compatible(&inputs, &stores)?;
+    let reference = &stores[0];
+    let num_layers = names
+        .iter()
+        .filter_map(|n| layer_index(n))
+        .max()
+        .map_or(0, |m| m + 1);
+
+    let mut specs = Vec::with_capacity(names.len());
+    for name in &names {
+        let meta = reference.meta(name)?;
+        let dtype = match config.dtype {
+            Some(d) if is_float(meta.dtype) => d.safetensors(),
+            _ => meta.dtype,
+        };
+        specs.push(TensorSpec::new(name.clone(), dtype, meta.shape.to_vec()));
+    }
+    let shard = ShardOptions {
+        max_shard_bytes: config
+            .shard_size
+            .as_ref()
+            .map(|s| s.bytes().map_err(|e| anyhow!("shard_size: {e}")))
+            .transpose()?,
+    };
+    // The writer asks for tensors shard by shard, each shard in canonical order: compute in that order.
+    let write_order: Vec<TensorSpec> = plan_shards(&specs, shard)
+        .into_iter()
+        .flat_map(|mut s| {
+            canonical_order(&mut s);
+            s
+        })
+        .collect();
+
+    let mut compute = |spec: &TensorSpec| -> Result<Vec<u8>> {
+        let name = spec.name.as_str();
+        let meta = reference.meta(name)?;
+        if !is_float(meta.dtype) {
+            let bytes = reference.bytes(name)?;
+            let copy = bytes.to_vec();
+            release_pages(bytes);
+            return Ok(copy);
+        }
+        let sources = order
+            .iter()
+            .map(|&i| {
+                let meta = stores[i].meta(name)?;
+                element_size(meta.dtype)
+                    .with_context(|| format!("tensor {name:?} in model `{}`", inputs[i].name))?;
+                Ok(Source {
+                    bytes: stores[i].bytes(name)?,
+                    dtype: meta.dtype,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tensor = TensorDescription {
+            name,
+            shape: meta.shape,
+            dtype: meta.dtype,
+            layer: layer_index(name),
+            num_layers,
+            position: TensorPosition::of(name, num_layers),
+        };
+        let merged = match planner.plan(&tensor, &sources)? {
+            Some(plan) => merge_tensor(&plan, name, &sources, spec.dtype),
+            None => planner.merge_values(&tensor, &sources, spec.dtype),
+        }
+        .with_context(|| format!("merging tensor {name:?} ({})", planner.describe()));
+        sources.iter().for_each(|s| release_pages(s.bytes));
+        merged
+    };
+
+    progress.set_length(specs.len() as u64);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+    let written = std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for spec in &write_order {
+                let result = if cancelled() {
+                    Err(anyhow!(Cancelled))
+                } else {
+                    compute(spec)
+                };
+                let failed = result.is_err();
+                if tx.send(result).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        write_checkpoint(out_dir, &specs, shard, |_spec| {
+            let bytes = rx.recv().map_err(|_| anyhow!("merge worker stopped"))??;
+            progress.inc(1);
+            Ok(Cow::Owned(bytes))
+        })
+    })?;
+
+    copy_side_files(&inputs[0].path, out_dir, config)?;
+    Ok(MergeSummary {
+        tensors: specs.len(),
+        bytes: written.total_size,
+        files: written.files,
+    })
+}
+
+/// Checks that every input has the same tensor names and shapes as the first; returns the names in model
+/// order (embeddings, layers by number, then the rest).
+pub fn check_compatible(inputs: &[&NamedModel], stores: &[TensorStore]) -> Result<Vec<String>> {
+    let reference = &stores[0];
+    for (model, store) in inputs.iter().zip(stores).skip(1) {
+        for meta in reference.metas() {
+            let Some(other) = store.get(meta.name) else {
+                bail!(
+                    "tensor {:?} is in model `{}` ({}) but not in model `{}` ({})",
+                    meta.name,
+                    inputs[0].name,
+                    inputs[0].path.display(),
+                    model.name,
+                    model.path.display()
+                );
+            };
+            if other.shape != meta.shape {
+                let hint = if meta.name.contains("embed") || meta.name.contains("lm_head") {
+                    " (different vocabularies? merge models that share a tokenizer)"
+                } else {
+                    ""
+                };
+                bail!(
+                    "tensor {:?} has shape {:?} in model `{}` but {:?} in model `{}`{hint}",
+                    meta.name,
+                    meta.shape,
+                    inputs[0].name,
+                    other.shape,
+                    model.name
+                );
+            }
+        }
+        if let Some(extra) = store.names().find(|n| !reference.contains(n)) {
+            bail!(
+                "tensor {extra:?} is in model `{}` but not in model `{}`",
+                model.name,
+                inputs[0].name
+            );
+        }
+    }
+    let mut names: Vec<String> = reference.names().map(str::to_string).collect();
+    names.sort_by_key(|n| model_order_key(n));
+    Ok(names)
+}
+
+/// Sort key keeping a checkpoint's natural order: embeddings, then layers by number, then the rest.
+fn model_order_key(name: &str) -> (u8, usize, String) {
+    match layer_index(name) {
+        Some(i) => (1, i, name.to_string()),
+        None if name.contains("embed") => (0, 0, name.to_string()),
+        None => (2, 0, name.to_string()),
+    }
+}
+
+/// Copies the donor's config and tokenizer files; sets `torch_dtype` when the output dtype is forced.
+fn copy_side_files(donor: &Path, out_dir: &Path, config: &MergeConfig) -> Result<()> {
+    let donor_dir = if donor.is_dir() {
+        donor.to_path_buf()
+    } else {
+        donor.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    for file in SIDE_FILES {
+        let src = donor_dir.join(file);
+        if !src.is_file() {
+            continue;
+        }
+        let dst = out_dir.join(file);
+        if *file == "config.json" {
+            if let Some(dtype) = config.dtype {
+                let text = std::fs::read_to_string(&src)
+                    .with_context(|| format!("reading {}", src.display()))?;
+                let mut json: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid JSON", src.display()))?;
+                if let Some(obj) = json.as_object_mut() {
+                    // transformers ≥ 5 writes `dtype`, older versions `torch_dtype`: update what is there.
+                    let keys: Vec<&str> = ["dtype", "torch_dtype"]
+                        .into_iter()
+                        .filter(|k| obj.contains_key(*k))
+                        .collect();
+                    for key in if keys.is_empty() { vec!["dtype"] } else { keys } {
+                        obj.insert(
+                            key.to_string(),
+                            serde_json::Value::String(dtype.torch_name().into()),
+                        );
+                    }
+                }
+                std::fs::write(&dst, serde_json::to_string_pretty(&json)? + "\n")
+                    .with_context(|| format!("writing {}", dst.display()))?;
+                continue;
+            }
+        }
+        std::fs::copy(&src, &dst)
+            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    }
+    Ok(())
+}
+
+/// Drops the pages of `bytes` — a slice of a read-only file mapping, no longer needed — from this process's
+/// resident set, so reading whole models does not grow the RSS by their size. The data stays in the page
+/// cache (a later read faults it back in). Only whole pages inside the slice are dropped.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside a live read-only shared file mapping (TensorStore's); for such
+            // a mapping MADV_DONTNEED only unmaps the pages from this process, and a later access reads the
+            // same file contents again. Nothing is freed or modified.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
