@@ -13,20 +13,40 @@ use std::time::Instant;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    ensure!(args.len() == 6, "usage: bench_train MODEL_DIR TOKENS_FILE BATCH SEQ STEPS WARMUP");
-    let num = |i: usize| -> Result<usize> { args[i].parse().with_context(|| format!("argument {}", i + 1)) };
+    ensure!(
+        args.len() == 6,
+        "usage: bench_train MODEL_DIR TOKENS_FILE BATCH SEQ STEPS WARMUP"
+    );
+    let num = |i: usize| -> Result<usize> {
+        args[i]
+            .parse()
+            .with_context(|| format!("argument {}", i + 1))
+    };
     let (batch, seq, steps, warmup) = (num(2)?, num(3)?, num(4)?, num(5)?);
     let bytes = std::fs::read(&args[1]).with_context(|| format!("reading {}", args[1]))?;
-    let ids: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    let ids: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     let total = steps + warmup;
     ensure!(ids.len() >= batch * seq * total, "not enough tokens");
     let rows: Vec<TrainSequence> = ids[..batch * seq * total]
         .chunks_exact(seq)
-        .map(|r| TrainSequence { ids: r.to_vec(), learn: vec![true; seq], doc_ids: None })
+        .map(|r| TrainSequence {
+            ids: r.to_vec(),
+            learn: vec![true; seq],
+            doc_ids: None,
+        })
         .collect();
 
-    let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let (model, mut opt) = load_for_training(args[0].as_ref(), ComputeDType::F32, adamw, &Device::Cpu)?;
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let (model, mut opt) =
+        load_for_training(args[0].as_ref(), ComputeDType::F32, adamw, &Device::Cpu)?;
     let opts = TrainOptions {
         lr: 1e-4,
         schedule: ScheduleKind::Constant,

@@ -3,29 +3,40 @@
 //! NaN stops with the step number.
 
 use candle_core::{DType, Device, Tensor, Var};
-use dusflow::data::{pack_documents, sft_segments, tokenize_document, tokenize_segments, Example, TrainSequence};
+use dusflow::data::{
+    pack_documents, sft_segments, tokenize_document, tokenize_segments, Example, TrainSequence,
+};
 use dusflow::model::{init_trainable, save_model, LlamaConfig, SaveOptions, Tokenizer};
 use dusflow::train::job::load_for_training;
 use dusflow::train::{
-    build_micro_batch, clip_gradients, global_norm, set_master, train, weighted_nll_sum, AdamW, AdamWConfig,
-    ComputeDType, LrSchedule, ScheduleKind, StepMetrics, TrainOptions,
+    build_micro_batch, clip_gradients, global_norm, set_master, train, weighted_nll_sum, AdamW,
+    AdamWConfig, ComputeDType, LrSchedule, ScheduleKind, StepMetrics, TrainOptions,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/train")
+        .join(name);
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
     }
 }
 
@@ -47,7 +58,11 @@ fn adamw_matches_torch(fused: bool) {
         eps: f["eps"].as_f64().unwrap(),
         weight_decay: f["weight_decay"].as_f64().unwrap(),
     };
-    let mut opt = AdamW::new(vec![("b".into(), b.clone()), ("w".into(), w.clone())], config).unwrap();
+    let mut opt = AdamW::new(
+        vec![("b".into(), b.clone()), ("w".into(), w.clone())],
+        config,
+    )
+    .unwrap();
     opt.fused = fused;
     let grads_of = |g: &Value| {
         vec![
@@ -55,20 +70,49 @@ fn adamw_matches_torch(fused: bool) {
             Tensor::from_vec(floats(&g["w"]), (4, 3), &dev).unwrap(),
         ]
     };
-    for (i, (g, lr)) in f["grads"].as_array().unwrap().iter().zip(floats(&f["lrs"])).enumerate() {
+    for (i, (g, lr)) in f["grads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(floats(&f["lrs"]))
+        .enumerate()
+    {
         opt.step(&grads_of(g), lr as f64).unwrap();
         let after = &f["after"][i];
-        let got_w = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got_w = w
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
-        assert_close(&got_w, &floats(&after["w"]), 1e-6, &format!("w after step {} (fused {fused})", i + 1));
-        assert_close(&got_b, &floats(&after["b"]), 1e-6, &format!("b after step {}", i + 1));
+        assert_close(
+            &got_w,
+            &floats(&after["w"]),
+            1e-6,
+            &format!("w after step {} (fused {fused})", i + 1),
+        );
+        assert_close(
+            &got_b,
+            &floats(&after["b"]),
+            1e-6,
+            &format!("b after step {}", i + 1),
+        );
     }
 
     let mut grads = grads_of(&f["grads"][0]);
     let norm = global_norm(&grads).unwrap();
-    assert!((norm - f["clip"]["norm"].as_f64().unwrap()).abs() < 1e-5, "{norm}");
+    assert!(
+        (norm - f["clip"]["norm"].as_f64().unwrap()).abs() < 1e-5,
+        "{norm}"
+    );
     clip_gradients(&mut grads, norm, f["clip"]["max_norm"].as_f64().unwrap()).unwrap();
-    assert_close(&grads[0].to_vec1::<f32>().unwrap(), &floats(&f["clip"]["b"]), 1e-6, "clipped b");
+    assert_close(
+        &grads[0].to_vec1::<f32>().unwrap(),
+        &floats(&f["clip"]["b"]),
+        1e-6,
+        "clipped b",
+    );
     assert_close(
         &grads[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         &floats(&f["clip"]["w"]),
@@ -80,14 +124,28 @@ fn adamw_matches_torch(fused: bool) {
 #[test]
 fn schedules_match_transformers() {
     let f = fixture("schedules.json");
-    let (warmup, total) = (f["warmup"].as_u64().unwrap() as usize, f["total"].as_u64().unwrap() as usize);
-    for (name, kind) in
-        [("cosine", ScheduleKind::Cosine), ("linear", ScheduleKind::Linear), ("constant", ScheduleKind::Constant)]
-    {
-        let s = LrSchedule { lr: 1.0, kind, warmup, total };
+    let (warmup, total) = (
+        f["warmup"].as_u64().unwrap() as usize,
+        f["total"].as_u64().unwrap() as usize,
+    );
+    for (name, kind) in [
+        ("cosine", ScheduleKind::Cosine),
+        ("linear", ScheduleKind::Linear),
+        ("constant", ScheduleKind::Constant),
+    ] {
+        let s = LrSchedule {
+            lr: 1.0,
+            kind,
+            warmup,
+            total,
+        };
         for (i, want) in f[name].as_array().unwrap().iter().enumerate() {
             let want = want.as_f64().unwrap();
-            assert!((s.factor(i) - want).abs() < 1e-12, "{name} step {i}: {} vs {want}", s.factor(i));
+            assert!(
+                (s.factor(i) - want).abs() < 1e-12,
+                "{name} step {i}: {} vs {want}",
+                s.factor(i)
+            );
         }
     }
 }
@@ -121,7 +179,13 @@ fn options(total: usize, micro_batch: usize, grad_accum: usize) -> TrainOptions 
 fn text_rows(n_docs: usize, block: usize) -> Vec<TrainSequence> {
     let tok = Tokenizer::byte_level();
     let docs: Vec<Vec<u32>> = (0..n_docs)
-        .map(|i| tokenize_document(&tok, &format!("{} plus {} is {}. ", i % 7, i % 5, i % 7 + i % 5)).unwrap())
+        .map(|i| {
+            tokenize_document(
+                &tok,
+                &format!("{} plus {} is {}. ", i % 7, i % 5, i % 7 + i % 5),
+            )
+            .unwrap()
+        })
         .collect();
     pack_documents(&docs, block, false)
 }
@@ -132,7 +196,11 @@ fn sft_rows(n: usize) -> Vec<TrainSequence> {
         .map(|i| {
             let e = Example::Alpaca {
                 instruction: format!("Add {i} and {}.", i * 3 % 11),
-                input: if i % 2 == 0 { String::new() } else { "quickly".into() },
+                input: if i % 2 == 0 {
+                    String::new()
+                } else {
+                    "quickly".into()
+                },
                 output: format!("{}", i + i * 3 % 11),
             };
             tokenize_segments(&tok, &sft_segments(&e).unwrap(), 400).unwrap()
@@ -145,20 +213,43 @@ fn never(_: &StepMetrics, _: usize) -> anyhow::Result<()> {
 }
 
 fn masters(opt: &AdamW) -> Vec<Vec<f32>> {
-    opt.params.iter().map(|p| p.master.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    opt.params
+        .iter()
+        .map(|p| p.master.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
 #[test]
 fn loss_falls_on_a_tiny_model() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = tiny_model(dir.path());
-    let (model, mut opt) =
-        load_for_training(&model_dir, ComputeDType::F32, AdamWConfig::default(), &Device::Cpu).unwrap();
+    let (model, mut opt) = load_for_training(
+        &model_dir,
+        ComputeDType::F32,
+        AdamWConfig::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let rows = text_rows(120, 32);
-    let summary = train(&model, &mut opt, &rows, &options(40, 8, 1), &dir.path().join("work"), &mut never).unwrap();
+    let summary = train(
+        &model,
+        &mut opt,
+        &rows,
+        &options(40, 8, 1),
+        &dir.path().join("work"),
+        &mut never,
+    )
+    .unwrap();
     let first = summary.history[0].loss;
-    assert!((first - (259f64).ln()).abs() < 0.3, "initial loss {first} should be near ln(vocab)");
-    assert!(summary.final_loss < 0.6 * first, "loss {first} -> {}", summary.final_loss);
+    assert!(
+        (first - (259f64).ln()).abs() < 0.3,
+        "initial loss {first} should be near ln(vocab)"
+    );
+    assert!(
+        summary.final_loss < 0.6 * first,
+        "loss {first} -> {}",
+        summary.final_loss
+    );
     let lines = std::fs::read_to_string(dir.path().join("work/metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 40);
 }
@@ -166,19 +257,38 @@ fn loss_falls_on_a_tiny_model() {
 #[test]
 fn prompt_tokens_contribute_no_gradient_in_sft() {
     let tok = Tokenizer::byte_level();
-    let e = Example::Alpaca { instruction: "Add 2 and 3.".into(), input: String::new(), output: "5".into() };
+    let e = Example::Alpaca {
+        instruction: "Add 2 and 3.".into(),
+        input: String::new(),
+        output: "5".into(),
+    };
     let row = tokenize_segments(&tok, &sft_segments(&e).unwrap(), 512).unwrap();
     let prompt_len = dusflow::data::alpaca_prompt("Add 2 and 3.", "").len() + 1; // + BOS
     assert_eq!(row.ids.len(), prompt_len + 2, "prompt, '5', EOS");
-    assert!(row.learn[..prompt_len].iter().all(|l| !l) && row.learn[prompt_len..].iter().all(|l| *l));
+    assert!(
+        row.learn[..prompt_len].iter().all(|l| !l) && row.learn[prompt_len..].iter().all(|l| *l)
+    );
 
     let batch = build_micro_batch(&[&row], 0, &Device::Cpu).unwrap();
     assert_eq!(batch.target_count, 2);
     let seq = row.ids.len();
-    let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, seq, 259), &Device::Cpu).unwrap()).unwrap();
+    let logits =
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, seq, 259), &Device::Cpu).unwrap()).unwrap();
     let loss = weighted_nll_sum(logits.as_tensor(), &batch.targets, &batch.weights).unwrap();
-    let grad = loss.backward().unwrap().get(logits.as_tensor()).unwrap().squeeze(0).unwrap();
-    let per_position = grad.abs().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(logits.as_tensor())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let per_position = grad
+        .abs()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for (i, g) in per_position.iter().enumerate() {
         // Position i predicts token i + 1: only the last two targets ('5' and EOS) are learned.
         let learned = i + 1 >= prompt_len && i + 1 < seq;
@@ -192,16 +302,34 @@ fn batch_of_8_equals_2_accumulated_batches_of_4() {
     let model_dir = tiny_model(dir.path());
     let rows = sft_rows(16);
     let run = |mb: usize, acc: usize, work: &str| {
-        let (model, mut opt) =
-            load_for_training(&model_dir, ComputeDType::F32, AdamWConfig::default(), &Device::Cpu).unwrap();
-        let s = train(&model, &mut opt, &rows, &options(2, mb, acc), &dir.path().join(work), &mut never).unwrap();
+        let (model, mut opt) = load_for_training(
+            &model_dir,
+            ComputeDType::F32,
+            AdamWConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let s = train(
+            &model,
+            &mut opt,
+            &rows,
+            &options(2, mb, acc),
+            &dir.path().join(work),
+            &mut never,
+        )
+        .unwrap();
         (masters(&opt), s.history)
     };
     let (big, h1) = run(8, 1, "a");
     let (acc, h2) = run(4, 2, "b");
     for (x, y) in h1.iter().zip(&h2) {
         assert!((x.loss - y.loss).abs() < 1e-5, "{} vs {}", x.loss, y.loss);
-        assert!((x.grad_norm - y.grad_norm).abs() < 1e-4 * x.grad_norm, "{} vs {}", x.grad_norm, y.grad_norm);
+        assert!(
+            (x.grad_norm - y.grad_norm).abs() < 1e-4 * x.grad_norm,
+            "{} vs {}",
+            x.grad_norm,
+            y.grad_norm
+        );
     }
     for (a, b) in big.iter().zip(&acc) {
         assert_close(a, b, 1e-5, "weights");
@@ -217,23 +345,48 @@ fn resume_after_a_crash_ends_with_the_same_weights() {
     let rows = sft_rows(12);
     let mut opts = options(6, 4, 1);
     opts.checkpoint_every = 2;
-    let fresh = || load_for_training(&model_dir, ComputeDType::F32, AdamWConfig::default(), &Device::Cpu).unwrap();
+    let fresh = || {
+        load_for_training(
+            &model_dir,
+            ComputeDType::F32,
+            AdamWConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
 
     let (model, mut opt) = fresh();
-    train(&model, &mut opt, &rows, &opts, &dir.path().join("straight"), &mut never).unwrap();
+    train(
+        &model,
+        &mut opt,
+        &rows,
+        &opts,
+        &dir.path().join("straight"),
+        &mut never,
+    )
+    .unwrap();
     let want = masters(&opt);
 
     let work = dir.path().join("crashy");
     let (model, mut opt) = fresh();
-    let mut crash_at_3 =
-        |m: &StepMetrics, _: usize| if m.step == 3 { anyhow::bail!("simulated crash") } else { Ok(()) };
+    let mut crash_at_3 = |m: &StepMetrics, _: usize| {
+        if m.step == 3 {
+            anyhow::bail!("simulated crash")
+        } else {
+            Ok(())
+        }
+    };
     assert!(train(&model, &mut opt, &rows, &opts, &work, &mut crash_at_3).is_err());
     assert!(work.join("checkpoints/step-00000002").is_dir());
 
     let (model, mut opt) = fresh();
     let summary = train(&model, &mut opt, &rows, &opts, &work, &mut never).unwrap();
     assert_eq!(summary.resumed_from, 2);
-    assert_eq!(masters(&opt), want, "bitwise equal to the uninterrupted run");
+    assert_eq!(
+        masters(&opt),
+        want,
+        "bitwise equal to the uninterrupted run"
+    );
     let steps: Vec<usize> = std::fs::read_to_string(work.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -246,26 +399,51 @@ fn resume_after_a_crash_ends_with_the_same_weights() {
     other.lr = 1e-3;
     std::fs::remove_dir_all(work.join("checkpoints")).unwrap();
     let (model, mut opt) = fresh();
-    let mut crash_at_3 =
-        |m: &StepMetrics, _: usize| if m.step == 3 { anyhow::bail!("simulated crash") } else { Ok(()) };
+    let mut crash_at_3 = |m: &StepMetrics, _: usize| {
+        if m.step == 3 {
+            anyhow::bail!("simulated crash")
+        } else {
+            Ok(())
+        }
+    };
     assert!(train(&model, &mut opt, &rows, &opts, &work, &mut crash_at_3).is_err());
     let (model, mut opt) = fresh();
     let err = train(&model, &mut opt, &rows, &other, &work, &mut never).unwrap_err();
-    assert!(err.to_string().contains("belongs to a run with other options"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("belongs to a run with other options"),
+        "{err}"
+    );
 }
 
 #[test]
 fn non_finite_loss_stops_with_the_step_number() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = tiny_model(dir.path());
-    let (model, mut opt) =
-        load_for_training(&model_dir, ComputeDType::F32, AdamWConfig::default(), &Device::Cpu).unwrap();
-    let p = opt.params.iter_mut().find(|p| p.name == "model.norm.weight").unwrap();
+    let (model, mut opt) = load_for_training(
+        &model_dir,
+        ComputeDType::F32,
+        AdamWConfig::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let p = opt
+        .params
+        .iter_mut()
+        .find(|p| p.name == "model.norm.weight")
+        .unwrap();
     let nan = (p.master.ones_like().unwrap() * f64::NAN).unwrap();
     set_master(p, nan).unwrap();
-    let err = train(&model, &mut opt, &text_rows(40, 32), &options(3, 4, 1), &dir.path().join("w"), &mut never)
-        .unwrap_err()
-        .to_string();
+    let err = train(
+        &model,
+        &mut opt,
+        &text_rows(40, 32),
+        &options(3, 4, 1),
+        &dir.path().join("w"),
+        &mut never,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("step 1: loss (micro-batch 1) is NaN"), "{err}");
 }
 
@@ -273,13 +451,31 @@ fn non_finite_loss_stops_with_the_step_number() {
 fn bf16_compute_keeps_f32_masters_and_learns() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = tiny_model(dir.path());
-    let (model, mut opt) =
-        load_for_training(&model_dir, ComputeDType::Bf16, AdamWConfig::default(), &Device::Cpu).unwrap();
+    let (model, mut opt) = load_for_training(
+        &model_dir,
+        ComputeDType::Bf16,
+        AdamWConfig::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(model.dtype(), DType::BF16);
     assert!(opt.params.iter().all(|p| p.master.dtype() == DType::F32));
     let rows = text_rows(120, 32);
-    let s = train(&model, &mut opt, &rows, &options(30, 8, 1), &dir.path().join("w"), &mut never).unwrap();
-    assert!(s.final_loss < 0.7 * s.history[0].loss, "{} -> {}", s.history[0].loss, s.final_loss);
+    let s = train(
+        &model,
+        &mut opt,
+        &rows,
+        &options(30, 8, 1),
+        &dir.path().join("w"),
+        &mut never,
+    )
+    .unwrap();
+    assert!(
+        s.final_loss < 0.7 * s.history[0].loss,
+        "{} -> {}",
+        s.history[0].loss,
+        s.final_loss
+    );
 }
 
 #[test]
@@ -292,13 +488,20 @@ fn packed_sft_rows_give_the_same_loss_as_padded_rows() {
     assert!(packed.len() < rows.len());
     let mean_loss = |rs: &[TrainSequence]| {
         let refs: Vec<&TrainSequence> = rs.iter().collect();
-        let b = build_micro_batch(&refs, dusflow::model::tokenizer::BYTE_PAD, &Device::Cpu).unwrap();
+        let b =
+            build_micro_batch(&refs, dusflow::model::tokenizer::BYTE_PAD, &Device::Cpu).unwrap();
         let logits = model.forward_train(&b.input_ids, &b.forward).unwrap();
-        let sum = weighted_nll_sum(&logits, &b.targets, &b.weights).unwrap().to_scalar::<f32>().unwrap();
+        let sum = weighted_nll_sum(&logits, &b.targets, &b.weights)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         (sum / b.target_count as f32, b.target_count)
     };
     let (padded, n1) = mean_loss(&rows);
     let (packed, n2) = mean_loss(&packed);
     assert_eq!(n1, n2, "the same targets count");
-    assert!((padded - packed).abs() < 1e-5, "padded {padded} vs packed {packed}");
+    assert!(
+        (padded - packed).abs() < 1e-5,
+        "padded {padded} vs packed {packed}"
+    );
 }

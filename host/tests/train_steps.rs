@@ -74,7 +74,10 @@ fn artifact(out: &Path, step: &str) -> PathBuf {
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| {
-            p.file_name().unwrap().to_string_lossy().starts_with(&format!("{step}-"))
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{step}-"))
                 && p.join("manifest.json").exists()
         })
         .unwrap_or_else(|| panic!("no artifact for {step} in {}", out.display()))
@@ -83,44 +86,82 @@ fn artifact(out: &Path, step: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn synthetic_data_to_pretrain_to_sft_writes_trained_model_folders() {
     let dir = tempfile::tempdir().unwrap();
-    let extra: String = (0..9).map(|i| format!("{{\"q\": \"Say {i}.\", \"a\": \" {i}\"}}\n")).collect();
+    let extra: String = (0..9)
+        .map(|i| format!("{{\"q\": \"Say {i}.\", \"a\": \" {i}\"}}\n"))
+        .collect();
     std::fs::write(dir.path().join("extra.jsonl"), extra).unwrap();
     std::fs::write(dir.path().join("flow.toml"), FLOW).unwrap();
     let registry = dusflow::steps::Registry::builtin();
-    let summary =
-        engine::run(&dir.path().join("flow.toml"), &registry, RunOptions::default(), CancellationToken::new())
-            .await
-            .unwrap();
+    let summary = engine::run(
+        &dir.path().join("flow.toml"),
+        &registry,
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert!(summary.succeeded(), "{summary:?}");
 
     let out = dir.path().join("out");
     let init = artifact(&out, "tiny");
     let cfg = LlamaConfig::from_path(&init).unwrap();
-    assert_eq!((cfg.vocab_size, cfg.num_hidden_layers, cfg.eos_ids()), (259, 2, vec![257]));
-    assert_eq!(Tokenizer::from_model_dir(&init).unwrap().eos_id(), Some(257));
+    assert_eq!(
+        (cfg.vocab_size, cfg.num_hidden_layers, cfg.eos_ids()),
+        (259, 2, vec![257])
+    );
+    assert_eq!(
+        Tokenizer::from_model_dir(&init).unwrap().eos_id(),
+        Some(257)
+    );
     for step in ["pretrain", "sft"] {
         let a = artifact(&out, step);
-        for f in
-            ["config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.svg", "train_report.json"]
-        {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "metrics.jsonl",
+            "loss.svg",
+            "train_report.json",
+        ] {
             assert!(a.join(f).is_file(), "{step}: missing {f}");
         }
-        assert!(!a.join("checkpoints").exists(), "{step}: checkpoints are removed from the artifact");
+        assert!(
+            !a.join("checkpoints").exists(),
+            "{step}: checkpoints are removed from the artifact"
+        );
         load_model(&a, DType::F32, &Device::Cpu).unwrap();
-        assert!(std::fs::read_to_string(a.join("loss.svg")).unwrap().contains("<svg"));
+        assert!(std::fs::read_to_string(a.join("loss.svg"))
+            .unwrap()
+            .contains("<svg"));
     }
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(artifact(&out, "sft").join("train_report.json")).unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(artifact(&out, "sft").join("train_report.json")).unwrap(),
+    )
+    .unwrap();
     let datasets = report["datasets"].as_array().unwrap();
     assert_eq!(datasets[0]["format"], "alpaca");
-    assert_eq!((datasets[1]["available"].as_u64(), datasets[1]["used"].as_u64()), (Some(9), Some(5)));
-    assert_eq!(report["steps"].as_u64(), Some(29u64.div_ceil(8).min(report["steps"].as_u64().unwrap())));
+    assert_eq!(
+        (
+            datasets[1]["available"].as_u64(),
+            datasets[1]["used"].as_u64()
+        ),
+        (Some(9), Some(5))
+    );
+    assert_eq!(
+        report["steps"].as_u64(),
+        Some(29u64.div_ceil(8).min(report["steps"].as_u64().unwrap()))
+    );
     let pre = std::fs::read_to_string(artifact(&out, "pretrain").join("metrics.jsonl")).unwrap();
     assert_eq!(pre.lines().count(), 6);
 
-    let again = engine::run(&dir.path().join("flow.toml"), &registry, RunOptions::default(), CancellationToken::new())
-        .await
-        .unwrap();
+    let again = engine::run(
+        &dir.path().join("flow.toml"),
+        &registry,
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(again.count("cached"), 5, "{again:?}");
 }
 
@@ -178,10 +219,15 @@ fn run_in_this_process(dir: &Path) {
 
 fn checkpoint_exists(out: &Path) -> bool {
     let partial = out.join(".dus/partial");
-    let Ok(entries) = std::fs::read_dir(partial) else { return false };
+    let Ok(entries) = std::fs::read_dir(partial) else {
+        return false;
+    };
     entries.filter_map(|e| e.ok()).any(|e| {
         std::fs::read_dir(e.path().join("checkpoints"))
-            .map(|c| c.filter_map(|x| x.ok()).any(|x| x.file_name().to_string_lossy().starts_with("step-")))
+            .map(|c| {
+                c.filter_map(|x| x.ok())
+                    .any(|x| x.file_name().to_string_lossy().starts_with("step-"))
+            })
             .unwrap_or(false)
     })
 }
@@ -213,11 +259,13 @@ fn a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(
-        std::fs::read_dir(crashy.path().join("out")).unwrap().all(|e| !e
+        std::fs::read_dir(crashy.path().join("out"))
             .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with("pretrain-")),
+            .all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("pretrain-")),
         "no pretrain artifact after the kill"
     );
     assert!(dus_run(crashy.path()).wait().unwrap().success());
@@ -256,12 +304,19 @@ separate_documents = true
 micro_batch = 0
 "#;
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
-    let err =
-        match dusflow::workflow::Workflow::load(&dir.path().join("flow.toml"), &dusflow::steps::Registry::builtin()) {
-            Ok(_) => panic!("the workflow should be invalid"),
-            Err(e) => e.to_string(),
-        };
-    for key in ["steps.sft.lr", "steps.sft.warmup_ratio", "steps.sft.separate_documents", "steps.sft.micro_batch"] {
+    let err = match dusflow::workflow::Workflow::load(
+        &dir.path().join("flow.toml"),
+        &dusflow::steps::Registry::builtin(),
+    ) {
+        Ok(_) => panic!("the workflow should be invalid"),
+        Err(e) => e.to_string(),
+    };
+    for key in [
+        "steps.sft.lr",
+        "steps.sft.warmup_ratio",
+        "steps.sft.separate_documents",
+        "steps.sft.micro_batch",
+    ] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
 }
@@ -270,11 +325,17 @@ micro_batch = 0
 async fn data_filter_plugins_run_at_load_time_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     tiny_model(dir.path());
-    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/length-filter").canonicalize().unwrap();
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/length-filter")
+        .canonicalize()
+        .unwrap();
     let mut docs = String::new();
     for i in 0..40 {
-        let text =
-            if i % 4 == 0 { format!("a long document number {i} that the filter drops") } else { format!("doc {i}.") };
+        let text = if i % 4 == 0 {
+            format!("a long document number {i} that the filter drops")
+        } else {
+            format!("doc {i}.")
+        };
         docs.push_str(&serde_json::json!({ "text": text }).to_string());
         docs.push('\n');
     }
@@ -317,12 +378,21 @@ filter_params.short = {{ max_chars = 20 }}
     .unwrap();
     assert!(summary.succeeded(), "{summary:?}");
     let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(artifact(&dir.path().join("out"), "pretrain").join("train_report.json")).unwrap(),
+        &std::fs::read(artifact(&dir.path().join("out"), "pretrain").join("train_report.json"))
+            .unwrap(),
     )
     .unwrap();
     let f = &report["datasets"][0]["filters"][0];
     assert_eq!(f["filter"], "short");
-    assert_eq!((f["seen"].as_u64(), f["kept"].as_u64(), f["dropped"].as_u64()), (Some(40), Some(30), Some(10)), "{f}");
+    assert_eq!(
+        (
+            f["seen"].as_u64(),
+            f["kept"].as_u64(),
+            f["dropped"].as_u64()
+        ),
+        (Some(40), Some(30), Some(10)),
+        "{f}"
+    );
     assert_eq!(report["datasets"][0]["used"].as_u64(), Some(30));
 }
 
@@ -334,17 +404,29 @@ async fn sft_data_is_decontaminated_against_benchmark_files() {
     let bench = dir.path().join("benchmarks");
     std::fs::create_dir(&bench).unwrap();
     let leaked = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May";
-    std::fs::write(bench.join("gsm8k.jsonl"), serde_json::json!({ "question": leaked }).to_string()).unwrap();
+    std::fs::write(
+        bench.join("gsm8k.jsonl"),
+        serde_json::json!({ "question": leaked }).to_string(),
+    )
+    .unwrap();
     let mut records = String::new();
     for i in 0..8 {
-        let instruction =
-            if i % 4 == 1 { format!("{leaked}. How many clips? ({i})") } else { format!("Add {i} and {i}.") };
-        records
-            .push_str(&serde_json::json!({ "instruction": instruction, "output": format!("{}", 2 * i) }).to_string());
+        let instruction = if i % 4 == 1 {
+            format!("{leaked}. How many clips? ({i})")
+        } else {
+            format!("Add {i} and {i}.")
+        };
+        records.push_str(
+            &serde_json::json!({ "instruction": instruction, "output": format!("{}", 2 * i) })
+                .to_string(),
+        );
         records.push('\n');
     }
     std::fs::write(dir.path().join("orca.jsonl"), records).unwrap();
-    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/decontaminate").canonicalize().unwrap();
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/decontaminate")
+        .canonicalize()
+        .unwrap();
     let flow = format!(
         r#"
 [workflow]
@@ -389,5 +471,9 @@ filter_params.decon = {{ benchmarks_dir = "{bench}", field = "instruction", n = 
     )
     .unwrap();
     let f = &report["datasets"][0]["filters"][0];
-    assert_eq!((f["kept"].as_u64(), f["dropped"].as_u64()), (Some(6), Some(2)), "{f}");
+    assert_eq!(
+        (f["kept"].as_u64(), f["dropped"].as_u64()),
+        (Some(6), Some(2)),
+        "{f}"
+    );
 }

@@ -36,7 +36,10 @@ pub struct FnFilter<F> {
 impl<F: FnMut(&[String]) -> Result<Vec<Verdict>>> FnFilter<F> {
     /// A filter called `name` that answers with `judge`.
     pub fn new(name: impl Into<String>, judge: F) -> Self {
-        FnFilter { name: name.into(), judge }
+        FnFilter {
+            name: name.into(),
+            judge,
+        }
     }
 }
 
@@ -73,17 +76,29 @@ pub fn apply_filters(
 ) -> Result<(Vec<RawRecord>, Vec<FilterCount>)> {
     let mut counts = Vec::with_capacity(filters.len());
     for filter in filters.iter_mut() {
-        let mut count = FilterCount { filter: filter.name().to_string(), seen: records.len(), ..Default::default() };
+        let mut count = FilterCount {
+            filter: filter.name().to_string(),
+            seen: records.len(),
+            ..Default::default()
+        };
         let mut kept = Vec::with_capacity(records.len());
         let mut pending = records.into_iter().peekable();
         while pending.peek().is_some() {
             let chunk: Vec<RawRecord> = pending.by_ref().take(batch.max(1)).collect();
             let texts: Vec<String> = chunk.iter().map(|r| r.value.to_string()).collect();
-            let verdicts = filter
-                .filter_batch(&texts)
-                .with_context(|| format!("filter {:?} on records from {}", count.filter, chunk[0].origin))?;
+            let verdicts = filter.filter_batch(&texts).with_context(|| {
+                format!(
+                    "filter {:?} on records from {}",
+                    count.filter, chunk[0].origin
+                )
+            })?;
             if verdicts.len() != chunk.len() {
-                bail!("filter {:?} returned {} verdicts for {} records", count.filter, verdicts.len(), chunk.len());
+                bail!(
+                    "filter {:?} returned {} verdicts for {} records",
+                    count.filter,
+                    verdicts.len(),
+                    chunk.len()
+                );
             }
             for (mut record, verdict) in chunk.into_iter().zip(verdicts) {
                 match verdict {

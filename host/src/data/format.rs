@@ -69,9 +69,20 @@ impl RecordFormat {
     /// preference, chat, alpaca, prompt-completion, gsm8k, text, whose required fields are all present.
     pub fn detect(record: &Value, fields: &FieldMap) -> Option<Self> {
         let obj = record.as_object()?;
-        [Self::Preference, Self::Chat, Self::Alpaca, Self::PromptCompletion, Self::Gsm8k, Self::Text]
-            .into_iter()
-            .find(|f| f.required().iter().all(|k| obj.contains_key(fields.source(k))))
+        [
+            Self::Preference,
+            Self::Chat,
+            Self::Alpaca,
+            Self::PromptCompletion,
+            Self::Gsm8k,
+            Self::Text,
+        ]
+        .into_iter()
+        .find(|f| {
+            f.required()
+                .iter()
+                .all(|k| obj.contains_key(fields.source(k)))
+        })
     }
 
     fn required(self) -> &'static [&'static str] {
@@ -153,7 +164,9 @@ pub enum Example {
 impl Example {
     /// Reads `record` as `format` through `fields`. The error says which field is missing or mistyped.
     pub fn parse(record: &Value, format: RecordFormat, fields: &FieldMap) -> Result<Example> {
-        let Some(obj) = record.as_object() else { bail!("record is not a JSON object") };
+        let Some(obj) = record.as_object() else {
+            bail!("record is not a JSON object")
+        };
         let get = |k: &str| -> Result<String> {
             let name = fields.source(k);
             match obj.get(name) {
@@ -170,28 +183,43 @@ impl Example {
                     None | Some(Value::Null) => String::new(),
                     Some(_) => get("input")?,
                 };
-                Example::Alpaca { instruction: get("instruction")?, input, output: get("output")? }
+                Example::Alpaca {
+                    instruction: get("instruction")?,
+                    input,
+                    output: get("output")?,
+                }
             }
-            RecordFormat::PromptCompletion => {
-                Example::PromptCompletion { prompt: get("prompt")?, completion: get("completion")? }
-            }
+            RecordFormat::PromptCompletion => Example::PromptCompletion {
+                prompt: get("prompt")?,
+                completion: get("completion")?,
+            },
             RecordFormat::Gsm8k => Example::PromptCompletion {
                 prompt: super::template::question_prompt(&get("question")?),
                 completion: format!(" {}", get("answer")?),
             },
-            RecordFormat::Preference => {
-                Example::Preference { prompt: get("prompt")?, chosen: get("chosen")?, rejected: get("rejected")? }
-            }
+            RecordFormat::Preference => Example::Preference {
+                prompt: get("prompt")?,
+                chosen: get("chosen")?,
+                rejected: get("rejected")?,
+            },
             RecordFormat::Chat => {
                 let name = fields.source("messages");
-                let Some(list) = obj.get(name) else { bail!("missing field {name:?} (format chat)") };
-                let Value::Array(items) = list else { bail!("field {name:?} must be a list of {{role, content}}") };
+                let Some(list) = obj.get(name) else {
+                    bail!("missing field {name:?} (format chat)")
+                };
+                let Value::Array(items) = list else {
+                    bail!("field {name:?} must be a list of {{role, content}}")
+                };
                 let mut messages = Vec::with_capacity(items.len());
                 for (i, m) in items.iter().enumerate() {
-                    let message: Message = serde_json::from_value(m.clone())
-                        .map_err(|e| anyhow::anyhow!("{name}[{i}]: {e} (expected {{role, content}})"))?;
+                    let message: Message = serde_json::from_value(m.clone()).map_err(|e| {
+                        anyhow::anyhow!("{name}[{i}]: {e} (expected {{role, content}})")
+                    })?;
                     if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
-                        bail!("{name}[{i}]: unknown role {:?} (expected system, user or assistant)", message.role);
+                        bail!(
+                            "{name}[{i}]: unknown role {:?} (expected system, user or assistant)",
+                            message.role
+                        );
                     }
                     messages.push(message);
                 }
@@ -223,16 +251,52 @@ mod tests {
     #[test]
     fn parses_each_layout_and_mapping() {
         let none = FieldMap::default();
-        let a = Example::parse(&json!({"instruction": "i", "output": "o"}), RecordFormat::Alpaca, &none).unwrap();
-        assert_eq!(a, Example::Alpaca { instruction: "i".into(), input: String::new(), output: "o".into() });
-        let map = FieldMap([("prompt".to_string(), "q".to_string())].into_iter().collect());
-        let p = Example::parse(&json!({"q": "x", "completion": "y"}), RecordFormat::PromptCompletion, &map).unwrap();
-        assert_eq!(p, Example::PromptCompletion { prompt: "x".into(), completion: "y".into() });
-        let err = Example::parse(&json!({"text": 3}), RecordFormat::Text, &none).unwrap_err();
-        assert!(err.to_string().contains("\"text\" must be a string"), "{err}");
-        assert_eq!(RecordFormat::detect(&json!({"question": "a", "answer": "b"}), &none), Some(RecordFormat::Gsm8k));
+        let a = Example::parse(
+            &json!({"instruction": "i", "output": "o"}),
+            RecordFormat::Alpaca,
+            &none,
+        )
+        .unwrap();
         assert_eq!(
-            RecordFormat::detect(&json!({"prompt": "a", "chosen": "b", "rejected": "c"}), &none),
+            a,
+            Example::Alpaca {
+                instruction: "i".into(),
+                input: String::new(),
+                output: "o".into()
+            }
+        );
+        let map = FieldMap(
+            [("prompt".to_string(), "q".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        let p = Example::parse(
+            &json!({"q": "x", "completion": "y"}),
+            RecordFormat::PromptCompletion,
+            &map,
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Example::PromptCompletion {
+                prompt: "x".into(),
+                completion: "y".into()
+            }
+        );
+        let err = Example::parse(&json!({"text": 3}), RecordFormat::Text, &none).unwrap_err();
+        assert!(
+            err.to_string().contains("\"text\" must be a string"),
+            "{err}"
+        );
+        assert_eq!(
+            RecordFormat::detect(&json!({"question": "a", "answer": "b"}), &none),
+            Some(RecordFormat::Gsm8k)
+        );
+        assert_eq!(
+            RecordFormat::detect(
+                &json!({"prompt": "a", "chosen": "b", "rejected": "c"}),
+                &none
+            ),
             Some(RecordFormat::Preference)
         );
     }

@@ -57,13 +57,20 @@ pub fn derive_seed(seed: u64, tag: &str) -> u64 {
 
 /// Loads one dataset: reads its files, runs its filters (made by `make_filter`), parses records as its
 /// format (detected from the first record for `auto`), and keeps a seeded sample of `max_samples`.
-pub fn load_dataset(source: &DatasetSource, make_filter: &mut FilterFactory<'_>, seed: u64) -> Result<LoadedDataset> {
+pub fn load_dataset(
+    source: &DatasetSource,
+    make_filter: &mut FilterFactory<'_>,
+    seed: u64,
+) -> Result<LoadedDataset> {
     let mut stats = ReadStats::default();
     let records = read_records(&source.files, source.on_error, &mut stats)?;
     let read = records.len();
     let mut filters = Vec::with_capacity(source.filters.len());
     for name in &source.filters {
-        filters.push(make_filter(name).with_context(|| format!("dataset {:?}: filter {name:?}", source.name))?);
+        filters.push(
+            make_filter(name)
+                .with_context(|| format!("dataset {:?}: filter {name:?}", source.name))?,
+        );
     }
     let (records, filter_counts) = apply_filters(records, &mut filters, FILTER_BATCH)?;
     let format = match source.format {
@@ -87,7 +94,11 @@ pub fn load_dataset(source: &DatasetSource, make_filter: &mut FilterFactory<'_>,
     }
     let available = examples.len();
     if let Some(cap) = source.max_samples {
-        examples = sample_in_order(examples, cap as usize, derive_seed(seed, &format!("cap/{}", source.name)));
+        examples = sample_in_order(
+            examples,
+            cap as usize,
+            derive_seed(seed, &format!("cap/{}", source.name)),
+        );
     }
     let report = DatasetReport {
         name: source.name.clone(),
@@ -99,7 +110,11 @@ pub fn load_dataset(source: &DatasetSource, make_filter: &mut FilterFactory<'_>,
         available,
         used: examples.len(),
     };
-    Ok(LoadedDataset { format, examples, report })
+    Ok(LoadedDataset {
+        format,
+        examples,
+        report,
+    })
 }
 
 /// A uniformly random subset of `cap` items (seeded), in their original order.
@@ -113,7 +128,11 @@ pub fn sample_in_order<T>(items: Vec<T>, cap: usize, seed: u64) -> Vec<T> {
     for &i in &idx[..cap] {
         keep[i] = true;
     }
-    items.into_iter().zip(keep).filter_map(|(x, k)| k.then_some(x)).collect()
+    items
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(x, k)| k.then_some(x))
+        .collect()
 }
 
 /// Several datasets loaded, capped and mixed.
@@ -142,7 +161,11 @@ pub fn load_mixture(
                 "dataset {:?} has format {}, which this step cannot use (accepted: {})",
                 source.name,
                 loaded.format.name(),
-                accept.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+                accept
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         examples.extend(loaded.examples);

@@ -21,8 +21,12 @@ pub mod template;
 
 pub use filter::{apply_filters, FilterCount, FnFilter, RecordFilter, Verdict, FILTER_BATCH};
 pub use format::{Example, FieldMap, Message, RecordFormat};
-pub use load::{derive_seed, load_dataset, load_mixture, DatasetReport, FilterFactory, LoadedDataset, Mixture};
+pub use load::{
+    derive_seed, load_dataset, load_mixture, DatasetReport, FilterFactory, LoadedDataset, Mixture,
+};
 pub use plugin_filter::PluginFilter;
-pub use sequence::{pack_documents, pack_examples, tokenize_document, tokenize_segments, BatchOrder, TrainSequence};
+pub use sequence::{
+    pack_documents, pack_examples, tokenize_document, tokenize_segments, BatchOrder, TrainSequence,
+};
 pub use source::{expand_paths, read_records, DatasetSource, Origin, RawRecord, ReadStats};
 pub use template::{alpaca_prompt, chatml, sft_segments, Segment};

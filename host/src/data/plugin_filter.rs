@@ -15,12 +15,27 @@ pub struct PluginFilter {
 impl PluginFilter {
     /// Loads `[plugins.NAME]` (`spec`, path absolute) with its grants and limits, and configures it with
     /// `params_json`.
-    pub fn load(host: &PluginHost, name: &str, spec: &PluginSpec, params_json: &str) -> Result<Self> {
+    pub fn load(
+        host: &PluginHost,
+        name: &str,
+        spec: &PluginSpec,
+        params_json: &str,
+    ) -> Result<Self> {
         let plugin = host
             .load(&spec.path, &spec.grants, &spec.limits)
-            .with_context(|| format!("loading data-filter plugin {name:?} from {}", spec.path.display()))?;
-        let handle = plugin.data_filter(params_json).with_context(|| format!("configuring plugin {name:?}"))?;
-        Ok(PluginFilter { name: name.to_string(), handle })
+            .with_context(|| {
+                format!(
+                    "loading data-filter plugin {name:?} from {}",
+                    spec.path.display()
+                )
+            })?;
+        let handle = plugin
+            .data_filter(params_json)
+            .with_context(|| format!("configuring plugin {name:?}"))?;
+        Ok(PluginFilter {
+            name: name.to_string(),
+            handle,
+        })
     }
 }
 

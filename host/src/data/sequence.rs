@@ -31,7 +31,9 @@ impl TrainSequence {
 /// A pretraining document's ids: the tokenizer's own specials (e.g. BOS) then the text, then EOS.
 pub fn tokenize_document(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     let mut ids = tok.encode(text, true)?;
-    let Some(eos) = tok.eos_id() else { bail!("the tokenizer has no EOS token; pretraining appends one per document") };
+    let Some(eos) = tok.eos_id() else {
+        bail!("the tokenizer has no EOS token; pretraining appends one per document")
+    };
     ids.push(eos);
     Ok(ids)
 }
@@ -51,10 +53,20 @@ pub fn pack_documents(docs: &[Vec<u32>], block: usize, keep_apart: bool) -> Vec<
         .zip(doc_of.chunks_exact(block))
         .map(|(row, docs)| {
             if keep_apart {
-                let learn = (0..block).map(|i| i > 0 && docs[i] == docs[i - 1]).collect();
-                TrainSequence { ids: row.to_vec(), learn, doc_ids: Some(docs.to_vec()) }
+                let learn = (0..block)
+                    .map(|i| i > 0 && docs[i] == docs[i - 1])
+                    .collect();
+                TrainSequence {
+                    ids: row.to_vec(),
+                    learn,
+                    doc_ids: Some(docs.to_vec()),
+                }
             } else {
-                TrainSequence { ids: row.to_vec(), learn: vec![true; block], doc_ids: None }
+                TrainSequence {
+                    ids: row.to_vec(),
+                    learn: vec![true; block],
+                    doc_ids: None,
+                }
             }
         })
         .collect()
@@ -62,7 +74,11 @@ pub fn pack_documents(docs: &[Vec<u32>], block: usize, keep_apart: bool) -> Vec<
 
 /// An SFT row: the tokenizer's leading specials (BOS), each segment tokenised without specials and marked
 /// learned or not, then EOS (learned). Truncated to `max_len` tokens.
-pub fn tokenize_segments(tok: &Tokenizer, segments: &[Segment], max_len: usize) -> Result<TrainSequence> {
+pub fn tokenize_segments(
+    tok: &Tokenizer,
+    segments: &[Segment],
+    max_len: usize,
+) -> Result<TrainSequence> {
     let mut ids = Vec::new();
     let mut learn = Vec::new();
     if let (true, Some(bos)) = (tok.adds_bos(), tok.bos_id()) {
@@ -74,12 +90,18 @@ pub fn tokenize_segments(tok: &Tokenizer, segments: &[Segment], max_len: usize) 
         learn.extend(std::iter::repeat_n(s.learn, part.len()));
         ids.extend(part);
     }
-    let Some(eos) = tok.eos_id() else { bail!("the tokenizer has no EOS token; SFT appends one to every response") };
+    let Some(eos) = tok.eos_id() else {
+        bail!("the tokenizer has no EOS token; SFT appends one to every response")
+    };
     ids.push(eos);
     learn.push(true);
     ids.truncate(max_len);
     learn.truncate(max_len);
-    Ok(TrainSequence { ids, learn, doc_ids: None })
+    Ok(TrainSequence {
+        ids,
+        learn,
+        doc_ids: None,
+    })
 }
 
 /// Packs SFT rows greedily, in order, into rows of at most `max_len` tokens, keeping examples apart
@@ -89,10 +111,16 @@ pub fn pack_examples(rows: Vec<TrainSequence>, max_len: usize) -> Vec<TrainSeque
     let mut current: Option<TrainSequence> = None;
     let mut doc = 0u32;
     for row in rows {
-        let fits = current.as_ref().is_some_and(|c| c.ids.len() + row.ids.len() <= max_len);
+        let fits = current
+            .as_ref()
+            .is_some_and(|c| c.ids.len() + row.ids.len() <= max_len);
         if !fits {
             out.extend(current.take());
-            current = Some(TrainSequence { ids: Vec::new(), learn: Vec::new(), doc_ids: Some(Vec::new()) });
+            current = Some(TrainSequence {
+                ids: Vec::new(),
+                learn: Vec::new(),
+                doc_ids: Some(Vec::new()),
+            });
             doc = 0;
         }
         let c = current.as_mut().expect("a row is open");
@@ -121,7 +149,12 @@ pub struct BatchOrder {
 impl BatchOrder {
     /// An order over `rows` rows in micro-batches of `micro_batch` (the last of an epoch may be smaller).
     pub fn new(rows: usize, micro_batch: usize, seed: u64, shuffle: bool) -> Self {
-        BatchOrder { rows, micro_batch: micro_batch.max(1), seed, shuffle }
+        BatchOrder {
+            rows,
+            micro_batch: micro_batch.max(1),
+            seed,
+            shuffle,
+        }
     }
 
     /// Micro-batches per epoch.
@@ -166,7 +199,11 @@ mod tests {
 
     #[test]
     fn examples_pack_without_splitting() {
-        let row = |n: usize| TrainSequence { ids: vec![1; n], learn: vec![true; n], doc_ids: None };
+        let row = |n: usize| TrainSequence {
+            ids: vec![1; n],
+            learn: vec![true; n],
+            doc_ids: None,
+        };
         let packed = pack_examples(vec![row(3), row(2), row(4)], 5);
         assert_eq!(packed.len(), 2);
         assert_eq!(packed[0].doc_ids.as_deref(), Some(&[0, 0, 0, 1, 1][..]));
@@ -182,7 +219,10 @@ mod tests {
         let mut sorted = epoch0.clone();
         sorted.sort();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
-        assert_eq!(order.micro_batch(4), BatchOrder::new(10, 4, 7, true).micro_batch(4));
+        assert_eq!(
+            order.micro_batch(4),
+            BatchOrder::new(10, 4, 7, true).micro_batch(4)
+        );
         assert_ne!(order.permutation(0), order.permutation(1));
     }
 }

@@ -66,12 +66,13 @@ impl DatasetSource {
         let info_path = input.path.join("info.json");
         let format = match std::fs::read(&info_path) {
             Ok(bytes) => {
-                let info: Value =
-                    serde_json::from_slice(&bytes).with_context(|| format!("reading {}", info_path.display()))?;
+                let info: Value = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("reading {}", info_path.display()))?;
                 match info.get("format").and_then(Value::as_str) {
-                    Some(name) => {
-                        Some(RecordFormat::from_name(name).with_context(|| format!("in {}", info_path.display()))?)
-                    }
+                    Some(name) => Some(
+                        RecordFormat::from_name(name)
+                            .with_context(|| format!("in {}", info_path.display()))?,
+                    ),
                     None => None,
                 }
             }
@@ -92,11 +93,15 @@ impl DatasetSource {
     pub fn from_spec(name: &str, spec: &DatasetSpec) -> Result<Self> {
         let format = match spec.format.as_str() {
             "auto" => None,
-            other => Some(RecordFormat::from_name(other).with_context(|| format!("dataset {name:?}"))?),
+            other => {
+                Some(RecordFormat::from_name(other).with_context(|| format!("dataset {name:?}"))?)
+            }
         };
         let fields = FieldMap(spec.fields.clone());
         if let Some(f) = format {
-            fields.validate(f).with_context(|| format!("dataset {name:?}"))?;
+            fields
+                .validate(f)
+                .with_context(|| format!("dataset {name:?}"))?;
         }
         Ok(DatasetSource {
             name: name.to_string(),
@@ -121,17 +126,26 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| {
                     f.is_file()
-                        && matches!(f.extension().and_then(|e| e.to_str()), Some("jsonl" | "ndjson" | "parquet"))
+                        && matches!(
+                            f.extension().and_then(|e| e.to_str()),
+                            Some("jsonl" | "ndjson" | "parquet")
+                        )
                 })
                 .collect();
             found.sort();
             if found.is_empty() {
-                bail!("{}: no .jsonl or .parquet files in this folder", p.display());
+                bail!(
+                    "{}: no .jsonl or .parquet files in this folder",
+                    p.display()
+                );
             }
             out.extend(found);
         } else if p.is_file() {
             if file_kind(p).is_none() {
-                bail!("{}: unsupported file type (expected .jsonl, .json or .parquet)", p.display());
+                bail!(
+                    "{}: unsupported file type (expected .jsonl, .json or .parquet)",
+                    p.display()
+                );
             }
             out.push(p.clone());
         } else {
@@ -166,7 +180,11 @@ pub struct ReadStats {
 
 /// Reads every record of `files`. A line that is not a JSON object fails with its file and line, or is
 /// skipped and counted when `on_error` is `Skip`. Blank lines are ignored.
-pub fn read_records(files: &[PathBuf], on_error: OnError, stats: &mut ReadStats) -> Result<Vec<RawRecord>> {
+pub fn read_records(
+    files: &[PathBuf],
+    on_error: OnError,
+    stats: &mut ReadStats,
+) -> Result<Vec<RawRecord>> {
     let mut out = Vec::new();
     for file in files {
         match file_kind(file) {
@@ -177,21 +195,31 @@ pub fn read_records(files: &[PathBuf], on_error: OnError, stats: &mut ReadStats)
     Ok(out)
 }
 
-fn read_jsonl(file: &Path, on_error: OnError, stats: &mut ReadStats, out: &mut Vec<RawRecord>) -> Result<()> {
+fn read_jsonl(
+    file: &Path,
+    on_error: OnError,
+    stats: &mut ReadStats,
+    out: &mut Vec<RawRecord>,
+) -> Result<()> {
     let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let origin = Origin { file: file.to_path_buf(), line: i + 1 };
+        let origin = Origin {
+            file: file.to_path_buf(),
+            line: i + 1,
+        };
         let line = line.with_context(|| format!("{origin}: reading line"))?;
         if line.trim().is_empty() {
             continue;
         }
-        let parsed = serde_json::from_str::<Value>(&line).map_err(|e| format!("not valid JSON ({e})")).and_then(|v| {
-            if v.is_object() {
-                Ok(v)
-            } else {
-                Err("not a JSON object".to_string())
-            }
-        });
+        let parsed = serde_json::from_str::<Value>(&line)
+            .map_err(|e| format!("not valid JSON ({e})"))
+            .and_then(|v| {
+                if v.is_object() {
+                    Ok(v)
+                } else {
+                    Err("not a JSON object".to_string())
+                }
+            });
         match parsed {
             Ok(value) => out.push(RawRecord { origin, value }),
             Err(msg) => skip_or_fail(on_error, stats, &origin, &msg)?,
@@ -201,7 +229,12 @@ fn read_jsonl(file: &Path, on_error: OnError, stats: &mut ReadStats, out: &mut V
 }
 
 /// Applies the error policy to a malformed record: an error naming its origin, or a counted skip.
-pub fn skip_or_fail(on_error: OnError, stats: &mut ReadStats, origin: &Origin, msg: &str) -> Result<()> {
+pub fn skip_or_fail(
+    on_error: OnError,
+    stats: &mut ReadStats,
+    origin: &Origin,
+    msg: &str,
+) -> Result<()> {
     match on_error {
         OnError::Fail => {
             bail!("{origin}: malformed record: {msg} (set on_error = \"skip\" on the dataset to skip such records)")
@@ -219,13 +252,21 @@ pub fn skip_or_fail(on_error: OnError, stats: &mut ReadStats, origin: &Origin, m
 fn read_parquet(file: &Path, out: &mut Vec<RawRecord>) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let reader =
-        SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", file.display()))?;
-    let rows = reader.get_row_iter(None).with_context(|| format!("{}: reading rows", file.display()))?;
+    let reader = SerializedFileReader::new(f)
+        .with_context(|| format!("{}: not a readable Parquet file", file.display()))?;
+    let rows = reader
+        .get_row_iter(None)
+        .with_context(|| format!("{}: reading rows", file.display()))?;
     for (i, row) in rows.enumerate() {
-        let origin = Origin { file: file.to_path_buf(), line: i + 1 };
+        let origin = Origin {
+            file: file.to_path_buf(),
+            line: i + 1,
+        };
         let row = row.with_context(|| format!("{origin}: reading Parquet row"))?;
-        out.push(RawRecord { origin, value: row.to_json_value() });
+        out.push(RawRecord {
+            origin,
+            value: row.to_json_value(),
+        });
     }
     Ok(())
 }

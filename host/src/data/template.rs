@@ -20,10 +20,16 @@ pub struct Segment {
 
 impl Segment {
     fn shown(text: impl Into<String>) -> Self {
-        Segment { text: text.into(), learn: false }
+        Segment {
+            text: text.into(),
+            learn: false,
+        }
     }
     fn learned(text: impl Into<String>) -> Self {
-        Segment { text: text.into(), learn: true }
+        Segment {
+            text: text.into(),
+            learn: true,
+        }
     }
 }
 
@@ -32,7 +38,9 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     if input.is_empty() {
         ALPACA_NO_INPUT.replace("{instruction}", instruction)
     } else {
-        ALPACA_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", input)
+        ALPACA_WITH_INPUT
+            .replace("{instruction}", instruction)
+            .replace("{input}", input)
     }
 }
 
@@ -48,7 +56,11 @@ pub fn chatml(messages: &[Message]) -> Vec<Segment> {
     for m in messages {
         out.push(Segment::shown(format!("<|im_start|>{}\n", m.role)));
         let body = format!("{}<|im_end|>\n", m.content);
-        out.push(if m.role == "assistant" { Segment::learned(body) } else { Segment::shown(body) });
+        out.push(if m.role == "assistant" {
+            Segment::learned(body)
+        } else {
+            Segment::shown(body)
+        });
     }
     out
 }
@@ -59,11 +71,21 @@ pub fn chatml(messages: &[Message]) -> Vec<Segment> {
 /// Text and preference records are not SFT examples.
 pub fn sft_segments(example: &Example) -> Result<Vec<Segment>> {
     Ok(match example {
-        Example::Alpaca { instruction, input, output } => {
-            vec![Segment::shown(alpaca_prompt(instruction, input)), Segment::learned(output.clone())]
+        Example::Alpaca {
+            instruction,
+            input,
+            output,
+        } => {
+            vec![
+                Segment::shown(alpaca_prompt(instruction, input)),
+                Segment::learned(output.clone()),
+            ]
         }
         Example::PromptCompletion { prompt, completion } => {
-            vec![Segment::shown(prompt.clone()), Segment::learned(completion.clone())]
+            vec![
+                Segment::shown(prompt.clone()),
+                Segment::learned(completion.clone()),
+            ]
         }
         Example::Chat(messages) => chatml(messages),
         Example::Text(_) => bail!("a text record is not an SFT example (use the pretrain step)"),
@@ -88,14 +110,25 @@ mod tests {
 
     #[test]
     fn chatml_learns_assistant_turns_only() {
-        let m = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
-        let segs = chatml(&[m("system", "Be brief."), m("user", "2+2?"), m("assistant", "4")]);
+        let m = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        let segs = chatml(&[
+            m("system", "Be brief."),
+            m("user", "2+2?"),
+            m("assistant", "4"),
+        ]);
         let text: String = segs.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(
             text,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
         );
-        let learned: Vec<&str> = segs.iter().filter(|s| s.learn).map(|s| s.text.as_str()).collect();
+        let learned: Vec<&str> = segs
+            .iter()
+            .filter(|s| s.learn)
+            .map(|s| s.text.as_str())
+            .collect();
         assert_eq!(learned, vec!["4<|im_end|>\n"]);
     }
 }

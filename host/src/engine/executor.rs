@@ -429,14 +429,27 @@ impl Executor {
 }
 
 /// The plugins a step may load: its own dependencies plus the filters of the datasets it reads.
-fn step_plugins(plan: &Plan, planned: &PlannedStep) -> std::collections::BTreeMap<String, crate::workflow::PluginSpec> {
+fn step_plugins(
+    plan: &Plan,
+    planned: &PlannedStep,
+) -> std::collections::BTreeMap<String, crate::workflow::PluginSpec> {
     let step = &plan.workflow.steps[planned.index];
-    let filters = planned.inputs.values().flatten().filter_map(|a| a.dataset.as_ref()).flat_map(|d| d.filters.iter());
+    let filters = planned
+        .inputs
+        .values()
+        .flatten()
+        .filter_map(|a| a.dataset.as_ref())
+        .flat_map(|d| d.filters.iter());
     step.dependencies
         .plugins
         .iter()
         .chain(filters)
-        .filter_map(|name| plan.workflow.plugins.get(name).map(|spec| (name.clone(), spec.clone())))
+        .filter_map(|name| {
+            plan.workflow
+                .plugins
+                .get(name)
+                .map(|spec| (name.clone(), spec.clone()))
+        })
         .collect()
 }
 

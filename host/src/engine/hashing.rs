@@ -87,7 +87,8 @@ impl FileHasher {
                 return Ok(e.hash.clone());
             }
         }
-        let hash = hash_file_contents(path).with_context(|| format!("hashing {}", path.display()))?;
+        let hash =
+            hash_file_contents(path).with_context(|| format!("hashing {}", path.display()))?;
         let racy = SystemTime::now()
             .duration_since(mtime)
             .map_or(true, |age| age < RACY_WINDOW);

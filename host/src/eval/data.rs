@@ -31,7 +31,10 @@ impl TaskData {
                 std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?;
             for entry in entries {
                 let file = entry?.path();
-                if matches!(file.extension().and_then(|e| e.to_str()), Some("jsonl" | "parquet")) {
+                if matches!(
+                    file.extension().and_then(|e| e.to_str()),
+                    Some("jsonl" | "parquet")
+                ) {
                     let split = file
                         .file_stem()
                         .and_then(|s| s.to_str())
@@ -94,7 +97,11 @@ impl TaskData {
 /// Reads every record of one JSONL or Parquet file; errors name the file and line.
 pub fn read_task_file(path: &Path) -> Result<Vec<Value>> {
     let mut stats = crate::data::ReadStats::default();
-    let records = crate::data::read_records(&[path.to_path_buf()], crate::workflow::OnError::Fail, &mut stats)?;
+    let records = crate::data::read_records(
+        &[path.to_path_buf()],
+        crate::workflow::OnError::Fail,
+        &mut stats,
+    )?;
     Ok(records.into_iter().map(|r| r.value).collect())
 }
 
@@ -154,11 +161,14 @@ mod parquet_tests {
 
     #[test]
     fn task_data_reads_parquet_files_and_split_folders() {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train/alpaca.parquet");
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train/alpaca.parquet");
         let single = TaskData::load(&fixture).unwrap();
         let rows = single.split("test").unwrap();
         assert!(!rows.is_empty());
-        assert!(rows.iter().all(|r| r.get("instruction").is_some_and(Value::is_string)));
+        assert!(rows
+            .iter()
+            .all(|r| r.get("instruction").is_some_and(Value::is_string)));
 
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(&fixture, dir.path().join("validation.parquet")).unwrap();

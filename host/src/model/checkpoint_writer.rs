@@ -215,7 +215,10 @@ pub fn write_index(
     weight_map: BTreeMap<String, serde_json::Value>,
     total_size: u64,
 ) -> Result<()> {
-    let total_parameters: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+    let total_parameters: usize = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
     let index = serde_json::json!({
         "metadata": { "total_parameters": total_parameters, "total_size": total_size },
         "weight_map": weight_map,

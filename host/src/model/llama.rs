@@ -75,8 +75,12 @@ impl KvCache {
         for (slot, layer) in out.layers.iter_mut().zip(&self.layers) {
             if let Some(cache) = layer {
                 if let (Some(k), Some(v)) = (cache.k()?, cache.v()?) {
-                    let (k, v) = (k.repeat((n, 1, 1, 1))?.contiguous()?, v.repeat((n, 1, 1, 1))?.contiguous()?);
-                    let mut repeated = candle_nn::kv_cache::KvCache::new(2, k.dim(2)? + self.headroom);
+                    let (k, v) = (
+                        k.repeat((n, 1, 1, 1))?.contiguous()?,
+                        v.repeat((n, 1, 1, 1))?.contiguous()?,
+                    );
+                    let mut repeated =
+                        candle_nn::kv_cache::KvCache::new(2, k.dim(2)? + self.headroom);
                     repeated.append(&k, &v)?;
                     *slot = Some(repeated);
                 }

@@ -46,11 +46,13 @@ pub fn save_checkpoint(root: &Path, opt: &AdamW, state: &TrainState) -> Result<P
     if dst.exists() {
         std::fs::remove_dir_all(&dst)?;
     }
-    std::fs::rename(&tmp, &dst).with_context(|| format!("publishing checkpoint {}", dst.display()))?;
+    std::fs::rename(&tmp, &dst)
+        .with_context(|| format!("publishing checkpoint {}", dst.display()))?;
     std::fs::File::open(root)?.sync_all()?;
     for (old, _) in list_checkpoints(root)? {
         if old != dst {
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("removing old checkpoint {}", old.display()))?;
         }
     }
     Ok(dst)
@@ -59,11 +61,16 @@ pub fn save_checkpoint(root: &Path, opt: &AdamW, state: &TrainState) -> Result<P
 /// Completed checkpoints under `root`, oldest first.
 pub fn list_checkpoints(root: &Path) -> Result<Vec<(PathBuf, usize)>> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(root) else { return Ok(out) };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(out);
+    };
     for e in entries {
         let path = e?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             if path.join(STATE_FILE).is_file() {
                 out.push((path, step));
             }

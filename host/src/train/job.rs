@@ -130,14 +130,30 @@ impl TrainStepConfig {
                 out.push(ConfigIssue::new(key, msg));
             }
         };
-        need(self.lr > 0.0 && self.lr.is_finite() && self.lr < 1.0, "lr", "must be in (0, 1)");
+        need(
+            self.lr > 0.0 && self.lr.is_finite() && self.lr < 1.0,
+            "lr",
+            "must be in (0, 1)",
+        );
         need(self.micro_batch >= 1, "micro_batch", "must be at least 1");
         need(self.grad_accum >= 1, "grad_accum", "must be at least 1");
         need(self.seq_len >= 2, "seq_len", "must be at least 2");
-        need(self.weight_decay >= 0.0 && self.weight_decay < 1.0, "weight_decay", "must be in [0, 1)");
-        need(self.betas.iter().all(|b| (0.0..1.0).contains(b)), "betas", "each beta must be in [0, 1)");
+        need(
+            self.weight_decay >= 0.0 && self.weight_decay < 1.0,
+            "weight_decay",
+            "must be in [0, 1)",
+        );
+        need(
+            self.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "betas",
+            "each beta must be in [0, 1)",
+        );
         need(self.eps > 0.0, "eps", "must be positive");
-        need(self.clip >= 0.0 && self.clip.is_finite(), "clip", "must be >= 0 (0 = no clipping)");
+        need(
+            self.clip >= 0.0 && self.clip.is_finite(),
+            "clip",
+            "must be >= 0 (0 = no clipping)",
+        );
         need(self.epochs != Some(0), "epochs", "must be at least 1");
         need(self.max_steps != Some(0), "max_steps", "must be at least 1");
         need(
@@ -145,7 +161,11 @@ impl TrainStepConfig {
             "warmup_ratio",
             "set either warmup_steps or warmup_ratio, not both",
         );
-        need(self.warmup_ratio.is_none_or(|r| (0.0..1.0).contains(&r)), "warmup_ratio", "must be in [0, 1)");
+        need(
+            self.warmup_ratio.is_none_or(|r| (0.0..1.0).contains(&r)),
+            "warmup_ratio",
+            "must be in [0, 1)",
+        );
         out
     }
 
@@ -153,7 +173,9 @@ impl TrainStepConfig {
     pub fn total_steps(&self, rows: usize) -> usize {
         match self.max_steps {
             Some(s) => s,
-            None => (self.epochs.unwrap_or(1) * rows).div_ceil(self.micro_batch * self.grad_accum).max(1),
+            None => (self.epochs.unwrap_or(1) * rows)
+                .div_ceil(self.micro_batch * self.grad_accum)
+                .max(1),
         }
     }
 
@@ -168,7 +190,12 @@ impl TrainStepConfig {
 
     /// The AdamW settings.
     pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig { beta1: self.betas[0], beta2: self.betas[1], eps: self.eps, weight_decay: self.weight_decay }
+        AdamWConfig {
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
     }
 }
 
@@ -187,14 +214,27 @@ pub struct TrainInputs {
 /// Resolves the `model` and `data` slots of `ctx`.
 pub fn resolve_inputs(cfg: &TrainStepConfig, ctx: &StepContext) -> Result<TrainInputs> {
     let model = ctx.input("model")?;
-    let tokenizer = Tokenizer::from_model_dir(&model.path)
-        .with_context(|| format!("model {:?} needs a tokenizer.json to train on text", model.name))?;
-    let sources = ctx.inputs_of("data").iter().map(DatasetSource::from_input).collect::<Result<Vec<_>>>()?;
+    let tokenizer = Tokenizer::from_model_dir(&model.path).with_context(|| {
+        format!(
+            "model {:?} needs a tokenizer.json to train on text",
+            model.name
+        )
+    })?;
+    let sources = ctx
+        .inputs_of("data")
+        .iter()
+        .map(DatasetSource::from_input)
+        .collect::<Result<Vec<_>>>()?;
     if sources.is_empty() {
         bail!("step `{}` has no `data` input", ctx.step);
     }
     let seed = derive_seed(ctx.settings.seed, &format!("train/{}", cfg.seed));
-    Ok(TrainInputs { model_dir: model.path.clone(), tokenizer, sources, seed })
+    Ok(TrainInputs {
+        model_dir: model.path.clone(),
+        tokenizer,
+        sources,
+        seed,
+    })
 }
 
 /// The filter factory of a step: each name is a `[plugins.*]` filter of a dataset the step reads, loaded
@@ -206,37 +246,63 @@ pub fn plugin_filters<'a>(
     let mut host: Option<crate::plugins::PluginHost> = None;
     move |name: &str| {
         let Some(spec) = ctx.plugins.get(name) else {
-            bail!("a dataset of step `{}` uses filter {name:?}, which is not declared in [plugins]", ctx.step);
+            bail!(
+                "a dataset of step `{}` uses filter {name:?}, which is not declared in [plugins]",
+                ctx.step
+            );
         };
-        let params = cfg.filter_params.get(name).cloned().unwrap_or_else(|| serde_json::json!({}));
+        let params = cfg
+            .filter_params
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
         if host.is_none() {
             host = Some(crate::plugins::PluginHost::new()?);
         }
         let host = host.as_ref().expect("host was just created");
-        Ok(Box::new(crate::data::PluginFilter::load(host, name, spec, &params.to_string())?))
+        Ok(Box::new(crate::data::PluginFilter::load(
+            host,
+            name,
+            spec,
+            &params.to_string(),
+        )?))
     }
 }
 
 /// What the training kinds depend on beyond inputs: the filter plugins named in `filter_params`.
 pub fn dependencies(cfg: &TrainStepConfig) -> crate::steps::Dependencies {
-    crate::steps::Dependencies { plugins: cfg.filter_params.keys().cloned().collect(), files: Vec::new() }
+    crate::steps::Dependencies {
+        plugins: cfg.filter_params.keys().cloned().collect(),
+        files: Vec::new(),
+    }
 }
 
 /// Checks that every `filter_params` key is a declared plugin.
-pub fn check_filter_plugins(cfg: &TrainStepConfig, ctx: &dyn crate::steps::CheckContext) -> Vec<ConfigIssue> {
+pub fn check_filter_plugins(
+    cfg: &TrainStepConfig,
+    ctx: &dyn crate::steps::CheckContext,
+) -> Vec<ConfigIssue> {
     cfg.filter_params
         .keys()
         .filter(|name| !ctx.has_plugin(name))
-        .map(|name| ConfigIssue::new(format!("filter_params.{name}"), format!("no [plugins.{name}] in this workflow")))
+        .map(|name| {
+            ConfigIssue::new(
+                format!("filter_params.{name}"),
+                format!("no [plugins.{name}] in this workflow"),
+            )
+        })
         .collect()
 }
 
 /// A progress observer for a step: position, loss and tokens/s on the step's bar; stops when cancelled.
-pub fn progress_observer(ctx: &StepContext) -> impl FnMut(&super::StepMetrics, usize) -> Result<()> + '_ {
+pub fn progress_observer(
+    ctx: &StepContext,
+) -> impl FnMut(&super::StepMetrics, usize) -> Result<()> + '_ {
     move |m, total| {
         ctx.progress.set_length(total as u64);
         ctx.progress.set_position(m.step as u64);
-        ctx.progress.set_message(format!("loss {:.4} · {:.0} tok/s", m.loss, m.tokens_per_s));
+        ctx.progress
+            .set_message(format!("loss {:.4} · {:.0} tok/s", m.loss, m.tokens_per_s));
         ctx.check_cancelled()
     }
 }
@@ -275,18 +341,30 @@ pub fn train_model(
     };
     let summary = train(&model, &mut opt, rows, &opts, out_dir, observer)?;
 
-    let masters: std::collections::HashMap<&str, &candle_core::Tensor> =
-        opt.params.iter().map(|p| (p.name.as_str(), &p.master)).collect();
+    let masters: std::collections::HashMap<&str, &candle_core::Tensor> = opt
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), &p.master))
+        .collect();
     let tensors: Vec<(String, candle_core::Tensor)> = model
         .named_weights()
         .into_iter()
-        .map(|(n, t)| (n.clone(), masters.get(n.as_str()).map(|m| (*m).clone()).unwrap_or(t)))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                masters.get(n.as_str()).map(|m| (*m).clone()).unwrap_or(t),
+            )
+        })
         .collect();
     let staging = out_dir.join(".model");
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    let save = SaveOptions { dtype: save_dtype, copy_from: Some(model_dir.to_path_buf()), ..Default::default() };
+    let save = SaveOptions {
+        dtype: save_dtype,
+        copy_from: Some(model_dir.to_path_buf()),
+        ..Default::default()
+    };
     save_tensors(&staging, model.config(), &tensors, &save)?;
     for entry in std::fs::read_dir(&staging)? {
         let entry = entry?;
@@ -304,7 +382,10 @@ pub fn train_model(
         "tokens_seen": summary.tokens_seen,
         "tokens_per_s": summary.tokens_per_s,
     });
-    std::fs::write(out_dir.join("train_report.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(
+        out_dir.join("train_report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
     let ckpt = checkpoint_dir(out_dir);
     if ckpt.exists() {
         std::fs::remove_dir_all(&ckpt)?;
@@ -332,7 +413,10 @@ pub fn load_for_training(
                     data.insert(name.clone(), Var::from_tensor(&var.to_dtype(DType::BF16)?)?);
                 }
             }
-            let model = crate::model::Llama::new(&cfg, VarBuilder::from_varmap(&half, DType::BF16, device))?;
+            let model = crate::model::Llama::new(
+                &cfg,
+                VarBuilder::from_varmap(&half, DType::BF16, device),
+            )?;
             let mut opt = AdamW::new(sorted_vars(&half), adamw)?;
             for (p, (_, master)) in opt.params.iter_mut().zip(&masters) {
                 set_master(p, master.as_tensor().clone())?;

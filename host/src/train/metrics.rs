@@ -51,7 +51,11 @@ impl MetricsLog {
         }
         std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
         let file = std::fs::OpenOptions::new().append(true).open(path)?;
-        Ok(MetricsLog { path: path.to_path_buf(), file, history })
+        Ok(MetricsLog {
+            path: path.to_path_buf(),
+            file,
+            history,
+        })
     }
 
     /// Appends one step.
@@ -66,11 +70,22 @@ impl MetricsLog {
 /// Draws loss against step as an SVG file.
 pub fn plot_loss(history: &[StepMetrics], title: &str, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let points: Vec<(f64, f64)> =
-        history.iter().filter(|m| m.loss.is_finite()).map(|m| (m.step as f64, m.loss)).collect();
+    let points: Vec<(f64, f64)> = history
+        .iter()
+        .filter(|m| m.loss.is_finite())
+        .map(|m| (m.step as f64, m.loss))
+        .collect();
     let max_step = points.iter().map(|p| p.0).fold(1.0, f64::max);
-    let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-    let (lo, hi) = if lo.is_finite() { (lo.min(hi - 1e-6) * 0.95, hi * 1.05) } else { (0.0, 1.0) };
+    let (lo, hi) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.1), hi.max(p.1))
+        });
+    let (lo, hi) = if lo.is_finite() {
+        (lo.min(hi - 1e-6) * 0.95, hi * 1.05)
+    } else {
+        (0.0, 1.0)
+    };
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -80,8 +95,15 @@ pub fn plot_loss(history: &[StepMetrics], title: &str, path: &Path) -> Result<()
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..max_step, lo..hi)
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc("optimizer step").y_desc("loss").draw().map_err(plot_err)?;
-    chart.draw_series(LineSeries::new(points, &BLUE)).map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss")
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(LineSeries::new(points, &BLUE))
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }

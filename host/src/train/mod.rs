@@ -23,6 +23,8 @@ pub use loss::weighted_nll_sum;
 pub use metrics::{plot_loss, MetricsLog, StepMetrics};
 pub use optimizer::{set_master, AdamW, AdamWConfig, Param};
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use trainer::{checkpoint_dir, clip_gradients, global_norm, train, TrainObserver, TrainOptions, TrainSummary};
+pub use trainer::{
+    checkpoint_dir, clip_gradients, global_norm, train, TrainObserver, TrainOptions, TrainSummary,
+};
 pub mod job;
 pub use job::{ComputeDType, TrainStepConfig};

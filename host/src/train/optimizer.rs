@@ -20,7 +20,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -59,20 +64,41 @@ impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         let mut params = Vec::with_capacity(vars.len());
         for (name, var) in vars {
-            let master = if var.dtype() == DType::F32 { var.as_tensor().clone() } else { var.to_dtype(DType::F32)? };
+            let master = if var.dtype() == DType::F32 {
+                var.as_tensor().clone()
+            } else {
+                var.to_dtype(DType::F32)?
+            };
             let m = master.zeros_like()?;
             let v = master.zeros_like()?;
             let decay = var.rank() >= 2;
-            params.push(Param { name, var, master, m, v, decay });
+            params.push(Param {
+                name,
+                var,
+                master,
+                m,
+                v,
+                decay,
+            });
         }
-        Ok(AdamW { config, params, steps: 0, fused: true })
+        Ok(AdamW {
+            config,
+            params,
+            steps: 0,
+            fused: true,
+        })
     }
 
     /// One update with learning rate `lr` and f32 gradients `grads` (same order as `params`).
     /// On the CPU the moments and master weights are updated in place in one pass each; elsewhere with
     /// tensor ops. Both follow torch's arithmetic (`lerp` for the first moment, `eps` after the root).
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        ensure!(grads.len() == self.params.len(), "{} gradients for {} parameters", grads.len(), self.params.len());
+        ensure!(
+            grads.len() == self.params.len(),
+            "{} gradients for {} parameters",
+            grads.len(),
+            self.params.len()
+        );
         self.steps += 1;
         let c = self.config;
         let t = self.steps as i32;
@@ -80,14 +106,32 @@ impl AdamW {
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (p, g) in self.params.iter_mut().zip(grads) {
             let decay = if p.decay { c.weight_decay } else { 0.0 };
-            let update =
-                WeightUpdate { decay: (1.0 - lr * decay) as f32, step_size: lr / bias1, bias2_sqrt, eps: c.eps };
+            let update = WeightUpdate {
+                decay: (1.0 - lr * decay) as f32,
+                step_size: lr / bias1,
+                bias2_sqrt,
+                eps: c.eps,
+            };
             let fused = self.fused
                 && p.master.device().is_cpu()
-                && [&p.master, &p.m, &p.v, g].iter().all(|t| t.is_contiguous() && t.dtype() == DType::F32);
+                && [&p.master, &p.m, &p.v, g]
+                    .iter()
+                    .all(|t| t.is_contiguous() && t.dtype() == DType::F32);
             if fused {
-                p.m.inplace_op2(g, &MomentUpdate { weight: (1.0 - c.beta1) as f32, square: false })?;
-                p.v.inplace_op2(g, &MomentUpdate { weight: (1.0 - c.beta2) as f32, square: true })?;
+                p.m.inplace_op2(
+                    g,
+                    &MomentUpdate {
+                        weight: (1.0 - c.beta1) as f32,
+                        square: false,
+                    },
+                )?;
+                p.v.inplace_op2(
+                    g,
+                    &MomentUpdate {
+                        weight: (1.0 - c.beta2) as f32,
+                        square: true,
+                    },
+                )?;
                 p.master.inplace_op3(&p.m, &p.v, &update)?;
                 if p.var.dtype() != DType::F32 {
                     p.var.set(&p.master.to_dtype(p.var.dtype())?)?;
@@ -167,11 +211,19 @@ impl candle_core::InplaceOp3 for WeightUpdate {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        let (w, m, v) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (w, m, v) = (
+            f32_slice_mut(s1, l1)?,
+            f32_slice(s2, l2)?,
+            f32_slice(s3, l3)?,
+        );
         if w.len() != m.len() || w.len() != v.len() {
             candle_core::bail!("adamw: weight and moment sizes differ");
         }
-        let (step, b2, eps) = (self.step_size as f32, self.bias2_sqrt as f32, self.eps as f32);
+        let (step, b2, eps) = (
+            self.step_size as f32,
+            self.bias2_sqrt as f32,
+            self.eps as f32,
+        );
         for ((p, m), v) in w.iter_mut().zip(m).zip(v) {
             let denom = v.sqrt() / b2 + eps;
             *p = *p * self.decay - step * (m / denom);
@@ -180,7 +232,10 @@ impl candle_core::InplaceOp3 for WeightUpdate {
     }
 }
 
-fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
+fn f32_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),

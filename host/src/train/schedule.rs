@@ -40,7 +40,9 @@ impl LrSchedule {
         match self.kind {
             ScheduleKind::Constant => 1.0,
             ScheduleKind::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
-            ScheduleKind::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            ScheduleKind::Cosine => {
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
         }
     }
 
@@ -56,13 +58,21 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_to_zero() {
-        let s = LrSchedule { lr: 1.0, kind: ScheduleKind::Cosine, warmup: 2, total: 10 };
+        let s = LrSchedule {
+            lr: 1.0,
+            kind: ScheduleKind::Cosine,
+            warmup: 2,
+            total: 10,
+        };
         assert_eq!(s.at(0), 0.0);
         assert_eq!(s.at(1), 0.5);
         assert_eq!(s.at(2), 1.0);
         assert!((s.at(6) - 0.5).abs() < 1e-12);
         assert!(s.at(10).abs() < 1e-12);
-        let l = LrSchedule { kind: ScheduleKind::Linear, ..s };
+        let l = LrSchedule {
+            kind: ScheduleKind::Linear,
+            ..s
+        };
         assert!((l.at(6) - 0.5).abs() < 1e-12);
     }
 }

@@ -83,12 +83,21 @@ pub fn train(
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary> {
     ensure!(!rows.is_empty(), "no training rows");
-    ensure!(opts.micro_batch > 0 && opts.grad_accum > 0, "micro_batch and grad_accum must be positive");
+    ensure!(
+        opts.micro_batch > 0 && opts.grad_accum > 0,
+        "micro_batch and grad_accum must be positive"
+    );
     let device = model.device().clone();
     let order = BatchOrder::new(rows.len(), opts.micro_batch, opts.seed, opts.shuffle);
-    let schedule = LrSchedule { lr: opts.lr, kind: opts.schedule, warmup: opts.warmup_steps, total: opts.total_steps };
+    let schedule = LrSchedule {
+        lr: opts.lr,
+        kind: opts.schedule,
+        warmup: opts.warmup_steps,
+        total: opts.total_steps,
+    };
     let fingerprint = fingerprint(opts, opt, rows)?;
-    std::fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
     let checkpoints = checkpoint_dir(work_dir);
 
     let (start, mut tokens_seen) = resume(&checkpoints, opt, &fingerprint, &device)?;
@@ -99,7 +108,11 @@ pub fn train(
         let t0 = Instant::now();
         let batches = micro_batches(rows, &order, step, opts, &device)?;
         let targets: usize = batches.iter().map(|b| b.target_count).sum();
-        ensure!(targets > 0, "step {}: no target tokens in this step's micro-batches", step + 1);
+        ensure!(
+            targets > 0,
+            "step {}: no target tokens in this step's micro-batches",
+            step + 1
+        );
         let (loss_sum, mut grads) = accumulate_gradients(model, opt, &batches, targets, step)?;
         let loss = loss_sum / targets as f64;
         let grad_norm = global_norm(&grads)?;
@@ -123,8 +136,15 @@ pub fn train(
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         };
         metrics.log(&m)?;
-        if opts.checkpoint_every > 0 && (step + 1) % opts.checkpoint_every == 0 && step + 1 < opts.total_steps {
-            let state = TrainState { step: step + 1, tokens_seen, fingerprint: fingerprint.clone() };
+        if opts.checkpoint_every > 0
+            && (step + 1) % opts.checkpoint_every == 0
+            && step + 1 < opts.total_steps
+        {
+            let state = TrainState {
+                step: step + 1,
+                tokens_seen,
+                fingerprint: fingerprint.clone(),
+            };
             save_checkpoint(&checkpoints, opt, &state)?;
         }
         observer.on_step(&m, opts.total_steps)?;
@@ -152,10 +172,15 @@ fn resume(
     fingerprint: &str,
     device: &candle_core::Device,
 ) -> Result<(usize, u64)> {
-    let Some(dir) = latest_checkpoint(checkpoints)? else { return Ok((0, 0)) };
+    let Some(dir) = latest_checkpoint(checkpoints)? else {
+        return Ok((0, 0));
+    };
     let state = load_checkpoint(&dir, opt, device)?;
     if state.fingerprint != fingerprint {
-        bail!("checkpoint {} belongs to a run with other options or data; delete it to start over", dir.display());
+        bail!(
+            "checkpoint {} belongs to a run with other options or data; delete it to start over",
+            dir.display()
+        );
     }
     tracing::info!(step = state.step, "resuming from {}", dir.display());
     Ok((state.step, state.tokens_seen))
@@ -199,13 +224,18 @@ fn accumulate_gradients(
         let grads = (nll / targets as f64)?.backward()?;
         let mut these = Vec::with_capacity(opt.params.len());
         for p in &opt.params {
-            let g =
-                grads.get(p.var.as_tensor()).with_context(|| format!("parameter {} received no gradient", p.name))?;
+            let g = grads
+                .get(p.var.as_tensor())
+                .with_context(|| format!("parameter {} received no gradient", p.name))?;
             these.push(g.to_dtype(DType::F32)?);
         }
         acc = Some(match acc {
             None => these,
-            Some(prev) => prev.iter().zip(&these).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+            Some(prev) => prev
+                .iter()
+                .zip(&these)
+                .map(|(a, g)| a + g)
+                .collect::<candle_core::Result<_>>()?,
         });
     }
     Ok((loss_sum, acc.unwrap_or_default()))
