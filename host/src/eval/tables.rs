@@ -159,9 +159,6 @@ pub fn markdown_table(summaries: &[(String, Summary)]) -> String {
 /// A grouped bar chart (SVG) of the accuracy-like scores in percent: one group per task (H6 average
 /// first when available), one bar per model.
 pub fn bar_chart_svg(summaries: &[(String, Summary)]) -> String {
-    const PALETTE: [&str; 8] = [
-        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
-    ];
     let mut groups: Vec<(String, Vec<Option<f64>>)> = Vec::new();
     if summaries.iter().any(|(_, s)| s.h6.is_some()) {
         groups.push((
@@ -183,66 +180,74 @@ pub fn bar_chart_svg(summaries: &[(String, Summary)]) -> String {
             groups.push((task_title(&c), vals));
         }
     }
-    let n = summaries.len().max(1);
-    let (bar_w, gap, left, top, plot_h) = (18.0, 24.0, 50.0, 20.0, 240.0);
-    let group_w = bar_w * n as f64 + gap;
-    let legend_h = 18.0 * n as f64 + 10.0;
-    let width = left + group_w * groups.len().max(1) as f64 + 20.0;
-    let height = top + plot_h + 40.0 + legend_h;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    for tick in (0..=100).step_by(20) {
-        let y = top + plot_h * (1.0 - tick as f64 / 100.0);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{tick}</text>"##,
-            width - 20.0,
-            left - 6.0,
-            y + 4.0
-        );
-    }
-    for (gi, (title, vals)) in groups.iter().enumerate() {
-        let x0 = left + gap / 2.0 + group_w * gi as f64;
-        for (mi, v) in vals.iter().enumerate() {
-            if let Some(v) = v {
-                let h = plot_h * v.clamp(0.0, 100.0) / 100.0;
-                let x = x0 + bar_w * mi as f64;
-                let _ = writeln!(
-                    svg,
-                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{}: {v:.2}</title></rect>"#,
-                    top + plot_h - h,
-                    bar_w - 2.0,
-                    PALETTE[mi % PALETTE.len()],
-                    xml_escape(&summaries[mi].0)
-                );
-            }
+    render_bars(&groups, summaries).unwrap_or_else(|e| {
+        format!("<svg xmlns=\"http://www.w3.org/2000/svg\"><text y=\"20\">chart failed: {}</text></svg>\n", xml_escape(&e))
+    })
+}
+
+/// Draws the grouped bars with plotters: x runs over groups (one slot per model plus a gap), y is percent.
+fn render_bars(groups: &[(String, Vec<Option<f64>>)], summaries: &[(String, Summary)]) -> Result<String, String> {
+    use plotters::prelude::*;
+    const PALETTE: [RGBColor; 8] = [
+        RGBColor(0x4e, 0x79, 0xa7),
+        RGBColor(0xf2, 0x8e, 0x2b),
+        RGBColor(0xe1, 0x57, 0x59),
+        RGBColor(0x76, 0xb7, 0xb2),
+        RGBColor(0x59, 0xa1, 0x4f),
+        RGBColor(0xed, 0xc9, 0x48),
+        RGBColor(0xb0, 0x7a, 0xa1),
+        RGBColor(0x9c, 0x75, 0x5f),
+    ];
+    let models = summaries.len().max(1);
+    let slot = models as f64 + 1.0;
+    let width = (120 + 24 * (models + 1) * groups.len().max(1)) as u32;
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (width.max(480), 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let titles: Vec<String> = groups.iter().map(|(t, _)| t.clone()).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0.0..slot * groups.len().max(1) as f64, 0.0..100.0)
+            .map_err(|e| e.to_string())?;
+        let label = move |x: &f64| {
+            let g = (*x / slot).floor() as usize;
+            let centre = (g as f64 + 0.5) * slot;
+            if (x - centre).abs() < 1e-6 { titles.get(g).cloned().unwrap_or_default() } else { String::new() }
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(groups.len().max(1) * 2 + 1)
+            .x_label_formatter(&label)
+            .y_desc("score (%)")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (mi, (name, _)) in summaries.iter().enumerate() {
+            let color = PALETTE[mi % PALETTE.len()];
+            let bars = groups.iter().enumerate().filter_map(move |(gi, (_, vals))| {
+                vals[mi].map(|v| {
+                    let x0 = gi as f64 * slot + 0.5 + mi as f64;
+                    Rectangle::new([(x0, 0.0), (x0 + 0.9, v.clamp(0.0, 100.0))], color.filled())
+                })
+            });
+            chart
+                .draw_series(bars)
+                .map_err(|e| e.to_string())?
+                .label(name.clone())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            x0 + bar_w * n as f64 / 2.0,
-            top + plot_h + 16.0,
-            xml_escape(title)
-        );
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
     }
-    for (mi, (name, _)) in summaries.iter().enumerate() {
-        let y = top + plot_h + 40.0 + 18.0 * mi as f64;
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{left}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            y - 10.0,
-            PALETTE[mi % PALETTE.len()],
-            left + 18.0,
-            y,
-            xml_escape(name)
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
+    Ok(out)
 }
 
 fn xml_escape(s: &str) -> String {
