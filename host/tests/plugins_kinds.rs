@@ -82,6 +82,38 @@ fn llama_pro_expansion_zeroes_output_projections_of_new_blocks() {
 }
 
 #[test]
+fn dedup_keeps_the_first_occurrence_across_batches() {
+    let records: Vec<String> = [
+        r#"{"instruction": "Add 2 and 3", "output": "5", "id": 1}"#,
+        r#"{"instruction": "add  2 and 3", "output": "5", "id": 2}"#,
+        r#"{"instruction": "Add 2 and 3", "output": "5", "id": 3}"#,
+        r#"{"instruction": "Add 4 and 3", "output": "7", "id": 4}"#,
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut exact = load("dedup").data_filter(r#"{"fields": ["instruction", "output"]}"#).unwrap();
+    assert_eq!(
+        exact.filter_batch(&records[..2]).unwrap(),
+        vec![Verdict::Keep, Verdict::Keep]
+    );
+    // Record 3 repeats record 1, seen in the previous batch of the same job.
+    assert_eq!(
+        exact.filter_batch(&records[2..]).unwrap(),
+        vec![Verdict::Drop, Verdict::Keep]
+    );
+    let mut normalized = load("dedup")
+        .data_filter(r#"{"fields": ["instruction"], "normalize": true}"#)
+        .unwrap();
+    assert_eq!(
+        normalized.filter_batch(&records).unwrap(),
+        vec![Verdict::Keep, Verdict::Drop, Verdict::Drop, Verdict::Keep]
+    );
+    // Without fields the whole record is the key: the ids differ, so nothing is dropped.
+    let mut whole = load("dedup").data_filter("{}").unwrap();
+    assert!(whole.filter_batch(&records).unwrap().iter().all(|v| *v == Verdict::Keep));
+}
+
+#[test]
 fn length_filter_keeps_drops_and_rewrites() {
     let mut filter = load("length-filter")
         .data_filter(r#"{"min_chars": 5, "max_chars": 20, "trim": true}"#)
