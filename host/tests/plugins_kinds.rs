@@ -82,6 +82,37 @@ fn llama_pro_expansion_zeroes_output_projections_of_new_blocks() {
 }
 
 #[test]
+fn layer_schedule_moves_weight_from_model_a_to_model_b_across_layers() {
+    let inputs = [vec![0u8; 16], vec![0u8; 16]];
+    let mut rule = load("layer-schedule-merge")
+        .merge_rule(r#"{"from": 0.2, "to": 0.8, "outside": 0.5}"#)
+        .unwrap();
+    let mut plan = |name: &str| {
+        rule.plan_tensor(&tensor(name, &[4], DType::F32, &inputs))
+            .unwrap()
+    };
+    // `tensor` describes a 2-layer model: layer 0 gets `from`, layer 1 gets `to`.
+    assert_eq!(
+        plan("model.layers.0.mlp.down_proj.weight"),
+        MergePlan::Linear(vec![0.8, 0.2])
+    );
+    assert_eq!(
+        plan("model.layers.1.mlp.down_proj.weight"),
+        MergePlan::Linear(vec![1.0 - 0.8, 0.8])
+    );
+    assert_eq!(
+        plan("model.embed_tokens.weight"),
+        MergePlan::Linear(vec![0.5, 0.5])
+    );
+    let err = load("layer-schedule-merge")
+        .merge_rule(r#"{"to": 1.5}"#)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("to = 1.5 must be between 0 and 1"), "{err}");
+}
+
+#[test]
 fn dedup_keeps_the_first_occurrence_across_batches() {
     let records: Vec<String> = [
         r#"{"instruction": "Add 2 and 3", "output": "5", "id": 1}"#,
@@ -91,7 +122,9 @@ fn dedup_keeps_the_first_occurrence_across_batches() {
     ]
     .map(String::from)
     .to_vec();
-    let mut exact = load("dedup").data_filter(r#"{"fields": ["instruction", "output"]}"#).unwrap();
+    let mut exact = load("dedup")
+        .data_filter(r#"{"fields": ["instruction", "output"]}"#)
+        .unwrap();
     assert_eq!(
         exact.filter_batch(&records[..2]).unwrap(),
         vec![Verdict::Keep, Verdict::Keep]
@@ -110,7 +143,11 @@ fn dedup_keeps_the_first_occurrence_across_batches() {
     );
     // Without fields the whole record is the key: the ids differ, so nothing is dropped.
     let mut whole = load("dedup").data_filter("{}").unwrap();
-    assert!(whole.filter_batch(&records).unwrap().iter().all(|v| *v == Verdict::Keep));
+    assert!(whole
+        .filter_batch(&records)
+        .unwrap()
+        .iter()
+        .all(|v| *v == Verdict::Keep));
 }
 
 #[test]

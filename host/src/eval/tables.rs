@@ -186,7 +186,10 @@ pub fn bar_chart_svg(summaries: &[(String, Summary)]) -> String {
 }
 
 /// Draws the grouped bars with plotters: x runs over groups (one slot per model plus a gap), y is percent.
-fn render_bars(groups: &[(String, Vec<Option<f64>>)], summaries: &[(String, Summary)]) -> Result<String, String> {
+fn render_bars(
+    groups: &[(String, Vec<Option<f64>>)],
+    summaries: &[(String, Summary)],
+) -> Result<String, String> {
     use plotters::prelude::*;
     const PALETTE: [RGBColor; 8] = [
         RGBColor(0x4e, 0x79, 0xa7),
@@ -215,7 +218,11 @@ fn render_bars(groups: &[(String, Vec<Option<f64>>)], summaries: &[(String, Summ
         let label = move |x: &f64| {
             let g = (*x / slot).floor() as usize;
             let centre = (g as f64 + 0.5) * slot;
-            if (x - centre).abs() < 1e-6 { titles.get(g).cloned().unwrap_or_default() } else { String::new() }
+            if (x - centre).abs() < 1e-6 {
+                titles.get(g).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         };
         chart
             .configure_mesh()
@@ -227,17 +234,22 @@ fn render_bars(groups: &[(String, Vec<Option<f64>>)], summaries: &[(String, Summ
             .map_err(|e| e.to_string())?;
         for (mi, (name, _)) in summaries.iter().enumerate() {
             let color = PALETTE[mi % PALETTE.len()];
-            let bars = groups.iter().enumerate().filter_map(move |(gi, (_, vals))| {
-                vals[mi].map(|v| {
-                    let x0 = gi as f64 * slot + 0.5 + mi as f64;
-                    Rectangle::new([(x0, 0.0), (x0 + 0.9, v.clamp(0.0, 100.0))], color.filled())
-                })
-            });
+            let bars = groups
+                .iter()
+                .enumerate()
+                .filter_map(move |(gi, (_, vals))| {
+                    vals[mi].map(|v| {
+                        let x0 = gi as f64 * slot + 0.5 + mi as f64;
+                        Rectangle::new([(x0, 0.0), (x0 + 0.9, v.clamp(0.0, 100.0))], color.filled())
+                    })
+                });
             chart
                 .draw_series(bars)
                 .map_err(|e| e.to_string())?
                 .label(name.clone())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
         }
         chart
             .configure_series_labels()
