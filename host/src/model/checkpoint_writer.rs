@@ -184,6 +184,22 @@ pub fn write_checkpoint<'a, F>(
 where
     F: FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
 {
+    write_sharded(dir, specs, opts, |path, shard| {
+        write_safetensors(path, shard, &mut produce)
+    })
+}
+
+/// The sharding around a single-file writer: plans the shards, names their files, calls
+/// `write_file(path, shard_specs) -> bytes written` for each, and writes the index when there are several.
+pub fn write_sharded<F>(
+    dir: &Path,
+    specs: &[TensorSpec],
+    opts: ShardOptions,
+    mut write_file: F,
+) -> Result<WrittenCheckpoint>
+where
+    F: FnMut(&Path, &[TensorSpec]) -> Result<u64>,
+{
     let shards = plan_shards(specs, opts);
     let n = shards.len();
     let mut files = Vec::new();
@@ -195,7 +211,7 @@ where
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
         };
-        total_size += write_safetensors(&dir.join(&name), shard, &mut produce)?;
+        total_size += write_file(&dir.join(&name), shard)?;
         for s in shard {
             weight_map.insert(s.name.clone(), serde_json::Value::String(name.clone()));
         }

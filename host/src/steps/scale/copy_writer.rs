@@ -6,11 +6,9 @@
 //! a user-memory copy per page. The tests check this writer against the generic one byte for byte.
 
 use crate::model::checkpoint_writer::{
-    canonical_header, canonical_order, plan_shards, ShardOptions, TensorSpec, WrittenCheckpoint,
+    canonical_header, canonical_order, write_sharded, ShardOptions, TensorSpec, WrittenCheckpoint,
 };
-use crate::model::tensor_store::SINGLE_FILE;
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -39,27 +37,9 @@ pub fn write_checkpoint_copying<'a, F>(
 where
     F: FnMut(&TensorSpec) -> Result<TensorData<'a>>,
 {
-    let shards = plan_shards(specs, opts);
-    let n = shards.len();
-    let mut files = Vec::new();
-    let mut weight_map = BTreeMap::new();
-    let mut total_size = 0u64;
-    for (i, shard) in shards.iter().enumerate() {
-        let name = if n == 1 {
-            SINGLE_FILE.to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-        };
-        total_size += write_file(&dir.join(&name), shard, &mut produce)?;
-        for s in shard {
-            weight_map.insert(s.name.clone(), serde_json::Value::String(name.clone()));
-        }
-        files.push(name);
-    }
-    if n > 1 {
-        crate::model::checkpoint_writer::write_index(dir, specs, weight_map, total_size)?;
-    }
-    Ok(WrittenCheckpoint { files, total_size })
+    write_sharded(dir, specs, opts, |path, shard| {
+        write_file(path, shard, &mut produce)
+    })
 }
 
 fn write_file<'a, F>(path: &Path, specs: &[TensorSpec], produce: &mut F) -> Result<u64>
