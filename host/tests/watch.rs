@@ -53,6 +53,17 @@ async fn next_run(rx: &mut UnboundedReceiver<Stamped>) -> BTreeSet<String> {
     }
 }
 
+/// Like [`next_run`], but skips reruns that started nothing: one save can reach the watcher as two
+/// debounced batches, and the second finds every step cached.
+async fn next_working_run(rx: &mut UnboundedReceiver<Stamped>) -> BTreeSet<String> {
+    loop {
+        let started = next_run(rx).await;
+        if !started.is_empty() {
+            return started;
+        }
+    }
+}
+
 async fn next_invalid(rx: &mut UnboundedReceiver<Stamped>) -> String {
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
@@ -87,18 +98,21 @@ async fn watch_reruns_exactly_the_affected_steps() {
     let watcher =
         tokio::spawn(async move { engine::watch::watch(&file, &registry, options, token).await });
 
-    assert_eq!(next_run(&mut rx).await, set(&["a", "b", "c", "other"]));
+    assert_eq!(
+        next_working_run(&mut rx).await,
+        set(&["a", "b", "c", "other"])
+    );
 
     p.edit("text = \"B\"", "text = \"B2\"");
     assert_eq!(
-        next_run(&mut rx).await,
+        next_working_run(&mut rx).await,
         set(&["b", "c"]),
         "a parameter edit reruns the step and its dependents"
     );
 
     p.write("words.txt", "world");
     assert_eq!(
-        next_run(&mut rx).await,
+        next_working_run(&mut rx).await,
         set(&["b", "c"]),
         "a dataset edit reruns its readers"
     );
@@ -109,7 +123,7 @@ async fn watch_reruns_exactly_the_affected_steps() {
 
     p.edit("text = 5", "text = \"O2\"");
     assert_eq!(
-        next_run(&mut rx).await,
+        next_working_run(&mut rx).await,
         set(&["other"]),
         "after the fix only the edited step runs"
     );
