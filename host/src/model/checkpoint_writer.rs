@@ -47,13 +47,12 @@ pub fn canonical_order(specs: &mut [TensorSpec]) {
     specs.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
 }
 
-/// Writes one canonical safetensors file. `produce` is called once per tensor, in canonical order, and must
-/// return exactly `spec.byte_len()` little-endian bytes; it may borrow (e.g. from a memory map) or compute.
-/// The file is written beside `path` under a temporary name and renamed when complete.
-pub fn write_safetensors<'a, F>(path: &Path, specs: &[TensorSpec], mut produce: F) -> Result<u64>
-where
-    F: FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
-{
+/// The specs in canonical order (duplicate names refused) and the canonical header for them, for a
+/// writer of the safetensors file at `path`.
+pub fn ordered_with_header(
+    path: &Path,
+    specs: &[TensorSpec],
+) -> Result<(Vec<TensorSpec>, Vec<u8>)> {
     let mut ordered = specs.to_vec();
     canonical_order(&mut ordered);
     for w in ordered.windows(2) {
@@ -67,6 +66,17 @@ where
     }
     let header = canonical_header(&ordered)
         .with_context(|| format!("building header of {}", path.display()))?;
+    Ok((ordered, header))
+}
+
+/// Writes one canonical safetensors file. `produce` is called once per tensor, in canonical order, and must
+/// return exactly `spec.byte_len()` little-endian bytes; it may borrow (e.g. from a memory map) or compute.
+/// The file is written beside `path` under a temporary name and renamed when complete.
+pub fn write_safetensors<'a, F>(path: &Path, specs: &[TensorSpec], mut produce: F) -> Result<u64>
+where
+    F: FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
+{
+    let (ordered, header) = ordered_with_header(path, specs)?;
     let tmp = temp_sibling(path);
     let result = (|| -> Result<u64> {
         let file =

@@ -6,7 +6,7 @@
 //! a user-memory copy per page. The tests check this writer against the generic one byte for byte.
 
 use crate::model::checkpoint_writer::{
-    canonical_header, canonical_order, write_sharded, ShardOptions, TensorSpec, WrittenCheckpoint,
+    ordered_with_header, write_sharded, ShardOptions, TensorSpec, WrittenCheckpoint,
 };
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -46,19 +46,7 @@ fn write_file<'a, F>(path: &Path, specs: &[TensorSpec], produce: &mut F) -> Resu
 where
     F: FnMut(&TensorSpec) -> Result<TensorData<'a>>,
 {
-    let mut ordered = specs.to_vec();
-    canonical_order(&mut ordered);
-    for w in ordered.windows(2) {
-        if w[0].name == w[1].name {
-            bail!(
-                "tensor {:?} is listed twice for {}",
-                w[0].name,
-                path.display()
-            );
-        }
-    }
-    let header = canonical_header(&ordered)
-        .with_context(|| format!("building header of {}", path.display()))?;
+    let (ordered, header) = ordered_with_header(path, specs)?;
     let tmp = temp_sibling(path);
     let result = (|| -> Result<u64> {
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
