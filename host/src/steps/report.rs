@@ -24,7 +24,7 @@ pub struct ReportConfig {
     /// Heading of the report.
     #[serde(default)]
     pub title: Option<String>,
-    /// Row names replacing the inputs' names (input name → row name).
+    /// Row names by eval step or model name (default: the evaluated model's name).
     #[serde(default)]
     pub names: BTreeMap<String, String>,
 }
@@ -68,20 +68,16 @@ impl StepKind for ReportStep {
     }
 
     fn run(&self, c: &ReportConfig, ctx: &StepContext) -> Result<()> {
-        let mut rows = Vec::new();
+        let mut loaded = Vec::new();
         for a in ctx.inputs_of("evals") {
             let path = a.path.join("results.json");
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let summary: Summary = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not an eval results.json", path.display()))?;
-            let name = c
-                .names
-                .get(&a.name)
-                .cloned()
-                .unwrap_or_else(|| a.name.clone());
-            rows.push((name, summary));
+            loaded.push((a.name.clone(), summary));
         }
+        let rows = row_names(loaded, &c.names);
         let mut md = String::new();
         if let Some(t) = &c.title {
             md.push_str(&format!("# {t}\n\n"));
@@ -98,5 +94,65 @@ impl StepKind for ReportStep {
         )?;
         std::fs::write(ctx.out_dir.join("chart.svg"), bar_chart_svg(&rows))?;
         Ok(())
+    }
+}
+
+/// Row names: `names` by eval step or model name, else the evaluated model's name, else (when two
+/// evaluations share a model) the eval step's name.
+fn row_names(
+    loaded: Vec<(String, Summary)>,
+    names: &BTreeMap<String, String>,
+) -> Vec<(String, Summary)> {
+    let shared = |model: &str| loaded.iter().filter(|(_, s)| s.model == model).count() > 1;
+    let named: Vec<String> = loaded
+        .iter()
+        .map(|(step, s)| {
+            names
+                .get(step)
+                .or_else(|| names.get(&s.model))
+                .cloned()
+                .unwrap_or_else(|| {
+                    if shared(&s.model) {
+                        step.clone()
+                    } else {
+                        s.model.clone()
+                    }
+                })
+        })
+        .collect();
+    named
+        .into_iter()
+        .zip(loaded.into_iter().map(|(_, s)| s))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(model: &str) -> Summary {
+        Summary {
+            model: model.into(),
+            mode: crate::eval::fewshot::Mode::Harness,
+            limit: None,
+            tasks: Default::default(),
+            h6: None,
+        }
+    }
+
+    #[test]
+    fn rows_are_named_after_models_unless_a_model_repeats_or_a_name_is_given() {
+        let loaded = vec![
+            ("eval[model=a]".to_string(), summary("a")),
+            ("eval[model=b]".to_string(), summary("b")),
+            ("other[model=b]".to_string(), summary("b")),
+            ("eval[model=c]".to_string(), summary("c")),
+        ];
+        let names = BTreeMap::from([("c".to_string(), "Cand. C".to_string())]);
+        let rows: Vec<String> = row_names(loaded, &names)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(rows, ["a", "eval[model=b]", "other[model=b]", "Cand. C"]);
     }
 }
