@@ -125,6 +125,7 @@ fn templates_and_custom_tasks() {
         template: "{q}".into(),
         choices: None,
         choice_list: Some(vec!["no".into(), "yes".into()]),
+        choice_fields: None,
         gold: Some("ans".into()),
         labels: None,
         target: None,
@@ -146,6 +147,27 @@ fn templates_and_custom_tasks() {
     assert!(spec
         .format(&json!({"q": "Is it?", "ans": "maybe"}))
         .is_err());
+    // Preference pairs: the choices are two fields, gold names the preferred one.
+    let pairs = CustomTask {
+        choice_list: None,
+        choice_fields: Some(vec!["chosen".into(), "rejected".into()]),
+        gold: Some("chosen".into()),
+        template: "{prompt}".into(),
+        ..task.clone()
+    };
+    let f = TaskSpec::custom(&pairs)
+        .unwrap()
+        .format(&json!({"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}))
+        .unwrap();
+    assert_eq!((f.text.as_str(), f.target.as_str()), ("2+2=", " 4"));
+    let two = CustomTask {
+        choices: Some("list".into()),
+        ..pairs
+    };
+    assert!(TaskSpec::custom(&two)
+        .unwrap_err()
+        .to_string()
+        .contains("exactly one of"));
     let bad = CustomTask {
         choice_list: None,
         ..task

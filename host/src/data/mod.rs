@@ -29,4 +29,4 @@ pub use sequence::{
     pack_documents, pack_examples, tokenize_document, tokenize_segments, BatchOrder, TrainSequence,
 };
 pub use source::{expand_paths, read_records, DatasetSource, Origin, RawRecord, ReadStats};
-pub use template::{alpaca_prompt, chatml, sft_segments, Segment};
+pub use template::{alpaca_prompt, chatml, question_prompt, sft_segments, Segment};

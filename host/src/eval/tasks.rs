@@ -62,6 +62,10 @@ pub struct CustomTask {
     /// Fixed choice texts for every document (instead of `choices`).
     #[serde(default)]
     pub choice_list: Option<Vec<String>>,
+    /// Fields each holding one choice's text, in order (instead of `choices`), e.g. `["chosen", "rejected"]`
+    /// with `gold = "chosen"` scores preference pairs.
+    #[serde(default)]
+    pub choice_fields: Option<Vec<String>>,
     /// Field holding the answer: a choice index, a label (see `labels`), a choice text, or the reference
     /// answer of a generation task.
     #[serde(default)]
@@ -237,9 +241,14 @@ impl TaskSpec {
             task.kind
         );
         if task.kind == CustomKind::MultipleChoice {
+            let given = [
+                task.choices.is_some(),
+                task.choice_list.is_some(),
+                task.choice_fields.is_some(),
+            ];
             ensure!(
-                task.choices.is_some() != task.choice_list.is_some(),
-                "task `{}`: give exactly one of `choices` (a field) or `choice_list`",
+                given.iter().filter(|g| **g).count() == 1,
+                "task `{}`: give exactly one of `choices` (a field), `choice_list` or `choice_fields`",
                 task.name
             );
         }
@@ -337,10 +346,18 @@ fn format_custom(t: &CustomTask, doc: &Value) -> Result<Formatted> {
             })
         }
         CustomKind::MultipleChoice => {
-            let choices = match (&t.choices, &t.choice_list) {
-                (Some(f), _) => str_list(doc, f)?,
-                (None, Some(list)) => list.clone(),
-                (None, None) => bail!("no choices"),
+            let choices = match (&t.choices, &t.choice_list, &t.choice_fields) {
+                (Some(f), _, _) => str_list(doc, f)?,
+                (None, Some(list), _) => list.clone(),
+                (None, None, Some(fields)) => fields
+                    .iter()
+                    .map(|f| match field(doc, f) {
+                        Some(Value::String(s)) => Ok(s.clone()),
+                        Some(v) if !v.is_null() => Ok(v.to_string()),
+                        _ => bail!("missing choice field `{f}`"),
+                    })
+                    .collect::<Result<_>>()?,
+                (None, None, None) => bail!("no choices"),
             };
             let gold_field = t.gold.as_deref().expect("checked");
             let metric_mc2 = t.metric == Some(Metric::Mc2);

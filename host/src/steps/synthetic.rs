@@ -6,7 +6,8 @@
 //! - `arithmetic`: GSM8K layout `{question, answer}`, the answer a worked solution ending in `#### N`;
 //! - `multiple-choice`: ARC layout `{id, question, choices: {text, label}, answerKey}`;
 //! - `alpaca`: `{instruction, input, output}`;
-//! - `preference`: `{prompt, chosen, rejected}` with a correct and a wrong worked answer.
+//! - `preference`: `{prompt, chosen, rejected}`: the prompt `Question: …\nAnswer:` (as GSM8K SFT and eval
+//!   render it) and a correct and a wrong worked answer, each after a space.
 //!
 //! Output: `data.jsonl` and `info.json` (task, count, seed).
 
@@ -66,6 +67,10 @@ impl StepKind for SyntheticStep {
 
     fn name(&self) -> &'static str {
         "synthetic"
+    }
+
+    fn version(&self) -> u32 {
+        2 // 2: preference prompts in `Question: …\nAnswer:` form
     }
 
     fn inputs(&self) -> InputSlots {
@@ -146,7 +151,11 @@ pub fn generate(
             SyntheticTask::Preference => {
                 let p = problem(&mut rng, max_operand);
                 let wrong = p.wrong_answer(&mut rng);
-                json!({ "prompt": p.question, "chosen": p.solution(), "rejected": p.solution_with(wrong) })
+                json!({
+                    "prompt": crate::data::question_prompt(&p.question),
+                    "chosen": format!(" {}", p.solution()),
+                    "rejected": format!(" {}", p.solution_with(wrong)),
+                })
             }
         })
         .collect()
@@ -366,6 +375,9 @@ mod tests {
             let chosen = r["chosen"].as_str().unwrap();
             let rejected = r["rejected"].as_str().unwrap();
             assert_ne!(chosen, rejected);
+            let prompt = r["prompt"].as_str().unwrap();
+            assert!(prompt.starts_with("Question: ") && prompt.ends_with("\nAnswer:"));
+            assert!(chosen.starts_with(' ') && rejected.starts_with(' '));
             let c: i64 = chosen.rsplit_once("#### ").unwrap().1.parse().unwrap();
             let w: i64 = rejected.rsplit_once("#### ").unwrap().1.parse().unwrap();
             assert!((1..=3).contains(&(c - w).abs()));
