@@ -2,6 +2,7 @@
 
 pub mod command;
 pub mod context;
+pub mod dpo;
 pub mod eval;
 pub mod init;
 pub mod kind;
@@ -45,6 +46,7 @@ impl Registry {
         r.register(init::InitStep);
         r.register(pretrain::PretrainStep);
         r.register(sft::SftStep);
+        r.register(dpo::DpoStep);
         r
     }
 
