@@ -7,6 +7,7 @@ pub mod eval;
 pub mod init;
 pub mod kind;
 pub mod merge;
+pub mod preference_pairs;
 pub mod pretrain;
 pub mod report;
 pub mod scale;
@@ -47,6 +48,7 @@ impl Registry {
         r.register(pretrain::PretrainStep);
         r.register(sft::SftStep);
         r.register(dpo::DpoStep);
+        r.register(preference_pairs::PreferencePairsStep);
         r
     }
 

@@ -2,9 +2,7 @@
 //! tokenised like TRL, then split into the sDPO chunks D_1..D_T.
 
 use super::config::ChunkBy;
-use crate::data::{
-    load_dataset, DatasetReport, DatasetSource, Example, FilterFactory, RecordFormat,
-};
+use crate::data::{load_dataset, DatasetReport, DatasetSource, Example, FilterFactory};
 use crate::model::Tokenizer;
 use crate::train::dpo::{tokenize_pair, PairLimits, PreferencePair};
 use anyhow::{bail, Result};
@@ -49,9 +47,9 @@ pub fn load_preference_data(
     };
     for (d, source) in sources.iter().enumerate() {
         let loaded = load_dataset(source, make_filter, seed)?;
-        if loaded.format != RecordFormat::Preference {
+        if !loaded.format.is_preference() {
             bail!(
-                "dataset {:?} has format {}, but dpo needs preference pairs {{prompt, chosen, rejected}}",
+                "dataset {:?} has format {}, but dpo needs preference pairs (formats preference, orca-dpo or ultrafeedback)",
                 source.name,
                 loaded.format.name()
             );
