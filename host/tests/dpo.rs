@@ -468,3 +468,133 @@ async fn malformed_lines_and_empty_chunks_fail_with_their_place() {
         "{err}"
     );
 }
+
+const LONG: &str = r#"
+[workflow]
+name = "resume"
+seed = 4
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+
+[steps.first]
+kind = "synthetic"
+task = "preference"
+count = 8
+
+[steps.second]
+kind = "synthetic"
+task = "preference"
+count = 8
+seed = 1
+
+[steps.align]
+kind = "dpo"
+inputs = { model = "tiny", data = ["first", "second"] }
+chunks = 2
+lr = 1e-3
+micro_batch = 2
+max_steps = 16
+checkpoint_every = 4
+"#;
+
+const CHILD_ENV: &str = "DUSFLOW_DPO_TEST_CHILD";
+const THIS_TEST: &str = "sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights";
+
+/// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set.
+fn dus_run(dir: &Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", THIS_TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The partial work folder of the dpo step, once stage 2 has written a checkpoint.
+fn stage_two_checkpoint(out: &Path) -> Option<PathBuf> {
+    for e in std::fs::read_dir(out.join(".dus/partial")).ok()?.flatten() {
+        let ckpt = e.path().join(".dpo-work/stage-2/checkpoints");
+        let has = std::fs::read_dir(&ckpt).is_ok_and(|c| {
+            c.flatten()
+                .any(|x| x.file_name().to_string_lossy().starts_with("step-"))
+        });
+        if has {
+            return Some(e.path());
+        }
+    }
+    None
+}
+
+#[test]
+fn sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let summary = rt.block_on(run(Path::new(&dir)));
+        assert!(summary.succeeded(), "{summary:?}");
+        return;
+    }
+    let (straight, crashy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [straight.path(), crashy.path()] {
+        std::fs::write(d.join("flow.toml"), LONG).unwrap();
+    }
+    assert!(dus_run(straight.path()).wait().unwrap().success());
+
+    let mut child = dus_run(crashy.path());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let partial = loop {
+        if let Some(p) = stage_two_checkpoint(&crashy.path().join("out")) {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stage 2 never checkpointed"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(crashy.path().join("stderr.txt")).unwrap_or_default();
+            panic!("the run ended ({status}) before stage 2 checkpointed: {log}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stage1_model = partial.join("stage-1/model.safetensors");
+    let stage1_time = std::fs::metadata(&stage1_model)
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(dus_run(crashy.path()).wait().unwrap().success());
+
+    let a = artifact(&straight.path().join("out"), "align");
+    let b = artifact(&crashy.path().join("out"), "align");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(b.join("dpo_report.json")).unwrap()).unwrap();
+    let stage2 = &report["stages"][1];
+    assert!(stage2["resumed_from"].as_u64().unwrap() >= 4, "{report}");
+    assert_eq!(stage2["reference_pass_reused"], true, "{report}");
+    assert_eq!(report["stages"][0]["resumed_from"], 0);
+    assert_eq!(
+        std::fs::metadata(b.join("stage-1/model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        stage1_time,
+        "stage 1 was not redone"
+    );
+    for f in ["model.safetensors", "stage-1/model.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs from the uninterrupted run"
+        );
+    }
+    assert_eq!(metrics(&b).len(), 32);
+}
