@@ -10,8 +10,8 @@ Both train the same model on the same preference pairs with the same settings:
   batch size), so no reference model is kept while training.
 
 Reported per implementation: training pairs/s over steps 2..STEPS (the first step is warmup), the
-reference pass in pairs/s, and the end-to-end time (dusflow: the whole `dus run` of the step, incl. data
-loading and saving; TRL: trainer construction incl. tokenisation and the reference pass, plus train()).
+reference pass in pairs/s, and the end-to-end time (dusflow: the whole `dus run` of the step, incl. process
+start, data loading and saving; the first round also runs the init and synthetic steps; TRL: trainer construction incl. tokenisation and the reference pass, plus train()).
 The two are run alternately for ROUNDS rounds so load from other processes hits both.
 
 Usage (from the repository root; needs the TRL venv, see scripts/bench-dpo.sh):
@@ -70,14 +70,25 @@ def artifact(out, step):
     raise SystemExit(f"no artifact for {step} in {out}")
 
 
-def run_dusflow(root, work, profile, force):
+def dus_binary(root, profile, dest):
+    """Builds `dus` once and copies it to `dest` (a shared target folder may be rebuilt by another checkout
+    meanwhile; a round never includes a rebuild)."""
+    subprocess.run(["cargo", "build", "-q", "-p", "dusflow", "--profile", profile, "--bin", "dus"], cwd=root,
+                   check=True)
+    meta = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=root,
+                                     check=True, capture_output=True, text=True).stdout)
+    built = os.path.join(meta["target_directory"], "debug" if profile == "dev" else profile, "dus")
+    shutil.copy2(built, dest)
+    return dest
+
+
+def run_dusflow(dus, work, force):
     env = dict(os.environ, RAYON_NUM_THREADS="2")
-    cmd = ["cargo", "run", "-q", "-p", "dusflow", "--profile", profile, "--", "run",
-           os.path.join(work, "flow.toml"), "-j", "1"]
+    cmd = [dus, "run", os.path.join(work, "flow.toml"), "-j", "1"]
     if force:
         cmd += ["--force", "align"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - t0
     out = os.path.join(work, "out")
     align = artifact(out, "align")
@@ -100,6 +111,7 @@ def run_trl(model_dir, data_file, args, cache):
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(2)
@@ -128,6 +140,7 @@ def run_trl(model_dir, data_file, args, cache):
     clock = Clock()
     t_ref = time.perf_counter()
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)
     init_s = time.perf_counter() - t_ref
     out = trainer.train()
     wall = time.perf_counter() - t0
@@ -156,12 +169,12 @@ def main():
     import transformers
     import trl
 
-    subprocess.run(["cargo", "build", "-q", "-p", "dusflow", "--profile", args.profile], cwd=root, check=True)
     with tempfile.TemporaryDirectory() as work:
+        dus = dus_binary(root, args.profile, os.path.join(work, "dus"))
         with open(os.path.join(work, "flow.toml"), "w") as f:
             f.write(FLOW.format(hidden=args.hidden, intermediate=args.hidden * 11 // 4, layers=args.layers,
                                 heads=args.heads, pairs=args.pairs, batch=args.batch, steps=args.steps))
-        first = run_dusflow(root, work, args.profile, force=False)
+        first = run_dusflow(dus, work, force=False)
         out = os.path.join(work, "out")
         model_dir = artifact(out, "tiny")
         data_file = os.path.join(artifact(out, "pairs"), "data.jsonl")
@@ -173,7 +186,7 @@ def main():
               f"{args.steps} steps; profile {args.profile}")
         ratios = []
         for r in range(args.rounds):
-            ours = first if r == 0 else run_dusflow(root, work, args.profile, force=True)
+            ours = first if r == 0 else run_dusflow(dus, work, force=True)
             cache = os.path.join(work, f"trl-cache-{r}")
             theirs = run_trl(model_dir, data_file, args, cache)
             shutil.rmtree(cache, ignore_errors=True)

@@ -598,3 +598,78 @@ fn sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights() {
     }
     assert_eq!(metrics(&b).len(), 32);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ultrafeedback_parquet_and_orca_jsonl_are_detected_and_trained_on() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpo");
+    let flow = format!(
+        r#"
+[workflow]
+name = "layouts"
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+
+[datasets.uf]
+path = "{}"
+
+[datasets.orca]
+path = "{}"
+
+[steps.align]
+kind = "dpo"
+inputs = {{ model = "tiny", data = ["uf", "orca"] }}
+chunks = 2
+max_steps = 1
+micro_batch = 2
+"#,
+        fixtures.join("ultrafeedback.parquet").display(),
+        fixtures.join("orca_dpo_pairs.jsonl").display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let a = artifact(&dir.path().join("out"), "align");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(a.join("dpo_report.json")).unwrap()).unwrap();
+    assert_eq!(report["datasets"][0]["format"], "ultrafeedback");
+    assert_eq!(report["datasets"][0]["used"], 3);
+    assert_eq!(report["datasets"][1]["format"], "orca-dpo");
+    assert_eq!(report["stages"][1]["pairs"], 2);
+
+    // The first UltraFeedback pair, rendered with ChatML and tokenised like TRL.
+    let tok = Tokenizer::from_model_dir(&a).unwrap();
+    let pair = tokenize_pair(
+        &tok,
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        "2+2 is 4.<|im_end|>",
+        "It is 5.<|im_end|>",
+        PairLimits::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(a.join("reference_logps/stage-1.json")).unwrap())
+            .unwrap();
+    let m0 = load_model(
+        &artifact(&dir.path().join("out"), "tiny"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = reference_pass(&m0, &[pair], 1, tok.pad_id().unwrap(), &mut |_| Ok(())).unwrap();
+    let got = floats(&stored["logps"]["chosen"]);
+    assert!(
+        (got[0] - want.chosen[0]).abs() < 1e-4,
+        "{} vs {}",
+        got[0],
+        want.chosen[0]
+    );
+}

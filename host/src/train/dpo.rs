@@ -9,7 +9,7 @@
 //! `prompt + rejected` encoded with the tokenizer's specials (BOS); the completion starts where the prompt's
 //! ids and the full ids diverge; `prompt + completion` is cut to `max_length` keeping the start, and a pair
 //! whose prompt alone fills `max_length` is dropped. `max_prompt_length` (older TRL; not in 1.16) first
-//! cuts the prompt keeping its end.
+//! cuts the prompt keeping its end, and its leading BOS if it has one.
 
 use super::metrics::StepMetrics;
 use super::trainer::{MicroLoss, Objective};
@@ -142,7 +142,11 @@ pub fn tokenize_pair(
     let mut rejected_part = full_rejected[prompt_len..].to_vec();
     if let Some(max) = limits.max_prompt_length {
         if prompt_part.len() > max {
-            prompt_part.drain(..prompt_part.len() - max);
+            // Keep the end, and a leading BOS (older TRL cut it away with the start).
+            let bos = tok.bos_id().filter(|b| prompt_part.first() == Some(b));
+            let keep = max - bos.is_some() as usize;
+            let tail = prompt_part.split_off(prompt_part.len() - keep);
+            prompt_part = bos.into_iter().chain(tail).collect();
         }
     }
     if let Some(max) = limits.max_length {
@@ -548,7 +552,7 @@ mod tests {
         let p = tokenize_pair(&tok, "Q?", " yes", " no", cut)
             .unwrap()
             .unwrap();
-        assert_eq!(p.prompt, vec![b'Q' as u32, b'?' as u32]);
+        assert_eq!(p.prompt, vec![tok.bos_id().unwrap(), b'?' as u32]);
         assert_eq!(p.chosen.len(), 3);
         let none = PairLimits {
             max_length: Some(3),

@@ -42,7 +42,7 @@ pub struct DpoStepConfig {
     /// Prompt + completion tokens at most (TRL's default 1024; the start is kept).
     #[serde(default = "DpoStepConfig::default_max_length")]
     pub max_length: Option<usize>,
-    /// Prompt tokens at most (the end is kept); none by default.
+    /// Prompt tokens at most (the end is kept, and a leading BOS); none by default.
     #[serde(default)]
     pub max_prompt_length: Option<usize>,
     /// Peak learning rate (TRL's default 1e-6).
