@@ -305,6 +305,54 @@ sweep = { "inputs.from" = ["s[text=x,repeat=1]", "s[text=y,repeat=2]"] }
     assert_eq!(output_of(&s, "each[from=s[text=y,repeat=2]]"), "E|yy");
 }
 
+#[tokio::test]
+async fn a_step_can_read_a_named_part_of_another_steps_output() {
+    let k = test_kinds();
+    let p = Project::new(
+        r#"
+[workflow]
+name = "parts"
+
+[steps.stages]
+kind = "text"
+text = "S"
+parts = 2
+
+[steps.second]
+kind = "text"
+text = "X"
+inputs = { from = ["stages/part-2", "stages/part-1"] }
+"#,
+    );
+    let summary = run(&p, &k.registry, 1).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    assert_eq!(output_of(&summary, "second"), "X|S2|S1");
+
+    // An unknown part is an error naming the step's parts; a step without parts says so.
+    let err = errors_of(
+        &std::fs::read_to_string(p.workflow())
+            .unwrap()
+            .replace("stages/part-1", "stages/part-3"),
+        &k.registry,
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("step `stages` has no part `part-3`")
+            && text.contains("its parts: part-1, part-2"),
+        "{text}"
+    );
+    let err = errors_of(
+        &std::fs::read_to_string(p.workflow())
+            .unwrap()
+            .replace("parts = 2", ""),
+        &k.registry,
+    );
+    assert!(
+        err.to_string().contains("step `stages` has no parts"),
+        "{err}"
+    );
+}
+
 fn errors_of(text: &str, registry: &dusflow::steps::Registry) -> WorkflowError {
     let p = Project::new(text);
     match Workflow::load(&p.workflow(), registry) {

@@ -113,7 +113,7 @@ pub fn plan(
             let mut keys = Vec::new();
             let mut artifacts = Vec::new();
             for r in refs {
-                let (name, key, artifact) = match r {
+                let (key, artifact) = match r {
                     InputRef::Model(name) => {
                         let spec = &workflow.models[name];
                         watched.push(spec.path.clone());
@@ -131,7 +131,7 @@ pub fn plan(
                             path: spec.path.clone(),
                             dataset: None,
                         };
-                        (name, key, artifact)
+                        (key, artifact)
                     }
                     InputRef::Dataset(name) => {
                         let spec = &workflow.datasets[name];
@@ -151,9 +151,9 @@ pub fn plan(
                             path,
                             dataset: Some(spec.clone()),
                         };
-                        (name, key, artifact)
+                        (key, artifact)
                     }
-                    InputRef::Step(name) => {
+                    InputRef::Step(name) | InputRef::Part(name, _) => {
                         let up = index_of[name.as_str()];
                         upstream.push(up);
                         let planned = &steps[up];
@@ -163,20 +163,35 @@ pub fn plan(
                             }
                             _ => Ok(planned.key.clone()),
                         };
-                        let artifact = InputArtifact {
-                            name: name.clone(),
-                            kind: workflow.steps[up].output,
-                            path: planned.dir.clone(),
-                            dataset: None,
+                        let artifact = match r {
+                            InputRef::Part(_, part) => {
+                                let p = workflow.steps[up]
+                                    .parts
+                                    .iter()
+                                    .find(|p| &p.name == part)
+                                    .expect("parts are resolved when the workflow loads");
+                                InputArtifact {
+                                    name: r.display_name(),
+                                    kind: p.kind,
+                                    path: planned.dir.join(&p.path),
+                                    dataset: None,
+                                }
+                            }
+                            _ => InputArtifact {
+                                name: name.clone(),
+                                kind: workflow.steps[up].output,
+                                path: planned.dir.clone(),
+                                dataset: None,
+                            },
                         };
-                        (name, key, artifact)
+                        (key, artifact)
                     }
                 };
                 match key {
-                    Ok(k) => keys.push(format!("{name}:{k}")),
+                    Ok(k) => keys.push(format!("{}:{k}", artifact.name)),
                     Err(e) => {
                         blocked.get_or_insert(e);
-                        keys.push(format!("{name}:missing"));
+                        keys.push(format!("{}:missing", artifact.name));
                     }
                 }
                 artifacts.push(artifact);

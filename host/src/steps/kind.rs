@@ -33,6 +33,18 @@ impl fmt::Display for ArtifactKind {
     }
 }
 
+/// A named sub-folder of a step's artifact that other steps may use on its own, referenced as
+/// `"STEP/PART"` (e.g. sDPO's intermediate model `"sdpo/stage-1"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactPart {
+    /// The name after the slash.
+    pub name: String,
+    /// Its folder, relative to the artifact (empty = the artifact itself).
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: ArtifactKind,
+}
+
 /// One named input of a step kind (`inputs = { model = "base" }` fills slot `model`).
 #[derive(Debug, Clone, Copy)]
 pub struct InputSlot {
@@ -120,6 +132,10 @@ pub trait StepKind: Send + Sync + 'static {
     fn inputs(&self) -> InputSlots;
     /// What the step writes.
     fn output(&self, config: &Self::Config) -> ArtifactKind;
+    /// Sub-folders of the output that other steps may reference as `"STEP/PART"` (default: none).
+    fn parts(&self, _config: &Self::Config) -> Vec<ArtifactPart> {
+        Vec::new()
+    }
     /// Semantic checks beyond types (ranges, combinations, referenced plugins).
     fn check(&self, _config: &Self::Config, _ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         Vec::new()
@@ -166,6 +182,8 @@ pub trait ErasedStepKind: Send + Sync {
     ) -> Result<(AnyConfig, serde_json::Value), ParseFailure>;
     /// See [`StepKind::output`].
     fn output(&self, config: &AnyConfig) -> ArtifactKind;
+    /// See [`StepKind::parts`].
+    fn parts(&self, config: &AnyConfig) -> Vec<ArtifactPart>;
     /// See [`StepKind::check`].
     fn check(&self, config: &AnyConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue>;
     /// See [`StepKind::dependencies`].
@@ -212,6 +230,9 @@ impl<K: StepKind> ErasedStepKind for Erased<K> {
     }
     fn output(&self, config: &AnyConfig) -> ArtifactKind {
         self.0.output(self.config(config))
+    }
+    fn parts(&self, config: &AnyConfig) -> Vec<ArtifactPart> {
+        self.0.parts(self.config(config))
     }
     fn check(&self, config: &AnyConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         self.0.check(self.config(config), ctx)

@@ -16,8 +16,8 @@ pub mod synthetic;
 
 pub use context::{Cancelled, InputArtifact, StepContext};
 pub use kind::{
-    AnyConfig, ArtifactKind, CheckContext, ConfigIssue, Dependencies, ErasedStepKind, InputSlot,
-    InputSlots, Resources, StepKind,
+    AnyConfig, ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, ErasedStepKind,
+    InputSlot, InputSlots, Resources, StepKind,
 };
 
 use std::collections::BTreeMap;

@@ -7,7 +7,7 @@
 use super::diagnostics::{hint, DiagnosticSink, WorkflowError};
 use super::schema::{DatasetSpec, ModelSpec, PathList, PluginSpec, WorkflowSettings};
 use super::{InputRef, Step, Workflow};
-use crate::steps::{ArtifactKind, CheckContext, InputSlot, InputSlots, Registry};
+use crate::steps::{ArtifactKind, ArtifactPart, CheckContext, InputSlot, InputSlots, Registry};
 use indexmap::IndexMap;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
@@ -560,6 +560,10 @@ impl<'a> Loader<'a> {
             .iter()
             .map(|(r, kind, config, _)| (r.name.clone(), kind.output(config)))
             .collect();
+        let parts_of: HashMap<String, Vec<ArtifactPart>> = parsed
+            .iter()
+            .map(|(r, kind, config, _)| (r.name.clone(), kind.parts(config)))
+            .collect();
 
         let mut steps = Vec::new();
         for (r, kind, config, json) in parsed {
@@ -656,6 +660,18 @@ impl<'a> Loader<'a> {
                     .flatten()
                     .flatten()
                     .collect();
+                    let found = match (found.is_empty(), name.rsplit_once('/')) {
+                        (true, Some((step, part))) => {
+                            match resolve_part(step, part, &points_of, &parts_of) {
+                                Ok(found) => found,
+                                Err(message) => {
+                                    sink.error(reference.span(), &slot_key, message);
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => found,
+                    };
                     if found.is_empty() {
                         if points_of.contains_key(name) || r.base == *name {
                             continue; // the step exists but failed to parse: already reported
@@ -701,7 +717,7 @@ impl<'a> Loader<'a> {
                                 "input `{}` takes one artifact but got {} ({}); name a single sweep point, or sweep over `inputs.{}`",
                                 spec.name,
                                 resolved.len(),
-                                resolved.iter().map(ref_name).collect::<Vec<_>>().join(", "),
+                                resolved.iter().map(InputRef::display_name).collect::<Vec<_>>().join(", "),
                                 spec.name
                             ),
                         );
@@ -723,6 +739,7 @@ impl<'a> Loader<'a> {
             }
             steps.push(Step {
                 output: kind.output(&config),
+                parts: kind.parts(&config),
                 resources: kind.resources(&config),
                 name: r.name,
                 base: r.base,
@@ -852,10 +869,39 @@ fn accepted(slot: &InputSlot) -> String {
     kinds.join(" or ")
 }
 
-fn ref_name(r: &InputRef) -> &str {
-    match r {
-        InputRef::Model(n) | InputRef::Dataset(n) | InputRef::Step(n) => n,
+/// Resolves `STEP/PART`: the named part of a step (of every point of a swept step).
+fn resolve_part(
+    step: &str,
+    part: &str,
+    points_of: &IndexMap<String, Vec<String>>,
+    parts_of: &HashMap<String, Vec<ArtifactPart>>,
+) -> Result<Vec<(InputRef, ArtifactKind)>, String> {
+    let points = match points_of.get(step) {
+        Some(points) => points.clone(),
+        None if parts_of.contains_key(step) => vec![step.to_string()],
+        None => return Ok(Vec::new()),
+    };
+    let mut found = Vec::with_capacity(points.len());
+    for point in points {
+        let parts = parts_of.get(&point).map(Vec::as_slice).unwrap_or_default();
+        match parts.iter().find(|p| p.name == part) {
+            Some(p) => found.push((InputRef::Part(point, part.to_string()), p.kind)),
+            None if parts.is_empty() => {
+                return Err(format!(
+                    "step `{point}` has no parts to reference as `{point}/...`"
+                ))
+            }
+            None => {
+                let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+                return Err(format!(
+                    "step `{point}` has no part `{part}`{}; its parts: {}",
+                    hint(part, names.iter().copied()),
+                    names.join(", ")
+                ));
+            }
+        }
     }
+    Ok(found)
 }
 
 fn expect_table<'b, 'i>(

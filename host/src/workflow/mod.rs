@@ -16,7 +16,9 @@ pub use schema::{
     DType, DatasetSpec, DeviceChoice, ModelSpec, OnError, PathList, PluginSpec, WorkflowSettings,
 };
 
-use crate::steps::{AnyConfig, ArtifactKind, Dependencies, ErasedStepKind, Registry, Resources};
+use crate::steps::{
+    AnyConfig, ArtifactKind, ArtifactPart, Dependencies, ErasedStepKind, Registry, Resources,
+};
 use indexmap::IndexMap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +53,18 @@ pub enum InputRef {
     Dataset(String),
     /// Another step's output, by expanded name.
     Step(String),
+    /// A named part (sub-folder) of another step's output: `"STEP/PART"`.
+    Part(String, String),
+}
+
+impl InputRef {
+    /// The reference as written: `NAME`, or `STEP/PART` for a part.
+    pub fn display_name(&self) -> String {
+        match self {
+            InputRef::Model(n) | InputRef::Dataset(n) | InputRef::Step(n) => n.clone(),
+            InputRef::Part(step, part) => format!("{step}/{part}"),
+        }
+    }
 }
 
 /// One step of the expanded DAG.
@@ -73,6 +87,8 @@ pub struct Step {
     pub dependencies: Dependencies,
     /// What it writes.
     pub output: ArtifactKind,
+    /// Named sub-folders of its output that other steps may reference (`STEP/PART`).
+    pub parts: Vec<ArtifactPart>,
     /// What it occupies while running.
     pub resources: Resources,
     /// Free text.
@@ -83,7 +99,7 @@ impl Step {
     /// Names of the steps this one reads from.
     pub fn upstream(&self) -> impl Iterator<Item = &str> {
         self.inputs.values().flatten().filter_map(|r| match r {
-            InputRef::Step(s) => Some(s.as_str()),
+            InputRef::Step(s) | InputRef::Part(s, _) => Some(s.as_str()),
             _ => None,
         })
     }

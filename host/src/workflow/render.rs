@@ -108,7 +108,7 @@ fn ref_id(r: &InputRef) -> String {
     match r {
         InputRef::Model(n) => node_id("model", n),
         InputRef::Dataset(n) => node_id("dataset", n),
-        InputRef::Step(n) => node_id("step", n),
+        InputRef::Step(n) | InputRef::Part(n, _) => node_id("step", n),
     }
 }
 

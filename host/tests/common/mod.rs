@@ -39,6 +39,9 @@ pub struct TextConfig {
     pub repeat: u32,
     #[serde(default)]
     pub fail: bool,
+    /// Also write `part-1/out.txt` .. `part-N/out.txt`, declared as parts `part-1` .. `part-N`.
+    #[serde(default)]
+    pub parts: u32,
 }
 
 const TEXT_INPUTS: &[InputSlot] = &[InputSlot {
@@ -58,6 +61,15 @@ impl StepKind for TextStep {
     }
     fn output(&self, _: &TextConfig) -> ArtifactKind {
         ArtifactKind::Files
+    }
+    fn parts(&self, c: &TextConfig) -> Vec<dusflow::steps::ArtifactPart> {
+        (1..=c.parts)
+            .map(|i| dusflow::steps::ArtifactPart {
+                name: format!("part-{i}"),
+                path: format!("part-{i}").into(),
+                kind: ArtifactKind::Files,
+            })
+            .collect()
     }
     fn check(
         &self,
@@ -84,6 +96,11 @@ impl StepKind for TextStep {
             };
             out.push('|');
             out.push_str(&std::fs::read_to_string(&p)?);
+        }
+        for i in 1..=c.parts {
+            let dir = ctx.out_dir.join(format!("part-{i}"));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("out.txt"), format!("{}{i}", c.text))?;
         }
         std::fs::write(ctx.out_dir.join("out.txt"), out)?;
         self.log
