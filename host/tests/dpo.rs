@@ -275,6 +275,12 @@ chunk_by = "dataset"
 lr = 2e-3
 micro_batch = 4
 max_steps = 3
+
+[steps.average]
+kind = "merge"
+inputs = { models = ["align/stage-1", "align"] }
+method = "linear"
+weights = [0.5, 0.5]
 "#;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -340,6 +346,9 @@ async fn sdpo_with_two_chunks_uses_stage_one_as_the_second_reference() {
         );
     }
     assert_eq!(m[3]["stage"].as_u64(), Some(2));
+    // The intermediate model is a part other steps use: M_1 and M_2 averaged.
+    let average = artifact(&out, "average");
+    load_model(&average, DType::F32, &Device::Cpu).unwrap();
 }
 
 #[test]

@@ -12,6 +12,8 @@
 //! lr = 5e-7
 //! ```
 //!
+//! Parts: `stage-<t>` for t < T (the intermediate models M_t), e.g. `inputs = { model = "align/stage-1" }`.
+//!
 //! Reference log-probs are computed once per stage in a no-grad pass and stored in the work folder
 //! (`reference_logps/stage-<t>.json`, kept in the artifact), so no reference model is in memory while
 //! training and a resumed run does not recompute them. The artifact: the final model M_T at the root (a
@@ -27,8 +29,8 @@ pub use config::{ChunkBy, DpoStepConfig};
 
 use super::context::StepContext;
 use super::kind::{
-    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
-    StepKind,
+    ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots,
+    Resources, StepKind,
 };
 use crate::data::{derive_seed, DatasetSource};
 use crate::engine::atomic::write_file_atomic;
@@ -80,6 +82,17 @@ impl StepKind for DpoStep {
 
     fn output(&self, _: &DpoStepConfig) -> ArtifactKind {
         ArtifactKind::Model
+    }
+
+    /// `stage-<t>` for t < T: the intermediate sDPO models M_t.
+    fn parts(&self, c: &DpoStepConfig) -> Vec<ArtifactPart> {
+        (1..c.chunks)
+            .map(|t| ArtifactPart {
+                name: format!("stage-{t}"),
+                path: format!("stage-{t}").into(),
+                kind: ArtifactKind::Model,
+            })
+            .collect()
     }
 
     fn check(&self, c: &DpoStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
