@@ -682,3 +682,121 @@ micro_batch = 2
         want.chosen[0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn margin_chunks_go_easy_to_hard_with_a_fixed_reference_and_filtered_data() {
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/length-filter")
+        .canonicalize()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = String::new();
+    for i in 0..10 {
+        // Every fifth pair has a long chosen answer, which the filter drops.
+        let chosen = if i % 5 == 4 {
+            format!(" {i} is the answer, after a long and winding explanation")
+        } else {
+            format!(" {i}")
+        };
+        let row = serde_json::json!({"prompt": format!("Say {i}:"), "chosen": chosen, "rejected": format!(" {}", i + 1)});
+        rows.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(dir.path().join("pairs.jsonl"), rows).unwrap();
+    let flow = format!(
+        r#"
+[workflow]
+name = "margin"
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+
+[steps.other]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+seed = 1
+
+[plugins.short]
+path = "{}"
+
+[datasets.pairs]
+path = "pairs.jsonl"
+filters = ["short"]
+
+[steps.align]
+kind = "dpo"
+inputs = {{ model = "tiny", data = ["pairs"], reference = "other" }}
+chunks = 3
+chunk_by = "margin"
+max_steps = 1
+micro_batch = 2
+filter_params.short = {{ field = "chosen", max_chars = 10 }}
+"#,
+        plugin.display()
+    );
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let out = dir.path().join("out");
+    let a = artifact(&out, "align");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(a.join("dpo_report.json")).unwrap()).unwrap();
+    let filter = &report["datasets"][0]["filters"][0];
+    assert_eq!(
+        (filter["kept"].as_u64(), filter["dropped"].as_u64()),
+        (Some(8), Some(2)),
+        "{filter}"
+    );
+    let stages = report["stages"].as_array().unwrap();
+    let sizes: Vec<u64> = stages
+        .iter()
+        .map(|s| s["pairs"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, vec![3, 3, 2]);
+    // Every stage is scored against the fixed reference, not against M_{t-1}.
+    for s in stages {
+        assert_eq!(s["reference"]["source"], "input reference \"other\"");
+        assert_eq!(s["reference"]["blake3"], stages[0]["reference"]["blake3"]);
+    }
+    assert_ne!(
+        stages[1]["initial"]["blake3"],
+        stages[1]["reference"]["blake3"]
+    );
+    // Chunks follow M_0's margin, largest (easiest) first.
+    let initial: Value = serde_json::from_slice(
+        &std::fs::read(a.join("reference_logps/initial-margins.json")).unwrap(),
+    )
+    .unwrap();
+    let (c, r) = (
+        floats(&initial["logps"]["chosen"]),
+        floats(&initial["logps"]["rejected"]),
+    );
+    let margin = |i: usize| c[i] - r[i];
+    let chunk_margins: Vec<Vec<f32>> = stages
+        .iter()
+        .map(|s| {
+            s["chunk"]["records"]["pairs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| margin(i.as_u64().unwrap() as usize))
+                .collect()
+        })
+        .collect();
+    for w in chunk_margins.windows(2) {
+        let lowest = w[0].iter().cloned().fold(f32::INFINITY, f32::min);
+        let highest = w[1].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert!(
+            lowest >= highest,
+            "chunks not easy to hard: {chunk_margins:?}"
+        );
+    }
+}

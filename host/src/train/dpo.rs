@@ -23,7 +23,8 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DpoLossKind {
-    /// `−(1−ε)·log σ(βδ) − ε·log σ(−βδ)` (DPO; with label smoothing ε the conservative cDPO form).
+    /// `−(1−ε)·log σ(βδ) − ε·log σ(−βδ)` (DPO; with label smoothing ε the conservative cDPO form of
+    /// TRL < 1.0 — TRL 1.16's `sigmoid` ignores ε and computes this form as `aot` for single pairs).
     #[default]
     Sigmoid,
     /// `(δ̄ − 1/(2β))²` on per-token-averaged log-ratios (IPO).
