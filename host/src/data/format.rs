@@ -1,6 +1,17 @@
-//! Record layouts (`text`, `alpaca`, `prompt-completion`, `chat`, `preference`, `gsm8k`) and the typed
-//! [`Example`] each JSON record becomes, with an optional field mapping for other layouts.
+//! Record layouts (`text`, `alpaca`, `prompt-completion`, `chat`, `preference`, `orca-dpo`,
+//! `ultrafeedback`, `gsm8k`) and the typed [`Example`] each JSON record becomes, with an optional field
+//! mapping for other layouts.
+//!
+//! The two public preference layouts become ChatML preference pairs (the built-in chat template):
+//! - `orca-dpo` (Intel/orca_dpo_pairs: `{system, question, chosen, rejected}`, strings): prompt
+//!   `<|im_start|>system\n{system}<|im_end|>\n` (left out when `system` is empty or absent) +
+//!   `<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n`; completions `{chosen}<|im_end|>`
+//!   and `{rejected}<|im_end|>`.
+//! - `ultrafeedback` (HuggingFaceH4/ultrafeedback_binarized: `chosen` and `rejected` are message lists
+//!   ending in the assistant reply, with the same conversation before it): prompt = ChatML of the messages
+//!   before the last + `<|im_start|>assistant\n`; completions = the last message's content + `<|im_end|>`.
 
+use super::template::chatml;
 use anyhow::{bail, Result};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
@@ -20,6 +31,10 @@ pub enum RecordFormat {
     Chat,
     /// `{prompt, chosen, rejected}` (preference pairs, for DPO).
     Preference,
+    /// `{system, question, chosen, rejected}` (Intel/orca_dpo_pairs), rendered as ChatML pairs.
+    OrcaDpo,
+    /// `{chosen: [messages], rejected: [messages]}` (UltraFeedback binarized), rendered as ChatML pairs.
+    UltraFeedback,
     /// `{question, answer}` (GSM8K); becomes prompt `Question: {question}\nAnswer:`, completion ` {answer}`.
     Gsm8k,
 }
@@ -34,9 +49,13 @@ impl RecordFormat {
             "prompt-completion" | "prompt_completion" => Self::PromptCompletion,
             "chat" | "messages" => Self::Chat,
             "preference" => Self::Preference,
+            "orca-dpo" | "orca_dpo" | "orca_dpo_pairs" => Self::OrcaDpo,
+            "ultrafeedback" | "ultrafeedback-binarized" | "ultrafeedback_binarized" => {
+                Self::UltraFeedback
+            }
             "gsm8k" => Self::Gsm8k,
             other => bail!(
-                "unknown dataset format {other:?} (expected text, alpaca, prompt-completion, chat, preference, gsm8k or auto)"
+                "unknown dataset format {other:?} (expected text, alpaca, prompt-completion, chat, preference, orca-dpo, ultrafeedback, gsm8k or auto)"
             ),
         })
     }
@@ -49,6 +68,8 @@ impl RecordFormat {
             Self::PromptCompletion => "prompt-completion",
             Self::Chat => "chat",
             Self::Preference => "preference",
+            Self::OrcaDpo => "orca-dpo",
+            Self::UltraFeedback => "ultrafeedback",
             Self::Gsm8k => "gsm8k",
         }
     }
@@ -61,16 +82,29 @@ impl RecordFormat {
             Self::PromptCompletion => &["prompt", "completion"],
             Self::Chat => &["messages"],
             Self::Preference => &["prompt", "chosen", "rejected"],
+            Self::OrcaDpo => &["system", "question", "chosen", "rejected"],
+            Self::UltraFeedback => &["chosen", "rejected"],
             Self::Gsm8k => &["question", "answer"],
         }
     }
 
+    /// Whether records of this layout are preference pairs (for DPO).
+    pub fn is_preference(self) -> bool {
+        matches!(self, Self::Preference | Self::OrcaDpo | Self::UltraFeedback)
+    }
+
     /// Guesses the layout from one record's keys (after the field mapping): the first layout, in the order
-    /// preference, chat, alpaca, prompt-completion, gsm8k, text, whose required fields are all present.
+    /// ultrafeedback, preference, orca-dpo, chat, alpaca, prompt-completion, gsm8k, text, whose required
+    /// fields are all present — where `chosen` is a list for ultrafeedback and a string otherwise.
     pub fn detect(record: &Value, fields: &FieldMap) -> Option<Self> {
         let obj = record.as_object()?;
+        let chosen_is_list = obj
+            .get(fields.source("chosen"))
+            .is_some_and(Value::is_array);
         [
+            Self::UltraFeedback,
             Self::Preference,
+            Self::OrcaDpo,
             Self::Chat,
             Self::Alpaca,
             Self::PromptCompletion,
@@ -79,15 +113,22 @@ impl RecordFormat {
         ]
         .into_iter()
         .find(|f| {
-            f.required()
-                .iter()
-                .all(|k| obj.contains_key(fields.source(k)))
+            let typed = match f {
+                Self::UltraFeedback => chosen_is_list,
+                Self::Preference | Self::OrcaDpo => !chosen_is_list,
+                _ => true,
+            };
+            typed
+                && f.required()
+                    .iter()
+                    .all(|k| obj.contains_key(fields.source(k)))
         })
     }
 
     fn required(self) -> &'static [&'static str] {
         match self {
             Self::Alpaca => &["instruction", "output"],
+            Self::OrcaDpo => &["question", "chosen", "rejected"],
             other => other.fields(),
         }
     }
@@ -202,27 +243,60 @@ impl Example {
                 chosen: get("chosen")?,
                 rejected: get("rejected")?,
             },
-            RecordFormat::Chat => {
-                let name = fields.source("messages");
-                let Some(list) = obj.get(name) else {
-                    bail!("missing field {name:?} (format chat)")
+            RecordFormat::OrcaDpo => {
+                let name = fields.source("system");
+                let system = match obj.get(name) {
+                    None | Some(Value::Null) => String::new(),
+                    Some(_) => get("system")?,
                 };
-                let Value::Array(items) = list else {
-                    bail!("field {name:?} must be a list of {{role, content}}")
+                let mut prompt = String::new();
+                if !system.is_empty() {
+                    prompt.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
+                }
+                prompt.push_str(&format!(
+                    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                    get("question")?
+                ));
+                Example::Preference {
+                    prompt,
+                    chosen: format!("{}<|im_end|>", get("chosen")?),
+                    rejected: format!("{}<|im_end|>", get("rejected")?),
+                }
+            }
+            RecordFormat::UltraFeedback => {
+                let chosen = messages(obj, fields.source("chosen"))?;
+                let rejected = messages(obj, fields.source("rejected"))?;
+                let (Some((c_last, c_context)), Some((r_last, r_context))) =
+                    (chosen.split_last(), rejected.split_last())
+                else {
+                    bail!("chosen and rejected must each hold at least one message");
                 };
-                let mut messages = Vec::with_capacity(items.len());
-                for (i, m) in items.iter().enumerate() {
-                    let message: Message = serde_json::from_value(m.clone()).map_err(|e| {
-                        anyhow::anyhow!("{name}[{i}]: {e} (expected {{role, content}})")
-                    })?;
-                    if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+                for (name, last) in [("chosen", c_last), ("rejected", r_last)] {
+                    if last.role != "assistant" {
                         bail!(
-                            "{name}[{i}]: unknown role {:?} (expected system, user or assistant)",
-                            message.role
+                            "the last message of {:?} must be the assistant's reply, got role {:?}",
+                            fields.source(name),
+                            last.role
                         );
                     }
-                    messages.push(message);
                 }
+                if c_context != r_context {
+                    bail!(
+                        "chosen and rejected must share the conversation before their last message"
+                    );
+                }
+                let mut prompt: String =
+                    chatml(c_context).iter().map(|s| s.text.as_str()).collect();
+                prompt.push_str("<|im_start|>assistant\n");
+                Example::Preference {
+                    prompt,
+                    chosen: format!("{}<|im_end|>", c_last.content),
+                    rejected: format!("{}<|im_end|>", r_last.content),
+                }
+            }
+            RecordFormat::Chat => {
+                let name = fields.source("messages");
+                let messages = messages(obj, name)?;
                 if !messages.iter().any(|m| m.role == "assistant") {
                     bail!("field {name:?} has no assistant message to learn");
                 }
@@ -230,6 +304,29 @@ impl Example {
             }
         })
     }
+}
+
+/// The `{role, content}` list in field `name`.
+fn messages(obj: &serde_json::Map<String, Value>, name: &str) -> Result<Vec<Message>> {
+    let Some(list) = obj.get(name) else {
+        bail!("missing field {name:?} (a list of {{role, content}} messages)")
+    };
+    let Value::Array(items) = list else {
+        bail!("field {name:?} must be a list of {{role, content}}")
+    };
+    let mut messages = Vec::with_capacity(items.len());
+    for (i, m) in items.iter().enumerate() {
+        let message: Message = serde_json::from_value(m.clone())
+            .map_err(|e| anyhow::anyhow!("{name}[{i}]: {e} (expected {{role, content}})"))?;
+        if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+            bail!(
+                "{name}[{i}]: unknown role {:?} (expected system, user or assistant)",
+                message.role
+            );
+        }
+        messages.push(message);
+    }
+    Ok(messages)
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -299,5 +396,64 @@ mod tests {
             ),
             Some(RecordFormat::Preference)
         );
+    }
+
+    #[test]
+    fn orca_and_ultrafeedback_become_chatml_pairs() {
+        let none = FieldMap::default();
+        let orca =
+            json!({"system": "Be kind.", "question": "2+2?", "chosen": "4", "rejected": "5"});
+        assert_eq!(
+            RecordFormat::detect(&orca, &none),
+            Some(RecordFormat::OrcaDpo)
+        );
+        assert_eq!(
+            Example::parse(&orca, RecordFormat::OrcaDpo, &none).unwrap(),
+            Example::Preference {
+                prompt: "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n".into(),
+                chosen: "4<|im_end|>".into(),
+                rejected: "5<|im_end|>".into(),
+            }
+        );
+        let no_system = json!({"system": "", "question": "q", "chosen": "a", "rejected": "b"});
+        let Example::Preference { prompt, .. } =
+            Example::parse(&no_system, RecordFormat::OrcaDpo, &none).unwrap()
+        else {
+            panic!("a preference pair")
+        };
+        assert_eq!(
+            prompt,
+            "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+        );
+
+        let msg = |role: &str, c: &str| json!({"role": role, "content": c});
+        let uf = json!({
+            "prompt": "2+2?",
+            "chosen": [msg("user", "2+2?"), msg("assistant", "4")],
+            "rejected": [msg("user", "2+2?"), msg("assistant", "5")],
+            "score_chosen": 9.0,
+        });
+        assert_eq!(
+            RecordFormat::detect(&uf, &none),
+            Some(RecordFormat::UltraFeedback)
+        );
+        assert_eq!(
+            Example::parse(&uf, RecordFormat::UltraFeedback, &none).unwrap(),
+            Example::Preference {
+                prompt: "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n".into(),
+                chosen: "4<|im_end|>".into(),
+                rejected: "5<|im_end|>".into(),
+            }
+        );
+        let differing = json!({
+            "chosen": [msg("user", "a"), msg("assistant", "4")],
+            "rejected": [msg("user", "b"), msg("assistant", "5")],
+        });
+        let err = Example::parse(&differing, RecordFormat::UltraFeedback, &none).unwrap_err();
+        assert!(err.to_string().contains("share the conversation"), "{err}");
+        let user_last = json!({"chosen": [msg("user", "a")], "rejected": [msg("user", "a")]});
+        let err = Example::parse(&user_last, RecordFormat::UltraFeedback, &none).unwrap_err();
+        assert!(err.to_string().contains("assistant's reply"), "{err}");
+        assert!(RecordFormat::UltraFeedback.is_preference() && !RecordFormat::Chat.is_preference());
     }
 }

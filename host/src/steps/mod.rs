@@ -2,10 +2,12 @@
 
 pub mod command;
 pub mod context;
+pub mod dpo;
 pub mod eval;
 pub mod init;
 pub mod kind;
 pub mod merge;
+pub mod preference_pairs;
 pub mod pretrain;
 pub mod report;
 pub mod scale;
@@ -45,6 +47,8 @@ impl Registry {
         r.register(init::InitStep);
         r.register(pretrain::PretrainStep);
         r.register(sft::SftStep);
+        r.register(dpo::DpoStep);
+        r.register(preference_pairs::PreferencePairsStep);
         r
     }
 

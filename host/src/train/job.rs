@@ -341,36 +341,9 @@ pub fn train_model(
     };
     let summary = train(&model, &mut opt, rows, &opts, out_dir, observer)?;
 
-    let masters: std::collections::HashMap<&str, &candle_core::Tensor> = opt
-        .params
-        .iter()
-        .map(|p| (p.name.as_str(), &p.master))
-        .collect();
-    let tensors: Vec<(String, candle_core::Tensor)> = model
-        .named_weights()
-        .into_iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                masters.get(n.as_str()).map(|m| (*m).clone()).unwrap_or(t),
-            )
-        })
-        .collect();
     let staging = out_dir.join(".model");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    let save = SaveOptions {
-        dtype: save_dtype,
-        copy_from: Some(model_dir.to_path_buf()),
-        ..Default::default()
-    };
-    save_tensors(&staging, model.config(), &tensors, &save)?;
-    for entry in std::fs::read_dir(&staging)? {
-        let entry = entry?;
-        std::fs::rename(entry.path(), out_dir.join(entry.file_name()))?;
-    }
-    std::fs::remove_dir(&staging)?;
+    save_trained(&model, &opt, model_dir, &staging, save_dtype)?;
+    move_contents(&staging, out_dir)?;
     plot_loss(&summary.history, title, &out_dir.join("loss.svg"))?;
     let report = serde_json::json!({
         "datasets": datasets,
@@ -391,6 +364,52 @@ pub fn train_model(
         std::fs::remove_dir_all(&ckpt)?;
     }
     Ok(summary)
+}
+
+/// Saves the trained weights (the f32 masters, in `save_dtype`) as a Hugging Face folder at `dst`,
+/// atomically, with the tokenizer files of `copy_from`. An existing `dst` is replaced.
+pub fn save_trained(
+    model: &crate::model::Llama,
+    opt: &AdamW,
+    copy_from: &Path,
+    dst: &Path,
+    save_dtype: DType,
+) -> Result<()> {
+    let masters: std::collections::HashMap<&str, &candle_core::Tensor> = opt
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), &p.master))
+        .collect();
+    let tensors: Vec<(String, candle_core::Tensor)> = model
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                masters.get(n.as_str()).map(|m| (*m).clone()).unwrap_or(t),
+            )
+        })
+        .collect();
+    let save = SaveOptions {
+        dtype: save_dtype,
+        copy_from: Some(copy_from.to_path_buf()),
+        replace: true,
+        ..Default::default()
+    };
+    save_tensors(dst, model.config(), &tensors, &save)?;
+    Ok(())
+}
+
+/// Moves every entry of folder `src` into `dst` (same file system), then removes `src`.
+pub fn move_contents(src: &Path, dst: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let entry = entry?;
+        let to = dst.join(entry.file_name());
+        std::fs::rename(entry.path(), &to)
+            .with_context(|| format!("moving {} to {}", entry.path().display(), to.display()))?;
+    }
+    std::fs::remove_dir(src)?;
+    Ok(())
 }
 
 /// Loads a model folder for training: f32 master weights; compute variables in `compute` precision.

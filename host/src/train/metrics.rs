@@ -16,12 +16,19 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Global gradient L2 norm before clipping.
     pub grad_norm: f64,
-    /// Target tokens in the step.
+    /// Loss units in the step: target tokens (language modelling) or preference pairs (DPO).
     pub targets: usize,
     /// Input tokens processed in the step.
     pub tokens: usize,
     /// Input tokens per second over the step.
     pub tokens_per_s: f64,
+    /// Objective-specific means over the step's units (e.g. DPO's `rewards/accuracies`), by name.
+    #[serde(
+        flatten,
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty"
+    )]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// The `metrics.jsonl` file, one [`StepMetrics`] per line.

@@ -7,10 +7,12 @@
 //! - [`batch`]: rows → padded tensors, targets, weights, packed masks;
 //! - [`checkpoint`]: atomic checkpoints of masters + moments + step;
 //! - [`metrics`]: `metrics.jsonl` and the loss-curve SVG;
-//! - [`trainer`]: the loop.
+//! - [`trainer`]: the loop, over an [`Objective`] (language modelling or DPO);
+//! - [`dpo`]: DPO tokenisation, concatenated log-probs, losses, reference pass, metrics (TRL semantics).
 
 pub mod batch;
 pub mod checkpoint;
+pub mod dpo;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
@@ -24,7 +26,8 @@ pub use metrics::{plot_loss, MetricsLog, StepMetrics};
 pub use optimizer::{set_master, AdamW, AdamWConfig, Param};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
-    checkpoint_dir, clip_gradients, global_norm, train, TrainObserver, TrainOptions, TrainSummary,
+    checkpoint_dir, clip_gradients, global_norm, train, train_objective, LmObjective, MicroLoss,
+    Objective, TrainObserver, TrainOptions, TrainSummary,
 };
 pub mod job;
 pub use job::{ComputeDType, TrainStepConfig};

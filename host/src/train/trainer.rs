@@ -1,8 +1,12 @@
 //! The training loop, nanoGPT-style: for each optimizer step — build micro-batches, forward, loss,
 //! backward, accumulate, check, clip, AdamW step, log, checkpoint. Resumes from the newest checkpoint in
 //! the work folder and then ends with the same weights as an uninterrupted run.
+//!
+//! What is optimised is an [`Objective`]: language modelling on token rows ([`LmObjective`], pretrain and
+//! SFT) or a preference loss on pairs (DPO, in [`super::dpo`]). The loop only sees units, summed losses and
+//! named metric sums.
 
-use super::batch::{build_micro_batch, MicroBatch};
+use super::batch::build_micro_batch;
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
 use super::loss::weighted_nll_sum;
 use super::metrics::{MetricsLog, StepMetrics};
@@ -72,8 +76,83 @@ pub struct TrainSummary {
     pub history: Vec<StepMetrics>,
 }
 
-/// Trains `model` (whose variables `opt` updates) on `rows`. Checkpoints go to `work_dir/checkpoints`,
-/// metrics to `work_dir/metrics.jsonl`; an existing checkpoint of the same run is resumed.
+/// One micro-batch's forward pass as an [`Objective`] computed it.
+pub struct MicroLoss {
+    /// The loss summed over the micro-batch's units: a differentiable f32 scalar.
+    pub loss_sum: Tensor,
+    /// Input tokens processed.
+    pub tokens: usize,
+    /// Metric values summed over the units (the loop logs sum / units of the step), e.g. `rewards/chosen`.
+    pub metric_sums: Vec<(&'static str, f64)>,
+}
+
+/// What the loop minimises: the mean, over the units of an optimizer step (target tokens of token rows,
+/// or preference pairs), of a per-unit loss.
+pub trait Objective {
+    /// Number of items the data order runs over (rows or pairs).
+    fn len(&self) -> usize;
+    /// Whether there is nothing to train on.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Loss units of the items `idx` (known without a forward pass, so the step's total normalises every
+    /// micro-batch before its backward pass).
+    fn units(&self, idx: &[usize]) -> usize;
+    /// Forward over the items `idx`: summed loss, tokens and metric sums.
+    fn micro_batch_loss(&self, model: &Llama, idx: &[usize]) -> Result<MicroLoss>;
+    /// Feeds everything about the data that decides the result into a checkpoint fingerprint.
+    fn digest(&self, h: &mut blake3::Hasher);
+}
+
+/// Next-token language modelling on token rows (pretrain, SFT): units are target tokens.
+pub struct LmObjective<'a> {
+    /// The rows.
+    pub rows: &'a [TrainSequence],
+    /// Padding id.
+    pub pad_id: u32,
+}
+
+impl Objective for LmObjective<'_> {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn units(&self, idx: &[usize]) -> usize {
+        idx.iter().map(|&i| self.rows[i].target_count()).sum()
+    }
+
+    fn micro_batch_loss(&self, model: &Llama, idx: &[usize]) -> Result<MicroLoss> {
+        let picked: Vec<&TrainSequence> = idx.iter().map(|&i| &self.rows[i]).collect();
+        let b = build_micro_batch(&picked, self.pad_id, model.device())?;
+        let logits = model.forward_train(&b.input_ids, &b.forward)?;
+        Ok(MicroLoss {
+            loss_sum: weighted_nll_sum(&logits, &b.targets, &b.weights)?,
+            tokens: b.tokens,
+            metric_sums: Vec::new(),
+        })
+    }
+
+    fn digest(&self, h: &mut blake3::Hasher) {
+        for r in self.rows {
+            for id in &r.ids {
+                h.update(&id.to_le_bytes());
+            }
+            for l in &r.learn {
+                h.update(&[*l as u8]);
+            }
+            if let Some(d) = &r.doc_ids {
+                for id in d {
+                    h.update(&id.to_le_bytes());
+                }
+            }
+            h.update(b"|");
+        }
+    }
+}
+
+/// Trains `model` (whose variables `opt` updates) on `rows` with the language-modelling loss. Checkpoints
+/// go to `work_dir/checkpoints`, metrics to `work_dir/metrics.jsonl`; an existing checkpoint of the same
+/// run is resumed.
 pub fn train(
     model: &Llama,
     opt: &mut AdamW,
@@ -83,19 +162,36 @@ pub fn train(
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary> {
     ensure!(!rows.is_empty(), "no training rows");
+    let objective = LmObjective {
+        rows,
+        pad_id: opts.pad_id,
+    };
+    train_objective(model, opt, &objective, opts, work_dir, observer)
+}
+
+/// Trains `model` on any [`Objective`]; see [`train`].
+pub fn train_objective(
+    model: &Llama,
+    opt: &mut AdamW,
+    objective: &dyn Objective,
+    opts: &TrainOptions,
+    work_dir: &Path,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary> {
+    ensure!(!objective.is_empty(), "nothing to train on");
     ensure!(
         opts.micro_batch > 0 && opts.grad_accum > 0,
         "micro_batch and grad_accum must be positive"
     );
     let device = model.device().clone();
-    let order = BatchOrder::new(rows.len(), opts.micro_batch, opts.seed, opts.shuffle);
+    let order = BatchOrder::new(objective.len(), opts.micro_batch, opts.seed, opts.shuffle);
     let schedule = LrSchedule {
         lr: opts.lr,
         kind: opts.schedule,
         warmup: opts.warmup_steps,
         total: opts.total_steps,
     };
-    let fingerprint = fingerprint(opts, opt, rows)?;
+    let fingerprint = fingerprint(opts, opt, objective)?;
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
     let checkpoints = checkpoint_dir(work_dir);
@@ -106,15 +202,18 @@ pub fn train(
     let mut tokens_this_run = 0u64;
     for step in start..opts.total_steps {
         let t0 = Instant::now();
-        let batches = micro_batches(rows, &order, step, opts, &device)?;
-        let targets: usize = batches.iter().map(|b| b.target_count).sum();
+        let batches: Vec<Vec<usize>> = (0..opts.grad_accum)
+            .map(|a| order.micro_batch(step * opts.grad_accum + a))
+            .collect();
+        let targets: usize = batches.iter().map(|idx| objective.units(idx)).sum();
         ensure!(
             targets > 0,
             "step {}: no target tokens in this step's micro-batches",
             step + 1
         );
-        let (loss_sum, mut grads) = accumulate_gradients(model, opt, &batches, targets, step)?;
-        let loss = loss_sum / targets as f64;
+        let acc = accumulate_gradients(model, opt, objective, &batches, targets, step)?;
+        let mut grads = acc.grads;
+        let loss = acc.loss_sum / targets as f64;
         let grad_norm = global_norm(&grads)?;
         check_finite(step, "gradient norm", grad_norm)?;
         if let Some(max) = opts.clip {
@@ -123,7 +222,7 @@ pub fn train(
         let lr = schedule.at(step);
         opt.step(&grads, lr)?;
 
-        let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        let tokens = acc.tokens;
         tokens_seen += tokens as u64;
         tokens_this_run += tokens as u64;
         let m = StepMetrics {
@@ -134,6 +233,11 @@ pub fn train(
             targets,
             tokens,
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            extra: acc
+                .metric_sums
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v / targets as f64))
+                .collect(),
         };
         metrics.log(&m)?;
         if opts.checkpoint_every > 0
@@ -186,42 +290,42 @@ fn resume(
     Ok((state.step, state.tokens_seen))
 }
 
-/// The micro-batches of optimizer step `step`.
-fn micro_batches(
-    rows: &[TrainSequence],
-    order: &BatchOrder,
-    step: usize,
-    opts: &TrainOptions,
-    device: &candle_core::Device,
-) -> Result<Vec<MicroBatch>> {
-    (0..opts.grad_accum)
-        .map(|a| {
-            let idx = order.micro_batch(step * opts.grad_accum + a);
-            let picked: Vec<&TrainSequence> = idx.iter().map(|&i| &rows[i]).collect();
-            build_micro_batch(&picked, opts.pad_id, device)
-        })
-        .collect()
+/// Summed results of one optimizer step's micro-batches.
+struct Accumulated {
+    loss_sum: f64,
+    grads: Vec<Tensor>,
+    tokens: usize,
+    metric_sums: Vec<(&'static str, f64)>,
 }
 
-/// Forward and backward over every micro-batch, each loss divided by the step's total target count, so
-/// the summed gradients are those of the mean loss over all target tokens of the step. Returns the
-/// summed (un-normalised) loss and f32 gradients in `opt.params` order.
+/// Forward and backward over every micro-batch, each loss divided by the step's total unit count, so the
+/// summed gradients are those of the mean loss over all units of the step. Returns the summed
+/// (un-normalised) loss, f32 gradients in `opt.params` order, tokens and metric sums.
 fn accumulate_gradients(
     model: &Llama,
     opt: &AdamW,
-    batches: &[MicroBatch],
-    targets: usize,
+    objective: &dyn Objective,
+    batches: &[Vec<usize>],
+    units: usize,
     step: usize,
-) -> Result<(f64, Vec<Tensor>)> {
+) -> Result<Accumulated> {
     let mut acc: Option<Vec<Tensor>> = None;
     let mut loss_sum = 0.0;
-    for (k, b) in batches.iter().enumerate() {
-        let logits = model.forward_train(&b.input_ids, &b.forward)?;
-        let nll = weighted_nll_sum(&logits, &b.targets, &b.weights)?;
-        let value = nll.to_scalar::<f32>()? as f64;
+    let mut tokens = 0;
+    let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
+    for (k, idx) in batches.iter().enumerate() {
+        let micro = objective.micro_batch_loss(model, idx)?;
+        let value = micro.loss_sum.to_scalar::<f32>()? as f64;
         check_finite(step, &format!("loss (micro-batch {})", k + 1), value)?;
         loss_sum += value;
-        let grads = (nll / targets as f64)?.backward()?;
+        tokens += micro.tokens;
+        for (name, v) in micro.metric_sums {
+            match metric_sums.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, sum)) => *sum += v,
+                None => metric_sums.push((name, v)),
+            }
+        }
+        let grads = (micro.loss_sum / units as f64)?.backward()?;
         let mut these = Vec::with_capacity(opt.params.len());
         for p in &opt.params {
             let g = grads
@@ -238,7 +342,12 @@ fn accumulate_gradients(
                 .collect::<candle_core::Result<_>>()?,
         });
     }
-    Ok((loss_sum, acc.unwrap_or_default()))
+    Ok(Accumulated {
+        loss_sum,
+        grads: acc.unwrap_or_default(),
+        tokens,
+        metric_sums,
+    })
 }
 
 /// Stops with a clear error when a loss or gradient value is NaN or infinite.
@@ -269,27 +378,14 @@ pub fn clip_gradients(grads: &mut [Tensor], norm: f64, max: f64) -> Result<()> {
     Ok(())
 }
 
-/// Digest of everything that decides the result: options, optimizer settings, parameter names/shapes, rows.
-fn fingerprint(opts: &TrainOptions, opt: &AdamW, rows: &[TrainSequence]) -> Result<String> {
+/// Digest of everything that decides the result: options, optimizer settings, parameter names/shapes, data.
+fn fingerprint(opts: &TrainOptions, opt: &AdamW, objective: &dyn Objective) -> Result<String> {
     let mut h = blake3::Hasher::new();
     h.update(serde_json::to_string(opts)?.as_bytes());
     h.update(format!("{:?}", opt.config).as_bytes());
     for p in &opt.params {
         h.update(format!("{}{:?}{:?}", p.name, p.master.dims(), p.var.dtype()).as_bytes());
     }
-    for r in rows {
-        for id in &r.ids {
-            h.update(&id.to_le_bytes());
-        }
-        for l in &r.learn {
-            h.update(&[*l as u8]);
-        }
-        if let Some(d) = &r.doc_ids {
-            for id in d {
-                h.update(&id.to_le_bytes());
-            }
-        }
-        h.update(b"|");
-    }
+    objective.digest(&mut h);
     Ok(h.finalize().to_hex()[..16].to_string())
 }

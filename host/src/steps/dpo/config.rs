@@ -1,0 +1,241 @@
+//! Parameters of a `dpo` step: the preference loss, the sDPO chunking, sequence limits, and the training
+//! keys of [`TrainStepConfig`] (converted to it, so checks and step counts are shared).
+
+use crate::steps::ConfigIssue;
+use crate::train::dpo::{DpoLossConfig, DpoLossKind, PairLimits};
+use crate::train::{ComputeDType, ScheduleKind, TrainStepConfig};
+use serde::{Deserialize, Serialize};
+
+/// How the preference data is split into the sDPO chunks D_1..D_T.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkBy {
+    /// One chunk per `data` input, in the order given (the paper); `chunks` must equal their number.
+    #[default]
+    Dataset,
+    /// All pairs shuffled with the step's seed, then cut into `chunks` contiguous parts.
+    Random,
+    /// Easy to hard: all pairs sorted by the initial model's log-prob margin
+    /// `log p(chosen) − log p(rejected)`, largest (easiest) first, ties in data order, then cut.
+    Margin,
+}
+
+/// Parameters of a `dpo` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoStepConfig {
+    /// β of the loss.
+    #[serde(default = "DpoStepConfig::default_beta")]
+    pub beta: f64,
+    /// `sigmoid` (default), `ipo`, `hinge` or `robust`.
+    #[serde(default)]
+    pub loss: DpoLossKind,
+    /// ε: assumed fraction of flipped preference labels (`sigmoid`, `robust`).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// T: sDPO stages (1 = plain DPO).
+    #[serde(default = "DpoStepConfig::default_chunks")]
+    pub chunks: usize,
+    /// How the data is split into chunks when `chunks > 1`.
+    #[serde(default)]
+    pub chunk_by: ChunkBy,
+    /// Prompt + completion tokens at most (TRL's default 1024; the start is kept).
+    #[serde(default = "DpoStepConfig::default_max_length")]
+    pub max_length: Option<usize>,
+    /// Prompt tokens at most (the end is kept, and a leading BOS); none by default.
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    /// Peak learning rate (TRL's default 1e-6).
+    #[serde(default = "DpoStepConfig::default_lr")]
+    pub lr: f64,
+    /// Decay after warmup: `cosine`, `linear` or `constant`.
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    /// Warmup optimizer steps per stage.
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of a stage's steps.
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    /// Passes over each chunk (default 1).
+    #[serde(default)]
+    pub epochs: Option<usize>,
+    /// Optimizer steps per stage (overrides `epochs`).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Pairs per forward pass (each pair is two rows: chosen and rejected); also the reference pass batch.
+    #[serde(default = "DpoStepConfig::default_micro_batch")]
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "DpoStepConfig::default_grad_accum")]
+    pub grad_accum: usize,
+    /// AdamW decoupled weight decay (matrices only).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW (β₁, β₂).
+    #[serde(default = "DpoStepConfig::default_betas")]
+    pub betas: [f64; 2],
+    /// AdamW ε.
+    #[serde(default = "DpoStepConfig::default_eps")]
+    pub eps: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[serde(default = "DpoStepConfig::default_clip")]
+    pub clip: f64,
+    /// Seed offset, combined with the workflow seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Checkpoint every this many optimizer steps (0 = never).
+    #[serde(default = "DpoStepConfig::default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// Compute precision.
+    #[serde(default)]
+    pub dtype: ComputeDType,
+    /// Shuffle pairs every epoch.
+    #[serde(default = "DpoStepConfig::default_true")]
+    pub shuffle: bool,
+    /// Parameters of the data-filter plugins the datasets name, by plugin name.
+    #[serde(default)]
+    pub filter_params: indexmap::IndexMap<String, serde_json::Value>,
+}
+
+impl DpoStepConfig {
+    fn default_beta() -> f64 {
+        0.1
+    }
+    fn default_chunks() -> usize {
+        1
+    }
+    fn default_max_length() -> Option<usize> {
+        Some(1024)
+    }
+    fn default_lr() -> f64 {
+        1e-6
+    }
+    fn default_micro_batch() -> usize {
+        4
+    }
+    fn default_grad_accum() -> usize {
+        1
+    }
+    fn default_betas() -> [f64; 2] {
+        [0.9, 0.999]
+    }
+    fn default_eps() -> f64 {
+        1e-8
+    }
+    fn default_clip() -> f64 {
+        1.0
+    }
+    fn default_checkpoint_every() -> usize {
+        100
+    }
+    fn default_true() -> bool {
+        true
+    }
+
+    /// The training keys as a [`TrainStepConfig`] (`seq_len` = `max_length`).
+    pub fn train_config(&self) -> TrainStepConfig {
+        TrainStepConfig {
+            lr: self.lr,
+            schedule: self.schedule,
+            warmup_steps: self.warmup_steps,
+            warmup_ratio: self.warmup_ratio,
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            micro_batch: self.micro_batch,
+            grad_accum: self.grad_accum,
+            seq_len: self.max_length.unwrap_or(usize::MAX),
+            weight_decay: self.weight_decay,
+            betas: self.betas,
+            eps: self.eps,
+            clip: self.clip,
+            seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            packing: false,
+            separate_documents: false,
+            dtype: self.dtype,
+            shuffle: self.shuffle,
+            filter_params: self.filter_params.clone(),
+        }
+    }
+
+    /// The loss settings.
+    pub fn loss_config(&self) -> DpoLossConfig {
+        DpoLossConfig {
+            kind: self.loss,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+        }
+    }
+
+    /// The sequence limits.
+    pub fn limits(&self) -> PairLimits {
+        PairLimits {
+            max_length: self.max_length,
+            max_prompt_length: self.max_prompt_length,
+        }
+    }
+
+    /// Range and combination checks; `data_inputs` is the number of `data` artifacts when known.
+    pub fn issues(&self, data_inputs: Option<usize>) -> Vec<ConfigIssue> {
+        let mut out: Vec<ConfigIssue> = self
+            .train_config()
+            .issues()
+            .into_iter()
+            .map(|i| {
+                if i.key == "seq_len" {
+                    ConfigIssue::new("max_length", i.message)
+                } else {
+                    i
+                }
+            })
+            .collect();
+        let mut need = |ok: bool, key: &str, msg: String| {
+            if !ok {
+                out.push(ConfigIssue::new(key, msg));
+            }
+        };
+        need(
+            self.beta > 0.0 && self.beta.is_finite(),
+            "beta",
+            "must be positive".into(),
+        );
+        need(
+            (0.0..0.5).contains(&self.label_smoothing),
+            "label_smoothing",
+            "must be in [0, 0.5)".into(),
+        );
+        need(
+            self.label_smoothing == 0.0
+                || matches!(self.loss, DpoLossKind::Sigmoid | DpoLossKind::Robust),
+            "label_smoothing",
+            "applies to the sigmoid and robust losses only".into(),
+        );
+        need(self.chunks >= 1, "chunks", "must be at least 1".into());
+        if let (ChunkBy::Dataset, Some(n)) = (self.chunk_by, data_inputs) {
+            need(
+                self.chunks == 1 || self.chunks == n,
+                "chunks",
+                format!(
+                    "is {} but chunk_by = \"dataset\" makes one chunk per data input, and there are {n} \
+                     (set chunks = {n}, or chunk_by = \"random\" or \"margin\")",
+                    self.chunks
+                ),
+            );
+        }
+        need(
+            self.max_prompt_length.is_none_or(|p| p >= 1),
+            "max_prompt_length",
+            "must be at least 1".into(),
+        );
+        need(
+            match (self.max_prompt_length, self.max_length) {
+                (Some(p), Some(m)) => p < m,
+                _ => true,
+            },
+            "max_prompt_length",
+            "must be below max_length (no room is left for completions)".into(),
+        );
+        out
+    }
+}

@@ -1,0 +1,300 @@
+//! `kind = "dpo"`: preference alignment by DPO, or by sDPO (Kim et al. 2024; the SOLAR paper's
+//! alignment stage) when `chunks > 1`: the preference data is split into chunks D_1..D_T and stage t
+//! trains M_{t−1} on D_t against the reference M_{t−1} (M_0 = the `model` input). With a `reference`
+//! input, that model is the reference of every stage instead.
+//!
+//! ```toml
+//! [steps.align]
+//! kind = "dpo"
+//! inputs = { model = "sft", data = ["ultrafeedback", "math-alignment"] }
+//! chunks = 2              # sDPO: one stage per dataset, in the order given
+//! beta = 0.1
+//! lr = 5e-7
+//! ```
+//!
+//! Parts: `stage-<t>` for t < T (the intermediate models M_t), e.g. `inputs = { model = "align/stage-1" }`.
+//!
+//! Reference log-probs are computed once per stage in a no-grad pass and stored in the work folder
+//! (`reference_logps/stage-<t>.json`, kept in the artifact), so no reference model is in memory while
+//! training and a resumed run does not recompute them. The artifact: the final model M_T at the root (a
+//! Hugging Face folder), `stage-<t>/` with M_t for t < T, `metrics.jsonl` (TRL's metric names, a `stage`
+//! field), `dpo.svg` (loss, reward accuracy and margins) and `dpo_report.json` (per stage: chunk, reference
+//! identity, reference-pass time, final metrics).
+
+pub mod chunks;
+pub mod config;
+pub mod stages;
+
+pub use config::{ChunkBy, DpoStepConfig};
+
+use super::context::StepContext;
+use super::kind::{
+    ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots,
+    Resources, StepKind,
+};
+use crate::data::{derive_seed, DatasetSource};
+use crate::engine::atomic::write_file_atomic;
+use crate::model::Tokenizer;
+use crate::train::dpo::{plot_dpo, PreferencePair};
+use crate::train::job::{
+    check_filter_plugins, dependencies, plugin_filters, progress_observer, save_dtype,
+};
+use anyhow::{Context, Result};
+use chunks::{all_pairs, chunk_origin, load_preference_data, split_chunks};
+use stages::{
+    model_digest, reference_logps, run_stage, stage_histories, ModelIdentity, StageSetup,
+};
+
+/// The `dpo` step kind.
+pub struct DpoStep;
+
+const DPO_INPUTS: &[InputSlot] = &[
+    InputSlot {
+        name: "model",
+        accepts: &[ArtifactKind::Model],
+        many: false,
+        required: true,
+    },
+    InputSlot {
+        name: "data",
+        accepts: &[ArtifactKind::Dataset],
+        many: true,
+        required: true,
+    },
+    InputSlot {
+        name: "reference",
+        accepts: &[ArtifactKind::Model],
+        many: false,
+        required: false,
+    },
+];
+
+impl StepKind for DpoStep {
+    type Config = DpoStepConfig;
+
+    fn name(&self) -> &'static str {
+        "dpo"
+    }
+
+    fn inputs(&self) -> InputSlots {
+        InputSlots::Fixed(DPO_INPUTS)
+    }
+
+    fn output(&self, _: &DpoStepConfig) -> ArtifactKind {
+        ArtifactKind::Model
+    }
+
+    /// `stage-<t>` for t < T: the intermediate sDPO models M_t.
+    fn parts(&self, c: &DpoStepConfig) -> Vec<ArtifactPart> {
+        (1..c.chunks)
+            .map(|t| ArtifactPart {
+                name: format!("stage-{t}"),
+                path: format!("stage-{t}").into(),
+                kind: ArtifactKind::Model,
+            })
+            .collect()
+    }
+
+    fn check(&self, c: &DpoStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
+        let mut issues = c.issues(ctx.input_count("data"));
+        issues.extend(check_filter_plugins(&c.train_config(), ctx));
+        issues
+    }
+
+    fn dependencies(&self, c: &DpoStepConfig) -> Dependencies {
+        dependencies(&c.train_config())
+    }
+
+    fn resources(&self, _: &DpoStepConfig) -> Resources {
+        Resources {
+            exclusive_device: true,
+        }
+    }
+
+    fn resumable(&self) -> bool {
+        true
+    }
+
+    fn run(&self, c: &DpoStepConfig, ctx: &StepContext) -> Result<()> {
+        let model = ctx.input("model")?;
+        let tokenizer = Tokenizer::from_model_dir(&model.path)
+            .with_context(|| format!("model {:?} needs a tokenizer.json for DPO", model.name))?;
+        let fixed_reference = ctx.inputs_of("reference").first();
+        let sources = ctx
+            .inputs_of("data")
+            .iter()
+            .map(DatasetSource::from_input)
+            .collect::<Result<Vec<_>>>()?;
+        let train = c.train_config();
+        let seed = derive_seed(ctx.settings.seed, &format!("dpo/{}", c.seed));
+        let data = {
+            let mut filters = plugin_filters(&train, ctx);
+            load_preference_data(&sources, &mut filters, seed, &tokenizer, c.limits())?
+        };
+        let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
+        let device = ctx.device()?;
+        let out = ctx.out_dir.as_path();
+        let refs_dir = out.join("reference_logps");
+        let on_batch = |total: usize| {
+            move |done: usize| {
+                ctx.progress.set_length(total as u64);
+                ctx.progress.set_position(done as u64);
+                ctx.check_cancelled()
+            }
+        };
+
+        let initial = ModelIdentity {
+            source: format!("input model {:?}", model.name),
+            blake3: model_digest(&model.path)?,
+        };
+        let margins = if c.chunks > 1 && c.chunk_by == ChunkBy::Margin {
+            ctx.progress.set_message("margins of the initial model");
+            let every: Vec<PreferencePair> = all_pairs(&data).into_iter().map(|p| p.pair).collect();
+            let refs: Vec<&PreferencePair> = every.iter().collect();
+            let (stored, _) = reference_logps(
+                &refs_dir.join("initial-margins.json"),
+                &model.path,
+                initial.clone(),
+                &refs,
+                c.micro_batch,
+                pad,
+                &device,
+                &mut on_batch(refs.len()),
+            )?;
+            Some(
+                stored
+                    .logps
+                    .chosen
+                    .iter()
+                    .zip(&stored.logps.rejected)
+                    .map(|(a, b)| a - b)
+                    .collect::<Vec<f32>>(),
+            )
+        } else {
+            None
+        };
+        let chunks = split_chunks(
+            &data,
+            c.chunks,
+            c.chunk_by,
+            derive_seed(seed, "chunks"),
+            margins.as_deref(),
+        )?;
+
+        let setup = StageSetup {
+            out_dir: out,
+            train: &train,
+            loss: c.loss_config(),
+            seed,
+            pad,
+            save_dtype: save_dtype(ctx.settings.dtype),
+            device: &device,
+        };
+        let stages = chunks.len();
+        let mut reports = Vec::with_capacity(stages);
+        let mut current = (model.path.clone(), initial);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let t = i + 1;
+            let (ref_dir, ref_source) = match fixed_reference {
+                Some(r) => (r.path.clone(), format!("input reference {:?}", r.name)),
+                None => (current.0.clone(), current.1.source.clone()),
+            };
+            let ref_identity = if fixed_reference.is_none() {
+                current.1.clone()
+            } else {
+                ModelIdentity {
+                    source: ref_source,
+                    blake3: model_digest(&ref_dir)?,
+                }
+            };
+            ctx.progress
+                .set_message(format!("stage {t}/{stages}: reference pass"));
+            let refs: Vec<&PreferencePair> = chunk.iter().map(|p| &p.pair).collect();
+            let reference = reference_logps(
+                &refs_dir.join(format!("stage-{t}.json")),
+                &ref_dir,
+                ref_identity,
+                &refs,
+                c.micro_batch,
+                pad,
+                &device,
+                &mut on_batch(refs.len()),
+            )?;
+            ctx.progress
+                .set_message(format!("stage {t}/{stages}: training"));
+            let output = if t == stages {
+                ".".to_string()
+            } else {
+                format!("stage-{t}")
+            };
+            let mut observer = progress_observer(ctx);
+            let report = run_stage(
+                &setup,
+                t,
+                chunk,
+                serde_json::to_value(chunk_origin(&data, chunk))?,
+                (&current.0, current.1.clone()),
+                reference,
+                &output,
+                &mut observer,
+            )?;
+            let written = out.join(&output);
+            current = (
+                written.clone(),
+                ModelIdentity {
+                    source: format!("stage-{t}"),
+                    blake3: if t < stages {
+                        model_digest(&written)?
+                    } else {
+                        String::new()
+                    },
+                },
+            );
+            reports.push(report);
+        }
+
+        let history = stage_histories(out, stages)?;
+        let mut lines = String::new();
+        for (t, m) in &history {
+            let mut v = serde_json::to_value(m)?;
+            v.as_object_mut()
+                .expect("metrics serialise to an object")
+                .insert("stage".into(), (*t).into());
+            lines.push_str(&serde_json::to_string(&v)?);
+            lines.push('\n');
+        }
+        write_file_atomic(&out.join("metrics.jsonl"), lines.as_bytes())?;
+        plot_dpo(
+            &history,
+            &format!(
+                "{}: DPO ({} stage{})",
+                ctx.step,
+                stages,
+                if stages > 1 { "s" } else { "" }
+            ),
+            &out.join("dpo.svg"),
+        )?;
+        let report = serde_json::json!({
+            "loss": c.loss_config(),
+            "chunks": stages,
+            "chunk_by": c.chunk_by,
+            "reference": match fixed_reference {
+                Some(r) => format!("fixed: input reference {:?}", r.name),
+                None => "previous stage (sDPO)".to_string(),
+            },
+            "datasets": data.reports,
+            "dropped_too_long": data.dropped_too_long,
+            "stages": reports,
+        });
+        write_file_atomic(
+            &out.join("dpo_report.json"),
+            &serde_json::to_vec_pretty(&report)?,
+        )?;
+        let work = out.join(".dpo-work");
+        if work.exists() {
+            std::fs::remove_dir_all(&work)
+                .with_context(|| format!("removing {}", work.display()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! The sDPO stages: stage t computes its reference log-probs once (no grad, stored in the work folder),
+//! then trains M_{t−1} on chunk t and writes M_t. Every stage resumes: a finished stage is not redone, an
+//! unfinished one continues from its last checkpoint and reuses its stored reference pass.
+
+use super::chunks::SourcedPair;
+use crate::engine::atomic::write_file_atomic;
+use crate::model::load_model;
+use crate::train::dpo::{
+    reference_pass, DpoLossConfig, DpoObjective, PreferencePair, ReferenceLogps,
+};
+use crate::train::job::{load_for_training, move_contents, save_trained};
+use crate::train::{
+    train_objective, MetricsLog, StepMetrics, TrainObserver, TrainOptions, TrainStepConfig,
+};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which model a reference pass used: where it came from and the BLAKE3 of its safetensors files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    /// `input model "NAME"`, `input reference "NAME"` or `stage-T` (this step's M_T).
+    pub source: String,
+    /// BLAKE3 over the model's `*.safetensors` files (names and bytes, in name order).
+    pub blake3: String,
+}
+
+/// BLAKE3 over the `*.safetensors` files of model folder `dir`.
+pub fn model_digest(dir: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading model folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    for f in &files {
+        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+        let file = std::fs::File::open(f).with_context(|| format!("hashing {}", f.display()))?;
+        h.update_reader(file)
+            .with_context(|| format!("hashing {}", f.display()))?;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// A stored reference pass (`reference_logps/<name>.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredReference {
+    /// Digest of the pairs and the reference model; a stored pass of other data or model is recomputed.
+    pub fingerprint: String,
+    /// The model.
+    pub reference: ModelIdentity,
+    /// Seconds the pass took.
+    pub seconds: f64,
+    /// The log-probs, in chunk order.
+    pub logps: ReferenceLogps,
+}
+
+/// Reference log-probs of `pairs` under the model in `dir`: read from `file` when it holds this pass,
+/// otherwise computed (one no-grad pass, batches of `batch`) and stored there atomically. Returns the
+/// stored pass and whether it was reused.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_logps(
+    file: &Path,
+    dir: &Path,
+    identity: ModelIdentity,
+    pairs: &[&PreferencePair],
+    batch: usize,
+    pad: u32,
+    device: &Device,
+    on_batch: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<(StoredReference, bool)> {
+    let mut h = blake3::Hasher::new();
+    h.update(identity.blake3.as_bytes());
+    for p in pairs {
+        for part in [&p.prompt, &p.chosen, &p.rejected] {
+            for id in part.iter() {
+                h.update(&id.to_le_bytes());
+            }
+            h.update(b"|");
+        }
+    }
+    let fingerprint = h.finalize().to_hex()[..16].to_string();
+    if let Ok(bytes) = std::fs::read(file) {
+        if let Ok(stored) = serde_json::from_slice::<StoredReference>(&bytes) {
+            if stored.fingerprint == fingerprint {
+                return Ok((stored, true));
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let model = load_model(dir, DType::F32, device)?;
+    let owned: Vec<PreferencePair> = pairs.iter().map(|p| (*p).clone()).collect();
+    let logps = reference_pass(&model, &owned, batch, pad, on_batch)?;
+    drop(model);
+    let stored = StoredReference {
+        fingerprint,
+        reference: identity,
+        seconds: t0.elapsed().as_secs_f64(),
+        logps,
+    };
+    write_file_atomic(file, &serde_json::to_vec(&stored)?)?;
+    Ok((stored, false))
+}
+
+/// What one stage did (an entry of `dpo_report.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageReport {
+    /// t, 1-based.
+    pub stage: usize,
+    /// Pairs in the chunk.
+    pub pairs: usize,
+    /// Dataset name → pairs, and record indices (see [`super::chunks::ChunkOrigin`]).
+    pub chunk: serde_json::Value,
+    /// The policy it started from (M_{t−1}).
+    pub initial: ModelIdentity,
+    /// The reference model.
+    pub reference: ModelIdentity,
+    /// Seconds of the reference pass (of the run that computed it).
+    pub reference_pass_seconds: f64,
+    /// Whether a stored pass was reused (a resumed run).
+    pub reference_pass_reused: bool,
+    /// Where M_t is, relative to the artifact (`stage-t` or `.` for the last stage).
+    pub output: String,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Step the stage resumed from (0 = fresh).
+    pub resumed_from: usize,
+    /// Pairs per second of training in this process (forward + backward + update).
+    pub pairs_per_s: f64,
+    /// The last optimizer step's metrics.
+    pub final_metrics: Option<StepMetrics>,
+}
+
+/// Everything a stage needs besides its chunk.
+pub struct StageSetup<'a> {
+    /// The step's output (= work) folder.
+    pub out_dir: &'a Path,
+    /// Training keys.
+    pub train: &'a TrainStepConfig,
+    /// Loss.
+    pub loss: DpoLossConfig,
+    /// Data-order seed.
+    pub seed: u64,
+    /// Padding id.
+    pub pad: u32,
+    /// Dtype of the written models.
+    pub save_dtype: DType,
+    /// Compute device.
+    pub device: &'a Device,
+}
+
+/// Work folder of stage `t` (checkpoints, metrics, done marker); removed when the step finishes.
+pub fn stage_work_dir(out_dir: &Path, t: usize) -> PathBuf {
+    out_dir.join(".dpo-work").join(format!("stage-{t}"))
+}
+
+/// Runs stage `t` (or returns its report when a previous run finished it): trains the model in
+/// `initial_dir` on `chunk` against `reference` log-probs and writes M_t to `output` (a folder; for the
+/// last stage the artifact root, written through a staging folder).
+#[allow(clippy::too_many_arguments)]
+pub fn run_stage(
+    setup: &StageSetup<'_>,
+    t: usize,
+    chunk: &[SourcedPair],
+    chunk_origin: serde_json::Value,
+    initial: (&Path, ModelIdentity),
+    reference: (StoredReference, bool),
+    output: &str,
+    observer: &mut dyn TrainObserver,
+) -> Result<StageReport> {
+    let work = stage_work_dir(setup.out_dir, t);
+    let done = work.join("done.json");
+    if let Ok(bytes) = std::fs::read(&done) {
+        return serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", done.display()));
+    }
+    let pairs: Vec<PreferencePair> = chunk.iter().map(|p| p.pair.clone()).collect();
+    let (model, mut opt) = load_for_training(
+        initial.0,
+        setup.train.dtype,
+        setup.train.adamw(),
+        setup.device,
+    )?;
+    let total = setup.train.total_steps(pairs.len());
+    let opts = TrainOptions {
+        lr: setup.train.lr,
+        schedule: setup.train.schedule,
+        warmup_steps: setup.train.warmup(total),
+        total_steps: total,
+        micro_batch: setup.train.micro_batch,
+        grad_accum: setup.train.grad_accum,
+        clip: (setup.train.clip > 0.0).then_some(setup.train.clip),
+        seed: setup.seed ^ t as u64,
+        shuffle: setup.train.shuffle,
+        checkpoint_every: setup.train.checkpoint_every,
+        pad_id: setup.pad,
+    };
+    let objective = DpoObjective {
+        pairs: &pairs,
+        reference: &reference.0.logps,
+        loss: setup.loss,
+        pad_id: setup.pad,
+    };
+    let t0 = Instant::now();
+    let summary = train_objective(&model, &mut opt, &objective, &opts, &work, observer)?;
+    let trained_pairs = (summary.steps - summary.resumed_from) * opts.micro_batch * opts.grad_accum;
+    let pairs_per_s = trained_pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    if output == "." {
+        let staging = work.join("model");
+        save_trained(&model, &opt, initial.0, &staging, setup.save_dtype)?;
+        move_contents(&staging, setup.out_dir)?;
+    } else {
+        save_trained(
+            &model,
+            &opt,
+            initial.0,
+            &setup.out_dir.join(output),
+            setup.save_dtype,
+        )?;
+    }
+    let report = StageReport {
+        stage: t,
+        pairs: pairs.len(),
+        chunk: chunk_origin,
+        initial: initial.1,
+        reference: reference.0.reference.clone(),
+        reference_pass_seconds: reference.0.seconds,
+        reference_pass_reused: reference.1,
+        output: output.to_string(),
+        steps: summary.steps,
+        resumed_from: summary.resumed_from,
+        pairs_per_s,
+        final_metrics: summary.history.last().cloned(),
+    };
+    write_file_atomic(&done, &serde_json::to_vec_pretty(&report)?)?;
+    Ok(report)
+}
+
+/// Every stage's logged steps, in order, tagged with their stage.
+pub fn stage_histories(out_dir: &Path, stages: usize) -> Result<Vec<(usize, StepMetrics)>> {
+    let mut all = Vec::new();
+    for t in 1..=stages {
+        let path = stage_work_dir(out_dir, t).join("metrics.jsonl");
+        let log = MetricsLog::open(&path, usize::MAX)?;
+        all.extend(log.history.into_iter().map(|m| (t, m)));
+    }
+    Ok(all)
+}

@@ -1,0 +1,262 @@
+//! `kind = "preference-pairs"`: preference triplets from two aligned question-answer datasets, as the
+//! paper's Synth. Math-Alignment (Sec. 3): the answer of the `chosen` dataset (e.g. a rephrased, better
+//! solution) is preferred over the answer of the `rejected` dataset (e.g. the original) for the same
+//! question.
+//!
+//! ```toml
+//! [steps.math-alignment]
+//! kind = "preference-pairs"
+//! inputs = { chosen = "rephrased", rejected = "gsm8k" }
+//! key = "question"          # align by this field; without `key`, by row order (questions must match)
+//! template = "gsm8k"        # prompt `Question: {q}\nAnswer:`, completions ` {answer}` (default: plain)
+//! ```
+//!
+//! Records pair up by the `key` field (every record of either side must find its partner; a duplicate
+//! or missing key is an error naming the record's file and line) or, without `key`, by position (same
+//! count, and the same question text in both). Pairs whose two answers are identical carry no preference
+//! and are left out (counted in `info.json`). Output: `data.jsonl` of `{prompt, chosen, rejected}` and
+//! `info.json` (`format = "preference"`, counts).
+
+use super::context::StepContext;
+use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind};
+use crate::data::{read_records, DatasetSource, Origin, RawRecord, ReadStats};
+use crate::engine::atomic::write_file_atomic;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// How prompt and completions are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PairTemplate {
+    /// The question as the prompt, the answers as they are.
+    #[default]
+    Plain,
+    /// `Question: {question}\nAnswer:` and ` {answer}` (the GSM8K format the sft and eval steps use).
+    Gsm8k,
+}
+
+/// Parameters of a `preference-pairs` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreferencePairsConfig {
+    /// Field that identifies a record in both datasets; none = align by row order.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Field holding the question.
+    #[serde(default = "PreferencePairsConfig::default_question")]
+    pub question: String,
+    /// Field holding the answer.
+    #[serde(default = "PreferencePairsConfig::default_answer")]
+    pub answer: String,
+    /// Prompt/completion rendering.
+    #[serde(default)]
+    pub template: PairTemplate,
+}
+
+impl PreferencePairsConfig {
+    fn default_question() -> String {
+        "question".into()
+    }
+    fn default_answer() -> String {
+        "answer".into()
+    }
+}
+
+const INPUTS: &[InputSlot] = &[
+    InputSlot {
+        name: "chosen",
+        accepts: &[ArtifactKind::Dataset],
+        many: false,
+        required: true,
+    },
+    InputSlot {
+        name: "rejected",
+        accepts: &[ArtifactKind::Dataset],
+        many: false,
+        required: true,
+    },
+];
+
+/// The `preference-pairs` step kind.
+pub struct PreferencePairsStep;
+
+impl StepKind for PreferencePairsStep {
+    type Config = PreferencePairsConfig;
+
+    fn name(&self) -> &'static str {
+        "preference-pairs"
+    }
+
+    fn inputs(&self) -> InputSlots {
+        InputSlots::Fixed(INPUTS)
+    }
+
+    fn output(&self, _: &PreferencePairsConfig) -> ArtifactKind {
+        ArtifactKind::Dataset
+    }
+
+    fn check(&self, c: &PreferencePairsConfig, _: &dyn CheckContext) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        for (key, v) in [("question", &c.question), ("answer", &c.answer)] {
+            if v.is_empty() {
+                issues.push(ConfigIssue::new(key, "must name a field"));
+            }
+        }
+        if c.key.as_deref() == Some("") {
+            issues.push(ConfigIssue::new(
+                "key",
+                "must name a field (or leave it out to align by row order)",
+            ));
+        }
+        issues
+    }
+
+    fn run(&self, c: &PreferencePairsConfig, ctx: &StepContext) -> Result<()> {
+        let read = |slot: &str| -> Result<Vec<RawRecord>> {
+            let source = DatasetSource::from_input(ctx.input(slot)?)?;
+            let mut stats = ReadStats::default();
+            read_records(&source.files, source.on_error, &mut stats)
+        };
+        let (chosen, rejected) = (read("chosen")?, read("rejected")?);
+        let aligned = match &c.key {
+            Some(key) => align_by_key(&chosen, &rejected, key)?,
+            None => align_by_row(&chosen, &rejected, &c.question)?,
+        };
+        let mut lines = String::new();
+        let (mut written, mut identical) = (0usize, 0usize);
+        for (ch, rj) in aligned {
+            let question = text_field(ch, &c.question)?;
+            let (good, bad) = (text_field(ch, &c.answer)?, text_field(rj, &c.answer)?);
+            if good == bad {
+                identical += 1;
+                continue;
+            }
+            let (prompt, good, bad) = match c.template {
+                PairTemplate::Plain => (question.to_string(), good.to_string(), bad.to_string()),
+                PairTemplate::Gsm8k => (
+                    crate::data::template::question_prompt(question),
+                    format!(" {good}"),
+                    format!(" {bad}"),
+                ),
+            };
+            lines.push_str(&serde_json::to_string(
+                &json!({ "prompt": prompt, "chosen": good, "rejected": bad }),
+            )?);
+            lines.push('\n');
+            written += 1;
+        }
+        if written == 0 {
+            bail!("no preference pairs: every aligned pair has identical answers (or the inputs are empty)");
+        }
+        write_file_atomic(&ctx.out_dir.join("data.jsonl"), lines.as_bytes())?;
+        let info = json!({
+            "format": "preference",
+            "count": written,
+            "identical_left_out": identical,
+            "aligned_by": c.key.clone().unwrap_or_else(|| "row order".into()),
+            "chosen": ctx.input("chosen")?.name,
+            "rejected": ctx.input("rejected")?.name,
+        });
+        write_file_atomic(
+            &ctx.out_dir.join("info.json"),
+            &serde_json::to_vec_pretty(&info)?,
+        )?;
+        Ok(())
+    }
+}
+
+/// The string in field `name` of a record, or an error naming the record.
+fn text_field<'a>(r: &'a RawRecord, name: &str) -> Result<&'a str> {
+    match r.value.get(name) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => bail!("{}: field {name:?} must be a string, got {other}", r.origin),
+        None => bail!("{}: missing field {name:?}", r.origin),
+    }
+}
+
+/// The key of a record as text (strings as they are, numbers and others as JSON).
+fn key_of(r: &RawRecord, key: &str) -> Result<String> {
+    match r.value.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Null) | None => bail!("{}: missing key field {key:?}", r.origin),
+        Some(other) => Ok(other.to_string()),
+    }
+}
+
+/// Pairs every chosen record with the rejected record of the same key, in chosen order.
+fn align_by_key<'a>(
+    chosen: &'a [RawRecord],
+    rejected: &'a [RawRecord],
+    key: &str,
+) -> Result<Vec<(&'a RawRecord, &'a RawRecord)>> {
+    let mut by_key: HashMap<String, &RawRecord> = HashMap::with_capacity(rejected.len());
+    for r in rejected {
+        let k = key_of(r, key)?;
+        if let Some(first) = by_key.insert(k.clone(), r) {
+            bail!(
+                "{}: duplicate {key} {k:?} (first at {})",
+                r.origin,
+                first.origin
+            );
+        }
+    }
+    let mut seen: HashMap<String, &Origin> = HashMap::with_capacity(chosen.len());
+    let mut out = Vec::with_capacity(chosen.len());
+    for c in chosen {
+        let k = key_of(c, key)?;
+        if let Some(first) = seen.insert(k.clone(), &c.origin) {
+            bail!("{}: duplicate {key} {k:?} (first at {first})", c.origin);
+        }
+        match by_key.get(&k) {
+            Some(r) => out.push((c, *r)),
+            None => bail!(
+                "{}: {key} {k:?} has no record in the rejected dataset",
+                c.origin
+            ),
+        }
+    }
+    if let Some(r) = rejected
+        .iter()
+        .find(|r| key_of(r, key).is_ok_and(|k| !seen.contains_key(&k)))
+    {
+        bail!(
+            "{}: {key} {:?} has no record in the chosen dataset",
+            r.origin,
+            key_of(r, key)?
+        );
+    }
+    Ok(out)
+}
+
+/// Pairs records by position; both sides must have the same count and the same question in each row.
+fn align_by_row<'a>(
+    chosen: &'a [RawRecord],
+    rejected: &'a [RawRecord],
+    question: &str,
+) -> Result<Vec<(&'a RawRecord, &'a RawRecord)>> {
+    if chosen.len() != rejected.len() {
+        let extra = if chosen.len() > rejected.len() {
+            &chosen[rejected.len()].origin
+        } else {
+            &rejected[chosen.len()].origin
+        };
+        bail!(
+            "aligning by row order needs the same number of records, but chosen has {} and rejected {} \
+             (first unmatched: {extra}); set `key` to align by a field",
+            chosen.len(),
+            rejected.len()
+        );
+    }
+    for (c, r) in chosen.iter().zip(rejected) {
+        if text_field(c, question)? != text_field(r, question)? {
+            bail!(
+                "{} and {}: the questions differ, so the rows are not aligned (set `key` to align by a field)",
+                c.origin,
+                r.origin
+            );
+        }
+    }
+    Ok(chosen.iter().zip(rejected).collect())
+}

@@ -1,0 +1,802 @@
+//! The `dpo` step: losses equal TRL's own loss code on fixed log-probs (fixture), the sigmoid loss is ln 2
+//! when policy = reference, a toy preference set is learned through a real workflow, sDPO with two chunks
+//! uses M_1 as the second reference, and bad input is reported clearly.
+
+use candle_core::{DType, Device};
+use dusflow::engine::{self, RunOptions};
+use dusflow::model::{load_model, Tokenizer};
+use dusflow::train::dpo::{
+    dpo_losses, pair_metric_sums, reference_pass, sequence_logps, tokenize_pair, vector,
+    DpoLossConfig, DpoLossKind, PairLimits, PreferencePair,
+};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+fn fixture() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpo/dpo_losses.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn losses_and_metrics_equal_trl_on_fixed_log_probs() {
+    let fx = fixture();
+    let d = Device::Cpu;
+    let tokens =
+        |key: &str| -> Vec<Vec<f32>> { fx[key].as_array().unwrap().iter().map(floats).collect() };
+    let (chosen_tok, rejected_tok) = (tokens("chosen_token_logps"), tokens("rejected_token_logps"));
+    let sum = |t: &[Vec<f32>]| -> Vec<f32> { t.iter().map(|r| r.iter().sum()).collect() };
+    let len = |t: &[Vec<f32>]| -> Vec<f32> { t.iter().map(|r| r.len() as f32).collect() };
+    let (pc, pr) = (sum(&chosen_tok), sum(&rejected_tok));
+    let (rc, rr) = (floats(&fx["ref_chosen"]), floats(&fx["ref_rejected"]));
+    let cases = fx["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 9);
+    for case in cases {
+        let kind: DpoLossKind = serde_json::from_value(case["loss"].clone()).unwrap();
+        let cfg = DpoLossConfig {
+            kind,
+            beta: case["beta"].as_f64().unwrap(),
+            label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+        };
+        let got = dpo_losses(
+            &cfg,
+            &vector(&pc, &d).unwrap(),
+            &vector(&pr, &d).unwrap(),
+            &vector(&rc, &d).unwrap(),
+            &vector(&rr, &d).unwrap(),
+            &vector(&len(&chosen_tok), &d).unwrap(),
+            &vector(&len(&rejected_tok), &d).unwrap(),
+        )
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let want = floats(&case["per_pair"]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let tol = 1e-6 * w.abs().max(1.0);
+            assert!((g - w).abs() <= tol, "{cfg:?} pair {i}: {g} vs TRL {w}");
+        }
+        let mean = got.iter().map(|&x| x as f64).sum::<f64>() / got.len() as f64;
+        let want_mean = case["mean"].as_f64().unwrap();
+        assert!(
+            (mean - want_mean).abs() <= 1e-6 * want_mean.abs().max(1.0),
+            "{cfg:?} mean: {mean} vs TRL {want_mean}"
+        );
+        for (name, s) in pair_metric_sums(cfg.beta, &pc, &pr, &rc, &rr) {
+            let want = case["metrics"][name].as_f64().unwrap();
+            let got = s / pc.len() as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{name}: {got} vs TRL {want}"
+            );
+        }
+    }
+    assert!(fx["trl"].as_str().unwrap().starts_with("1.16"));
+}
+
+const FLOW: &str = r#"
+[workflow]
+name = "dpo"
+seed = 5
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+
+[steps.pairs]
+kind = "synthetic"
+task = "preference"
+count = 16
+
+[steps.align]
+kind = "dpo"
+inputs = { model = "tiny", data = ["pairs"] }
+beta = 0.1
+lr = 5e-3
+micro_batch = 4
+epochs = 16
+warmup_steps = 0
+schedule = "constant"
+"#;
+
+fn artifact(out: &Path, step: &str) -> PathBuf {
+    std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{step}-"))
+                && p.join("manifest.json").exists()
+        })
+        .unwrap_or_else(|| panic!("no artifact for {step} in {}", out.display()))
+}
+
+async fn run(dir: &Path) -> engine::RunSummary {
+    engine::run(
+        &dir.join("flow.toml"),
+        &dusflow::steps::Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+fn read_pairs(file: &Path, tok: &Tokenizer) -> Vec<PreferencePair> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let s = |k: &str| v[k].as_str().unwrap().to_string();
+            tokenize_pair(
+                tok,
+                &s("prompt"),
+                &s("chosen"),
+                &s("rejected"),
+                PairLimits {
+                    max_length: Some(1024),
+                    max_prompt_length: None,
+                },
+            )
+            .unwrap()
+            .unwrap()
+        })
+        .collect()
+}
+
+fn metrics(a: &Path) -> Vec<Value> {
+    std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn toy_preferences_are_learned_and_the_first_loss_is_ln2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("flow.toml"), FLOW).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let out = dir.path().join("out");
+    let a = artifact(&out, "align");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "dpo.svg",
+        "dpo_report.json",
+    ] {
+        assert!(a.join(f).is_file(), "missing {f}");
+    }
+    assert!(!a.join(".dpo-work").exists());
+
+    let m = metrics(&a);
+    assert_eq!(m.len(), 64);
+    let first = m[0]["loss"].as_f64().unwrap();
+    assert!(
+        (first - std::f64::consts::LN_2).abs() < 1e-6,
+        "first loss {first}"
+    );
+    // Reference and policy passes batch pairs differently, so the margin is 0 up to f32 rounding.
+    assert!(
+        m[0]["rewards/margins"].as_f64().unwrap().abs() < 1e-5,
+        "{}",
+        m[0]
+    );
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "lr",
+    ] {
+        assert!(m[5][key].is_number(), "metrics lack {key}: {}", m[5]);
+    }
+    assert_eq!(m[63]["stage"].as_u64(), Some(1));
+
+    // Reward accuracy of the trained model on all training pairs, against the initial model.
+    let tok = Tokenizer::from_model_dir(&a).unwrap();
+    let pairs = read_pairs(&artifact(&out, "pairs").join("data.jsonl"), &tok);
+    let pad = tok.pad_id().unwrap();
+    let score = |dir: &Path| {
+        let model = load_model(dir, DType::F32, &Device::Cpu).unwrap();
+        reference_pass(&model, &pairs, 8, pad, &mut |_| Ok(())).unwrap()
+    };
+    let (before, after) = (score(&artifact(&out, "tiny")), score(&a));
+    let right = (0..pairs.len())
+        .filter(|&i| after.chosen[i] - before.chosen[i] > after.rejected[i] - before.rejected[i])
+        .count();
+    let accuracy = right as f64 / pairs.len() as f64;
+    assert!(accuracy > 0.9, "reward accuracy {accuracy}");
+    let mean_acc = |r: &[Value]| {
+        r.iter()
+            .map(|x| x["rewards/accuracies"].as_f64().unwrap())
+            .sum::<f64>()
+            / r.len() as f64
+    };
+    let (early, late) = (mean_acc(&m[..8]), mean_acc(&m[m.len() - 8..]));
+    assert!(
+        late > early && late >= 0.75,
+        "logged reward accuracy {early} -> {late}"
+    );
+}
+
+const SDPO: &str = r#"
+[workflow]
+name = "sdpo"
+seed = 9
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+
+[steps.easy]
+kind = "synthetic"
+task = "preference"
+count = 8
+max_operand = 9
+
+[steps.hard]
+kind = "synthetic"
+task = "preference"
+count = 6
+seed = 3
+
+[steps.align]
+kind = "dpo"
+inputs = { model = "tiny", data = ["easy", "hard"] }
+chunks = 2
+chunk_by = "dataset"
+lr = 2e-3
+micro_batch = 4
+max_steps = 3
+
+[steps.average]
+kind = "merge"
+inputs = { models = ["align/stage-1", "align"] }
+method = "linear"
+weights = [0.5, 0.5]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdpo_with_two_chunks_uses_stage_one_as_the_second_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("flow.toml"), SDPO).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let out = dir.path().join("out");
+    let a = artifact(&out, "align");
+    let stage1 = a.join("stage-1");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(stage1.join(f).is_file(), "stage-1 lacks {f}");
+    }
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(a.join("dpo_report.json")).unwrap()).unwrap();
+    let stages = report["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    assert_eq!(stages[0]["pairs"].as_u64(), Some(8));
+    assert_eq!(stages[1]["pairs"].as_u64(), Some(6));
+    assert_eq!(stages[0]["chunk"]["datasets"]["easy"].as_u64(), Some(8));
+    assert_eq!(stages[1]["chunk"]["datasets"]["hard"].as_u64(), Some(6));
+    let (r1, r2) = (&stages[0]["reference"], &stages[1]["reference"]);
+    assert_eq!(r1["source"], "input model \"tiny\"");
+    assert_eq!(r2["source"], "stage-1");
+    assert_ne!(r1["blake3"], r2["blake3"]);
+    assert_eq!(stages[1]["initial"], stages[1]["reference"]);
+    assert_eq!(stages[1]["output"], ".");
+
+    // The stored stage-2 reference pass = M_1's log-probs of chunk 2.
+    let tok = Tokenizer::from_model_dir(&a).unwrap();
+    let chunk2 = read_pairs(&artifact(&out, "hard").join("data.jsonl"), &tok);
+    let m1 = load_model(&stage1, DType::F32, &Device::Cpu).unwrap();
+    let want = reference_pass(&m1, &chunk2, 3, tok.pad_id().unwrap(), &mut |_| Ok(())).unwrap();
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(a.join("reference_logps/stage-2.json")).unwrap())
+            .unwrap();
+    let got_c = floats(&stored["logps"]["chosen"]);
+    let got_r = floats(&stored["logps"]["rejected"]);
+    for i in 0..chunk2.len() {
+        assert!(
+            (got_c[i] - want.chosen[i]).abs() < 1e-4,
+            "pair {i}: {} vs {}",
+            got_c[i],
+            want.chosen[i]
+        );
+        assert!((got_r[i] - want.rejected[i]).abs() < 1e-4);
+    }
+    let m0 = load_model(&artifact(&out, "tiny"), DType::F32, &Device::Cpu).unwrap();
+    let under_m0 = reference_pass(&m0, &chunk2, 3, tok.pad_id().unwrap(), &mut |_| Ok(())).unwrap();
+    assert!(
+        (0..chunk2.len()).any(|i| (under_m0.chosen[i] - got_c[i]).abs() > 1e-3),
+        "stage 2's reference must not be M_0"
+    );
+    // Both stages start with loss ln 2: each stage's reference is its own starting model.
+    let m = metrics(&a);
+    assert_eq!(m.len(), 6);
+    for i in [0, 3] {
+        let loss = m[i]["loss"].as_f64().unwrap();
+        assert!(
+            (loss - std::f64::consts::LN_2).abs() < 1e-6,
+            "stage start {i}: loss {loss}"
+        );
+    }
+    assert_eq!(m[3]["stage"].as_u64(), Some(2));
+    // The intermediate model is a part other steps use: M_1 and M_2 averaged.
+    let average = artifact(&out, "average");
+    load_model(&average, DType::F32, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn sequence_log_probs_count_completion_tokens_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        dusflow::model::LlamaConfig::tiny(dusflow::model::tokenizer::BYTE_VOCAB, 32, 64, 2, 4, 2);
+    let (_, model) = dusflow::model::init_trainable(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let _ = dir;
+    let pair = PreferencePair {
+        prompt: vec![256, 10, 11],
+        chosen: vec![12, 257],
+        rejected: vec![13, 14, 257],
+    };
+    let lp = sequence_logps(&model, &[&pair], 258).unwrap();
+    // By hand: the full-sequence log-softmax at the completion positions.
+    let ids = candle_core::Tensor::new(&[[256u32, 10, 11, 12, 257]], &Device::Cpu).unwrap();
+    let logits = model
+        .forward_train(&ids, &Default::default())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, 1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want = logp[2][12] + logp[3][257];
+    let got = lp.chosen.to_vec1::<f32>().unwrap()[0];
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    assert_eq!(lp.rejected_len.to_vec1::<f32>().unwrap(), vec![3.0]);
+}
+
+fn load_err(flow: &str, files: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    match dusflow::workflow::Workflow::load(
+        &dir.path().join("flow.toml"),
+        &dusflow::steps::Registry::builtin(),
+    ) {
+        Ok(_) => panic!("the workflow should be invalid"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const BAD_BASE: &str = r#"
+[workflow]
+name = "bad"
+output = "out"
+
+[models.m]
+path = "m"
+
+[datasets.a]
+path = "a.jsonl"
+format = "preference"
+
+[datasets.b]
+path = "b.jsonl"
+format = "preference"
+"#;
+
+#[test]
+fn chunk_count_typos_and_ranges_are_config_errors() {
+    let flow = format!(
+        "{BAD_BASE}\n[steps.align]\nkind = \"dpo\"\ninputs = {{ model = \"m\", data = [\"a\", \"b\"] }}\nchunks = 3\n"
+    );
+    let err = load_err(&flow, &[]);
+    assert!(err.contains("steps.align.chunks"), "{err}");
+    assert!(err.contains("there are 2"), "{err}");
+
+    let flow = format!(
+        "{BAD_BASE}\n[steps.align]\nkind = \"dpo\"\ninputs = {{ model = \"m\", data = [\"a\"] }}\nbetta = 0.2\n"
+    );
+    let err = load_err(&flow, &[]);
+    assert!(err.contains("betta"), "{err}");
+
+    let flow = format!(
+        "{BAD_BASE}\n[steps.align]\nkind = \"dpo\"\ninputs = {{ model = \"m\", data = [\"a\"] }}\nloss = \"hinge\"\nlabel_smoothing = 0.1\nbeta = 0\nmax_prompt_length = 2000\n"
+    );
+    let err = load_err(&flow, &[]);
+    for key in [
+        "steps.align.label_smoothing",
+        "steps.align.beta",
+        "steps.align.max_prompt_length",
+    ] {
+        assert!(err.contains(key), "{key} missing: {err}");
+    }
+}
+
+async fn run_err(flow: &str, files: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        dusflow::model::LlamaConfig::tiny(dusflow::model::tokenizer::BYTE_VOCAB, 32, 64, 2, 4, 2);
+    let (_, model) = dusflow::model::init_trainable(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let m = dir.path().join("m");
+    dusflow::model::save_model(&m, &model, &Default::default()).unwrap();
+    Tokenizer::save_byte_level(&m).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(!summary.succeeded());
+    let log = std::fs::read_to_string(dir.path().join("out/.dus/events.jsonl")).unwrap_or_default();
+    format!("{summary:?}\n{log}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_lines_and_empty_chunks_fail_with_their_place() {
+    let good = "{\"prompt\": \"p\", \"chosen\": \" a\", \"rejected\": \" b\"}\n";
+    let flow = format!(
+        "{BAD_BASE}\n[steps.align]\nkind = \"dpo\"\ninputs = {{ model = \"m\", data = [\"a\", \"b\"] }}\nchunks = 2\nmax_steps = 1\n"
+    );
+    let bad = format!("{good}{{\"prompt\": \"p\", \"chosen\": \" a\"}}\n");
+    let err = run_err(&flow, &[("a.jsonl", good), ("b.jsonl", &bad)]).await;
+    assert!(err.contains("b.jsonl:2"), "{err}");
+    assert!(err.contains("rejected"), "{err}");
+
+    let err = run_err(&flow, &[("a.jsonl", good), ("b.jsonl", "")]).await;
+    assert!(
+        err.contains("chunk 2 of 2 (dataset \\\"b\\\")")
+            || err.contains("chunk 2 of 2 (dataset \"b\")"),
+        "{err}"
+    );
+}
+
+const LONG: &str = r#"
+[workflow]
+name = "resume"
+seed = 4
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+
+[steps.first]
+kind = "synthetic"
+task = "preference"
+count = 8
+
+[steps.second]
+kind = "synthetic"
+task = "preference"
+count = 8
+seed = 1
+
+[steps.align]
+kind = "dpo"
+inputs = { model = "tiny", data = ["first", "second"] }
+chunks = 2
+lr = 1e-3
+micro_batch = 2
+max_steps = 16
+checkpoint_every = 4
+"#;
+
+const CHILD_ENV: &str = "DUSFLOW_DPO_TEST_CHILD";
+const THIS_TEST: &str = "sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights";
+
+/// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set.
+fn dus_run(dir: &Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", THIS_TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The partial work folder of the dpo step, once stage 2 has written a checkpoint.
+fn stage_two_checkpoint(out: &Path) -> Option<PathBuf> {
+    for e in std::fs::read_dir(out.join(".dus/partial")).ok()?.flatten() {
+        let ckpt = e.path().join(".dpo-work/stage-2/checkpoints");
+        let has = std::fs::read_dir(&ckpt).is_ok_and(|c| {
+            c.flatten()
+                .any(|x| x.file_name().to_string_lossy().starts_with("step-"))
+        });
+        if has {
+            return Some(e.path());
+        }
+    }
+    None
+}
+
+#[test]
+fn sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let summary = rt.block_on(run(Path::new(&dir)));
+        assert!(summary.succeeded(), "{summary:?}");
+        return;
+    }
+    let (straight, crashy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [straight.path(), crashy.path()] {
+        std::fs::write(d.join("flow.toml"), LONG).unwrap();
+    }
+    assert!(dus_run(straight.path()).wait().unwrap().success());
+
+    let mut child = dus_run(crashy.path());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let partial = loop {
+        if let Some(p) = stage_two_checkpoint(&crashy.path().join("out")) {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stage 2 never checkpointed"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(crashy.path().join("stderr.txt")).unwrap_or_default();
+            panic!("the run ended ({status}) before stage 2 checkpointed: {log}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stage1_model = partial.join("stage-1/model.safetensors");
+    let stage1_time = std::fs::metadata(&stage1_model)
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(dus_run(crashy.path()).wait().unwrap().success());
+
+    let a = artifact(&straight.path().join("out"), "align");
+    let b = artifact(&crashy.path().join("out"), "align");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(b.join("dpo_report.json")).unwrap()).unwrap();
+    let stage2 = &report["stages"][1];
+    assert!(stage2["resumed_from"].as_u64().unwrap() >= 4, "{report}");
+    assert_eq!(stage2["reference_pass_reused"], true, "{report}");
+    assert_eq!(report["stages"][0]["resumed_from"], 0);
+    assert_eq!(
+        std::fs::metadata(b.join("stage-1/model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        stage1_time,
+        "stage 1 was not redone"
+    );
+    for f in ["model.safetensors", "stage-1/model.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs from the uninterrupted run"
+        );
+    }
+    assert_eq!(metrics(&b).len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ultrafeedback_parquet_and_orca_jsonl_are_detected_and_trained_on() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpo");
+    let flow = format!(
+        r#"
+[workflow]
+name = "layouts"
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+
+[datasets.uf]
+path = "{}"
+
+[datasets.orca]
+path = "{}"
+
+[steps.align]
+kind = "dpo"
+inputs = {{ model = "tiny", data = ["uf", "orca"] }}
+chunks = 2
+max_steps = 1
+micro_batch = 2
+"#,
+        fixtures.join("ultrafeedback.parquet").display(),
+        fixtures.join("orca_dpo_pairs.jsonl").display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let a = artifact(&dir.path().join("out"), "align");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(a.join("dpo_report.json")).unwrap()).unwrap();
+    assert_eq!(report["datasets"][0]["format"], "ultrafeedback");
+    assert_eq!(report["datasets"][0]["used"], 3);
+    assert_eq!(report["datasets"][1]["format"], "orca-dpo");
+    assert_eq!(report["stages"][1]["pairs"], 2);
+
+    // The first UltraFeedback pair, rendered with ChatML and tokenised like TRL.
+    let tok = Tokenizer::from_model_dir(&a).unwrap();
+    let pair = tokenize_pair(
+        &tok,
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        "2+2 is 4.<|im_end|>",
+        "It is 5.<|im_end|>",
+        PairLimits::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(a.join("reference_logps/stage-1.json")).unwrap())
+            .unwrap();
+    let m0 = load_model(
+        &artifact(&dir.path().join("out"), "tiny"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = reference_pass(&m0, &[pair], 1, tok.pad_id().unwrap(), &mut |_| Ok(())).unwrap();
+    let got = floats(&stored["logps"]["chosen"]);
+    assert!(
+        (got[0] - want.chosen[0]).abs() < 1e-4,
+        "{} vs {}",
+        got[0],
+        want.chosen[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn margin_chunks_go_easy_to_hard_with_a_fixed_reference_and_filtered_data() {
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/length-filter")
+        .canonicalize()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = String::new();
+    for i in 0..10 {
+        // Every fifth pair has a long chosen answer, which the filter drops.
+        let chosen = if i % 5 == 4 {
+            format!(" {i} is the answer, after a long and winding explanation")
+        } else {
+            format!(" {i}")
+        };
+        let row = serde_json::json!({"prompt": format!("Say {i}:"), "chosen": chosen, "rejected": format!(" {}", i + 1)});
+        rows.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(dir.path().join("pairs.jsonl"), rows).unwrap();
+    let flow = format!(
+        r#"
+[workflow]
+name = "margin"
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+
+[steps.other]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+seed = 1
+
+[plugins.short]
+path = "{}"
+
+[datasets.pairs]
+path = "pairs.jsonl"
+filters = ["short"]
+
+[steps.align]
+kind = "dpo"
+inputs = {{ model = "tiny", data = ["pairs"], reference = "other" }}
+chunks = 3
+chunk_by = "margin"
+max_steps = 1
+micro_batch = 2
+filter_params.short = {{ field = "chosen", max_chars = 10 }}
+"#,
+        plugin.display()
+    );
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let out = dir.path().join("out");
+    let a = artifact(&out, "align");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(a.join("dpo_report.json")).unwrap()).unwrap();
+    let filter = &report["datasets"][0]["filters"][0];
+    assert_eq!(
+        (filter["kept"].as_u64(), filter["dropped"].as_u64()),
+        (Some(8), Some(2)),
+        "{filter}"
+    );
+    let stages = report["stages"].as_array().unwrap();
+    let sizes: Vec<u64> = stages
+        .iter()
+        .map(|s| s["pairs"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, vec![3, 3, 2]);
+    // Every stage is scored against the fixed reference, not against M_{t-1}.
+    for s in stages {
+        assert_eq!(s["reference"]["source"], "input reference \"other\"");
+        assert_eq!(s["reference"]["blake3"], stages[0]["reference"]["blake3"]);
+    }
+    assert_ne!(
+        stages[1]["initial"]["blake3"],
+        stages[1]["reference"]["blake3"]
+    );
+    // Chunks follow M_0's margin, largest (easiest) first.
+    let initial: Value = serde_json::from_slice(
+        &std::fs::read(a.join("reference_logps/initial-margins.json")).unwrap(),
+    )
+    .unwrap();
+    let (c, r) = (
+        floats(&initial["logps"]["chosen"]),
+        floats(&initial["logps"]["rejected"]),
+    );
+    let margin = |i: usize| c[i] - r[i];
+    let chunk_margins: Vec<Vec<f32>> = stages
+        .iter()
+        .map(|s| {
+            s["chunk"]["records"]["pairs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| margin(i.as_u64().unwrap() as usize))
+                .collect()
+        })
+        .collect();
+    for w in chunk_margins.windows(2) {
+        let lowest = w[0].iter().cloned().fold(f32::INFINITY, f32::min);
+        let highest = w[1].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert!(
+            lowest >= highest,
+            "chunks not easy to hard: {chunk_margins:?}"
+        );
+    }
+}

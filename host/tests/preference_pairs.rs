@@ -1,0 +1,145 @@
+//! The `preference-pairs` step: two aligned question-answer datasets become `{prompt, chosen, rejected}`
+//! records that the `dpo` step reads; misaligned input fails naming the record.
+
+use dusflow::engine::{self, RunOptions};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+fn artifact(out: &Path, step: &str) -> PathBuf {
+    std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{step}-"))
+                && p.join("manifest.json").exists()
+        })
+        .unwrap_or_else(|| panic!("no artifact for {step} in {}", out.display()))
+}
+
+const REPHRASED: &str = r#"{"id": 2, "question": "What is 3+4?", "answer": "3 plus 4 makes 7.\n#### 7"}
+{"id": 1, "question": "What is 2+2?", "answer": "Two and two are four.\n#### 4"}
+{"id": 3, "question": "What is 5-1?", "answer": "5-1=4\n#### 4"}
+"#;
+const ORIGINAL: &str = r#"{"id": 1, "question": "What is 2+2?", "answer": "2+2=4\n#### 4"}
+{"id": 2, "question": "What is 3+4?", "answer": "3+4=7\n#### 7"}
+{"id": 3, "question": "What is 5-1?", "answer": "5-1=4\n#### 4"}
+"#;
+
+fn flow(extra: &str) -> String {
+    format!(
+        r#"
+[workflow]
+name = "pairs"
+output = "out"
+
+[datasets.rephrased]
+path = "rephrased.jsonl"
+
+[datasets.original]
+path = "original.jsonl"
+
+[steps.pairs]
+kind = "preference-pairs"
+inputs = {{ chosen = "rephrased", rejected = "original" }}
+{extra}
+"#
+    )
+}
+
+async fn run(dir: &Path, flow: &str, files: &[(&str, &str)]) -> engine::RunSummary {
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    std::fs::write(dir.join("flow.toml"), flow).unwrap();
+    engine::run(
+        &dir.join("flow.toml"),
+        &dusflow::steps::Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aligned_by_key_with_the_gsm8k_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = [("rephrased.jsonl", REPHRASED), ("original.jsonl", ORIGINAL)];
+    let summary = run(
+        dir.path(),
+        &flow("key = \"id\"\ntemplate = \"gsm8k\""),
+        &files,
+    )
+    .await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let a = artifact(&dir.path().join("out"), "pairs");
+    let rows: Vec<Value> = std::fs::read_to_string(a.join("data.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "the identical pair (id 3) is left out");
+    assert_eq!(rows[0]["prompt"], "Question: What is 3+4?\nAnswer:");
+    assert_eq!(rows[0]["chosen"], " 3 plus 4 makes 7.\n#### 7");
+    assert_eq!(rows[0]["rejected"], " 3+4=7\n#### 7");
+    assert_eq!(rows[1]["chosen"], " Two and two are four.\n#### 4");
+    let info: Value = serde_json::from_slice(&std::fs::read(a.join("info.json")).unwrap()).unwrap();
+    assert_eq!(info["format"], "preference");
+    assert_eq!(info["identical_left_out"], 1);
+    // The output is a preference dataset the readers accept.
+    let source = dusflow::data::DatasetSource::from_input(&dusflow::steps::InputArtifact {
+        name: "pairs".into(),
+        kind: dusflow::steps::ArtifactKind::Dataset,
+        path: a.clone(),
+        dataset: None,
+    })
+    .unwrap();
+    assert_eq!(source.format, Some(dusflow::data::RecordFormat::Preference));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn misaligned_records_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    // Row order: the questions of row 1 differ.
+    let files = [("rephrased.jsonl", REPHRASED), ("original.jsonl", ORIGINAL)];
+    let s = run(dir.path(), &flow(""), &files).await;
+    let msg = format!("{s:?}");
+    assert!(!s.succeeded());
+    assert!(
+        msg.contains("rephrased.jsonl:1") && msg.contains("original.jsonl:1"),
+        "{msg}"
+    );
+    assert!(msg.contains("questions differ"), "{msg}");
+
+    // By key: id 9 has no partner.
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{REPHRASED}{{\"id\": 9, \"question\": \"q\", \"answer\": \"a\"}}\n");
+    let files = [
+        ("rephrased.jsonl", extra.as_str()),
+        ("original.jsonl", ORIGINAL),
+    ];
+    let s = run(dir.path(), &flow("key = \"id\""), &files).await;
+    let msg = format!("{s:?}");
+    assert!(
+        msg.contains("rephrased.jsonl:4") && msg.contains("no record in the rejected dataset"),
+        "{msg}"
+    );
+
+    // A record without the key field.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = ORIGINAL.replace("{\"id\": 2, ", "{");
+    let files = [
+        ("rephrased.jsonl", REPHRASED),
+        ("original.jsonl", missing.as_str()),
+    ];
+    let s = run(dir.path(), &flow("key = \"id\""), &files).await;
+    let msg = format!("{s:?}");
+    assert!(
+        msg.contains("original.jsonl:2") && msg.contains("missing key field"),
+        "{msg}"
+    );
+}
