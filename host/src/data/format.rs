@@ -37,6 +37,9 @@ pub enum RecordFormat {
     UltraFeedback,
     /// `{question, answer}` (GSM8K); becomes prompt `Question: {question}\nAnswer:`, completion ` {answer}`.
     Gsm8k,
+    /// `{question, choices: {text, label}, answerKey}` (ARC); becomes prompt `Question: {question}\nAnswer:`,
+    /// completion ` {text of the answerKey choice}` — the Open LLM Leaderboard's ARC prompt and target.
+    Arc,
 }
 
 impl RecordFormat {
@@ -54,8 +57,9 @@ impl RecordFormat {
                 Self::UltraFeedback
             }
             "gsm8k" => Self::Gsm8k,
+            "arc" | "multiple-choice" => Self::Arc,
             other => bail!(
-                "unknown dataset format {other:?} (expected text, alpaca, prompt-completion, chat, preference, orca-dpo, ultrafeedback, gsm8k or auto)"
+                "unknown dataset format {other:?} (expected text, alpaca, prompt-completion, chat, preference, orca-dpo, ultrafeedback, gsm8k, arc or auto)"
             ),
         })
     }
@@ -71,6 +75,7 @@ impl RecordFormat {
             Self::OrcaDpo => "orca-dpo",
             Self::UltraFeedback => "ultrafeedback",
             Self::Gsm8k => "gsm8k",
+            Self::Arc => "arc",
         }
     }
 
@@ -85,6 +90,7 @@ impl RecordFormat {
             Self::OrcaDpo => &["system", "question", "chosen", "rejected"],
             Self::UltraFeedback => &["chosen", "rejected"],
             Self::Gsm8k => &["question", "answer"],
+            Self::Arc => &["question", "choices", "answerKey"],
         }
     }
 
@@ -109,6 +115,7 @@ impl RecordFormat {
             Self::Alpaca,
             Self::PromptCompletion,
             Self::Gsm8k,
+            Self::Arc,
             Self::Text,
         ]
         .into_iter()
@@ -238,6 +245,25 @@ impl Example {
                 prompt: super::template::question_prompt(&get("question")?),
                 completion: format!(" {}", get("answer")?),
             },
+            RecordFormat::Arc => {
+                let name = fields.source("choices");
+                let texts = obj.get(name).and_then(|c| c.get("text")).and_then(Value::as_array);
+                let labels = obj.get(name).and_then(|c| c.get("label")).and_then(Value::as_array);
+                let (Some(texts), Some(labels)) = (texts, labels) else {
+                    bail!("field {name:?} must be {{text: [...], label: [...]}} (format arc)")
+                };
+                let key = get("answerKey")?;
+                let Some(i) = labels.iter().position(|l| l.as_str() == Some(key.as_str())) else {
+                    bail!("answerKey {key:?} is none of the labels in {name:?}")
+                };
+                let Some(Value::String(answer)) = texts.get(i) else {
+                    bail!("{name:?}.text[{i}] must be a string")
+                };
+                Example::PromptCompletion {
+                    prompt: super::template::question_prompt(&get("question")?),
+                    completion: format!(" {answer}"),
+                }
+            }
             RecordFormat::Preference => Example::Preference {
                 prompt: get("prompt")?,
                 chosen: get("chosen")?,
@@ -344,6 +370,24 @@ fn kind_of(v: &Value) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn arc_records_become_the_leaderboard_prompt_and_the_keyed_choice() {
+        let none = FieldMap::default();
+        let r = json!({"id": "x", "question": "What is 2 plus 3?",
+            "choices": {"text": ["4", "5", "6", "7"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"});
+        assert_eq!(RecordFormat::detect(&r, &none), Some(RecordFormat::Arc));
+        assert_eq!(
+            Example::parse(&r, RecordFormat::Arc, &none).unwrap(),
+            Example::PromptCompletion {
+                prompt: "Question: What is 2 plus 3?\nAnswer:".into(),
+                completion: " 5".into()
+            }
+        );
+        let bad = json!({"question": "q", "choices": {"text": ["4"], "label": ["A"]}, "answerKey": "E"});
+        let err = Example::parse(&bad, RecordFormat::Arc, &none).unwrap_err();
+        assert!(err.to_string().contains("answerKey \"E\""), "{err}");
+    }
 
     #[test]
     fn parses_each_layout_and_mapping() {

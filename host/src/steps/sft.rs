@@ -29,6 +29,7 @@ pub const SFT_FORMATS: &[RecordFormat] = &[
     RecordFormat::Alpaca,
     RecordFormat::PromptCompletion,
     RecordFormat::Gsm8k,
+    RecordFormat::Arc,
     RecordFormat::Chat,
 ];
 
