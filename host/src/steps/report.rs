@@ -8,7 +8,10 @@
 //! title = "DUS stages"
 //! ```
 //!
-//! Output: `report.md`, `report.json` (every input's `results.json`, in order) and `chart.svg`.
+//! Output: `report.md`, `report.json` (every input's `results.json`, in order) and `chart.svg`. With
+//! `inputs.curves` (training steps: pretrain, sft, dpo — anything that wrote a `metrics.jsonl`), also
+//! `curves.svg` with their loss curves in one chart and a loss table (first, 25 %, 50 %, final) in
+//! `report.md`: how fast each run recovers, e.g. for the seam ablation.
 
 use super::context::StepContext;
 use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind};
@@ -32,12 +35,20 @@ pub struct ReportConfig {
 /// The `report` step kind.
 pub struct ReportStep;
 
-const INPUTS: &[InputSlot] = &[InputSlot {
-    name: "evals",
-    accepts: &[ArtifactKind::Evaluation],
-    many: true,
-    required: true,
-}];
+const INPUTS: &[InputSlot] = &[
+    InputSlot {
+        name: "evals",
+        accepts: &[ArtifactKind::Evaluation],
+        many: true,
+        required: true,
+    },
+    InputSlot {
+        name: "curves",
+        accepts: &[ArtifactKind::Model, ArtifactKind::Files],
+        many: true,
+        required: false,
+    },
+];
 
 impl StepKind for ReportStep {
     type Config = ReportConfig;
@@ -83,6 +94,24 @@ impl StepKind for ReportStep {
             md.push_str(&format!("# {t}\n\n"));
         }
         md.push_str(&markdown_table(&rows));
+        let mut curves = Vec::new();
+        for a in ctx.inputs_of("curves") {
+            let label = c
+                .names
+                .get(&a.name)
+                .cloned()
+                .unwrap_or_else(|| a.name.clone());
+            curves.push((label, read_losses(&a.path.join("metrics.jsonl"))?));
+        }
+        if !curves.is_empty() {
+            md.push_str("\n");
+            md.push_str(&loss_table(&curves));
+            crate::train::metrics::plot_losses(
+                &curves,
+                c.title.as_deref().unwrap_or("training loss"),
+                &ctx.out_dir.join("curves.svg"),
+            )?;
+        }
         std::fs::write(ctx.out_dir.join("report.md"), md)?;
         let json: Vec<serde_json::Value> = rows
             .iter()
@@ -95,6 +124,50 @@ impl StepKind for ReportStep {
         std::fs::write(ctx.out_dir.join("chart.svg"), bar_chart_svg(&rows))?;
         Ok(())
     }
+}
+
+/// `(step, loss)` of every line of a `metrics.jsonl` (steps of later sDPO stages continue the count).
+fn read_losses(path: &std::path::Path) -> Result<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (curves need a training step's output)",
+            path.display()
+        )
+    })?;
+    let mut points = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let loss = v["loss"]
+            .as_f64()
+            .with_context(|| format!("{}:{}: no `loss`", path.display(), i + 1))?;
+        points.push(((points.len() + 1) as f64, loss));
+    }
+    anyhow::ensure!(!points.is_empty(), "{}: no steps logged", path.display());
+    Ok(points)
+}
+
+/// Markdown table of each run's loss at its first step, a quarter, half way, and at the end.
+fn loss_table(curves: &[(String, Vec<(f64, f64)>)]) -> String {
+    let mut md =
+        String::from("| Run | Steps | Loss (first) | Loss (25 %) | Loss (50 %) | Loss (final) |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|\n");
+    for (name, points) in curves {
+        let at = |f: f64| points[((points.len() - 1) as f64 * f).round() as usize].1;
+        md.push_str(&format!(
+            "| {name} | {} | {:.4} | {:.4} | {:.4} | {:.4} |\n",
+            points.len(),
+            at(0.0),
+            at(0.25),
+            at(0.5),
+            at(1.0)
+        ));
+    }
+    md
 }
 
 /// Row names: `names` by eval step or model name, else the evaluated model's name, else (when two
@@ -138,6 +211,16 @@ mod tests {
             tasks: Default::default(),
             h6: None,
         }
+    }
+
+    #[test]
+    fn the_loss_table_samples_each_curve_at_fixed_fractions() {
+        let curve: Vec<(f64, f64)> = (1..=9).map(|s| (s as f64, 10.0 - s as f64)).collect();
+        let md = loss_table(&[("solar".into(), curve)]);
+        assert!(
+            md.contains("| solar | 9 | 9.0000 | 7.0000 | 5.0000 | 1.0000 |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -76,18 +76,26 @@ impl MetricsLog {
 
 /// Draws loss against step as an SVG file.
 pub fn plot_loss(history: &[StepMetrics], title: &str, path: &Path) -> Result<()> {
+    let points = history.iter().map(|m| (m.step as f64, m.loss)).collect();
+    plot_losses(&[(String::new(), points)], title, path)
+}
+
+/// Draws several loss curves `(label, [(step, loss)])` in one SVG chart, with a legend when labelled.
+/// Non-finite losses are skipped.
+pub fn plot_losses(series: &[(String, Vec<(f64, f64)>)], title: &str, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let points: Vec<(f64, f64)> = history
+    let finite: Vec<(&str, Vec<(f64, f64)>)> = series
         .iter()
-        .filter(|m| m.loss.is_finite())
-        .map(|m| (m.step as f64, m.loss))
+        .map(|(label, points)| {
+            let kept = points.iter().copied().filter(|p| p.1.is_finite()).collect();
+            (label.as_str(), kept)
+        })
         .collect();
-    let max_step = points.iter().map(|p| p.0).fold(1.0, f64::max);
-    let (lo, hi) = points
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
+    let all = finite.iter().flat_map(|(_, p)| p.iter());
+    let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
+    });
     let (lo, hi) = if lo.is_finite() {
         (lo.min(hi - 1e-6) * 0.95, hi * 1.05)
     } else {
@@ -108,9 +116,26 @@ pub fn plot_loss(history: &[StepMetrics], title: &str, path: &Path) -> Result<()
         .y_desc("loss")
         .draw()
         .map_err(plot_err)?;
-    chart
-        .draw_series(LineSeries::new(points, &BLUE))
-        .map_err(plot_err)?;
+    let labelled = finite.iter().any(|(l, _)| !l.is_empty());
+    for (i, (label, points)) in finite.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let drawn = chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(plot_err)?;
+        if labelled {
+            drawn.label(label).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        }
+    }
+    if labelled {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+    }
     root.present().map_err(plot_err)?;
     Ok(())
 }

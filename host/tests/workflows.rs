@@ -1,0 +1,165 @@
+//! The ready workflows in `workflows/`: each one loads and plans (the SOLAR recipe's steps are only blocked by
+//! the downloads it names), and a shrunken quickstart — same steps, same kinds, same wiring, tiny budgets —
+//! runs end to end and produces its report with one row per stage.
+
+use dusflow::engine::{self, plan::PlanStatus, RunOptions};
+use dusflow::steps::Registry;
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+fn workflows_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../workflows")
+}
+
+/// Plans a workflow file with an output folder in a temp dir.
+fn plan_of(path: &Path, out: &Path) -> engine::plan::Plan {
+    let options = RunOptions {
+        output: Some(out.to_path_buf()),
+        ..RunOptions::default()
+    };
+    let workflow = engine::load(path, &Registry::builtin(), &options)
+        .unwrap_or_else(|e| panic!("{} does not load: {e:#}", path.display()));
+    engine::plan_workflow(workflow, &options).unwrap()
+}
+
+#[test]
+fn every_ready_workflow_loads_and_plans() {
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(workflows_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = tempfile::tempdir().unwrap();
+            let plan = plan_of(&path, out.path());
+            assert!(!plan.steps.is_empty(), "{}", path.display());
+            seen.push(path.file_name().unwrap().to_string_lossy().to_string());
+        }
+    }
+    seen.sort();
+    for expected in ["ablation-seam.toml", "quickstart.toml", "solar-10.7b.toml"] {
+        assert!(
+            seen.iter().any(|s| s == expected),
+            "missing {expected}: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn the_solar_recipe_is_the_papers_dag_and_waits_only_for_its_downloads() {
+    let out = tempfile::tempdir().unwrap();
+    let plan = plan_of(&workflows_dir().join("solar-10.7b.toml"), out.path());
+    let wf = &plan.workflow;
+    let step = |name: &str| {
+        wf.steps
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no step {name}"))
+    };
+    // n = 32, m = 8 → 48 layers.
+    assert_eq!(step("scaled").config_json["policy"], "solar");
+    assert_eq!(step("scaled").config_json["m"], 8);
+    // Tab. 1's sample caps.
+    let cap = |d: &str| wf.datasets[d].max_samples;
+    assert_eq!(cap("alpaca-gpt4"), Some(52_000));
+    assert_eq!(cap("openorca"), Some(100_000));
+    assert_eq!(cap("synth-math-instruct"), Some(52_000));
+    assert_eq!(cap("orca-dpo-pairs"), Some(12_900));
+    assert_eq!(cap("ultrafeedback-cleaned"), Some(60_800));
+    // SFT v3 + v4 averaged; two sDPO candidates merged by Average (0.5, 0.5).
+    assert_eq!(step("sft-v3-v4").config_json["method"], "linear");
+    let mut up: Vec<&str> = step("cand-2").upstream().collect();
+    up.sort();
+    assert_eq!(up, ["sft-v3-v4", "synth-math-alignment"]);
+    assert_eq!(
+        step("merge-v1").config_json["weights"],
+        serde_json::json!([0.5, 0.5])
+    );
+    assert_eq!(step("merge-v4").config_json["method"], "slerp");
+    // Nothing fails validation; every step is blocked by a missing download (or a blocked input).
+    for s in &plan.steps {
+        match &s.status {
+            PlanStatus::Blocked(why) => assert!(
+                why.contains("does not exist") || why.contains("is blocked"),
+                "{}: {why}",
+                s.name
+            ),
+            other => panic!("{} should wait for its downloads, is {other:?}", s.name),
+        }
+    }
+}
+
+/// Scales a TOML workflow down: every `count`, `max_steps`, `limit` and the model size become tiny.
+fn shrink(value: &mut toml::Value) {
+    if let toml::Value::Table(t) = value {
+        for (key, v) in t.iter_mut() {
+            match (key.as_str(), &mut *v) {
+                ("count", toml::Value::Integer(n)) => *n = (*n / 50).max(24),
+                ("max_steps", toml::Value::Integer(n)) => *n = (*n / 40).max(2),
+                ("limit", toml::Value::Integer(n)) => *n = (*n / 20).max(3),
+                ("max_gen_toks", toml::Value::Integer(n)) => *n = 8,
+                ("hidden_size", toml::Value::Integer(n)) => *n = 32,
+                ("intermediate_size", toml::Value::Integer(n)) => *n = 64,
+                ("seq_len", toml::Value::Integer(n)) => *n = (*n / 2).max(64),
+                _ => shrink(v),
+            }
+        }
+    } else if let toml::Value::Array(items) = value {
+        items.iter_mut().for_each(shrink);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
+    let text = std::fs::read_to_string(workflows_dir().join("quickstart.toml")).unwrap();
+    let mut value: toml::Value = toml::from_str(&text).unwrap();
+    shrink(&mut value);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quickstart.toml");
+    std::fs::write(&path, toml::to_string(&value).unwrap()).unwrap();
+
+    let summary = engine::run(
+        &path,
+        &Registry::builtin(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(summary.succeeded(), "{summary:#?}");
+
+    let report = summary.steps.iter().find(|s| s.name == "report").unwrap();
+    let table = std::fs::read_to_string(report.dir.join("report.md")).unwrap();
+    for stage in [
+        "tiny",
+        "pretrain",
+        "scaled",
+        "cpt",
+        "sft_math",
+        "sft_mc",
+        "sft_merged",
+        "sdpo_random/stage-1",
+        "sdpo_random",
+        "sdpo_margin",
+        "final_avg",
+        "final_slerp",
+    ] {
+        assert!(
+            table.contains(&format!("| {stage} |")),
+            "no row {stage}:\n{table}"
+        );
+    }
+    for column in ["ARC", "gsm8k", "pref", "ppl"] {
+        assert!(table.lines().next().unwrap().contains(column), "{table}");
+    }
+    // The scaled model has 12 layers, built from the 8-layer one.
+    let scaled = summary.steps.iter().find(|s| s.name == "scaled").unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(scaled.dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 12);
+    // sDPO wrote its intermediate model and two reference passes.
+    let sdpo = summary
+        .steps
+        .iter()
+        .find(|s| s.name == "sdpo_random")
+        .unwrap();
+    assert!(sdpo.dir.join("stage-1/model.safetensors").is_file());
+}
