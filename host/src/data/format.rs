@@ -1,5 +1,5 @@
 //! Record layouts (`text`, `alpaca`, `prompt-completion`, `chat`, `preference`, `orca-dpo`,
-//! `ultrafeedback`, `gsm8k`) and the typed [`Example`] each JSON record becomes, with an optional field
+//! `ultrafeedback`, `gsm8k`, `arc`) and the typed [`Example`] each JSON record becomes, with an optional field
 //! mapping for other layouts.
 //!
 //! The two public preference layouts become ChatML preference pairs (the built-in chat template):
@@ -100,7 +100,7 @@ impl RecordFormat {
     }
 
     /// Guesses the layout from one record's keys (after the field mapping): the first layout, in the order
-    /// ultrafeedback, preference, orca-dpo, chat, alpaca, prompt-completion, gsm8k, text, whose required
+    /// ultrafeedback, preference, orca-dpo, chat, alpaca, prompt-completion, gsm8k, arc, text, whose required
     /// fields are all present — where `chosen` is a list for ultrafeedback and a string otherwise.
     pub fn detect(record: &Value, fields: &FieldMap) -> Option<Self> {
         let obj = record.as_object()?;

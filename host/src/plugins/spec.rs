@@ -25,7 +25,7 @@ pub struct PluginGrants {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginLimits {
-    /// CPU-time budget of a single call, in milliseconds (enforced with epoch interruption).
+    /// Time budget of a single call, in milliseconds of wall-clock time (enforced with epoch interruption).
     #[serde(default = "PluginLimits::default_timeout_ms")]
     pub timeout_ms: u64,
     /// Maximum linear memory of the plugin instance, in MiB.

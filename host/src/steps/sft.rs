@@ -1,4 +1,4 @@
-//! `kind = "sft"`: instruction tuning — Alpaca (exact Stanford template), prompt/completion, GSM8K and
+//! `kind = "sft"`: instruction tuning — Alpaca (exact Stanford template), prompt/completion, GSM8K, ARC and
 //! chat (ChatML) records; loss on response tokens only; EOS appended; padding or packing.
 //!
 //! ```toml

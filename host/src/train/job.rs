@@ -87,8 +87,8 @@ pub struct TrainStepConfig {
     /// Shuffle rows every epoch.
     #[serde(default = "TrainStepConfig::default_true")]
     pub shuffle: bool,
-    /// Parameters of the data-filter plugins the datasets name, by plugin name (`{}` for none). Every
-    /// filter a dataset of this step uses must be listed here, so that the step depends on the plugin.
+    /// Parameters of the data-filter plugins the datasets name, by plugin name; a filter not listed gets
+    /// `{}`. (The plugins' bytes enter the cache key through the datasets that name them.)
     #[serde(default)]
     pub filter_params: indexmap::IndexMap<String, serde_json::Value>,
 }

@@ -106,7 +106,8 @@ impl PathList {
 pub struct DatasetSpec {
     /// File(s) or folder (relative to the workflow file).
     pub path: PathList,
-    /// Record layout: `text`, `alpaca`, `prompt-completion`, `chat`, `preference`, or `auto`.
+    /// Record layout: `text`, `alpaca`, `prompt-completion`, `chat`, `preference`, `orca-dpo`, `ultrafeedback`,
+    /// `gsm8k`, `arc`, or `auto` (detected from the first record).
     #[serde(default = "DatasetSpec::default_format")]
     pub format: String,
     /// Use at most this many records (after filters), sampled deterministically with the seed.
@@ -141,7 +142,7 @@ pub struct PluginSpec {
     /// Capabilities granted to the plugin (none by default).
     #[serde(default)]
     pub grants: PluginGrants,
-    /// CPU-time and memory limits per call.
+    /// Time and memory limits per call.
     #[serde(default)]
     pub limits: PluginLimits,
     /// Free text.
