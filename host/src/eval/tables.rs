@@ -112,25 +112,32 @@ fn cell(score: f64, metric: &str) -> String {
 }
 
 /// A Markdown table with one row per `(name, summary)`: `| Model | H6 (Avg.) | ARC | ... |`, accuracies in
-/// percent with two decimals; `–` where a model lacks a task or the H6 set is incomplete.
+/// percent with two decimals; `–` where a model lacks a task. The H6 column appears when some row has all six.
 pub fn markdown_table(summaries: &[(String, Summary)]) -> String {
     let cols = columns(summaries);
-    let mut out = String::from("| Model | H6 (Avg.) |");
+    // The H6 average only when some row has all six tasks.
+    let with_h6 = summaries.iter().any(|(_, s)| s.h6.is_some());
+    let mut out = String::from(if with_h6 {
+        "| Model | H6 (Avg.) |"
+    } else {
+        "| Model |"
+    });
     for c in &cols {
         let _ = write!(out, " {} |", task_title(c));
     }
-    out.push_str("\n|---|---:|");
+    out.push_str(if with_h6 { "\n|---|---:|" } else { "\n|---|" });
     for _ in &cols {
         out.push_str("---:|");
     }
     out.push('\n');
     for (name, s) in summaries {
-        let _ = write!(
-            out,
-            "| {name} | {} |",
-            s.h6.map(|h| format!("{h:.2}"))
-                .unwrap_or_else(|| "–".into())
-        );
+        let _ = write!(out, "| {name} |");
+        if with_h6 {
+            let h6 =
+                s.h6.map(|h| format!("{h:.2}"))
+                    .unwrap_or_else(|| "–".into());
+            let _ = write!(out, " {h6} |");
+        }
         for c in &cols {
             let v = s
                 .tasks
