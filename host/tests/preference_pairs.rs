@@ -143,3 +143,51 @@ async fn misaligned_records_are_named() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_samples_keeps_a_seeded_subset_in_input_order() {
+    let mut rephrased = String::new();
+    let mut original = String::new();
+    for i in 0..50 {
+        rephrased.push_str(&format!(
+            "{{\"id\": {i}, \"question\": \"q{i}\", \"answer\": \"good {i}\"}}\n"
+        ));
+        original.push_str(&format!(
+            "{{\"id\": {i}, \"question\": \"q{i}\", \"answer\": \"bad {i}\"}}\n"
+        ));
+    }
+    let files = [
+        ("rephrased.jsonl", rephrased.as_str()),
+        ("original.jsonl", original.as_str()),
+    ];
+    let mut picks = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = run(dir.path(), &flow("key = \"id\"\nmax_samples = 10"), &files).await;
+        assert!(summary.succeeded(), "{summary:?}");
+        let a = artifact(&dir.path().join("out"), "pairs");
+        let ids: Vec<usize> = std::fs::read_to_string(a.join("data.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["prompt"].as_str().unwrap()[1..].parse().unwrap()
+            })
+            .collect();
+        assert_eq!(ids.len(), 10);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "input order: {ids:?}");
+        assert_ne!(
+            ids,
+            (0..10).collect::<Vec<_>>(),
+            "a random subset, not the first ten"
+        );
+        let info: Value =
+            serde_json::from_str(&std::fs::read_to_string(a.join("info.json")).unwrap()).unwrap();
+        assert_eq!(
+            (info["count"].as_u64(), info["paired"].as_u64()),
+            (Some(10), Some(50))
+        );
+        picks.push(ids);
+    }
+    assert_eq!(picks[0], picks[1], "the same seed picks the same pairs");
+}

@@ -64,6 +64,7 @@ fn the_solar_recipe_is_the_papers_dag_and_waits_only_for_its_downloads() {
     assert_eq!(cap("synth-math-instruct"), Some(52_000));
     assert_eq!(cap("orca-dpo-pairs"), Some(12_900));
     assert_eq!(cap("ultrafeedback-cleaned"), Some(60_800));
+    assert_eq!(step("synth-math-alignment").config_json["max_samples"], 20_100);
     // SFT v3 + v4 averaged; two sDPO candidates merged by Average (0.5, 0.5).
     assert_eq!(step("sft-v3-v4").config_json["method"], "linear");
     let mut up: Vec<&str> = step("cand-2").upstream().collect();

@@ -22,6 +22,7 @@ use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots
 use crate::data::{read_records, DatasetSource, Origin, RawRecord, ReadStats};
 use crate::engine::atomic::write_file_atomic;
 use anyhow::{bail, Result};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -53,6 +54,10 @@ pub struct PreferencePairsConfig {
     /// Prompt/completion rendering.
     #[serde(default)]
     pub template: PairTemplate,
+    /// Keep at most this many pairs: a random subset (seeded by the workflow seed), in input order — the
+    /// paper's cap of 20.1K Synth. Math-Alignment pairs.
+    #[serde(default)]
+    pub max_samples: Option<usize>,
 }
 
 impl PreferencePairsConfig {
@@ -104,6 +109,9 @@ impl StepKind for PreferencePairsStep {
                 issues.push(ConfigIssue::new(key, "must name a field"));
             }
         }
+        if c.max_samples == Some(0) {
+            issues.push(ConfigIssue::new("max_samples", "must be at least 1"));
+        }
         if c.key.as_deref() == Some("") {
             issues.push(ConfigIssue::new(
                 "key",
@@ -124,8 +132,8 @@ impl StepKind for PreferencePairsStep {
             Some(key) => align_by_key(&chosen, &rejected, key)?,
             None => align_by_row(&chosen, &rejected, &c.question)?,
         };
-        let mut lines = String::new();
-        let (mut written, mut identical) = (0usize, 0usize);
+        let mut lines = Vec::new();
+        let mut identical = 0usize;
         for (ch, rj) in aligned {
             let question = text_field(ch, &c.question)?;
             let (good, bad) = (text_field(ch, &c.answer)?, text_field(rj, &c.answer)?);
@@ -141,19 +149,35 @@ impl StepKind for PreferencePairsStep {
                     format!(" {bad}"),
                 ),
             };
-            lines.push_str(&serde_json::to_string(
+            lines.push(serde_json::to_string(
                 &json!({ "prompt": prompt, "chosen": good, "rejected": bad }),
             )?);
-            lines.push('\n');
-            written += 1;
         }
-        if written == 0 {
+        if lines.is_empty() {
             bail!("no preference pairs: every aligned pair has identical answers (or the inputs are empty)");
         }
-        write_file_atomic(&ctx.out_dir.join("data.jsonl"), lines.as_bytes())?;
+        let paired = lines.len();
+        if let Some(max) = c.max_samples.filter(|&m| m < lines.len()) {
+            let seed = crate::data::derive_seed(
+                ctx.settings.seed,
+                &format!("preference-pairs/{}", ctx.step),
+            );
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut keep = rand::seq::index::sample(&mut rng, lines.len(), max).into_vec();
+            keep.sort_unstable();
+            lines = keep
+                .into_iter()
+                .map(|i| std::mem::take(&mut lines[i]))
+                .collect();
+        }
+        let written = lines.len();
+        let mut text = lines.join("\n");
+        text.push('\n');
+        write_file_atomic(&ctx.out_dir.join("data.jsonl"), text.as_bytes())?;
         let info = json!({
             "format": "preference",
             "count": written,
+            "paired": paired,
             "identical_left_out": identical,
             "aligned_by": c.key.clone().unwrap_or_else(|| "row order".into()),
             "chosen": ctx.input("chosen")?.name,
