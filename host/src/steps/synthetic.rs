@@ -7,7 +7,8 @@
 //! - `multiple-choice`: ARC layout `{id, question, choices: {text, label}, answerKey}`;
 //! - `alpaca`: `{instruction, input, output}`;
 //! - `preference`: `{prompt, chosen, rejected}`: the prompt `Question: …\nAnswer:` (as GSM8K SFT and eval
-//!   render it) and a correct and a wrong worked answer, each after a space.
+//!   render it), the correct worked answer as chosen and, as rejected, either the same steps concluding a
+//!   wrong number or the steps without the final `#### N` line (half each); completions after a space.
 //!
 //! Output: `data.jsonl` and `info.json` (task, count, seed).
 
@@ -70,7 +71,7 @@ impl StepKind for SyntheticStep {
     }
 
     fn version(&self) -> u32 {
-        2 // 2: preference prompts in `Question: …\nAnswer:` form
+        3 // 2: preference prompts in `Question: …\nAnswer:` form; 3: unfinished answers as rejected
     }
 
     fn inputs(&self) -> InputSlots {
@@ -150,11 +151,16 @@ pub fn generate(
             SyntheticTask::Alpaca => alpaca(&mut rng, max_operand),
             SyntheticTask::Preference => {
                 let p = problem(&mut rng, max_operand);
-                let wrong = p.wrong_answer(&mut rng);
+                // Half the rejected answers conclude a wrong number, half stop before the `#### N` line.
+                let rejected = if rng.random_bool(0.5) {
+                    p.solution_with(p.wrong_answer(&mut rng))
+                } else {
+                    p.unfinished()
+                };
                 json!({
                     "prompt": crate::data::question_prompt(&p.question),
                     "chosen": format!(" {}", p.solution()),
-                    "rejected": format!(" {}", p.solution_with(wrong)),
+                    "rejected": format!(" {rejected}"),
                 })
             }
         })
@@ -193,6 +199,11 @@ impl Problem {
             }
         }
         format!("{}.\n#### {answer}", steps.join(". "))
+    }
+
+    /// The worked steps without the final `#### N` line (an answer that never states its result).
+    pub fn unfinished(&self) -> String {
+        format!("{}.", self.steps.join(". "))
     }
 
     fn wrong_answer(&self, rng: &mut ChaCha8Rng) -> i64 {
@@ -370,7 +381,7 @@ mod tests {
     }
 
     #[test]
-    fn preference_pairs_differ_only_in_the_conclusion() {
+    fn preference_pairs_differ_only_in_the_conclusion_or_its_absence() {
         for r in generate(SyntheticTask::Preference, 200, 20, 3) {
             let chosen = r["chosen"].as_str().unwrap();
             let rejected = r["rejected"].as_str().unwrap();
@@ -379,8 +390,10 @@ mod tests {
             assert!(prompt.starts_with("Question: ") && prompt.ends_with("\nAnswer:"));
             assert!(chosen.starts_with(' ') && rejected.starts_with(' '));
             let c: i64 = chosen.rsplit_once("#### ").unwrap().1.parse().unwrap();
-            let w: i64 = rejected.rsplit_once("#### ").unwrap().1.parse().unwrap();
-            assert!((1..=3).contains(&(c - w).abs()));
+            match rejected.rsplit_once("#### ") {
+                Some((_, w)) => assert!((1..=3).contains(&(c - w.parse::<i64>().unwrap()).abs())),
+                None => assert!(chosen.starts_with(rejected.trim_end_matches('.'))),
+            }
         }
     }
 
