@@ -787,7 +787,8 @@ filter_params.short = {{ field = "chosen", max_chars = 10 }}
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|i| margin(i.as_u64().unwrap() as usize))
+                .flat_map(|r| r[0].as_u64().unwrap()..r[1].as_u64().unwrap())
+                .map(|i| margin(i as usize))
                 .collect()
         })
         .collect();

@@ -280,7 +280,8 @@ impl StepKind for DpoStep {
             "chunk_by": c.chunk_by,
             "reference": match fixed_reference {
                 Some(r) => format!("fixed: input reference {:?}", r.name),
-                None => "previous stage (sDPO)".to_string(),
+                None if stages == 1 => "the initial model (input model)".to_string(),
+                None => "the previous stage's model (sDPO)".to_string(),
             },
             "datasets": data.reports,
             "dropped_too_long": data.dropped_too_long,

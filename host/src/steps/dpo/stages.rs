@@ -112,7 +112,7 @@ pub struct StageReport {
     pub stage: usize,
     /// Pairs in the chunk.
     pub pairs: usize,
-    /// Dataset name → pairs, and record indices (see [`super::chunks::ChunkOrigin`]).
+    /// Dataset name → pairs, and record index ranges (see [`super::chunks::ChunkOrigin`]).
     pub chunk: serde_json::Value,
     /// The policy it started from (M_{t−1}).
     pub initial: ModelIdentity,
