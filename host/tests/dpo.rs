@@ -801,3 +801,67 @@ filter_params.short = {{ field = "chosen", max_chars = 10 }}
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdpo_by_margin_takes_stage_one_reference_from_the_initial_pass() {
+    let flow = r#"
+[workflow]
+name = "margin-sdpo"
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+
+[steps.pairs]
+kind = "synthetic"
+task = "preference"
+count = 6
+
+[steps.align]
+kind = "dpo"
+inputs = { model = "tiny", data = ["pairs"] }
+chunks = 2
+chunk_by = "margin"
+max_steps = 1
+micro_batch = 3
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let a = artifact(&dir.path().join("out"), "align");
+    let read = |f: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(a.join("reference_logps").join(f)).unwrap()).unwrap()
+    };
+    let (initial, stage1, stage2) = (
+        read("initial-margins.json"),
+        read("stage-1.json"),
+        read("stage-2.json"),
+    );
+    assert_eq!(stage1["reference"], initial["reference"]);
+    assert_ne!(
+        stage2["reference"]["blake3"],
+        initial["reference"]["blake3"]
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(a.join("dpo_report.json")).unwrap()).unwrap();
+    let records: Vec<usize> = report["stages"][0]["chunk"]["records"]["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r[0].as_u64().unwrap() as usize..r[1].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(records.len(), 3);
+    // Stage 1's pairs, easiest first; their reference log-probs are the initial pass's.
+    let all = floats(&initial["logps"]["chosen"]);
+    let mut want: Vec<f32> = records.iter().map(|&i| all[i]).collect();
+    let mut got = floats(&stage1["logps"]["chosen"]);
+    want.sort_by(f32::total_cmp);
+    got.sort_by(f32::total_cmp);
+    assert_eq!(got, want);
+}
