@@ -1,4 +1,5 @@
-//! The `dpo` step: losses equal TRL's own loss code on fixed log-probs (fixture), the sigmoid loss is ln 2
+//! The `dpo` step: losses and their gradients equal TRL's own loss code on fixed log-probs (fixture), the
+//! sigmoid loss is ln 2
 //! when policy = reference, a toy preference set is learned through a real workflow, sDPO with two chunks
 //! uses M_1 as the second reference, and bad input is reported clearly.
 
@@ -27,7 +28,7 @@ fn floats(v: &Value) -> Vec<f32> {
 }
 
 #[test]
-fn losses_and_metrics_equal_trl_on_fixed_log_probs() {
+fn losses_gradients_and_metrics_equal_trl_on_fixed_log_probs() {
     let fx = fixture();
     let d = Device::Cpu;
     let tokens =
@@ -46,18 +47,37 @@ fn losses_and_metrics_equal_trl_on_fixed_log_probs() {
             beta: case["beta"].as_f64().unwrap(),
             label_smoothing: case["label_smoothing"].as_f64().unwrap(),
         };
-        let got = dpo_losses(
+        let (policy_c, policy_r) = (
+            candle_core::Var::new(pc.as_slice(), &d).unwrap(),
+            candle_core::Var::new(pr.as_slice(), &d).unwrap(),
+        );
+        let losses = dpo_losses(
             &cfg,
-            &vector(&pc, &d).unwrap(),
-            &vector(&pr, &d).unwrap(),
+            policy_c.as_tensor(),
+            policy_r.as_tensor(),
             &vector(&rc, &d).unwrap(),
             &vector(&rr, &d).unwrap(),
             &vector(&len(&chosen_tok), &d).unwrap(),
             &vector(&len(&rejected_tok), &d).unwrap(),
         )
-        .unwrap()
-        .to_vec1::<f32>()
         .unwrap();
+        let got = losses.to_vec1::<f32>().unwrap();
+        // d loss_i / d log p(chosen_i) and d loss_i / d log p(rejected_i), as torch autograd gives them.
+        let grads = losses.sum_all().unwrap().backward().unwrap();
+        for (var, key) in [(&policy_c, "grad_chosen"), (&policy_r, "grad_rejected")] {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (i, (g, w)) in g.iter().zip(floats(&case[key])).enumerate() {
+                let tol = 1e-6 * w.abs().max(1.0);
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{cfg:?} {key} pair {i}: {g} vs TRL {w}"
+                );
+            }
+        }
         let want = floats(&case["per_pair"]);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let tol = 1e-6 * w.abs().max(1.0);
@@ -69,9 +89,17 @@ fn losses_and_metrics_equal_trl_on_fixed_log_probs() {
             (mean - want_mean).abs() <= 1e-6 * want_mean.abs().max(1.0),
             "{cfg:?} mean: {mean} vs TRL {want_mean}"
         );
-        for (name, s) in pair_metric_sums(cfg.beta, &pc, &pr, &rc, &rr) {
+        let m: Vec<usize> = fx["metric_pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as usize)
+            .collect();
+        let pick = |v: &[f32]| -> Vec<f32> { m.iter().map(|&i| v[i]).collect() };
+        let sums = pair_metric_sums(cfg.beta, &pick(&pc), &pick(&pr), &pick(&rc), &pick(&rr));
+        for (name, s) in sums {
             let want = case["metrics"][name].as_f64().unwrap();
-            let got = s / pc.len() as f64;
+            let got = s / m.len() as f64;
             assert!(
                 (got - want).abs() <= 1e-6 * want.abs().max(1.0),
                 "{name}: {got} vs TRL {want}"
@@ -104,7 +132,7 @@ count = 16
 [steps.align]
 kind = "dpo"
 inputs = { model = "tiny", data = ["pairs"] }
-beta = 0.1
+beta = 0.5
 lr = 5e-3
 micro_batch = 4
 epochs = 16
