@@ -893,3 +893,68 @@ micro_batch = 3
     got.sort_by(f32::total_cmp);
     assert_eq!(got, want);
 }
+
+/// TRL's own tokenisation and reference pass (fixture from `make_trl_rows.py`) on the model fixture
+/// `tests/fixtures/model/llama` with the byte-level tokenizer: same ids, same dropped pair, same log-probs.
+#[test]
+fn tokenisation_and_reference_log_probs_equal_trl() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fx: Value =
+        serde_json::from_slice(&std::fs::read(root.join("dpo/trl_rows.json")).unwrap()).unwrap();
+    let model_dir = tempfile::tempdir().unwrap();
+    for dir in ["model/llama", "dpo/byte_tokenizer"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, model_dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let tok = Tokenizer::from_model_dir(model_dir.path()).unwrap();
+    let max = fx["max_length"].as_u64().unwrap() as usize;
+    let limits = PairLimits {
+        max_length: Some(max),
+        max_prompt_length: None,
+    };
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let mut kept = Vec::new();
+    for p in fx["pairs"].as_array().unwrap() {
+        let s = |k: &str| p[k].as_str().unwrap();
+        if let Some(pair) =
+            tokenize_pair(&tok, s("prompt"), s("chosen"), s("rejected"), limits).unwrap()
+        {
+            kept.push(pair);
+        }
+    }
+    assert_eq!(
+        kept.len(),
+        fx["prompt_ids"].as_array().unwrap().len(),
+        "TRL drops the same pairs"
+    );
+    for (i, pair) in kept.iter().enumerate() {
+        let prompt = ids(&fx["prompt_ids"][i]);
+        // TRL keeps completions whole in the dataset and cuts prompt + completion to max_length when batching.
+        let room = max - prompt.len();
+        let cut = |v: Vec<u32>| v.into_iter().take(room).collect::<Vec<u32>>();
+        assert_eq!(pair.prompt, prompt, "pair {i}");
+        assert_eq!(pair.chosen, cut(ids(&fx["chosen_ids"][i])), "pair {i}");
+        assert_eq!(pair.rejected, cut(ids(&fx["rejected_ids"][i])), "pair {i}");
+    }
+    let model = load_model(model_dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let ours = reference_pass(&model, &kept, 2, tok.pad_id().unwrap(), &mut |_| Ok(())).unwrap();
+    for (side, got, key) in [
+        ("chosen", &ours.chosen, "ref_chosen_logps"),
+        ("rejected", &ours.rejected, "ref_rejected_logps"),
+    ] {
+        for (i, (g, w)) in got.iter().zip(floats(&fx[key])).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{side} {i}: {g} vs TRL {w}"
+            );
+        }
+    }
+}
