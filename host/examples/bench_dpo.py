@@ -22,6 +22,7 @@ Usage (from the repository root; needs the TRL venv, see scripts/bench-dpo.sh):
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,13 +72,22 @@ def artifact(out, step):
 
 
 def dus_binary(root, profile, dest):
-    """Builds `dus` once and copies it to `dest` (a shared target folder may be rebuilt by another checkout
-    meanwhile; a round never includes a rebuild)."""
-    subprocess.run(["cargo", "build", "-q", "-p", "dusflow", "--profile", profile, "--bin", "dus"], cwd=root,
-                   check=True)
+    """Builds this checkout's `dus` and copies it to `dest`. `target/<profile>/dus` is shared by every checkout
+    that uses the same target folder, so the binary is taken from `deps/` under the file name rustc is given
+    (main.rs is touched so that cargo runs rustc and prints it)."""
+    os.utime(os.path.join(root, "host", "src", "main.rs"))
+    out = subprocess.run(["cargo", "build", "-v", "-p", "dusflow", "--profile", profile, "--bin", "dus"],
+                         cwd=root, check=True, capture_output=True, text=True)
+    extra = None
+    for line in out.stderr.splitlines():
+        if "--crate-name dus " in line:
+            m = re.search(r"-C extra-filename=(\S+)", line)
+            extra = m and m.group(1)
+    if extra is None:
+        raise SystemExit("could not find the rustc call of dus in cargo's output")
     meta = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=root,
                                      check=True, capture_output=True, text=True).stdout)
-    built = os.path.join(meta["target_directory"], "debug" if profile == "dev" else profile, "dus")
+    built = os.path.join(meta["target_directory"], "debug" if profile == "dev" else profile, "deps", "dus" + extra)
     shutil.copy2(built, dest)
     return dest
 

@@ -1,4 +1,5 @@
-//! The `dpo` step: losses equal TRL's own loss code on fixed log-probs (fixture), the sigmoid loss is ln 2
+//! The `dpo` step: losses and their gradients equal TRL's own loss code on fixed log-probs (fixture), the
+//! sigmoid loss is ln 2
 //! when policy = reference, a toy preference set is learned through a real workflow, sDPO with two chunks
 //! uses M_1 as the second reference, and bad input is reported clearly.
 
@@ -27,7 +28,7 @@ fn floats(v: &Value) -> Vec<f32> {
 }
 
 #[test]
-fn losses_and_metrics_equal_trl_on_fixed_log_probs() {
+fn losses_gradients_and_metrics_equal_trl_on_fixed_log_probs() {
     let fx = fixture();
     let d = Device::Cpu;
     let tokens =
@@ -46,18 +47,37 @@ fn losses_and_metrics_equal_trl_on_fixed_log_probs() {
             beta: case["beta"].as_f64().unwrap(),
             label_smoothing: case["label_smoothing"].as_f64().unwrap(),
         };
-        let got = dpo_losses(
+        let (policy_c, policy_r) = (
+            candle_core::Var::new(pc.as_slice(), &d).unwrap(),
+            candle_core::Var::new(pr.as_slice(), &d).unwrap(),
+        );
+        let losses = dpo_losses(
             &cfg,
-            &vector(&pc, &d).unwrap(),
-            &vector(&pr, &d).unwrap(),
+            policy_c.as_tensor(),
+            policy_r.as_tensor(),
             &vector(&rc, &d).unwrap(),
             &vector(&rr, &d).unwrap(),
             &vector(&len(&chosen_tok), &d).unwrap(),
             &vector(&len(&rejected_tok), &d).unwrap(),
         )
-        .unwrap()
-        .to_vec1::<f32>()
         .unwrap();
+        let got = losses.to_vec1::<f32>().unwrap();
+        // d loss_i / d log p(chosen_i) and d loss_i / d log p(rejected_i), as torch autograd gives them.
+        let grads = losses.sum_all().unwrap().backward().unwrap();
+        for (var, key) in [(&policy_c, "grad_chosen"), (&policy_r, "grad_rejected")] {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (i, (g, w)) in g.iter().zip(floats(&case[key])).enumerate() {
+                let tol = 1e-6 * w.abs().max(1.0);
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{cfg:?} {key} pair {i}: {g} vs TRL {w}"
+                );
+            }
+        }
         let want = floats(&case["per_pair"]);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let tol = 1e-6 * w.abs().max(1.0);
@@ -69,9 +89,17 @@ fn losses_and_metrics_equal_trl_on_fixed_log_probs() {
             (mean - want_mean).abs() <= 1e-6 * want_mean.abs().max(1.0),
             "{cfg:?} mean: {mean} vs TRL {want_mean}"
         );
-        for (name, s) in pair_metric_sums(cfg.beta, &pc, &pr, &rc, &rr) {
+        let m: Vec<usize> = fx["metric_pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as usize)
+            .collect();
+        let pick = |v: &[f32]| -> Vec<f32> { m.iter().map(|&i| v[i]).collect() };
+        let sums = pair_metric_sums(cfg.beta, &pick(&pc), &pick(&pr), &pick(&rc), &pick(&rr));
+        for (name, s) in sums {
             let want = case["metrics"][name].as_f64().unwrap();
-            let got = s / pc.len() as f64;
+            let got = s / m.len() as f64;
             assert!(
                 (got - want).abs() <= 1e-6 * want.abs().max(1.0),
                 "{name}: {got} vs TRL {want}"
@@ -104,7 +132,7 @@ count = 16
 [steps.align]
 kind = "dpo"
 inputs = { model = "tiny", data = ["pairs"] }
-beta = 0.1
+beta = 0.5
 lr = 5e-3
 micro_batch = 4
 epochs = 16
@@ -787,7 +815,8 @@ filter_params.short = {{ field = "chosen", max_chars = 10 }}
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|i| margin(i.as_u64().unwrap() as usize))
+                .flat_map(|r| r[0].as_u64().unwrap()..r[1].as_u64().unwrap())
+                .map(|i| margin(i as usize))
                 .collect()
         })
         .collect();
@@ -798,5 +827,134 @@ filter_params.short = {{ field = "chosen", max_chars = 10 }}
             lowest >= highest,
             "chunks not easy to hard: {chunk_margins:?}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdpo_by_margin_takes_stage_one_reference_from_the_initial_pass() {
+    let flow = r#"
+[workflow]
+name = "margin-sdpo"
+output = "out"
+dtype = "f32"
+
+[steps.tiny]
+kind = "init"
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+
+[steps.pairs]
+kind = "synthetic"
+task = "preference"
+count = 6
+
+[steps.align]
+kind = "dpo"
+inputs = { model = "tiny", data = ["pairs"] }
+chunks = 2
+chunk_by = "margin"
+max_steps = 1
+micro_batch = 3
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let a = artifact(&dir.path().join("out"), "align");
+    let read = |f: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(a.join("reference_logps").join(f)).unwrap()).unwrap()
+    };
+    let (initial, stage1, stage2) = (
+        read("initial-margins.json"),
+        read("stage-1.json"),
+        read("stage-2.json"),
+    );
+    assert_eq!(stage1["reference"], initial["reference"]);
+    assert_ne!(
+        stage2["reference"]["blake3"],
+        initial["reference"]["blake3"]
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(a.join("dpo_report.json")).unwrap()).unwrap();
+    let records: Vec<usize> = report["stages"][0]["chunk"]["records"]["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r[0].as_u64().unwrap() as usize..r[1].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(records.len(), 3);
+    // Stage 1's pairs, easiest first; their reference log-probs are the initial pass's.
+    let all = floats(&initial["logps"]["chosen"]);
+    let mut want: Vec<f32> = records.iter().map(|&i| all[i]).collect();
+    let mut got = floats(&stage1["logps"]["chosen"]);
+    want.sort_by(f32::total_cmp);
+    got.sort_by(f32::total_cmp);
+    assert_eq!(got, want);
+}
+
+/// TRL's own tokenisation and reference pass (fixture from `make_trl_rows.py`) on the model fixture
+/// `tests/fixtures/model/llama` with the byte-level tokenizer: same ids, same dropped pair, same log-probs.
+#[test]
+fn tokenisation_and_reference_log_probs_equal_trl() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fx: Value =
+        serde_json::from_slice(&std::fs::read(root.join("dpo/trl_rows.json")).unwrap()).unwrap();
+    let model_dir = tempfile::tempdir().unwrap();
+    for dir in ["model/llama", "dpo/byte_tokenizer"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, model_dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let tok = Tokenizer::from_model_dir(model_dir.path()).unwrap();
+    let max = fx["max_length"].as_u64().unwrap() as usize;
+    let limits = PairLimits {
+        max_length: Some(max),
+        max_prompt_length: None,
+    };
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let mut kept = Vec::new();
+    for p in fx["pairs"].as_array().unwrap() {
+        let s = |k: &str| p[k].as_str().unwrap();
+        if let Some(pair) =
+            tokenize_pair(&tok, s("prompt"), s("chosen"), s("rejected"), limits).unwrap()
+        {
+            kept.push(pair);
+        }
+    }
+    assert_eq!(
+        kept.len(),
+        fx["prompt_ids"].as_array().unwrap().len(),
+        "TRL drops the same pairs"
+    );
+    for (i, pair) in kept.iter().enumerate() {
+        let prompt = ids(&fx["prompt_ids"][i]);
+        // TRL keeps completions whole in the dataset and cuts prompt + completion to max_length when batching.
+        let room = max - prompt.len();
+        let cut = |v: Vec<u32>| v.into_iter().take(room).collect::<Vec<u32>>();
+        assert_eq!(pair.prompt, prompt, "pair {i}");
+        assert_eq!(pair.chosen, cut(ids(&fx["chosen_ids"][i])), "pair {i}");
+        assert_eq!(pair.rejected, cut(ids(&fx["rejected_ids"][i])), "pair {i}");
+    }
+    let model = load_model(model_dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let ours = reference_pass(&model, &kept, 2, tok.pad_id().unwrap(), &mut |_| Ok(())).unwrap();
+    for (side, got, key) in [
+        ("chosen", &ours.chosen, "ref_chosen_logps"),
+        ("rejected", &ours.rejected, "ref_rejected_logps"),
+    ] {
+        for (i, (g, w)) in got.iter().zip(floats(&fx[key])).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{side} {i}: {g} vs TRL {w}"
+            );
+        }
     }
 }

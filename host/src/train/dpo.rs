@@ -46,10 +46,13 @@ pub struct DpoLossConfig {
     pub label_smoothing: f64,
 }
 
-/// `log σ(x)`, stable and differentiable: `−relu(−x) − log(1 + exp(−|x|))`.
+/// `log σ(x)` as `x/2 − |x|/2 − log(1 + exp(−|x|))`: stable for any x, and its gradient is `σ(−x)`
+/// everywhere, including x = 0 (where every policy starts, being its own reference), whatever
+/// subgradient the autodiff picks for `|x|` at 0 — the `−relu(−x) − …` form would give 1.5 there.
 fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    Ok((x.neg()?.relu()?.neg()? - tail)?)
+    let abs = x.abs()?;
+    let tail = (abs.neg()?.exp()? + 1.0)?.log()?;
+    Ok((((x - &abs)? * 0.5)? - tail)?)
 }
 
 /// Per-pair losses `(B,)` from policy and reference sequence log-probs and completion lengths, all `(B,)`
@@ -528,6 +531,30 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(big, vec![-1000.0, 0.0]);
+    }
+
+    #[test]
+    fn log_sigmoid_gradient_is_sigmoid_of_minus_x_also_at_zero() {
+        let xs = [-30.0f32, -2.0, -1e-3, 0.0, 1e-3, 0.5, 3.0, 40.0];
+        let x = candle_core::Var::new(&xs[..], &Device::Cpu).unwrap();
+        let y = log_sigmoid(x.as_tensor()).unwrap();
+        let grad = y.sum_all().unwrap().backward().unwrap();
+        let g = grad.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let v = y.to_vec1::<f32>().unwrap();
+        for (i, &x) in xs.iter().enumerate() {
+            let sigmoid_neg = 1.0 / (1.0 + (x as f64).exp());
+            assert!(
+                (g[i] as f64 - sigmoid_neg).abs() < 1e-6,
+                "d/dx at {x}: {}",
+                g[i]
+            );
+            let want = -(1.0 + (-(x as f64)).exp()).ln();
+            assert!(
+                (v[i] as f64 - want).abs() < 1e-6 * want.abs().max(1.0),
+                "at {x}: {}",
+                v[i]
+            );
+        }
     }
 
     #[test]

@@ -96,8 +96,8 @@ pub fn load_preference_data(
 pub struct ChunkOrigin {
     /// Dataset name → number of its pairs in the chunk.
     pub datasets: indexmap::IndexMap<String, usize>,
-    /// Dataset name → indices of its records in the chunk (ascending).
-    pub records: indexmap::IndexMap<String, Vec<usize>>,
+    /// Dataset name → its records in the chunk, as ascending half-open index ranges `[start, end)`.
+    pub records: indexmap::IndexMap<String, Vec<[usize; 2]>>,
 }
 
 /// Splits the pairs into `t` chunks. `margins` (needed for [`ChunkBy::Margin`]) gives the initial model's
@@ -175,21 +175,26 @@ fn cut(items: Vec<SourcedPair>, t: usize) -> Vec<Vec<SourcedPair>> {
 
 /// The report entry of a chunk.
 pub fn chunk_origin(data: &PreferenceData, chunk: &[SourcedPair]) -> ChunkOrigin {
+    let mut indices: indexmap::IndexMap<String, Vec<usize>> = indexmap::IndexMap::new();
+    for p in chunk {
+        let name = &data.datasets[p.dataset].0;
+        indices.entry(name.clone()).or_default().push(p.record);
+    }
     let mut origin = ChunkOrigin {
         datasets: indexmap::IndexMap::new(),
         records: indexmap::IndexMap::new(),
     };
-    for p in chunk {
-        let name = &data.datasets[p.dataset].0;
-        *origin.datasets.entry(name.clone()).or_default() += 1;
-        origin
-            .records
-            .entry(name.clone())
-            .or_default()
-            .push(p.record);
-    }
-    for r in origin.records.values_mut() {
-        r.sort_unstable();
+    for (name, mut idx) in indices {
+        origin.datasets.insert(name.clone(), idx.len());
+        idx.sort_unstable();
+        let mut ranges: Vec<[usize; 2]> = Vec::new();
+        for i in idx {
+            match ranges.last_mut() {
+                Some(r) if r[1] == i => r[1] = i + 1,
+                _ => ranges.push([i, i + 1]),
+            }
+        }
+        origin.records.insert(name, ranges);
     }
     origin
 }
@@ -240,6 +245,12 @@ mod tests {
             .map(|p| (p.dataset, p.record))
             .collect();
         assert_eq!(order, vec![(1, 1), (0, 2), (0, 0), (1, 0), (0, 1)]);
+        let origin = chunk_origin(&d, &easy_first[0]);
+        assert_eq!(origin.records["d0"], vec![[0, 1], [2, 3]]);
+        assert_eq!(origin.records["d1"], vec![[1, 2]]);
+        assert_eq!(origin.datasets["d0"], 2);
+        let all = chunk_origin(&d, &by_ds[0]);
+        assert_eq!(all.records["d0"], vec![[0, 3]]);
         let err = split_chunks(&d, 3, ChunkBy::Dataset, 0, None).unwrap_err();
         assert!(err.to_string().contains("chunks = 3"), "{err}");
         let err = split_chunks(&data(&[2, 0]), 2, ChunkBy::Dataset, 0, None).unwrap_err();

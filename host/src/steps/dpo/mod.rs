@@ -35,7 +35,7 @@ use super::kind::{
 use crate::data::{derive_seed, DatasetSource};
 use crate::engine::atomic::write_file_atomic;
 use crate::model::Tokenizer;
-use crate::train::dpo::{plot_dpo, PreferencePair};
+use crate::train::dpo::{plot_dpo, PreferencePair, ReferenceLogps};
 use crate::train::job::{
     check_filter_plugins, dependencies, plugin_filters, progress_observer, save_dtype,
 };
@@ -147,7 +147,8 @@ impl StepKind for DpoStep {
             source: format!("input model {:?}", model.name),
             blake3: model_digest(&model.path)?,
         };
-        let margins = if c.chunks > 1 && c.chunk_by == ChunkBy::Margin {
+        // chunk_by = "margin": M_0's log-probs of every pair (reused as stage 1's reference pass in sDPO).
+        let initial_pass = if c.chunks > 1 && c.chunk_by == ChunkBy::Margin {
             ctx.progress.set_message("margins of the initial model");
             let every: Vec<PreferencePair> = all_pairs(&data).into_iter().map(|p| p.pair).collect();
             let refs: Vec<&PreferencePair> = every.iter().collect();
@@ -156,23 +157,24 @@ impl StepKind for DpoStep {
                 &model.path,
                 initial.clone(),
                 &refs,
+                None,
                 c.micro_batch,
                 pad,
                 &device,
                 &mut on_batch(refs.len()),
             )?;
-            Some(
-                stored
-                    .logps
-                    .chosen
-                    .iter()
-                    .zip(&stored.logps.rejected)
-                    .map(|(a, b)| a - b)
-                    .collect::<Vec<f32>>(),
-            )
+            Some(stored)
         } else {
             None
         };
+        let margins: Option<Vec<f32>> = initial_pass.as_ref().map(|p| {
+            p.logps
+                .chosen
+                .iter()
+                .zip(&p.logps.rejected)
+                .map(|(a, b)| a - b)
+                .collect()
+        });
         let chunks = split_chunks(
             &data,
             c.chunks,
@@ -180,6 +182,12 @@ impl StepKind for DpoStep {
             derive_seed(seed, "chunks"),
             margins.as_deref(),
         )?;
+        // Position of each (dataset, record) in the initial pass.
+        let initial_index: std::collections::HashMap<(usize, usize), usize> = all_pairs(&data)
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ((p.dataset, p.record), i))
+            .collect();
 
         let setup = StageSetup {
             out_dir: out,
@@ -210,11 +218,29 @@ impl StepKind for DpoStep {
             ctx.progress
                 .set_message(format!("stage {t}/{stages}: reference pass"));
             let refs: Vec<&PreferencePair> = chunk.iter().map(|p| &p.pair).collect();
+            let known = match &initial_pass {
+                Some(pass) if pass.reference == ref_identity => {
+                    let pick = |v: &[f32]| -> Vec<f32> {
+                        chunk
+                            .iter()
+                            .map(|p| v[initial_index[&(p.dataset, p.record)]])
+                            .collect()
+                    };
+                    let logps = ReferenceLogps {
+                        chosen: pick(&pass.logps.chosen),
+                        rejected: pick(&pass.logps.rejected),
+                    };
+                    let share = chunk.len() as f64 / initial_index.len().max(1) as f64;
+                    Some((logps, pass.seconds * share))
+                }
+                _ => None,
+            };
             let reference = reference_logps(
                 &refs_dir.join(format!("stage-{t}.json")),
                 &ref_dir,
                 ref_identity,
                 &refs,
+                known,
                 c.micro_batch,
                 pad,
                 &device,
@@ -238,19 +264,16 @@ impl StepKind for DpoStep {
                 &output,
                 &mut observer,
             )?;
-            let written = out.join(&output);
-            current = (
-                written.clone(),
-                ModelIdentity {
-                    source: format!("stage-{t}"),
-                    blake3: if t < stages {
-                        model_digest(&written)?
-                    } else {
-                        String::new()
-                    },
-                },
-            );
             reports.push(report);
+            if t < stages {
+                // M_t starts (and, in sDPO, is the reference of) the next stage.
+                let written = out.join(&output);
+                let identity = ModelIdentity {
+                    source: format!("stage-{t}"),
+                    blake3: model_digest(&written)?,
+                };
+                current = (written, identity);
+            }
         }
 
         let history = stage_histories(out, stages)?;
@@ -280,7 +303,8 @@ impl StepKind for DpoStep {
             "chunk_by": c.chunk_by,
             "reference": match fixed_reference {
                 Some(r) => format!("fixed: input reference {:?}", r.name),
-                None => "previous stage (sDPO)".to_string(),
+                None if stages == 1 => "the initial model (input model)".to_string(),
+                None => "the previous stage's model (sDPO)".to_string(),
             },
             "datasets": data.reports,
             "dropped_too_long": data.dropped_too_long,

@@ -59,14 +59,16 @@ pub struct StoredReference {
 }
 
 /// Reference log-probs of `pairs` under the model in `dir`: read from `file` when it holds this pass,
-/// otherwise computed (one no-grad pass, batches of `batch`) and stored there atomically. Returns the
-/// stored pass and whether it was reused.
+/// otherwise taken from `known` (log-probs of these pairs under this model from an earlier pass, with its
+/// seconds) or computed (one no-grad pass, batches of `batch`), and stored there atomically. Returns the
+/// stored pass and whether it was reused from `file`.
 #[allow(clippy::too_many_arguments)]
 pub fn reference_logps(
     file: &Path,
     dir: &Path,
     identity: ModelIdentity,
     pairs: &[&PreferencePair],
+    known: Option<(ReferenceLogps, f64)>,
     batch: usize,
     pad: u32,
     device: &Device,
@@ -90,15 +92,20 @@ pub fn reference_logps(
             }
         }
     }
-    let t0 = Instant::now();
-    let model = load_model(dir, DType::F32, device)?;
-    let owned: Vec<PreferencePair> = pairs.iter().map(|p| (*p).clone()).collect();
-    let logps = reference_pass(&model, &owned, batch, pad, on_batch)?;
-    drop(model);
+    let (logps, seconds) = match known {
+        Some(k) => k,
+        None => {
+            let t0 = Instant::now();
+            let model = load_model(dir, DType::F32, device)?;
+            let owned: Vec<PreferencePair> = pairs.iter().map(|p| (*p).clone()).collect();
+            let logps = reference_pass(&model, &owned, batch, pad, on_batch)?;
+            (logps, t0.elapsed().as_secs_f64())
+        }
+    };
     let stored = StoredReference {
         fingerprint,
         reference: identity,
-        seconds: t0.elapsed().as_secs_f64(),
+        seconds,
         logps,
     };
     write_file_atomic(file, &serde_json::to_vec(&stored)?)?;
@@ -112,7 +119,7 @@ pub struct StageReport {
     pub stage: usize,
     /// Pairs in the chunk.
     pub pairs: usize,
-    /// Dataset name → pairs, and record indices (see [`super::chunks::ChunkOrigin`]).
+    /// Dataset name → pairs, and record index ranges (see [`super::chunks::ChunkOrigin`]).
     pub chunk: serde_json::Value,
     /// The policy it started from (M_{t−1}).
     pub initial: ModelIdentity,
