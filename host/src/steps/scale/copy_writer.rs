@@ -59,7 +59,7 @@ where
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         let mut written = 0u64;
-        let mut writeback = Writeback::new(durable && early_writeback());
+        let mut writeback = Writeback::new(durable);
         for spec in &ordered {
             writeback.start(&mut out)?;
             let len = spec.byte_len();
@@ -101,11 +101,6 @@ where
             Err(e.context(format!("writing {}", path.display())))
         }
     }
-}
-
-/// Temporary switch for measuring: DUS_EARLY_WRITEBACK=0 turns early writeback off.
-fn early_writeback() -> bool {
-    std::env::var("DUS_EARLY_WRITEBACK").map_or(true, |v| v != "0")
 }
 
 /// Appends `len` bytes of `from` starting at `offset` to `to` (at its current position).
