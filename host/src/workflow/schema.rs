@@ -157,3 +157,16 @@ pub struct PluginSpec {
     #[serde(default)]
     pub description: Option<String>,
 }
+
+#[cfg(test)]
+mod durable_tests {
+    use super::WorkflowSettings;
+
+    #[test]
+    fn durable_defaults_to_true_and_can_be_turned_off() {
+        let default: WorkflowSettings = toml::from_str("name = \"w\"").unwrap();
+        assert!(default.durable);
+        let off: WorkflowSettings = toml::from_str("name = \"w\"\ndurable = false").unwrap();
+        assert!(!off.durable);
+    }
+}

@@ -182,16 +182,16 @@ mod tests {
             TensorSpec::new("layers.2.w", Dtype::BF16, vec![1000]),
         ];
         let offset_of = |name: &str| -> u64 { name.len() as u64 * 131 + 3 };
-        for shard in [None, Some(2_100)] {
+        for (shard, durable) in [(None, true), (Some(2_100), true), (Some(2_100), false)] {
             let (a, b) = (
-                dir.path().join(format!("a{shard:?}")),
-                dir.path().join(format!("b{shard:?}")),
+                dir.path().join(format!("a{shard:?}{durable}")),
+                dir.path().join(format!("b{shard:?}{durable}")),
             );
             std::fs::create_dir(&a).unwrap();
             std::fs::create_dir(&b).unwrap();
             let opts = ShardOptions {
                 max_shard_bytes: shard,
-                ..Default::default()
+                durable,
             };
             write_checkpoint(&a, &specs, opts, |s| {
                 let o = offset_of(&s.name) as usize;
