@@ -4,7 +4,7 @@
 # against mergekit's passthrough (if MERGEKIT_YAML points at mergekit-yaml or it is on PATH). Also checks that
 # dusflow's and mergekit's model.safetensors are byte-identical.
 #
-#   scripts/bench-scale.sh [WORK_DIR]          (default /tmp/dus-bench-scale; needs ~9 GB free)
+#   scripts/bench-scale.sh [WORK_DIR]          (default /tmp/dus-bench-scale; needs ~6.5 GB free)
 #   MERGEKIT_YAML=/work/.venvs/mergekit-scale/bin/mergekit-yaml scripts/bench-scale.sh
 #
 # REPEAT=3 (default): every tool runs REPEAT times, interleaved; the table shows the median and the min wall
@@ -54,7 +54,9 @@ fi
 for run in $(seq "$REPEAT"); do
   echo "run $run of $REPEAT" >&2
   measure cp "$WORK/cp" cp -r "$WORK/src" "$WORK/cp"
+  rm -rf "$WORK/cp" # outputs not compared are removed at once, so the run needs less disk
   measure cp+fsync "$WORK/cp-sync" sh -c "cp -r '$WORK/src' '$WORK/cp-sync' && sync '$WORK/cp-sync/model.safetensors'"
+  rm -rf "$WORK/cp-sync"
   measure dusflow "$WORK/dusflow" "$BIN" scale "$WORK/src" "$WORK/dusflow" 4
   measure dus-nosync "$WORK/dus-nosync" "$BIN" scale "$WORK/src" "$WORK/dus-nosync" 4 --no-fsync
   rm -rf "$WORK/dus-nosync"
