@@ -247,14 +247,8 @@ impl Example {
             },
             RecordFormat::Arc => {
                 let name = fields.source("choices");
-                let texts = obj
-                    .get(name)
-                    .and_then(|c| c.get("text"))
-                    .and_then(Value::as_array);
-                let labels = obj
-                    .get(name)
-                    .and_then(|c| c.get("label"))
-                    .and_then(Value::as_array);
+                let texts = obj.get(name).and_then(|c| c.get("text")).and_then(Value::as_array);
+                let labels = obj.get(name).and_then(|c| c.get("label")).and_then(Value::as_array);
                 let (Some(texts), Some(labels)) = (texts, labels) else {
                     bail!("field {name:?} must be {{text: [...], label: [...]}} (format arc)")
                 };
@@ -390,8 +384,7 @@ mod tests {
                 completion: " 5".into()
             }
         );
-        let bad =
-            json!({"question": "q", "choices": {"text": ["4"], "label": ["A"]}, "answerKey": "E"});
+        let bad = json!({"question": "q", "choices": {"text": ["4"], "label": ["A"]}, "answerKey": "E"});
         let err = Example::parse(&bad, RecordFormat::Arc, &none).unwrap_err();
         assert!(err.to_string().contains("answerKey \"E\""), "{err}");
     }
