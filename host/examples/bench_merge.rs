@@ -147,6 +147,7 @@ fn run_merge(method: &str, dir: &Path, out: &Path) -> Result<()> {
         base.as_ref(),
         0,
         out,
+        true,
         &ProgressBar::hidden(),
         &|| false,
     )?;

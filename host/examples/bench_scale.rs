@@ -4,7 +4,8 @@
 //! - `bench_scale make-model DIR [LAYERS]`: writes a random bf16 Llama (hidden 2048, MLP 5632, 32 heads,
 //!   4 KV heads, vocab 32000, untied head; 16 layers ≈ 837 M parameters ≈ 1.67 GB) as a HF folder.
 //! - `bench_scale scale SRC OUT M`: SOLAR-scales SRC (layers `[0, n−M)` + `[M, n)`) into OUT, exactly as the
-//!   step does (memory-mapped inputs, streaming canonical writer, staging folder renamed into place).
+//!   step does (memory-mapped inputs, streaming canonical writer, staging folder renamed into place);
+//!   `--no-fsync` writes as a workflow with `durable = false` does.
 
 use anyhow::{bail, Context, Result};
 use dusflow::model::checkpoint_writer::{write_checkpoint, ShardOptions, StagingDir, TensorSpec};
@@ -32,8 +33,13 @@ fn main() -> Result<()> {
     {
         ["make-model", dir] => make_model(Path::new(dir), 16),
         ["make-model", dir, layers] => make_model(Path::new(dir), layers.parse()?),
-        ["scale", src, out, m] => scale(Path::new(src), Path::new(out), m.parse()?),
-        _ => bail!("usage: bench_scale make-model DIR [LAYERS] | bench_scale scale SRC OUT M"),
+        ["scale", src, out, m] => scale(Path::new(src), Path::new(out), m.parse()?, true),
+        ["scale", src, out, m, "--no-fsync"] => {
+            scale(Path::new(src), Path::new(out), m.parse()?, false)
+        }
+        _ => bail!(
+            "usage: bench_scale make-model DIR [LAYERS] | bench_scale scale SRC OUT M [--no-fsync]"
+        ),
     }
 }
 
@@ -110,7 +116,7 @@ fn make_model(dir: &Path, layers: usize) -> Result<()> {
     Ok(())
 }
 
-fn scale(src: &Path, out: &Path, m: usize) -> Result<()> {
+fn scale(src: &Path, out: &Path, m: usize, durable: bool) -> Result<()> {
     let start = Instant::now();
     let models = vec![SourceModel::open("base", src)?];
     let names = vec!["base".to_string()];
@@ -130,7 +136,13 @@ fn scale(src: &Path, out: &Path, m: usize) -> Result<()> {
         &plan,
         "solar",
         staging.path(),
-        &WriteOptions::default(),
+        &WriteOptions {
+            shard: ShardOptions {
+                durable,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
         &mut |_, _| Ok(()),
     )
     .context("scaling")?;

@@ -51,6 +51,7 @@ fn run_case(name: &str) -> (TensorStore, TensorStore, tempfile::TempDir) {
         base.as_ref(),
         0,
         dir.path(),
+        false,
         &ProgressBar::hidden(),
         &|| false,
     )
@@ -330,6 +331,7 @@ fn dare_masks_change_with_the_seed_only() {
             Some(&base),
             0,
             dir.path(),
+            true,
             &ProgressBar::hidden(),
             &|| false,
         )

@@ -173,6 +173,7 @@ fn sharded_output_holds_the_same_tensors() {
             None,
             0,
             dir.path(),
+            true,
             &ProgressBar::hidden(),
             &|| false,
         )
@@ -242,6 +243,7 @@ fn incompatible_models_are_errors_naming_the_tensor() {
         None,
         0,
         out.path(),
+        true,
         &ProgressBar::hidden(),
         &|| false,
     )
@@ -260,6 +262,7 @@ fn incompatible_models_are_errors_naming_the_tensor() {
         None,
         0,
         out.path(),
+        true,
         &ProgressBar::hidden(),
         &|| false,
     )

@@ -95,6 +95,7 @@ fn sharded_write_reads_back_identically() {
     let staging = StagingDir::new(&target).unwrap();
     let opts = ShardOptions {
         max_shard_bytes: Some(40_000),
+        ..Default::default()
     };
     let expected_shards = plan_shards(&specs, opts).len();
     assert!(expected_shards >= 3);
@@ -197,6 +198,7 @@ fn save_bf16_sharded_and_reload() {
         dtype: DType::BF16,
         shards: ShardOptions {
             max_shard_bytes: Some(20_000),
+            ..Default::default()
         },
         copy_from: Some(with_tok.clone()),
         replace: false,
@@ -328,6 +330,7 @@ fn sharded_index_pointing_to_wrong_file_is_an_error() {
         &specs_of(&store),
         ShardOptions {
             max_shard_bytes: Some(60_000),
+            ..Default::default()
         },
         |s| Ok(Cow::Borrowed(store.bytes(&s.name)?)),
     )

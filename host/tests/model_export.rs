@@ -38,6 +38,7 @@ fn export_for_transformers_check() {
         dtype: DType::BF16,
         shards: ShardOptions {
             max_shard_bytes: Some(60_000),
+            ..Default::default()
         },
         copy_from: Some(tok_src.path().to_path_buf()),
         replace: true,
@@ -49,6 +50,7 @@ fn export_for_transformers_check() {
         dtype: DType::F32,
         shards: ShardOptions {
             max_shard_bytes: Some(50_000),
+            ..Default::default()
         },
         copy_from: Some(fixtures.join("llama")),
         replace: true,

@@ -76,6 +76,19 @@ pub fn write_safetensors<'a, F>(path: &Path, specs: &[TensorSpec], mut produce: 
 where
     F: FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
 {
+    write_safetensors_recycling(path, specs, true, &mut produce, &mut |_| {})
+}
+
+/// Like [`write_safetensors`]; every owned buffer `produce` returns is handed to `recycle` once its bytes
+/// are written, so a producer can reuse its allocations (no page faults on fresh memory per tensor).
+/// `durable` as in [`ShardOptions::durable`].
+pub fn write_safetensors_recycling<'a>(
+    path: &Path,
+    specs: &[TensorSpec],
+    durable: bool,
+    produce: &mut dyn FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
+    recycle: &mut dyn FnMut(Vec<u8>),
+) -> Result<u64> {
     let (ordered, header) = ordered_with_header(path, specs)?;
     let tmp = temp_sibling(path);
     let result = (|| -> Result<u64> {
@@ -85,7 +98,9 @@ where
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         let mut written = 0u64;
+        let mut writeback = Writeback::new(durable);
         for spec in &ordered {
+            writeback.start(&mut out)?;
             let bytes =
                 produce(spec).with_context(|| format!("producing tensor {:?}", spec.name))?;
             if bytes.len() != spec.byte_len() {
@@ -101,9 +116,14 @@ where
             out.write_all(&bytes)
                 .with_context(|| format!("writing {}", tmp.display()))?;
             written += bytes.len() as u64;
+            if let Cow::Owned(buffer) = bytes {
+                recycle(buffer);
+            }
         }
         let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         Ok(written)
     })();
     match result {
@@ -142,12 +162,26 @@ pub fn canonical_header(ordered: &[TensorSpec]) -> Result<Vec<u8>> {
     Ok(header)
 }
 
-/// How to split a checkpoint into files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How to write a checkpoint's files: how to split them, and whether to make them durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardOptions {
     /// Largest data size of one shard in bytes; `None` writes a single `model.safetensors`. A tensor larger
     /// than the limit gets a shard of its own.
     pub max_shard_bytes: Option<u64>,
+    /// fsync every file before it is renamed into place (the default), so a completed checkpoint survives
+    /// a power loss. `false` (the workflow's `durable = false`) skips it: the rename still makes a file
+    /// appear only when complete, so a killed process leaves no partial file, but after a power loss the
+    /// data may be lost (like git's `core.fsync` off). Meant for scratch or tmpfs outputs.
+    pub durable: bool,
+}
+
+impl Default for ShardOptions {
+    fn default() -> Self {
+        ShardOptions {
+            max_shard_bytes: None,
+            durable: true,
+        }
+    }
 }
 
 /// What [`write_checkpoint`] wrote.
@@ -194,8 +228,20 @@ pub fn write_checkpoint<'a, F>(
 where
     F: FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
 {
+    write_checkpoint_recycling(dir, specs, opts, &mut produce, &mut |_| {})
+}
+
+/// Like [`write_checkpoint`], handing every owned buffer back to `recycle` once written (see
+/// [`write_safetensors_recycling`]).
+pub fn write_checkpoint_recycling<'a>(
+    dir: &Path,
+    specs: &[TensorSpec],
+    opts: ShardOptions,
+    produce: &mut dyn FnMut(&TensorSpec) -> Result<Cow<'a, [u8]>>,
+    recycle: &mut dyn FnMut(Vec<u8>),
+) -> Result<WrittenCheckpoint> {
     write_sharded(dir, specs, opts, |path, shard| {
-        write_safetensors(path, shard, &mut produce)
+        write_safetensors_recycling(path, shard, opts.durable, produce, recycle)
     })
 }
 
@@ -252,6 +298,60 @@ pub fn write_index(
     let text = serde_json::to_string_pretty(&index)? + "\n";
     let path = dir.join(INDEX_FILE);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Early writeback of a file being written durably: each call asks the kernel to start writing what was
+/// written since the last call (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), so the
+/// disk works while the next tensors are produced and the final fsync has little left to do.
+pub struct Writeback {
+    enabled: bool,
+    started_to: u64,
+}
+
+impl Writeback {
+    /// Early writeback when `enabled` (durable writes); otherwise every call does nothing.
+    pub fn new(enabled: bool) -> Self {
+        Writeback {
+            enabled,
+            started_to: 0,
+        }
+    }
+
+    /// Flushes `out` and starts writeback of the bytes written since the last call. Errors only when the
+    /// flush fails (writeback is a hint; the final fsync reports any I/O error).
+    pub fn start(&mut self, out: &mut BufWriter<std::fs::File>) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        out.flush()?;
+        self.start_file(out.get_ref())
+    }
+
+    /// Like [`Writeback::start`] for an unbuffered file.
+    pub fn start_file(&mut self, file: &std::fs::File) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::io::Seek;
+            use std::os::fd::AsRawFd;
+            let end = (&*file).stream_position()?;
+            if end > self.started_to {
+                // SAFETY: a valid open descriptor; the call only schedules writeback of a byte range.
+                unsafe {
+                    libc::sync_file_range(
+                        file.as_raw_fd(),
+                        self.started_to as libc::off64_t,
+                        (end - self.started_to) as libc::off64_t,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
+                }
+                self.started_to = end;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A temporary folder beside its destination, renamed onto the destination by [`StagingDir::commit`] and

@@ -56,6 +56,15 @@ pub struct WorkflowSettings {
     /// How many steps may run at once (default: number of CPU cores).
     #[serde(default)]
     pub jobs: Option<usize>,
+    /// fsync model files before they become artifacts (default true). `false` skips it, for scratch or
+    /// tmpfs outputs: artifacts still appear only when complete (a killed run leaves no partial one), but
+    /// may be lost on power failure. Not part of artifact hashes.
+    #[serde(default = "durable_by_default")]
+    pub durable: bool,
+}
+
+fn durable_by_default() -> bool {
+    true
 }
 
 /// A `[models.NAME]` table: a Hugging Face model folder on disk.
@@ -148,4 +157,17 @@ pub struct PluginSpec {
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::WorkflowSettings;
+
+    #[test]
+    fn durable_defaults_to_true_and_can_be_turned_off() {
+        let default: WorkflowSettings = toml::from_str("name = \"w\"").unwrap();
+        assert!(default.durable);
+        let off: WorkflowSettings = toml::from_str("name = \"w\"\ndurable = false").unwrap();
+        assert!(!off.durable);
+    }
 }

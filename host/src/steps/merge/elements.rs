@@ -47,9 +47,7 @@ impl Source<'_> {
                 let bytes = &self.bytes[start * 2..(start + out.len()) * 2];
                 if let Some(halves) = as_u16(bytes) {
                     // Aligned little-endian fast path (vectorises).
-                    for (o, h) in out.iter_mut().zip(halves) {
-                        *o = f32::from_bits((*h as u32) << 16);
-                    }
+                    with_wide_vectors!(decode_bf16(halves: &[u16], out: &mut [f32]));
                     return;
                 }
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -78,9 +76,7 @@ pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
         Dtype::BF16 => {
             if let Some(halves) = as_u16_mut(out) {
                 // Aligned little-endian fast path: branch-free round-to-nearest-even (vectorises).
-                for (v, h) in values.iter().zip(halves) {
-                    *h = bf16_bits(*v);
-                }
+                with_wide_vectors!(encode_bf16(values: &[f32], halves: &mut [u16]));
                 return;
             }
             for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
@@ -96,8 +92,48 @@ pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
     }
 }
 
+/// Calls the `#[inline(always)]` function `f(args)` compiled for AVX2 when the CPU has it (twice the vector
+/// width of the x86-64 baseline), else as is. Same operations, same results: only the instruction
+/// encoding differs (Rust never fuses or reorders float operations on its own).
+macro_rules! with_wide_vectors {
+    ($f:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn wide($($arg: $ty),*) $(-> $ret)? { $f($($arg),*) }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                unsafe { wide($($arg),*) }
+            } else {
+                $f($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f($($arg),*)
+        }
+    }};
+}
+pub(crate) use with_wide_vectors;
+
+/// bf16 bits → f32 (exact).
+#[inline(always)]
+fn decode_bf16(halves: &[u16], out: &mut [f32]) {
+    for (o, h) in out.iter_mut().zip(halves) {
+        *o = f32::from_bits((*h as u32) << 16);
+    }
+}
+
+/// f32 → bf16 bits (see [`bf16_bits`]).
+#[inline(always)]
+fn encode_bf16(values: &[f32], halves: &mut [u16]) {
+    for (v, h) in values.iter().zip(halves) {
+        *h = bf16_bits(*v);
+    }
+}
+
 /// f32 → bf16 bits, round to nearest even; NaN stays NaN (quiet), like `half::bf16::from_f32`.
-#[inline]
+#[inline(always)]
 fn bf16_bits(v: f32) -> u16 {
     let bits = v.to_bits();
     let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;

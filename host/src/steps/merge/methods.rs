@@ -2,7 +2,7 @@
 //! family (task arithmetic, TIES, DARE). Arithmetic follows mergekit 0.1.5 operation by operation, in f32,
 //! rounded once to the output dtype.
 
-use super::elements::{encode, Source};
+use super::elements::{encode, with_wide_vectors, Source};
 use super::sparsify::{self, Keep, CHUNK};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -71,6 +71,20 @@ pub fn merge_tensor(
     inputs: &[Source<'_>],
     out_dtype: Dtype,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    merge_tensor_into(plan, name, inputs, out_dtype, &mut out)?;
+    Ok(out)
+}
+
+/// Like [`merge_tensor`], into `out` (resized to the output's length; a recycled buffer avoids faulting in
+/// fresh pages for every tensor).
+pub fn merge_tensor_into(
+    plan: &TensorPlan,
+    name: &str,
+    inputs: &[Source<'_>],
+    out_dtype: Dtype,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let numel = inputs.first().map(Source::numel).unwrap_or(0);
     if let Some(bad) = inputs.iter().find(|s| s.numel() != numel) {
         bail!(
@@ -80,24 +94,26 @@ pub fn merge_tensor(
         );
     }
     let out_size = out_dtype.bitsize() / 8;
-    let mut out = vec![0u8; numel * out_size];
+    // Every byte is overwritten below: only growth is zero-filled.
+    out.resize(numel * out_size, 0);
+    let out = &mut out[..];
     match plan {
         TensorPlan::Linear { weights, normalize } => {
             check_count(name, "linear", weights.len(), inputs.len())?;
             // mergekit: result = 0; result += xᵢ·wᵢ (in order); result /= Σ wᵢ.
             let denominator: f32 = weights.iter().fold(0.0f32, |a, w| a + w);
             for_each_chunk(
-                &mut out,
+                out,
                 out_size,
                 out_dtype,
                 inputs.len(),
+                0,
                 inputs,
                 |_, _, x, acc| {
                     acc.fill(0.0);
                     for (xi, &w) in x.iter().zip(weights) {
-                        for (a, v) in acc.iter_mut().zip(xi.iter()) {
-                            *a += v * w;
-                        }
+                        let xi = &xi[..];
+                        with_wide_vectors!(add_scaled(acc: &mut [f32], xi: &[f32], w: f32));
                     }
                     if *normalize {
                         acc.iter_mut().for_each(|a| *a /= denominator);
@@ -108,10 +124,9 @@ pub fn merge_tensor(
         TensorPlan::Slerp { t } => {
             check_count(name, "slerp", 2, inputs.len())?;
             let (ca, cb) = slerp_coefficients(*t, inputs, numel);
-            for_each_chunk(&mut out, out_size, out_dtype, 2, inputs, |_, _, x, acc| {
-                for ((o, a), b) in acc.iter_mut().zip(x[0].iter()).zip(x[1].iter()) {
-                    *o = ca * a + cb * b;
-                }
+            for_each_chunk(out, out_size, out_dtype, 2, 0, inputs, |_, _, x, acc| {
+                let (a, b) = (&x[0][..], &x[1][..]);
+                with_wide_vectors!(interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], acc: &mut [f32]));
             });
         }
         TensorPlan::TaskVector(p) => {
@@ -122,19 +137,19 @@ pub fn merge_tensor(
                 p.densities.len() + 1,
                 inputs.len(),
             )?;
-            task_vector(p, name, inputs, numel, &mut out, out_size, out_dtype);
+            task_vector(p, name, inputs, numel, out, out_size, out_dtype);
         }
         TensorPlan::CopyFrom(i) => {
             let Some(src) = inputs.get(*i) else {
                 bail!("tensor {name:?}: copy from input {i} of {}", inputs.len())
             };
             let src = std::slice::from_ref(src);
-            for_each_chunk(&mut out, out_size, out_dtype, 1, src, |_, _, x, acc| {
+            for_each_chunk(out, out_size, out_dtype, 1, 0, src, |_, _, x, acc| {
                 acc.copy_from_slice(&x[0])
             });
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn check_count(name: &str, what: &str, expected: usize, got: usize) -> Result<()> {
@@ -145,12 +160,15 @@ fn check_count(name: &str, what: &str, expected: usize, got: usize) -> Result<()
 }
 
 /// Runs `f(chunk index, first element, decoded inputs (scratch: `f` may overwrite them), result)` over the
-/// tensor in parallel chunks and encodes each chunk's result into `out`.
+/// tensor in parallel chunks and encodes each chunk's result into `out`. `x` holds the `n` decoded inputs
+/// followed by `extra` scratch buffers of the chunk's length.
+#[allow(clippy::too_many_arguments)]
 fn for_each_chunk<F>(
     out: &mut [u8],
     out_size: usize,
     out_dtype: Dtype,
     n: usize,
+    extra: usize,
     inputs: &[Source<'_>],
     f: F,
 ) where
@@ -158,20 +176,39 @@ fn for_each_chunk<F>(
 {
     out.par_chunks_mut(CHUNK * out_size)
         .enumerate()
-        .for_each_init(
-            || (vec![vec![0f32; CHUNK]; n], vec![0f32; CHUNK]),
-            |(x, acc), (c, out_chunk)| {
-                let len = out_chunk.len() / out_size;
-                let start = c * CHUNK;
-                for (buf, src) in x.iter_mut().zip(inputs) {
-                    buf.resize(len, 0.0);
+        .for_each(|(c, out_chunk)| {
+            let len = out_chunk.len() / out_size;
+            let start = c * CHUNK;
+            with_scratch(n + extra + 1, len, |bufs| {
+                let (acc, x) = bufs.split_last_mut().expect("result buffer");
+                for (buf, src) in x.iter_mut().zip(&inputs[..n]) {
                     src.decode(start, buf);
                 }
-                acc.resize(len, 0.0);
                 f(c, start, x, acc);
                 encode(acc, out_dtype, out_chunk);
-            },
-        );
+            })
+        });
+}
+
+thread_local! {
+    /// Per-thread f32 scratch buffers, reused across chunks and tensors (see [`with_scratch`]).
+    static SCRATCH: std::cell::Cell<Vec<Vec<f32>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Calls `f` with `count` f32 buffers of length `len` (contents arbitrary), reused from this thread's
+/// earlier calls: fresh chunk-sized buffers per work unit would each be a new mapping to fault in and zero.
+fn with_scratch<R>(count: usize, len: usize, f: impl FnOnce(&mut [Vec<f32>]) -> R) -> R {
+    // Taken out of the cell (not borrowed), so a nested call just allocates its own.
+    let mut buffers = SCRATCH.with(|s| s.take());
+    if buffers.len() < count {
+        buffers.resize_with(count, Vec::new);
+    }
+    for b in &mut buffers[..count] {
+        b.resize(len, 0.0);
+    }
+    let result = f(&mut buffers[..count]);
+    SCRATCH.with(|s| s.set(buffers));
+    result
 }
 
 /// mergekit's SLERP coefficients `(coef_a, coef_b)` for the whole tensor: norms and the normalised dot
@@ -179,22 +216,17 @@ fn for_each_chunk<F>(
 pub fn slerp_coefficients(t: f32, inputs: &[Source<'_>], numel: usize) -> (f32, f32) {
     let (aa, bb, ab) = (0..numel.div_ceil(CHUNK))
         .into_par_iter()
-        .map_init(
-            || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
-            |(a, b), c| {
-                let len = CHUNK.min(numel - c * CHUNK);
-                inputs[0].decode(c * CHUNK, &mut a[..len]);
-                inputs[1].decode(c * CHUNK, &mut b[..len]);
-                let mut sums = (0f64, 0f64, 0f64);
-                for (&x, &y) in a[..len].iter().zip(&b[..len]) {
-                    let (x, y) = (x as f64, y as f64);
-                    sums.0 += x * x;
-                    sums.1 += y * y;
-                    sums.2 += x * y;
-                }
-                sums
-            },
-        )
+        .map(|c| {
+            let len = CHUNK.min(numel - c * CHUNK);
+            with_scratch(2, len, |bufs| {
+                let [a, b] = bufs else {
+                    unreachable!("two buffers")
+                };
+                inputs[0].decode(c * CHUNK, a);
+                inputs[1].decode(c * CHUNK, b);
+                dot_products(a, b)
+            })
+        })
         .reduce(|| (0.0, 0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1, p.2 + q.2));
     const EPS: f64 = 1e-8;
     let norm_a = (aa.sqrt() as f32) as f64;
@@ -212,6 +244,54 @@ pub fn slerp_coefficients(t: f32, inputs: &[Source<'_>], numel: usize) -> (f32, 
         (t * theta).sin() / sin_theta,
     )
 }
+
+/// `out = ca·a + cb·b`, element by element.
+#[inline(always)]
+fn interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], out: &mut [f32]) {
+    for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+        *o = ca * a + cb * b;
+    }
+}
+
+/// `acc += x·w`, element by element.
+#[inline(always)]
+fn add_scaled(acc: &mut [f32], x: &[f32], w: f32) {
+    for (a, v) in acc.iter_mut().zip(x) {
+        *a += v * w;
+    }
+}
+
+/// `(Σ a², Σ b², Σ ab)` in f64, over [`LANES`] independent accumulators (the loop vectorises instead of
+/// waiting on one chain of additions). Products of f32 values are exact in f64; only the order of the
+/// additions differs from a single running sum (as it already does between parallel chunks).
+fn dot_products(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
+    with_wide_vectors!(dot_products_lanes(a: &[f32], b: &[f32]) -> (f64, f64, f64))
+}
+
+#[inline(always)]
+fn dot_products_lanes(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
+    let (mut aa, mut bb, mut ab) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_rest, b_rest) = (a_blocks.remainder(), b_blocks.remainder());
+    for (x, y) in a_blocks.zip(b_blocks) {
+        for l in 0..LANES {
+            let (x, y) = (x[l] as f64, y[l] as f64);
+            aa[l] += x * x;
+            bb[l] += y * y;
+            ab[l] += x * y;
+        }
+    }
+    for (l, (&x, &y)) in a_rest.iter().zip(b_rest).enumerate() {
+        let (x, y) = (x as f64, y as f64);
+        aa[l] += x * x;
+        bb[l] += y * y;
+        ab[l] += x * y;
+    }
+    (aa.iter().sum(), bb.iter().sum(), ab.iter().sum())
+}
+
+/// Accumulators per sum in [`dot_products`].
+const LANES: usize = 16;
 
 fn task_vector(
     p: &TaskVectorPlan,
@@ -260,10 +340,12 @@ fn task_vector(
     let scales: Vec<Option<f32>> = if p.rescale {
         let sums: Vec<(f64, f64)> = (0..numel.div_ceil(CHUNK))
             .into_par_iter()
-            .map_init(
-                || (vec![0f32; CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK]),
-                |(b, x, m), c| {
-                    let len = CHUNK.min(numel - c * CHUNK);
+            .map(|c| {
+                let len = CHUNK.min(numel - c * CHUNK);
+                with_scratch(3, len, |bufs| {
+                    let [b, x, m] = bufs else {
+                        unreachable!("three buffers")
+                    };
                     inputs[0].decode(c * CHUNK, &mut b[..len]);
                     let mut sums = vec![(0f64, 0f64); models];
                     for (i, sum) in sums.iter_mut().enumerate() {
@@ -279,8 +361,8 @@ fn task_vector(
                         }
                     }
                     sums
-                },
-            )
+                })
+            })
             .reduce(
                 || vec![(0.0, 0.0); models],
                 |a, b| {
@@ -307,23 +389,30 @@ fn task_vector(
         out_size,
         out_dtype,
         models + 1,
+        2,
         inputs,
         |c, _start, x, acc| {
             // Structure of arrays, one branch-free pass at a time, so the compiler vectorises each.
+            let (x, scratch) = x.split_at_mut(models + 1);
+            let [mask, majority] = scratch else {
+                unreachable!("two scratch buffers")
+            };
             let (base, models_x) = x.split_first_mut().expect("base input");
             let base = &base[..];
-            let mut mask = vec![0f32; acc.len()];
             for (i, d) in models_x.iter_mut().enumerate() {
                 d.iter_mut().zip(base).for_each(|(xv, bv)| *xv -= bv);
-                keeps[i].mask_chunk(c, d, &mut mask);
+                keeps[i].mask_chunk(c, d, mask);
                 // mergekit: δ·mask, then · rescale, then · weight (each rounded in f32).
                 let w = weights[i];
                 match scales[i] {
                     Some(s) => d
                         .iter_mut()
-                        .zip(&mask)
+                        .zip(mask.iter())
                         .for_each(|(v, m)| *v = *v * m * s * w),
-                    None => d.iter_mut().zip(&mask).for_each(|(v, m)| *v = *v * m * w),
+                    None => d
+                        .iter_mut()
+                        .zip(mask.iter())
+                        .for_each(|(v, m)| *v = *v * m * w),
                 }
             }
             // acc = Σ wᵢ δᵢ mᵢ (mixed), mask = divisor.
@@ -334,16 +423,16 @@ fn task_vector(
                 for dw in models_x.iter() {
                     acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
                 }
-                let majority: Vec<f32> = acc
-                    .iter()
-                    .map(|t| if *t >= 0.0 { 1.0 } else { -1.0 })
-                    .collect();
+                majority
+                    .iter_mut()
+                    .zip(acc.iter())
+                    .for_each(|(s, t)| *s = if *t >= 0.0 { 1.0 } else { -1.0 });
                 acc.fill(0.0);
                 for (dw, w) in models_x.iter().zip(weights) {
                     for (((a, dv), s), m) in acc
                         .iter_mut()
                         .zip(dw.iter())
-                        .zip(&majority)
+                        .zip(majority.iter())
                         .zip(mask.iter_mut())
                     {
                         // Same sign as the majority (±1) and non-zero; NaN never agrees.
@@ -368,7 +457,7 @@ fn task_vector(
                 });
             }
             if p.normalize {
-                acc.iter_mut().zip(&mask).for_each(|(a, m)| *a /= m);
+                acc.iter_mut().zip(mask.iter()).for_each(|(a, m)| *a /= m);
             }
             if p.lambda != 1.0 {
                 acc.iter_mut().for_each(|a| *a *= p.lambda);

@@ -107,23 +107,18 @@ where
     // First pass: counts of the high 16 bits.
     let high_hist = (0..chunks)
         .into_par_iter()
-        .fold(
-            || (vec![0u64; 1 << 16], vec![0u32; CHUNK]),
-            |(mut hist, mut buf), c| {
-                let buf_c = &mut buf[..chunk_len(c)];
-                magnitudes(c, buf_c);
-                buf_c.iter().for_each(|&b| hist[(b >> 16) as usize] += 1);
-                (hist, buf)
-            },
-        )
-        .map(|(h, _)| h)
-        .reduce(
-            || vec![0u64; 1 << 16],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
+        .fold(Scratch::lease, |mut s, c| {
+            let Scratch { hist, buf } = &mut *s;
+            let buf_c = &mut buf[..chunk_len(c)];
+            magnitudes(c, buf_c);
+            buf_c.iter().for_each(|&b| hist[(b >> 16) as usize] += 1);
+            s
+        })
+        .reduce(Scratch::lease, |mut a, b| {
+            a.hist.iter_mut().zip(&b.hist).for_each(|(x, y)| *x += y);
+            a
+        });
+    let high_hist = &high_hist.hist;
     // Walk buckets from the largest down until `need` elements are covered.
     let find = |hist: &[u64], need: u64| -> (usize, u64) {
         let mut above = 0u64;
@@ -135,24 +130,21 @@ where
         }
         unreachable!("k <= numel")
     };
-    let (high, above_high) = find(&high_hist, k as u64);
+    let (high, above_high) = find(high_hist, k as u64);
     // Second pass: the low 16 bits of the elements in bucket `high`, kept per chunk in order (one bucket
     // of 65536: few elements), which gives the exact cut and the per-chunk tie counts without a third pass.
     let high = high as u32;
     let lows: Vec<Vec<u16>> = (0..chunks)
         .into_par_iter()
-        .map_init(
-            || vec![0u32; CHUNK],
-            |buf, c| {
-                let buf_c = &mut buf[..chunk_len(c)];
-                magnitudes(c, buf_c);
-                buf_c
-                    .iter()
-                    .filter(|&&b| b >> 16 == high)
-                    .map(|&b| (b & 0xFFFF) as u16)
-                    .collect()
-            },
-        )
+        .map_init(Scratch::lease, |s, c| {
+            let buf_c = &mut s.buf[..chunk_len(c)];
+            magnitudes(c, buf_c);
+            buf_c
+                .iter()
+                .filter(|&&b| b >> 16 == high)
+                .map(|&b| (b & 0xFFFF) as u16)
+                .collect()
+        })
         .collect();
     let mut low_hist = vec![0u64; 1 << 16];
     lows.iter()
@@ -180,6 +172,60 @@ where
         equal_total,
         equal_before_chunk,
     })
+}
+
+/// Working memory of one top-k work unit: a histogram of 16-bit keys and a chunk of magnitudes.
+struct Scratch {
+    hist: Vec<u64>,
+    buf: Vec<u32>,
+}
+
+/// Scratch returned by dropped [`Lease`]s, reused by later selections: a fresh histogram and chunk per
+/// work unit would each be a new mapping to fault in and zero.
+static SCRATCH_POOL: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
+
+/// A [`Scratch`] from the pool (histogram zeroed, chunk contents arbitrary), returned to it on drop.
+struct Lease(Option<Scratch>);
+
+impl Scratch {
+    fn lease() -> Lease {
+        let reused = SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let scratch = match reused {
+            Some(mut s) => {
+                s.hist.fill(0);
+                s
+            }
+            None => Scratch {
+                hist: vec![0; 1 << 16],
+                buf: vec![0; CHUNK],
+            },
+        };
+        Lease(Some(scratch))
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        self.0.as_ref().expect("leased scratch")
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut Scratch {
+        self.0.as_mut().expect("leased scratch")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            SCRATCH_POOL
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(s);
+        }
+    }
 }
 
 /// mergekit's `k` for a magnitude sparsification: `max(1, int(density · numel))`, 0 for an empty tensor.

@@ -3,18 +3,19 @@
 //! the previous one to disk. At most three output tensors exist at once.
 
 use super::elements::{element_size, is_float, Source};
-use super::methods::merge_tensor;
+use super::methods::merge_tensor_into;
 use super::params::{layer_index, TensorPosition};
 use super::plan::{input_order, MethodPlanner, TensorDescription, TensorPlanner};
 use super::plugin_rule::PluginPlanner;
 use super::MergeConfig;
-use crate::model::checkpoint_writer::{canonical_order, plan_shards};
-use crate::model::{write_checkpoint, ShardOptions, TensorSpec, TensorStore};
+use crate::model::checkpoint_writer::{canonical_order, plan_shards, write_checkpoint_recycling};
+use crate::model::{ShardOptions, TensorSpec, TensorStore};
 use crate::steps::context::{Cancelled, StepContext};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::ProgressBar;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Files copied from the donor model (the base, else the first listed model) when present.
 pub const SIDE_FILES: &[&str] = &[
@@ -83,6 +84,7 @@ pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
             &models,
             base.as_ref(),
             &ctx.out_dir,
+            ctx.settings.durable,
             &ctx.progress,
             &cancelled,
         )?;
@@ -94,6 +96,7 @@ pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
         base.as_ref(),
         ctx.settings.seed,
         &ctx.out_dir,
+        ctx.settings.durable,
         &ctx.progress,
         &cancelled,
     )?;
@@ -101,13 +104,16 @@ pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
 }
 
 /// Merges `models` (and `base`) into the existing folder `out_dir` as `config` says. `default_seed` seeds
-/// DARE when the config has no `seed`; `cancelled` is polled between tensors.
+/// DARE when the config has no `seed`; `durable` as in [`ShardOptions::durable`]; `cancelled` is polled
+/// between tensors.
+#[allow(clippy::too_many_arguments)]
 pub fn merge(
     config: &MergeConfig,
     models: &[NamedModel],
     base: Option<&NamedModel>,
     default_seed: u64,
     out_dir: &Path,
+    durable: bool,
     progress: &ProgressBar,
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<MergeSummary> {
@@ -123,6 +129,7 @@ pub fn merge(
         models,
         base,
         out_dir,
+        durable,
         progress,
         cancelled,
     )
@@ -138,6 +145,7 @@ pub fn merge_with(
     models: &[NamedModel],
     base: Option<&NamedModel>,
     out_dir: &Path,
+    durable: bool,
     progress: &ProgressBar,
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<MergeSummary> {
@@ -172,6 +180,7 @@ pub fn merge_with(
             .as_ref()
             .map(|s| s.bytes().map_err(|e| anyhow!("shard_size: {e}")))
             .transpose()?,
+        durable,
     };
     // The writer asks for tensors shard by shard, each shard in canonical order: compute in that order.
     let write_order: Vec<TensorSpec> = plan_shards(&specs, shard)
@@ -182,12 +191,16 @@ pub fn merge_with(
         })
         .collect();
 
+    let pool = BufferPool::default();
+    let pool = &pool;
     let mut compute = |spec: &TensorSpec| -> Result<Vec<u8>> {
         let name = spec.name.as_str();
         let meta = reference.meta(name)?;
         if !is_float(meta.dtype) {
             let bytes = reference.bytes(name)?;
-            let copy = bytes.to_vec();
+            let mut copy = pool.take(bytes.len());
+            copy.clear();
+            copy.extend_from_slice(bytes);
             release_pages(bytes);
             return Ok(copy);
         }
@@ -212,7 +225,10 @@ pub fn merge_with(
             position: TensorPosition::of(name, num_layers),
         };
         let merged = match planner.plan(&tensor, &sources)? {
-            Some(plan) => merge_tensor(&plan, name, &sources, spec.dtype),
+            Some(plan) => {
+                let mut out = pool.take(spec.byte_len());
+                merge_tensor_into(&plan, name, &sources, spec.dtype, &mut out).map(|()| out)
+            }
             None => planner.merge_values(&tensor, &sources, spec.dtype),
         }
         .with_context(|| format!("merging tensor {name:?} ({})", planner.describe()));
@@ -236,11 +252,17 @@ pub fn merge_with(
                 }
             }
         });
-        write_checkpoint(out_dir, &specs, shard, |_spec| {
-            let bytes = rx.recv().map_err(|_| anyhow!("merge worker stopped"))??;
-            progress.inc(1);
-            Ok(Cow::Owned(bytes))
-        })
+        write_checkpoint_recycling(
+            out_dir,
+            &specs,
+            shard,
+            &mut |_spec| {
+                let bytes = rx.recv().map_err(|_| anyhow!("merge worker stopped"))??;
+                progress.inc(1);
+                Ok(Cow::Owned(bytes))
+            },
+            &mut |written| pool.put(written),
+        )
     })?;
 
     copy_side_files(&inputs[0].path, out_dir, config)?;
@@ -249,6 +271,33 @@ pub fn merge_with(
         bytes: written.total_size,
         files: written.files,
     })
+}
+
+/// Output buffers written and handed back, reused for later tensors: refilling memory that is already
+/// mapped is much cheaper than faulting in (and zeroing) fresh pages for every tensor. At most as many
+/// buffers exist as tensors are in flight (computing, queued, writing).
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// A buffer for `len` bytes: the shortest one already that long (no zero-filling), else the longest.
+    /// Its contents are arbitrary.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = (0..free.len())
+            .filter(|&i| free[i].len() >= len)
+            .min_by_key(|&i| free[i].len());
+        let pick = fits.or_else(|| (0..free.len()).max_by_key(|&i| free[i].capacity()));
+        pick.map(|i| free.swap_remove(i)).unwrap_or_default()
+    }
+
+    /// Returns a buffer for reuse.
+    fn put(&self, buffer: Vec<u8>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buffer);
+    }
 }
 
 /// Checks that every input has the same tensor names and shapes as the first; returns the names in model

@@ -6,7 +6,7 @@
 //! a user-memory copy per page. The tests check this writer against the generic one byte for byte.
 
 use crate::model::checkpoint_writer::{
-    ordered_with_header, write_sharded, ShardOptions, TensorSpec, WrittenCheckpoint,
+    ordered_with_header, write_sharded, ShardOptions, TensorSpec, Writeback, WrittenCheckpoint,
 };
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -38,11 +38,16 @@ where
     F: FnMut(&TensorSpec) -> Result<TensorData<'a>>,
 {
     write_sharded(dir, specs, opts, |path, shard| {
-        write_file(path, shard, &mut produce)
+        write_file(path, shard, opts.durable, &mut produce)
     })
 }
 
-fn write_file<'a, F>(path: &Path, specs: &[TensorSpec], produce: &mut F) -> Result<u64>
+fn write_file<'a, F>(
+    path: &Path,
+    specs: &[TensorSpec],
+    durable: bool,
+    produce: &mut F,
+) -> Result<u64>
 where
     F: FnMut(&TensorSpec) -> Result<TensorData<'a>>,
 {
@@ -54,7 +59,9 @@ where
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         let mut written = 0u64;
+        let mut writeback = Writeback::new(durable);
         for spec in &ordered {
+            writeback.start(&mut out)?;
             let len = spec.byte_len();
             match produce(spec).with_context(|| format!("producing tensor {:?}", spec.name))? {
                 TensorData::Bytes(bytes) => {
@@ -78,7 +85,9 @@ where
             written += len as u64;
         }
         let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         Ok(written)
     })();
     match result {
@@ -173,15 +182,16 @@ mod tests {
             TensorSpec::new("layers.2.w", Dtype::BF16, vec![1000]),
         ];
         let offset_of = |name: &str| -> u64 { name.len() as u64 * 131 + 3 };
-        for shard in [None, Some(2_100)] {
+        for (shard, durable) in [(None, true), (Some(2_100), true), (Some(2_100), false)] {
             let (a, b) = (
-                dir.path().join(format!("a{shard:?}")),
-                dir.path().join(format!("b{shard:?}")),
+                dir.path().join(format!("a{shard:?}{durable}")),
+                dir.path().join(format!("b{shard:?}{durable}")),
             );
             std::fs::create_dir(&a).unwrap();
             std::fs::create_dir(&b).unwrap();
             let opts = ShardOptions {
                 max_shard_bytes: shard,
+                durable,
             };
             write_checkpoint(&a, &specs, opts, |s| {
                 let o = offset_of(&s.name) as usize;

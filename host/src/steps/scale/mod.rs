@@ -143,8 +143,8 @@ impl ScaleConfig {
         }
     }
 
-    /// The writer options.
-    pub fn write_options(&self) -> Result<WriteOptions> {
+    /// The writer options; `durable` as in [`ShardOptions::durable`].
+    pub fn write_options(&self, durable: bool) -> Result<WriteOptions> {
         Ok(WriteOptions {
             dtype: self.dtype.map(|d| match d {
                 DType::F32 => safetensors::Dtype::F32,
@@ -153,6 +153,7 @@ impl ScaleConfig {
             }),
             shard: ShardOptions {
                 max_shard_bytes: parse_size(&self.shard_size)?,
+                durable,
             },
         })
     }
@@ -371,7 +372,7 @@ impl StepKind for ScaleStep {
             &plan,
             policy.name(),
             &ctx.out_dir,
-            &c.write_options()?,
+            &c.write_options(ctx.settings.durable)?,
             ctx,
         )?;
         ctx.progress.finish_with_message(format!(
