@@ -148,7 +148,7 @@ async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
             "no row {stage}:\n{table}"
         );
     }
-    for column in ["ARC", "gsm8k", "pref", "ppl"] {
+    for column in ["ARC", "GSM8K", "pref", "ppl"] {
         assert!(table.lines().next().unwrap().contains(column), "{table}");
     }
     // The scaled model has 12 layers, built from the 8-layer one.
