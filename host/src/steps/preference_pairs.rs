@@ -22,7 +22,6 @@ use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots
 use crate::data::{read_records, DatasetSource, Origin, RawRecord, ReadStats};
 use crate::engine::atomic::write_file_atomic;
 use anyhow::{bail, Result};
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -157,18 +156,12 @@ impl StepKind for PreferencePairsStep {
             bail!("no preference pairs: every aligned pair has identical answers (or the inputs are empty)");
         }
         let paired = lines.len();
-        if let Some(max) = c.max_samples.filter(|&m| m < lines.len()) {
+        if let Some(max) = c.max_samples {
             let seed = crate::data::derive_seed(
                 ctx.settings.seed,
                 &format!("preference-pairs/{}", ctx.step),
             );
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let mut keep = rand::seq::index::sample(&mut rng, lines.len(), max).into_vec();
-            keep.sort_unstable();
-            lines = keep
-                .into_iter()
-                .map(|i| std::mem::take(&mut lines[i]))
-                .collect();
+            lines = crate::data::load::sample_in_order(lines, max, seed);
         }
         let written = lines.len();
         let mut text = lines.join("\n");

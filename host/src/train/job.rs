@@ -97,28 +97,28 @@ impl TrainStepConfig {
     fn default_lr() -> f64 {
         1e-4
     }
-    fn default_micro_batch() -> usize {
+    pub(crate) fn default_micro_batch() -> usize {
         4
     }
-    fn default_grad_accum() -> usize {
+    pub(crate) fn default_grad_accum() -> usize {
         1
     }
     fn default_seq_len() -> usize {
         512
     }
-    fn default_betas() -> [f64; 2] {
+    pub(crate) fn default_betas() -> [f64; 2] {
         [0.9, 0.999]
     }
-    fn default_eps() -> f64 {
+    pub(crate) fn default_eps() -> f64 {
         1e-8
     }
-    fn default_clip() -> f64 {
+    pub(crate) fn default_clip() -> f64 {
         1.0
     }
-    fn default_checkpoint_every() -> usize {
+    pub(crate) fn default_checkpoint_every() -> usize {
         100
     }
-    fn default_true() -> bool {
+    pub(crate) fn default_true() -> bool {
         true
     }
 

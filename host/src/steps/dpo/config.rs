@@ -64,34 +64,34 @@ pub struct DpoStepConfig {
     #[serde(default)]
     pub max_steps: Option<usize>,
     /// Pairs per forward pass (each pair is two rows: chosen and rejected); also the reference pass batch.
-    #[serde(default = "DpoStepConfig::default_micro_batch")]
+    #[serde(default = "TrainStepConfig::default_micro_batch")]
     pub micro_batch: usize,
     /// Micro-batches per optimizer step.
-    #[serde(default = "DpoStepConfig::default_grad_accum")]
+    #[serde(default = "TrainStepConfig::default_grad_accum")]
     pub grad_accum: usize,
     /// AdamW decoupled weight decay (matrices only).
     #[serde(default)]
     pub weight_decay: f64,
     /// AdamW (β₁, β₂).
-    #[serde(default = "DpoStepConfig::default_betas")]
+    #[serde(default = "TrainStepConfig::default_betas")]
     pub betas: [f64; 2],
     /// AdamW ε.
-    #[serde(default = "DpoStepConfig::default_eps")]
+    #[serde(default = "TrainStepConfig::default_eps")]
     pub eps: f64,
     /// Global gradient-norm clip (0 = off).
-    #[serde(default = "DpoStepConfig::default_clip")]
+    #[serde(default = "TrainStepConfig::default_clip")]
     pub clip: f64,
     /// Seed offset, combined with the workflow seed.
     #[serde(default)]
     pub seed: u64,
     /// Checkpoint every this many optimizer steps (0 = never).
-    #[serde(default = "DpoStepConfig::default_checkpoint_every")]
+    #[serde(default = "TrainStepConfig::default_checkpoint_every")]
     pub checkpoint_every: usize,
     /// Compute precision.
     #[serde(default)]
     pub dtype: ComputeDType,
     /// Shuffle pairs every epoch.
-    #[serde(default = "DpoStepConfig::default_true")]
+    #[serde(default = "TrainStepConfig::default_true")]
     pub shuffle: bool,
     /// Parameters of the data-filter plugins the datasets name, by plugin name.
     #[serde(default)]
@@ -110,27 +110,6 @@ impl DpoStepConfig {
     }
     fn default_lr() -> f64 {
         1e-6
-    }
-    fn default_micro_batch() -> usize {
-        4
-    }
-    fn default_grad_accum() -> usize {
-        1
-    }
-    fn default_betas() -> [f64; 2] {
-        [0.9, 0.999]
-    }
-    fn default_eps() -> f64 {
-        1e-8
-    }
-    fn default_clip() -> f64 {
-        1.0
-    }
-    fn default_checkpoint_every() -> usize {
-        100
-    }
-    fn default_true() -> bool {
-        true
     }
 
     /// The training keys as a [`TrainStepConfig`] (`seq_len` = `max_length`).
