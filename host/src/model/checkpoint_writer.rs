@@ -90,10 +90,9 @@ pub fn write_safetensors_recycling<'a>(
     recycle: &mut dyn FnMut(Vec<u8>),
 ) -> Result<u64> {
     let (ordered, header) = ordered_with_header(path, specs)?;
-    let tmp = temp_sibling(path);
-    let result = (|| -> Result<u64> {
+    write_through_temp(path, |tmp| {
         let file =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
@@ -125,8 +124,15 @@ pub fn write_safetensors_recycling<'a>(
             file.sync_all()?;
         }
         Ok(written)
-    })();
-    match result {
+    })
+}
+
+/// Writes the file `path` through a temporary sibling: `write(tmp)` creates and fills it and returns the
+/// bytes of tensor data written; the file is then renamed onto `path` (so it appears only when complete).
+/// On error the temporary file is removed and the error names `path`.
+pub fn write_through_temp(path: &Path, write: impl FnOnce(&Path) -> Result<u64>) -> Result<u64> {
+    let tmp = temp_sibling(path);
+    match write(&tmp) {
         Ok(n) => {
             std::fs::rename(&tmp, path)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -327,16 +333,26 @@ impl Writeback {
         self.start_file(out.get_ref())
     }
 
-    /// Like [`Writeback::start`] for an unbuffered file.
+    /// Like [`Writeback::start`] for an unbuffered file, up to its current position.
     pub fn start_file(&mut self, file: &std::fs::File) -> Result<()> {
         if !self.enabled {
             return Ok(());
         }
+        use std::io::Seek;
+        let end = (&*file).stream_position()?;
+        self.start_to(file, end);
+        Ok(())
+    }
+
+    /// Starts writeback of `file`'s bytes from the end of the last call up to `end` (for files written
+    /// with positioned writes, which do not move the file position).
+    pub fn start_to(&mut self, file: &std::fs::File, end: u64) {
+        if !self.enabled {
+            return;
+        }
         #[cfg(target_os = "linux")]
         {
-            use std::io::Seek;
             use std::os::fd::AsRawFd;
-            let end = (&*file).stream_position()?;
             if end > self.started_to {
                 // SAFETY: a valid open descriptor; the call only schedules writeback of a byte range.
                 unsafe {
@@ -350,7 +366,8 @@ impl Writeback {
                 self.started_to = end;
             }
         }
-        Ok(())
+        #[cfg(not(target_os = "linux"))]
+        let _ = (file, end);
     }
 }
 

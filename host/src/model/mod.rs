@@ -27,6 +27,7 @@
 pub mod checkpoint_writer;
 pub mod config;
 pub mod generation;
+pub mod in_place_writer;
 pub mod llama;
 pub mod tensor_store;
 pub mod tokenizer;

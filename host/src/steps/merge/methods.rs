@@ -76,14 +76,36 @@ pub fn merge_tensor(
     Ok(out)
 }
 
-/// Like [`merge_tensor`], into `out` (resized to the output's length; a recycled buffer avoids faulting in
-/// fresh pages for every tensor).
+/// Like [`merge_tensor`], into `out` (resized to the output's length).
 pub fn merge_tensor_into(
     plan: &TensorPlan,
     name: &str,
     inputs: &[Source<'_>],
     out_dtype: Dtype,
     out: &mut Vec<u8>,
+) -> Result<()> {
+    let numel = inputs.first().map(Source::numel).unwrap_or(0);
+    // Every byte is overwritten: only growth is zero-filled.
+    out.resize(numel * out_dtype.bitsize() / 8, 0);
+    merge_tensor_to(plan, name, inputs, out_dtype, TensorOut::Buffer(out))
+}
+
+/// Where a merged tensor's bytes go.
+pub enum TensorOut<'a> {
+    /// A buffer of exactly the output's length.
+    Buffer(&'a mut [u8]),
+    /// A sink called with each computed chunk's bytes and their byte offset in the tensor, from several
+    /// threads at once (e.g. positioned writes into the output file while the chunk is still in cache).
+    Sink(&'a (dyn Fn(usize, &[u8]) -> Result<()> + Sync)),
+}
+
+/// Merges one tensor like [`merge_tensor`], its bytes going to `out`.
+pub fn merge_tensor_to(
+    plan: &TensorPlan,
+    name: &str,
+    inputs: &[Source<'_>],
+    out_dtype: Dtype,
+    out: TensorOut<'_>,
 ) -> Result<()> {
     let numel = inputs.first().map(Source::numel).unwrap_or(0);
     if let Some(bad) = inputs.iter().find(|s| s.numel() != numel) {
@@ -94,40 +116,42 @@ pub fn merge_tensor_into(
         );
     }
     let out_size = out_dtype.bitsize() / 8;
-    // Every byte is overwritten below: only growth is zero-filled.
-    out.resize(numel * out_size, 0);
-    let out = &mut out[..];
+    if let TensorOut::Buffer(buffer) = &out {
+        if buffer.len() != numel * out_size {
+            bail!(
+                "tensor {name:?}: output buffer of {} bytes for {numel} elements",
+                buffer.len()
+            );
+        }
+    }
+    let out = Output {
+        to: out,
+        numel,
+        dtype: out_dtype,
+    };
     match plan {
         TensorPlan::Linear { weights, normalize } => {
             check_count(name, "linear", weights.len(), inputs.len())?;
             // mergekit: result = 0; result += xᵢ·wᵢ (in order); result /= Σ wᵢ.
             let denominator: f32 = weights.iter().fold(0.0f32, |a, w| a + w);
-            for_each_chunk(
-                out,
-                out_size,
-                out_dtype,
-                inputs.len(),
-                0,
-                inputs,
-                |_, _, x, acc| {
-                    acc.fill(0.0);
-                    for (xi, &w) in x.iter().zip(weights) {
-                        let xi = &xi[..];
-                        with_wide_vectors!(add_scaled(acc: &mut [f32], xi: &[f32], w: f32));
-                    }
-                    if *normalize {
-                        acc.iter_mut().for_each(|a| *a /= denominator);
-                    }
-                },
-            );
+            out.for_each_chunk(inputs.len(), 0, inputs, |_, _, x, acc| {
+                acc.fill(0.0);
+                for (xi, &w) in x.iter().zip(weights) {
+                    let xi = &xi[..];
+                    with_wide_vectors!(add_scaled(acc: &mut [f32], xi: &[f32], w: f32));
+                }
+                if *normalize {
+                    acc.iter_mut().for_each(|a| *a /= denominator);
+                }
+            })?;
         }
         TensorPlan::Slerp { t } => {
             check_count(name, "slerp", 2, inputs.len())?;
             let (ca, cb) = slerp_coefficients(*t, inputs, numel);
-            for_each_chunk(out, out_size, out_dtype, 2, 0, inputs, |_, _, x, acc| {
+            out.for_each_chunk(2, 0, inputs, |_, _, x, acc| {
                 let (a, b) = (&x[0][..], &x[1][..]);
                 with_wide_vectors!(interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], acc: &mut [f32]));
-            });
+            })?;
         }
         TensorPlan::TaskVector(p) => {
             check_count(name, "task-vector", p.weights.len() + 1, inputs.len())?;
@@ -137,16 +161,14 @@ pub fn merge_tensor_into(
                 p.densities.len() + 1,
                 inputs.len(),
             )?;
-            task_vector(p, name, inputs, numel, out, out_size, out_dtype);
+            task_vector(p, name, inputs, out)?;
         }
         TensorPlan::CopyFrom(i) => {
             let Some(src) = inputs.get(*i) else {
                 bail!("tensor {name:?}: copy from input {i} of {}", inputs.len())
             };
             let src = std::slice::from_ref(src);
-            for_each_chunk(out, out_size, out_dtype, 1, 0, src, |_, _, x, acc| {
-                acc.copy_from_slice(&x[0])
-            });
+            out.for_each_chunk(1, 0, src, |_, _, x, acc| acc.copy_from_slice(&x[0]))?;
         }
     }
     Ok(())
@@ -159,24 +181,24 @@ fn check_count(name: &str, what: &str, expected: usize, got: usize) -> Result<()
     Ok(())
 }
 
-/// Runs `f(chunk index, first element, decoded inputs (scratch: `f` may overwrite them), result)` over the
-/// tensor in parallel chunks and encodes each chunk's result into `out`. `x` holds the `n` decoded inputs
-/// followed by `extra` scratch buffers of the chunk's length.
-#[allow(clippy::too_many_arguments)]
-fn for_each_chunk<F>(
-    out: &mut [u8],
-    out_size: usize,
-    out_dtype: Dtype,
-    n: usize,
-    extra: usize,
-    inputs: &[Source<'_>],
-    f: F,
-) where
-    F: Fn(usize, usize, &mut [Vec<f32>], &mut [f32]) + Sync,
-{
-    out.par_chunks_mut(CHUNK * out_size)
-        .enumerate()
-        .for_each(|(c, out_chunk)| {
+/// A tensor's output under way: where its bytes go, its length and dtype.
+struct Output<'a> {
+    to: TensorOut<'a>,
+    numel: usize,
+    dtype: Dtype,
+}
+
+impl Output<'_> {
+    /// Runs `f(chunk index, first element, decoded inputs (scratch: `f` may overwrite them), result)` over
+    /// the tensor in parallel chunks and encodes each chunk's result to the output. `x` holds the `n`
+    /// decoded inputs followed by `extra` scratch buffers of the chunk's length.
+    fn for_each_chunk<F>(self, n: usize, extra: usize, inputs: &[Source<'_>], f: F) -> Result<()>
+    where
+        F: Fn(usize, usize, &mut [Vec<f32>], &mut [f32]) + Sync,
+    {
+        let out_size = self.dtype.bitsize() / 8;
+        let dtype = self.dtype;
+        let compute = |c: usize, out_chunk: &mut [u8]| {
             let len = out_chunk.len() / out_size;
             let start = c * CHUNK;
             with_scratch(n + extra + 1, len, |bufs| {
@@ -185,9 +207,27 @@ fn for_each_chunk<F>(
                     src.decode(start, buf);
                 }
                 f(c, start, x, acc);
-                encode(acc, out_dtype, out_chunk);
+                encode(acc, dtype, out_chunk);
             })
-        });
+        };
+        match self.to {
+            TensorOut::Buffer(out) => {
+                out.par_chunks_mut(CHUNK * out_size)
+                    .enumerate()
+                    .for_each(|(c, out_chunk)| compute(c, out_chunk));
+                Ok(())
+            }
+            TensorOut::Sink(sink) => (0..self.numel.div_ceil(CHUNK))
+                .into_par_iter()
+                .try_for_each(|c| {
+                    let len = CHUNK.min(self.numel - c * CHUNK) * out_size;
+                    with_byte_scratch(len, |bytes| {
+                        compute(c, bytes);
+                        sink(c * CHUNK * out_size, bytes)
+                    })
+                }),
+        }
+    }
 }
 
 thread_local! {
@@ -208,6 +248,20 @@ fn with_scratch<R>(count: usize, len: usize, f: impl FnOnce(&mut [Vec<f32>]) -> 
     }
     let result = f(&mut buffers[..count]);
     SCRATCH.with(|s| s.set(buffers));
+    result
+}
+
+thread_local! {
+    /// Per-thread encoded-chunk buffer for [`TensorOut::Sink`] (see [`with_byte_scratch`]).
+    static BYTE_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Calls `f` with a byte buffer of length `len` (contents arbitrary), reused from this thread's earlier calls.
+fn with_byte_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let mut buffer = BYTE_SCRATCH.with(|s| s.take());
+    buffer.resize(len, 0);
+    let result = f(&mut buffer);
+    BYTE_SCRATCH.with(|s| s.set(buffer));
     result
 }
 
@@ -297,12 +351,10 @@ fn task_vector(
     p: &TaskVectorPlan,
     name: &str,
     inputs: &[Source<'_>],
-    numel: usize,
-    out: &mut [u8],
-    out_size: usize,
-    out_dtype: Dtype,
-) {
+    out: Output<'_>,
+) -> Result<()> {
     let models = p.weights.len();
+    let numel = out.numel;
     // |δ| bit patterns of one chunk, decoded in stack-sized blocks (no allocation per chunk).
     let delta_chunk = |i: usize, c: usize, out: &mut [u32]| {
         const BLOCK: usize = 1024;
@@ -384,87 +436,79 @@ fn task_vector(
     };
     let weights = &p.weights;
     let weight_sum = weights.iter().fold(0.0f32, |a, w| a + w);
-    for_each_chunk(
-        out,
-        out_size,
-        out_dtype,
-        models + 1,
-        2,
-        inputs,
-        |c, _start, x, acc| {
-            // Structure of arrays, one branch-free pass at a time, so the compiler vectorises each.
-            let (x, scratch) = x.split_at_mut(models + 1);
-            let [mask, majority] = scratch else {
-                unreachable!("two scratch buffers")
-            };
-            let (base, models_x) = x.split_first_mut().expect("base input");
-            let base = &base[..];
-            for (i, d) in models_x.iter_mut().enumerate() {
-                d.iter_mut().zip(base).for_each(|(xv, bv)| *xv -= bv);
-                keeps[i].mask_chunk(c, d, mask);
-                // mergekit: δ·mask, then · rescale, then · weight (each rounded in f32).
-                let w = weights[i];
-                match scales[i] {
-                    Some(s) => d
-                        .iter_mut()
-                        .zip(mask.iter())
-                        .for_each(|(v, m)| *v = *v * m * s * w),
-                    None => d
-                        .iter_mut()
-                        .zip(mask.iter())
-                        .for_each(|(v, m)| *v = *v * m * w),
-                }
-            }
-            // acc = Σ wᵢ δᵢ mᵢ (mixed), mask = divisor.
-            acc.fill(0.0);
-            if p.consensus {
-                // Majority sign by sum (≥ 0 → +), then keep the contributions of that sign.
-                mask.fill(0.0);
-                for dw in models_x.iter() {
-                    acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
-                }
-                majority
+    out.for_each_chunk(models + 1, 2, inputs, |c, _start, x, acc| {
+        // Structure of arrays, one branch-free pass at a time, so the compiler vectorises each.
+        let (x, scratch) = x.split_at_mut(models + 1);
+        let [mask, majority] = scratch else {
+            unreachable!("two scratch buffers")
+        };
+        let (base, models_x) = x.split_first_mut().expect("base input");
+        let base = &base[..];
+        for (i, d) in models_x.iter_mut().enumerate() {
+            d.iter_mut().zip(base).for_each(|(xv, bv)| *xv -= bv);
+            keeps[i].mask_chunk(c, d, mask);
+            // mergekit: δ·mask, then · rescale, then · weight (each rounded in f32).
+            let w = weights[i];
+            match scales[i] {
+                Some(s) => d
                     .iter_mut()
-                    .zip(acc.iter())
-                    .for_each(|(s, t)| *s = if *t >= 0.0 { 1.0 } else { -1.0 });
-                acc.fill(0.0);
-                for (dw, w) in models_x.iter().zip(weights) {
-                    for (((a, dv), s), m) in acc
-                        .iter_mut()
-                        .zip(dw.iter())
-                        .zip(majority.iter())
-                        .zip(mask.iter_mut())
-                    {
-                        // Same sign as the majority (±1) and non-zero; NaN never agrees.
-                        let agrees = (dv * s > 0.0) as u8 as f32;
-                        *a += dv * agrees;
-                        *m += w * agrees;
-                    }
+                    .zip(mask.iter())
+                    .for_each(|(v, m)| *v = *v * m * s * w),
+                None => d
+                    .iter_mut()
+                    .zip(mask.iter())
+                    .for_each(|(v, m)| *v = *v * m * w),
+            }
+        }
+        // acc = Σ wᵢ δᵢ mᵢ (mixed), mask = divisor.
+        acc.fill(0.0);
+        if p.consensus {
+            // Majority sign by sum (≥ 0 → +), then keep the contributions of that sign.
+            mask.fill(0.0);
+            for dw in models_x.iter() {
+                acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
+            }
+            majority
+                .iter_mut()
+                .zip(acc.iter())
+                .for_each(|(s, t)| *s = if *t >= 0.0 { 1.0 } else { -1.0 });
+            acc.fill(0.0);
+            for (dw, w) in models_x.iter().zip(weights) {
+                for (((a, dv), s), m) in acc
+                    .iter_mut()
+                    .zip(dw.iter())
+                    .zip(majority.iter())
+                    .zip(mask.iter_mut())
+                {
+                    // Same sign as the majority (±1) and non-zero; NaN never agrees.
+                    let agrees = (dv * s > 0.0) as u8 as f32;
+                    *a += dv * agrees;
+                    *m += w * agrees;
                 }
-                mask.iter_mut().for_each(|m| {
-                    if *m == 0.0 {
-                        *m = 1.0
-                    }
-                });
+            }
+            mask.iter_mut().for_each(|m| {
+                if *m == 0.0 {
+                    *m = 1.0
+                }
+            });
+        } else {
+            for dw in models_x.iter() {
+                acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
+            }
+            mask.fill(if weight_sum.abs() < 1e-8 {
+                1.0
             } else {
-                for dw in models_x.iter() {
-                    acc.iter_mut().zip(dw.iter()).for_each(|(t, d)| *t += d);
-                }
-                mask.fill(if weight_sum.abs() < 1e-8 {
-                    1.0
-                } else {
-                    weight_sum
-                });
-            }
-            if p.normalize {
-                acc.iter_mut().zip(mask.iter()).for_each(|(a, m)| *a /= m);
-            }
-            if p.lambda != 1.0 {
-                acc.iter_mut().for_each(|a| *a *= p.lambda);
-            }
-            acc.iter_mut().zip(base).for_each(|(a, b)| *a += b);
-        },
-    );
+                weight_sum
+            });
+        }
+        if p.normalize {
+            acc.iter_mut().zip(mask.iter()).for_each(|(a, m)| *a /= m);
+        }
+        if p.lambda != 1.0 {
+            acc.iter_mut().for_each(|a| *a *= p.lambda);
+        }
+        acc.iter_mut().zip(base).for_each(|(a, b)| *a += b);
+    })
 }
 
 #[cfg(test)]

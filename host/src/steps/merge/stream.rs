@@ -1,21 +1,19 @@
 //! Running a merge: open the inputs as memory maps, check they fit together (names, shapes), then compute
-//! tensors in output order on a worker thread (each one spread over the cores) while the writer streams
-//! the previous one to disk. At most three output tensors exist at once.
+//! the tensors in output order, each one spread over the cores in chunks that are written into the output
+//! file as soon as they are computed. Memory holds a few chunks per core, never a tensor.
 
 use super::elements::{element_size, is_float, Source};
-use super::methods::merge_tensor_into;
+use super::methods::{merge_tensor_to, TensorOut};
 use super::params::{layer_index, TensorPosition};
 use super::plan::{input_order, MethodPlanner, TensorDescription, TensorPlanner};
 use super::plugin_rule::PluginPlanner;
 use super::MergeConfig;
-use crate::model::checkpoint_writer::{canonical_order, plan_shards, write_checkpoint_recycling};
+use crate::model::in_place_writer::{write_checkpoint_in_place, TensorSlot};
 use crate::model::{ShardOptions, TensorSpec, TensorStore};
 use crate::steps::context::{Cancelled, StepContext};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::ProgressBar;
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// Files copied from the donor model (the base, else the first listed model) when present.
 pub const SIDE_FILES: &[&str] = &[
@@ -182,27 +180,20 @@ pub fn merge_with(
             .transpose()?,
         durable,
     };
-    // The writer asks for tensors shard by shard, each shard in canonical order: compute in that order.
-    let write_order: Vec<TensorSpec> = plan_shards(&specs, shard)
-        .into_iter()
-        .flat_map(|mut s| {
-            canonical_order(&mut s);
-            s
-        })
-        .collect();
-
-    let pool = BufferPool::default();
-    let pool = &pool;
-    let mut compute = |spec: &TensorSpec| -> Result<Vec<u8>> {
+    // Each tensor is computed on every core, chunk by chunk, and each chunk written into the output file
+    // where it belongs while it is still in cache (no tensor-sized buffers, no writer thread).
+    let mut fill = |spec: &TensorSpec, slot: &TensorSlot| -> Result<()> {
+        if cancelled() {
+            return Err(anyhow!(Cancelled));
+        }
         let name = spec.name.as_str();
         let meta = reference.meta(name)?;
         if !is_float(meta.dtype) {
             let bytes = reference.bytes(name)?;
-            let mut copy = pool.take(bytes.len());
-            copy.clear();
-            copy.extend_from_slice(bytes);
+            slot.write_at(0, bytes)?;
             release_pages(bytes);
-            return Ok(copy);
+            progress.inc(1);
+            return Ok(());
         }
         let sources = order
             .iter()
@@ -226,44 +217,20 @@ pub fn merge_with(
         };
         let merged = match planner.plan(&tensor, &sources)? {
             Some(plan) => {
-                let mut out = pool.take(spec.byte_len());
-                merge_tensor_into(&plan, name, &sources, spec.dtype, &mut out).map(|()| out)
+                let sink = |offset: usize, bytes: &[u8]| slot.write_at(offset, bytes);
+                merge_tensor_to(&plan, name, &sources, spec.dtype, TensorOut::Sink(&sink))
             }
-            None => planner.merge_values(&tensor, &sources, spec.dtype),
+            None => planner
+                .merge_values(&tensor, &sources, spec.dtype)
+                .and_then(|values| slot.write_at(0, &values)),
         }
         .with_context(|| format!("merging tensor {name:?} ({})", planner.describe()));
         sources.iter().for_each(|s| release_pages(s.bytes));
+        progress.inc(1);
         merged
     };
-
     progress.set_length(specs.len() as u64);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
-    let written = std::thread::scope(|scope| {
-        scope.spawn(move || {
-            for spec in &write_order {
-                let result = if cancelled() {
-                    Err(anyhow!(Cancelled))
-                } else {
-                    compute(spec)
-                };
-                let failed = result.is_err();
-                if tx.send(result).is_err() || failed {
-                    break;
-                }
-            }
-        });
-        write_checkpoint_recycling(
-            out_dir,
-            &specs,
-            shard,
-            &mut |_spec| {
-                let bytes = rx.recv().map_err(|_| anyhow!("merge worker stopped"))??;
-                progress.inc(1);
-                Ok(Cow::Owned(bytes))
-            },
-            &mut |written| pool.put(written),
-        )
-    })?;
+    let written = write_checkpoint_in_place(out_dir, &specs, shard, &mut fill)?;
 
     copy_side_files(&inputs[0].path, out_dir, config)?;
     Ok(MergeSummary {
@@ -271,33 +238,6 @@ pub fn merge_with(
         bytes: written.total_size,
         files: written.files,
     })
-}
-
-/// Output buffers written and handed back, reused for later tensors: refilling memory that is already
-/// mapped is much cheaper than faulting in (and zeroing) fresh pages for every tensor. At most as many
-/// buffers exist as tensors are in flight (computing, queued, writing).
-#[derive(Default)]
-struct BufferPool(Mutex<Vec<Vec<u8>>>);
-
-impl BufferPool {
-    /// A buffer for `len` bytes: the shortest one already that long (no zero-filling), else the longest.
-    /// Its contents are arbitrary.
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let fits = (0..free.len())
-            .filter(|&i| free[i].len() >= len)
-            .min_by_key(|&i| free[i].len());
-        let pick = fits.or_else(|| (0..free.len()).max_by_key(|&i| free[i].capacity()));
-        pick.map(|i| free.swap_remove(i)).unwrap_or_default()
-    }
-
-    /// Returns a buffer for reuse.
-    fn put(&self, buffer: Vec<u8>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(buffer);
-    }
 }
 
 /// Checks that every input has the same tensor names and shapes as the first; returns the names in model

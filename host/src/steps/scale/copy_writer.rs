@@ -6,12 +6,13 @@
 //! a user-memory copy per page. The tests check this writer against the generic one byte for byte.
 
 use crate::model::checkpoint_writer::{
-    ordered_with_header, write_sharded, ShardOptions, TensorSpec, Writeback, WrittenCheckpoint,
+    ordered_with_header, write_sharded, write_through_temp, ShardOptions, TensorSpec, Writeback,
+    WrittenCheckpoint,
 };
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Where the bytes of one tensor come from.
 pub enum TensorData<'a> {
@@ -52,9 +53,8 @@ where
     F: FnMut(&TensorSpec) -> Result<TensorData<'a>>,
 {
     let (ordered, header) = ordered_with_header(path, specs)?;
-    let tmp = temp_sibling(path);
-    let result = (|| -> Result<u64> {
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    write_through_temp(path, |tmp| {
+        let file = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
@@ -89,18 +89,7 @@ where
             file.sync_all()?;
         }
         Ok(written)
-    })();
-    match result {
-        Ok(n) => {
-            std::fs::rename(&tmp, path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-            Ok(n)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e.context(format!("writing {}", path.display())))
-        }
-    }
+    })
 }
 
 /// Appends `len` bytes of `from` starting at `offset` to `to` (at its current position).
@@ -151,14 +140,6 @@ fn copy_range(from: &File, offset: u64, to: &mut File, len: u64) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 #[cfg(test)]
