@@ -65,6 +65,28 @@ impl Source<'_> {
     }
 }
 
+impl<'a> Source<'a> {
+    /// Elements `start .. start + len` as bf16 bit patterns, when the input is BF16 and suitably aligned on
+    /// a little-endian machine: the fused kernels then read it without decoding into a buffer first.
+    pub fn bf16_bits(&self, start: usize, len: usize) -> Option<&'a [u16]> {
+        if self.dtype != Dtype::BF16 {
+            return None;
+        }
+        as_u16(&self.bytes[start * 2..(start + len) * 2])
+    }
+}
+
+/// `bytes` as bf16 bit patterns to write, when aligned on a little-endian machine (see [`Source::bf16_bits`]).
+pub fn bf16_bits_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
+    as_u16_mut(bytes)
+}
+
+/// bf16 bits → f32 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
 /// Rounds `values` to `dtype` and writes their little-endian bytes into `out` (`values.len()` elements).
 pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
     match dtype {
@@ -170,7 +192,7 @@ fn encode_bf16(values: &[f32], halves: &mut [u16]) {
 
 /// f32 → bf16 bits, round to nearest even; NaN stays NaN (quiet), like `half::bf16::from_f32`.
 #[inline(always)]
-fn bf16_bits(v: f32) -> u16 {
+pub fn bf16_bits(v: f32) -> u16 {
     let bits = v.to_bits();
     let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
     let nan = ((bits >> 16) as u16) | 0x0040;
@@ -182,7 +204,7 @@ fn bf16_bits(v: f32) -> u16 {
 }
 
 /// `bytes` as native u16s when the platform is little-endian and the slice is 2-byte aligned.
-fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
+fn as_u16<'a>(bytes: &'a [u8]) -> Option<&'a [u16]> {
     if cfg!(target_endian = "big") {
         return None;
     }

@@ -2,7 +2,10 @@
 //! family (task arithmetic, TIES, DARE). Arithmetic follows mergekit 0.1.5 operation by operation, in f32,
 //! rounded once to the output dtype.
 
-use super::elements::{encode, with_wide_vectors, Source};
+use super::elements::{
+    bf16_bits, bf16_bits_mut, bf16_to_f32, encode, prefetch, with_wide_vectors, Source,
+    PREFETCH_AHEAD,
+};
 use super::sparsify::{self, Keep, CHUNK};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -148,6 +151,31 @@ pub fn merge_tensor_to(
         TensorPlan::Slerp { t } => {
             check_count(name, "slerp", 2, inputs.len())?;
             let (ca, cb) = slerp_coefficients(*t, inputs, numel);
+            if out.dtype == Dtype::BF16 {
+                return out.for_each_chunk_raw(|_, start, out_chunk| {
+                    let len = out_chunk.len() / 2;
+                    let (a, b) = (
+                        inputs[0].bf16_bits(start, len),
+                        inputs[1].bf16_bits(start, len),
+                    );
+                    if let (Some(a), Some(b), true) = (a, b, bf16_bits_mut(out_chunk).is_some()) {
+                        // bf16 in and out (the usual case): one fused pass, same operations and result.
+                        let out = bf16_bits_mut(out_chunk).expect("checked just above");
+                        with_wide_vectors!(interpolate_bf16(ca: f32, a: &[u16], cb: f32, b: &[u16], out: &mut [u16]));
+                        return;
+                    }
+                    with_scratch(3, len, |bufs| {
+                        let [a, b, acc] = bufs else {
+                            unreachable!("three buffers")
+                        };
+                        inputs[0].decode(start, a);
+                        inputs[1].decode(start, b);
+                        let (a, b) = (&a[..], &b[..]);
+                        with_wide_vectors!(interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], acc: &mut [f32]));
+                        encode(acc, Dtype::BF16, out_chunk);
+                    });
+                });
+            }
             out.for_each_chunk(2, 0, inputs, |_, _, x, acc| {
                 let (a, b) = (&x[0][..], &x[1][..]);
                 with_wide_vectors!(interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], acc: &mut [f32]));
@@ -196,11 +224,9 @@ impl Output<'_> {
     where
         F: Fn(usize, usize, &mut [Vec<f32>], &mut [f32]) + Sync,
     {
-        let out_size = self.dtype.bitsize() / 8;
         let dtype = self.dtype;
-        let compute = |c: usize, out_chunk: &mut [u8]| {
-            let len = out_chunk.len() / out_size;
-            let start = c * CHUNK;
+        self.for_each_chunk_raw(|c, start, out_chunk| {
+            let len = out_chunk.len() / (dtype.bitsize() / 8);
             with_scratch(n + extra + 1, len, |bufs| {
                 let (acc, x) = bufs.split_last_mut().expect("result buffer");
                 for (buf, src) in x.iter_mut().zip(&inputs[..n]) {
@@ -209,12 +235,21 @@ impl Output<'_> {
                 f(c, start, x, acc);
                 encode(acc, dtype, out_chunk);
             })
-        };
+        })
+    }
+
+    /// Runs `f(chunk index, first element, the chunk's output bytes to fill)` over the tensor in parallel
+    /// chunks (fused kernels decode, compute and encode in one pass).
+    fn for_each_chunk_raw<F>(self, f: F) -> Result<()>
+    where
+        F: Fn(usize, usize, &mut [u8]) + Sync,
+    {
+        let out_size = self.dtype.bitsize() / 8;
         match self.to {
             TensorOut::Buffer(out) => {
                 out.par_chunks_mut(CHUNK * out_size)
                     .enumerate()
-                    .for_each(|(c, out_chunk)| compute(c, out_chunk));
+                    .for_each(|(c, out_chunk)| f(c, c * CHUNK, out_chunk));
                 Ok(())
             }
             TensorOut::Sink(sink) => (0..self.numel.div_ceil(CHUNK))
@@ -222,7 +257,7 @@ impl Output<'_> {
                 .try_for_each(|c| {
                     let len = CHUNK.min(self.numel - c * CHUNK) * out_size;
                     with_byte_scratch(len, |bytes| {
-                        compute(c, bytes);
+                        f(c, c * CHUNK, bytes);
                         sink(c * CHUNK * out_size, bytes)
                     })
                 }),
@@ -272,12 +307,20 @@ pub fn slerp_coefficients(t: f32, inputs: &[Source<'_>], numel: usize) -> (f32, 
         .into_par_iter()
         .map(|c| {
             let len = CHUNK.min(numel - c * CHUNK);
+            let start = c * CHUNK;
+            if let (Some(a), Some(b)) = (
+                inputs[0].bf16_bits(start, len),
+                inputs[1].bf16_bits(start, len),
+            ) {
+                // Straight from the bf16 inputs: same products, same order of additions.
+                return with_wide_vectors!(dot_products_bf16(a: &[u16], b: &[u16]) -> (f64, f64, f64));
+            }
             with_scratch(2, len, |bufs| {
                 let [a, b] = bufs else {
                     unreachable!("two buffers")
                 };
-                inputs[0].decode(c * CHUNK, a);
-                inputs[1].decode(c * CHUNK, b);
+                inputs[0].decode(start, a);
+                inputs[1].decode(start, b);
                 dot_products(a, b)
             })
         })
@@ -304,6 +347,19 @@ pub fn slerp_coefficients(t: f32, inputs: &[Source<'_>], numel: usize) -> (f32, 
 fn interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], out: &mut [f32]) {
     for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
         *o = ca * a + cb * b;
+    }
+}
+
+/// `out = bf16(ca·a + cb·b)` on bf16 bit patterns: [`interpolate`] fused with decoding and encoding.
+#[inline(always)]
+fn interpolate_bf16(ca: f32, a: &[u16], cb: f32, b: &[u16], out: &mut [u16]) {
+    const LINE: usize = 32; // bf16 elements per 64-byte cache line
+    for (o, (a, b)) in out.chunks_mut(LINE).zip(a.chunks(LINE).zip(b.chunks(LINE))) {
+        prefetch(a.as_ptr().wrapping_add(PREFETCH_AHEAD / 2).cast());
+        prefetch(b.as_ptr().wrapping_add(PREFETCH_AHEAD / 2).cast());
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = bf16_bits(ca * bf16_to_f32(*a) + cb * bf16_to_f32(*b));
+        }
     }
 }
 
@@ -337,6 +393,31 @@ fn dot_products_lanes(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
     }
     for (l, (&x, &y)) in a_rest.iter().zip(b_rest).enumerate() {
         let (x, y) = (x as f64, y as f64);
+        aa[l] += x * x;
+        bb[l] += y * y;
+        ab[l] += x * y;
+    }
+    (aa.iter().sum(), bb.iter().sum(), ab.iter().sum())
+}
+
+/// [`dot_products_lanes`] on bf16 bit patterns (exactly the same sums, without decoding into buffers first).
+#[inline(always)]
+fn dot_products_bf16(a: &[u16], b: &[u16]) -> (f64, f64, f64) {
+    let (mut aa, mut bb, mut ab) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_rest, b_rest) = (a_blocks.remainder(), b_blocks.remainder());
+    for (x, y) in a_blocks.zip(b_blocks) {
+        prefetch(x.as_ptr().wrapping_add(PREFETCH_AHEAD / 2).cast());
+        prefetch(y.as_ptr().wrapping_add(PREFETCH_AHEAD / 2).cast());
+        for l in 0..LANES {
+            let (x, y) = (bf16_to_f32(x[l]) as f64, bf16_to_f32(y[l]) as f64);
+            aa[l] += x * x;
+            bb[l] += y * y;
+            ab[l] += x * y;
+        }
+    }
+    for (l, (&x, &y)) in a_rest.iter().zip(b_rest).enumerate() {
+        let (x, y) = (bf16_to_f32(x) as f64, bf16_to_f32(y) as f64);
         aa[l] += x * x;
         bb[l] += y * y;
         ab[l] += x * y;
@@ -548,6 +629,47 @@ mod tests {
         // element 0: both +, mean 2; element 1: sum -1 → only a (-2); element 2: sum 0.25 ≥ 0 → a (0.5);
         // element 3: both δ = 0 → base.
         assert_eq!(floats(&out), vec![2.0, -2.0, 0.5, 1.0]);
+    }
+
+    #[test]
+    fn fused_bf16_slerp_equals_the_general_path_bit_for_bit() {
+        // Random bf16 values, a length that is no multiple of a chunk, a block or a cache line.
+        let n = CHUNK * 2 + 37;
+        let mut x = 0x9e37_79b9u32;
+        let mut random_bf16 = || -> Vec<u8> {
+            (0..n)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    let v = (x as f32 / u32::MAX as f32 - 0.5) * 0.2;
+                    half::bf16::from_f32(v).to_bits().to_le_bytes()
+                })
+                .collect()
+        };
+        let (a, b) = (random_bf16(), random_bf16());
+        let as_f32 = |bytes: &[u8]| -> Vec<u8> {
+            bytes
+                .chunks_exact(2)
+                .flat_map(|h| bf16_to_f32(u16::from_le_bytes([h[0], h[1]])).to_le_bytes())
+                .collect()
+        };
+        let bf16 = |bytes| Source {
+            bytes,
+            dtype: Dtype::BF16,
+        };
+        let plan = TensorPlan::Slerp { t: 0.3 };
+        let fused = merge_tensor(&plan, "w", &[bf16(&a), bf16(&b)], Dtype::BF16).unwrap();
+        // The same values as f32 inputs take the general path (decode, interpolate, encode).
+        let (a32, b32) = (as_f32(&a), as_f32(&b));
+        let general = merge_tensor(&plan, "w", &[src(&a32), src(&b32)], Dtype::BF16).unwrap();
+        assert_eq!(fused, general);
+        // bf16 inputs at an odd address cannot be read as u16s: the fallback gives the same bytes.
+        let mut shifted = vec![0u8; a.len() + 1];
+        shifted[1..].copy_from_slice(&a);
+        let unaligned =
+            merge_tensor(&plan, "w", &[bf16(&shifted[1..]), bf16(&b)], Dtype::BF16).unwrap();
+        assert_eq!(unaligned, general);
     }
 
     #[test]
