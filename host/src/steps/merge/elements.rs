@@ -204,7 +204,7 @@ pub fn bf16_bits(v: f32) -> u16 {
 }
 
 /// `bytes` as native u16s when the platform is little-endian and the slice is 2-byte aligned.
-fn as_u16<'a>(bytes: &'a [u8]) -> Option<&'a [u16]> {
+fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
     if cfg!(target_endian = "big") {
         return None;
     }
