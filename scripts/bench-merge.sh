@@ -7,6 +7,8 @@
 # Outputs go to OUT_ROOT (default /dev/shm/dus-bench-merge, a tmpfs) for both tools, so the numbers are the
 # merge engines and not the disk: our checkpoint writer fsyncs each file, mergekit does not, and on a disk
 # that difference alone is the disk's write time. Inputs are read through the page cache (warm for both).
+# A `cp` of one input (the output's size) to OUT_ROOT is timed first: no tool can write the output faster,
+# and the last column shows dusflow against it.
 #
 # MERGEKIT (default /work/.venvs/mergekit/bin/mergekit-yaml) must be mergekit 0.1.5. mergekit runs with
 # `dtype: bfloat16` for linear and SLERP (its kernels compute in f32 and round once, as we do: the fastest
@@ -31,7 +33,14 @@ measure() { # label, command... → "wall_seconds peak_kib cpu_seconds" on stdou
     awk '{ printf "%s %s %.2f\n", $1, $2, $3 + $4 }' "$log"
 }
 
-printf '%-8s %10s %11s %8s %8s %14s %15s %8s %8s %9s\n' method dusflow_s mergekit_s dus_cpu mk_cpu dusflow_rss_MB mergekit_rss_MB speedup cpu_ratio rss_ratio
+# The floor for any tool: copying a file of the output's size (one input) to the same place, with `cp`.
+rm -f "$OUT_ROOT/cp.safetensors"
+sync
+read -r cp_s _ < <(measure cp cp "$WORK/models/a/model.safetensors" "$OUT_ROOT/cp.safetensors")
+rm -f "$OUT_ROOT/cp.safetensors"
+echo "cp of one input model ($(du -h "$WORK/models/a/model.safetensors" | cut -f1)) to $OUT_ROOT: $cp_s s (the floor for writing the output)"
+
+printf '%-8s %10s %11s %8s %8s %14s %15s %8s %8s %9s %8s\n' method dusflow_s mergekit_s dus_cpu mk_cpu dusflow_rss_MB mergekit_rss_MB speedup cpu_ratio rss_ratio dus_vs_cp
 for method in linear slerp ties; do
     case $method in
         linear) cfg="merge_method: linear
@@ -60,9 +69,9 @@ models:
     read -r dus_s dus_kb dus_cpu < <(measure "dus-$method" "$BENCH" merge "$method" "$WORK/models" "$dus_out")
     sync
     read -r mk_s mk_kb mk_cpu < <(measure "mk-$method" "$MERGEKIT" "$WORK/$method.yml" "$mk_out" --no-copy-tokenizer --quiet)
-    awk -v m="$method" -v ds="$dus_s" -v ms="$mk_s" -v dk="$dus_kb" -v mk="$mk_kb" -v dc="$dus_cpu" -v mc="$mk_cpu" 'BEGIN {
-        printf "%-8s %10.2f %11.2f %8.2f %8.2f %14.0f %15.0f %7.1fx %8.1fx %8.1fx\n",
-            m, ds, ms, dc, mc, dk/1024, mk/1024, ms/ds, mc/dc, mk/dk }'
+    awk -v m="$method" -v ds="$dus_s" -v ms="$mk_s" -v dk="$dus_kb" -v mk="$mk_kb" -v dc="$dus_cpu" -v mc="$mk_cpu" -v cp="$cp_s" 'BEGIN {
+        printf "%-8s %10.2f %11.2f %8.2f %8.2f %14.0f %15.0f %7.1fx %8.1fx %8.1fx %7.2fx\n",
+            m, ds, ms, dc, mc, dk/1024, mk/1024, ms/ds, mc/dc, mk/dk, ds/cp }'
     echo "  parity: $("$BENCH" compare "$dus_out" "$mk_out")"
     rm -rf "$dus_out" "$mk_out"
 done
