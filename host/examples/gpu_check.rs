@@ -1,0 +1,268 @@
+//! The GPU half of `scripts/gpu-check.sh` (built with `--features cuda` by `scripts/build-cuda.sh`).
+//!
+//! `gpu_check parity FIXTURES`  — the committed tiny Llama and Mistral fixtures
+//! (`host/tests/fixtures/model`, logits from transformers) on the GPU: f32 and bf16 logits against
+//! transformers and the CPU, f32 gradients of the LM loss against the CPU's (relative error per tensor),
+//! and one bf16 optimizer step (f32 masters) that must lower the loss. Exits non-zero when a check fails.
+//!
+//! `gpu_check train-speed LAYERS BATCH SEQ STEPS` — trains a random Llama (hidden 2048, MLP 5632, 32 heads,
+//! 4 KV heads, vocab 32000: ~0.84B parameters at 16 layers) in bf16 with f32 masters through dusflow's own
+//! training loop, and reports tokens/s and MFU (FLOPs per token 6·N + 12·L·d·s, N the parameters that
+//! take part in matrix products, i.e. without the embedding lookup; peak 989 TFLOP/s, the H100/H200 dense
+//! bf16 figure).
+//!
+//! Prints one JSON object per check on stdout.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use dusflow::data::TrainSequence;
+use dusflow::model::weights::{init_trainable, save_model, SaveOptions};
+use dusflow::model::{load_model, ForwardOptions, LlamaConfig, TensorStore};
+use dusflow::train::job::load_for_training;
+use dusflow::train::{
+    train, weighted_nll_sum, AdamWConfig, ComputeDType, ScheduleKind, StepMetrics, TrainOptions,
+};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Dense bf16 peak of an H100 SXM / H200 (TFLOP/s).
+const PEAK_TFLOPS: f64 = 989.0;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let gpu = Device::new_cuda(0).context("opening CUDA device 0")?;
+    match args.first().map(String::as_str) {
+        Some("parity") if args.len() == 2 => parity(Path::new(&args[1]), &gpu),
+        Some("train-speed") if args.len() == 5 => {
+            let n = |i: usize| -> Result<usize> {
+                args[i]
+                    .parse()
+                    .with_context(|| format!("argument {i}"))
+            };
+            train_speed(n(1)?, n(2)?, n(3)?, n(4)?, &gpu)
+        }
+        _ => bail!("usage: gpu_check parity FIXTURES | gpu_check train-speed LAYERS BATCH SEQ STEPS"),
+    }
+}
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// `max |a − b| / max |b|`, both moved to the CPU as f32.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    Ok(max_abs(&(a - &b)?)? / max_abs(&b)?.max(1e-30))
+}
+
+fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
+    let mut failed = Vec::new();
+    let mut check = |what: String, value: f32, limit: f32| {
+        let ok = value.is_finite() && value <= limit;
+        println!("{}", json!({"check": what, "value": value, "limit": limit, "ok": ok}));
+        if !ok {
+            failed.push(what);
+        }
+    };
+    for name in ["llama", "mistral"] {
+        let dir = fixtures.join(name);
+        let expected = TensorStore::open_file(&dir.join("expected.safetensors"))?;
+        let ids = expected
+            .tensor("input_ids", &Device::Cpu)?
+            .to_dtype(DType::U32)?;
+        let want = expected.tensor("logits", &Device::Cpu)?;
+        let cpu = load_model(&dir, DType::F32, &Device::Cpu)?
+            .forward_train(&ids, &ForwardOptions::default())?;
+        for (dtype, limit) in [(DType::F32, 1e-4f32), (DType::BF16, 5e-2)] {
+            let model = load_model(&dir, dtype, gpu)?;
+            let on_gpu = ids.to_device(gpu)?;
+            let train = model.forward_train(&on_gpu, &ForwardOptions::default())?;
+            let infer = model.forward(&on_gpu, &ForwardOptions::default())?;
+            let tag = format!("{name} {dtype:?}");
+            check(format!("{tag} training logits vs transformers (rel)"), rel_err(&train, &want)?, limit);
+            check(format!("{tag} inference logits vs transformers (rel)"), rel_err(&infer, &want)?, limit);
+            check(format!("{tag} training logits vs CPU f32 (rel)"), rel_err(&train, &cpu)?, limit);
+        }
+        // Gradients of the LM loss, f32, GPU against CPU.
+        let adamw = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let grads_on = |device: &Device| -> Result<(f32, Vec<(String, Tensor)>)> {
+            let (model, opt) = load_for_training(&dir, ComputeDType::F32, adamw, device)?;
+            let ids = ids.to_device(device)?;
+            let loss = lm_loss(&model, &ids)?;
+            let grads = loss.backward()?;
+            let mut out = Vec::new();
+            for p in &opt.params {
+                let g = grads
+                    .get(p.var.as_tensor())
+                    .with_context(|| format!("no gradient reached {}", p.name))?;
+                out.push((p.name.clone(), g.to_device(&Device::Cpu)?));
+            }
+            Ok((loss.to_scalar::<f32>()?, out))
+        };
+        let (loss_cpu, g_cpu) = grads_on(&Device::Cpu)?;
+        let (loss_gpu, g_gpu) = grads_on(gpu)?;
+        check(
+            format!("{name} f32 loss GPU vs CPU (rel)"),
+            (loss_gpu - loss_cpu).abs() / loss_cpu.abs(),
+            1e-5,
+        );
+        let worst = g_cpu
+            .iter()
+            .zip(&g_gpu)
+            .map(|((n, c), (_, g))| Ok((rel_err(g, c)?, n.clone())))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .fold((0f32, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+        check(
+            format!("{name} f32 gradients GPU vs CPU (worst rel, {})", worst.1),
+            worst.0,
+            1e-3,
+        );
+        // One bf16 step with f32 masters on the GPU lowers the loss on the same batch.
+        let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw, gpu)?;
+        let on_gpu = ids.to_device(gpu)?;
+        let before = lm_loss(&model, &on_gpu)?;
+        let grads = before.backward()?;
+        let grads: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| {
+                grads
+                    .get(p.var.as_tensor())
+                    .cloned()
+                    .with_context(|| format!("no gradient reached {}", p.name))
+            })
+            .collect::<Result<_>>()?;
+        opt.step(&grads, 1e-3)?;
+        let after = lm_loss(&model, &on_gpu)?.to_scalar::<f32>()?;
+        let before = before.to_scalar::<f32>()?;
+        check(
+            format!("{name} bf16 step: loss after / before ({before:.4} -> {after:.4})"),
+            after / before,
+            0.999,
+        );
+    }
+    ensure!(failed.is_empty(), "failed checks: {failed:?}");
+    Ok(())
+}
+
+/// Mean next-token cross-entropy of `ids` (f32).
+fn lm_loss(model: &dusflow::model::Llama, ids: &Tensor) -> Result<Tensor> {
+    let (b, s) = ids.dims2()?;
+    let logits = model
+        .forward_train(&ids.narrow(1, 0, s - 1)?, &ForwardOptions::default())?
+        .contiguous()?;
+    let targets = ids.narrow(1, 1, s - 1)?.contiguous()?.flatten_all()?;
+    let weights = Tensor::ones(b * (s - 1), DType::F32, ids.device())?;
+    Ok((weighted_nll_sum(&logits, &targets, &weights)? / (b * (s - 1)) as f64)?)
+}
+
+fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Device) -> Result<()> {
+    let cfg = LlamaConfig::from_json_str(&json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+        "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": seq.max(2048),
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+        "bos_token_id": 1, "eos_token_id": 2
+    })
+    .to_string())?;
+    let dir: PathBuf = std::env::temp_dir().join(format!("gpu-check-model-{layers}"));
+    let started = Instant::now();
+    let (_, model) = init_trainable(&cfg, 7, DType::F32, gpu)?;
+    save_model(
+        &dir,
+        &model,
+        &SaveOptions {
+            dtype: DType::BF16,
+            replace: true,
+            ..Default::default()
+        },
+    )?;
+    drop(model);
+    let params: usize = model_params(&dir)?;
+    let embed = 32000 * 2048;
+    eprintln!(
+        "random model, {params} parameters, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let warmup = 2;
+    let total = steps + warmup;
+    let mut x = 0x2545_F491u32;
+    let rows: Vec<TrainSequence> = (0..batch * total)
+        .map(|_| TrainSequence {
+            ids: (0..seq)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x % 32000
+                })
+                .collect(),
+            learn: vec![true; seq],
+            doc_ids: None,
+        })
+        .collect();
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw, gpu)?;
+    let opts = TrainOptions {
+        lr: 1e-4,
+        schedule: ScheduleKind::Constant,
+        warmup_steps: 0,
+        total_steps: total,
+        micro_batch: batch,
+        grad_accum: 1,
+        clip: Some(1.0),
+        seed: 0,
+        shuffle: false,
+        checkpoint_every: 0,
+        pad_id: 0,
+    };
+    let work = tempfile::tempdir()?;
+    let mut timed_from: Option<Instant> = None;
+    let mut losses = Vec::new();
+    let mut observer = |m: &StepMetrics, _: usize| {
+        if m.step == warmup {
+            timed_from = Some(Instant::now());
+        }
+        losses.push(m.loss);
+        Ok(())
+    };
+    train(&model, &mut opt, &rows, &opts, work.path(), &mut observer)?;
+    let seconds = timed_from.context("no timed steps")?.elapsed().as_secs_f64();
+    let tokens = (batch * seq * steps) as f64;
+    let matmul_params = (params - embed) as f64;
+    let flops_per_token = 6.0 * matmul_params + 12.0 * (layers * 2048 * seq) as f64;
+    let tflops = flops_per_token * tokens / seconds / 1e12;
+    println!(
+        "{}",
+        json!({
+            "check": "train-speed", "parameters": params, "layers": layers, "batch": batch, "seq": seq,
+            "timed_steps": steps, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
+            "first_loss": losses.first(), "last_loss": losses.last(),
+        })
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn model_params(dir: &Path) -> Result<usize> {
+    let store = TensorStore::open(dir)?;
+    Ok(store
+        .metas()
+        .map(|m| m.shape.iter().product::<usize>())
+        .sum())
+}
