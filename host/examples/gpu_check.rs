@@ -36,13 +36,13 @@ fn main() -> Result<()> {
         Some("parity") if args.len() == 2 => parity(Path::new(&args[1]), &gpu),
         Some("train-speed") if args.len() == 5 => {
             let n = |i: usize| -> Result<usize> {
-                args[i]
-                    .parse()
-                    .with_context(|| format!("argument {i}"))
+                args[i].parse().with_context(|| format!("argument {i}"))
             };
             train_speed(n(1)?, n(2)?, n(3)?, n(4)?, &gpu)
         }
-        _ => bail!("usage: gpu_check parity FIXTURES | gpu_check train-speed LAYERS BATCH SEQ STEPS"),
+        _ => {
+            bail!("usage: gpu_check parity FIXTURES | gpu_check train-speed LAYERS BATCH SEQ STEPS")
+        }
     }
 }
 
@@ -61,7 +61,10 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
     let mut failed = Vec::new();
     let mut check = |what: String, value: f32, limit: f32| {
         let ok = value.is_finite() && value <= limit;
-        println!("{}", json!({"check": what, "value": value, "limit": limit, "ok": ok}));
+        println!(
+            "{}",
+            json!({"check": what, "value": value, "limit": limit, "ok": ok})
+        );
         if !ok {
             failed.push(what);
         }
@@ -81,9 +84,21 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
             let train = model.forward_train(&on_gpu, &ForwardOptions::default())?;
             let infer = model.forward(&on_gpu, &ForwardOptions::default())?;
             let tag = format!("{name} {dtype:?}");
-            check(format!("{tag} training logits vs transformers (rel)"), rel_err(&train, &want)?, limit);
-            check(format!("{tag} inference logits vs transformers (rel)"), rel_err(&infer, &want)?, limit);
-            check(format!("{tag} training logits vs CPU f32 (rel)"), rel_err(&train, &cpu)?, limit);
+            check(
+                format!("{tag} training logits vs transformers (rel)"),
+                rel_err(&train, &want)?,
+                limit,
+            );
+            check(
+                format!("{tag} inference logits vs transformers (rel)"),
+                rel_err(&infer, &want)?,
+                limit,
+            );
+            check(
+                format!("{tag} training logits vs CPU f32 (rel)"),
+                rel_err(&train, &cpu)?,
+                limit,
+            );
         }
         // Gradients of the LM loss, f32, GPU against CPU.
         let adamw = AdamWConfig {
@@ -165,14 +180,16 @@ fn lm_loss(model: &dusflow::model::Llama, ids: &Tensor) -> Result<Tensor> {
 }
 
 fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Device) -> Result<()> {
-    let cfg = LlamaConfig::from_json_str(&json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-        "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 32,
-        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": seq.max(2048),
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
-        "bos_token_id": 1, "eos_token_id": 2
-    })
-    .to_string())?;
+    let cfg = LlamaConfig::from_json_str(
+        &json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": seq.max(2048),
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2
+        })
+        .to_string(),
+    )?;
     let dir: PathBuf = std::env::temp_dir().join(format!("gpu-check-model-{layers}"));
     let started = Instant::now();
     let (_, model) = init_trainable(&cfg, 7, DType::F32, gpu)?;
@@ -241,7 +258,10 @@ fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Devi
         Ok(())
     };
     train(&model, &mut opt, &rows, &opts, work.path(), &mut observer)?;
-    let seconds = timed_from.context("no timed steps")?.elapsed().as_secs_f64();
+    let seconds = timed_from
+        .context("no timed steps")?
+        .elapsed()
+        .as_secs_f64();
     let tokens = (batch * seq * steps) as f64;
     let matmul_params = (params - embed) as f64;
     let flops_per_token = 6.0 * matmul_params + 12.0 * (layers * 2048 * seq) as f64;

@@ -271,6 +271,15 @@ kind = "eval"
 inputs = {{ model = "tiny" }}
 tasks = ["winogrande"]
 data = {{ winogrande = "nope" }}
+
+[datasets.capped-docs]
+path = "{docs}/winogrande"
+max_samples = 2
+
+[steps.capped]
+kind = "eval"
+inputs = {{ model = "tiny", data = ["capped-docs"] }}
+tasks = ["winogrande"]
 "#,
         model = fixtures().join("model").display(),
         docs = fixtures().join("docs").display()
@@ -290,5 +299,11 @@ data = {{ winogrande = "nope" }}
     assert!(
         bad.contains("`nope` is not an input of the `data` slot"),
         "{bad}"
+    );
+    // A dataset's sample cap is not silently ignored: evaluation caps with `limit`.
+    let capped = format!("{:?}", s.step("capped").unwrap().status);
+    assert!(
+        capped.contains("max_samples = 2") && capped.contains("`limit`"),
+        "{capped}"
     );
 }

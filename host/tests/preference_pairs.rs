@@ -191,3 +191,92 @@ async fn max_samples_keeps_a_seeded_subset_in_input_order() {
     }
     assert_eq!(picks[0], picks[1], "the same seed picks the same pairs");
 }
+
+/// A dataset's filters run after pairing: a pair whose chosen record is dropped is left out (counted), a
+/// rewritten record is used as rewritten, and a capped input dataset is refused when the workflow loads.
+#[tokio::test(flavor = "multi_thread")]
+async fn dataset_filters_drop_or_rewrite_pairs_and_caps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/length-filter")
+        .canonicalize()
+        .unwrap();
+    let chosen = r#"{"id": 1, "question": "Q1", "answer": "  short one #### 1 "}
+{"id": 2, "question": "Q2", "answer": "a very long answer that the filter drops #### 2"}
+{"id": 3, "question": "Q3", "answer": "three #### 3"}
+"#;
+    let rejected = r#"{"id": 3, "question": "Q3", "answer": "3"}
+{"id": 1, "question": "Q1", "answer": "1"}
+{"id": 2, "question": "Q2", "answer": "2"}
+"#;
+    let flow = |cap: &str| {
+        format!(
+            r#"
+[workflow]
+name = "pairs"
+output = "out"
+
+[plugins.len]
+path = "{}"
+
+[datasets.rephrased]
+path = "rephrased.jsonl"
+filters = ["len"]
+{cap}
+
+[datasets.original]
+path = "original.jsonl"
+
+[steps.pairs]
+kind = "preference-pairs"
+inputs = {{ chosen = "rephrased", rejected = "original" }}
+key = "id"
+filter_params.len = {{ field = "answer", max_chars = 20, trim = true }}
+"#,
+            plugin.display()
+        )
+    };
+    let files = [("rephrased.jsonl", chosen), ("original.jsonl", rejected)];
+    let s = run(dir.path(), &flow(""), &files).await;
+    assert!(s.succeeded(), "{s:?}");
+    let out = artifact(&dir.path().join("out"), "pairs");
+    let pairs: Vec<Value> = std::fs::read_to_string(out.join("data.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        pairs,
+        vec![
+            serde_json::json!({"prompt": "Q1", "chosen": "short one #### 1", "rejected": "1"}),
+            serde_json::json!({"prompt": "Q3", "chosen": "three #### 3", "rejected": "3"}),
+        ]
+    );
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(out.join("info.json")).unwrap()).unwrap();
+    assert_eq!(info["filtered_out"], 1, "{info}");
+    let f = &info["filters"]["chosen"][0];
+    assert_eq!(
+        (
+            f["seen"].as_u64(),
+            f["kept"].as_u64(),
+            f["dropped"].as_u64(),
+            f["rewritten"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1), Some(1)),
+        "{info}"
+    );
+
+    std::fs::write(dir.path().join("flow.toml"), flow("max_samples = 2")).unwrap();
+    let err = match dusflow::workflow::Workflow::load(
+        &dir.path().join("flow.toml"),
+        &dusflow::steps::Registry::builtin(),
+    ) {
+        Ok(_) => panic!("a capped input dataset should be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("steps.pairs.inputs.chosen") && err.contains("max_samples = 2"),
+        "{err}"
+    );
+}

@@ -297,7 +297,7 @@ fn task_source(c: &EvalConfig, ctx: &StepContext, task: &str) -> Result<PathBuf>
     let inputs = ctx.inputs_of("data");
     if let Some(name) = c.data.get(task) {
         return match inputs.iter().find(|a| &a.name == name) {
-            Some(a) => Ok(artifact_data(a)),
+            Some(a) => artifact_data(a, task),
             None => bail!(
                 "task `{task}`: `{name}` is not an input of the `data` slot (inputs: {})",
                 inputs
@@ -312,7 +312,7 @@ fn task_source(c: &EvalConfig, ctx: &StepContext, task: &str) -> Result<PathBuf>
         return Ok(ctx.resolve(path));
     }
     if let Some(a) = inputs.iter().find(|a| a.name == task) {
-        return Ok(artifact_data(a));
+        return artifact_data(a, task);
     }
     if let Some(dir) = &c.data_dir {
         let dir = ctx.resolve(dir);
@@ -327,17 +327,36 @@ fn task_source(c: &EvalConfig, ctx: &StepContext, task: &str) -> Result<PathBuf>
         );
     }
     if let [only] = inputs {
-        return Ok(artifact_data(only));
+        return artifact_data(only, task);
     }
     bail!("task `{task}` has no data: map it with `data = {{ {task} = \"INPUT\" }}`, `data_paths` or `data_dir`")
 }
 
-/// A dataset's file, or a data step's `data.jsonl`, or the folder itself (split files).
-fn artifact_data(a: &InputArtifact) -> PathBuf {
+/// A dataset's file, or a data step's `data.jsonl`, or the folder itself (split files). A task's documents
+/// are read as they are: a dataset that asks for filters or a sample cap is refused rather than silently
+/// read whole.
+fn artifact_data(a: &InputArtifact, task: &str) -> Result<PathBuf> {
+    if let Some(spec) = &a.dataset {
+        if !spec.filters.is_empty() {
+            bail!(
+                "task `{task}`: dataset {:?} names filters ({}), which evaluation does not apply: \
+                 filter the data in a step before (or use a dataset without filters)",
+                a.name,
+                spec.filters.join(", ")
+            );
+        }
+        if let Some(cap) = spec.max_samples {
+            bail!(
+                "task `{task}`: dataset {:?} has max_samples = {cap}; evaluation caps documents with \
+                 the step's `limit` instead",
+                a.name
+            );
+        }
+    }
     let single = a.path.join("data.jsonl");
-    if a.path.is_dir() && single.is_file() {
+    Ok(if a.path.is_dir() && single.is_file() {
         single
     } else {
         a.path.clone()
-    }
+    })
 }

@@ -95,6 +95,11 @@ pub trait CheckContext {
     fn input_count(&self, _slot: &str) -> Option<usize> {
         None
     }
+    /// The `[datasets.*]` tables (name, spec) among the inputs of slot `slot`; inputs made by steps are not
+    /// listed. Empty when unknown.
+    fn input_datasets(&self, _slot: &str) -> Vec<(String, crate::workflow::DatasetSpec)> {
+        Vec::new()
+    }
 }
 
 /// Things beyond inputs that a step reads, whose content enters its cache key and that watch mode watches.

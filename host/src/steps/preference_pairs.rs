@@ -16,12 +16,22 @@
 //! count, and the same question text in both). Pairs whose two answers are identical carry no preference
 //! and are left out (counted in `info.json`). Output: `data.jsonl` of `{prompt, chosen, rejected}` and
 //! `info.json` (`format = "preference"`, counts).
+//!
+//! A dataset's `filters` run after pairing (so the pairing is checked on the data as it is): a pair is
+//! left out when a filter drops either of its records, and uses the rewritten records where a filter
+//! rewrites them; `filter_params` configures the filters, as in the training steps. A dataset's own
+//! `max_samples` is refused: capping each side separately would break the pairs (cap the pairs with the
+//! step's `max_samples`).
 
 use super::context::StepContext;
 use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind};
-use crate::data::{read_records, DatasetSource, Origin, RawRecord, ReadStats};
+use crate::data::{
+    apply_filters, read_records, DatasetSource, FilterCount, Origin, RawRecord, ReadStats,
+    FILTER_BATCH,
+};
 use crate::engine::atomic::write_file_atomic;
-use anyhow::{bail, Result};
+use crate::train::job::{check_filter_plugins, dependencies, plugin_filters, FilterParams};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -57,6 +67,9 @@ pub struct PreferencePairsConfig {
     /// paper's cap of 20.1K Synth. Math-Alignment pairs.
     #[serde(default)]
     pub max_samples: Option<usize>,
+    /// Parameters of the data-filter plugins the two datasets name, by plugin name (`{}` when absent).
+    #[serde(default)]
+    pub filter_params: FilterParams,
 }
 
 impl PreferencePairsConfig {
@@ -101,7 +114,7 @@ impl StepKind for PreferencePairsStep {
         ArtifactKind::Dataset
     }
 
-    fn check(&self, c: &PreferencePairsConfig, _: &dyn CheckContext) -> Vec<ConfigIssue> {
+    fn check(&self, c: &PreferencePairsConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = Vec::new();
         for (key, v) in [("question", &c.question), ("answer", &c.answer)] {
             if v.is_empty() {
@@ -117,23 +130,57 @@ impl StepKind for PreferencePairsStep {
                 "must name a field (or leave it out to align by row order)",
             ));
         }
+        issues.extend(check_filter_plugins(&c.filter_params, ctx));
+        for slot in ["chosen", "rejected"] {
+            for (name, spec) in ctx.input_datasets(slot) {
+                if let Some(cap) = spec.max_samples {
+                    issues.push(ConfigIssue::new(
+                        format!("inputs.{slot}"),
+                        format!(
+                            "dataset {name:?} has max_samples = {cap}: sampling each side separately would \
+                             break the pairs; cap the pairs with `max_samples` here (declare the file again \
+                             as a dataset without a cap for this step)"
+                        ),
+                    ));
+                }
+            }
+        }
         issues
     }
 
+    fn dependencies(&self, c: &PreferencePairsConfig) -> super::Dependencies {
+        dependencies(&c.filter_params)
+    }
+
     fn run(&self, c: &PreferencePairsConfig, ctx: &StepContext) -> Result<()> {
-        let read = |slot: &str| -> Result<Vec<RawRecord>> {
+        let read = |slot: &str| -> Result<(Vec<RawRecord>, DatasetSource)> {
+            // (A capped dataset was refused when the workflow was checked.)
             let source = DatasetSource::from_input(ctx.input(slot)?)?;
             let mut stats = ReadStats::default();
-            read_records(&source.files, source.on_error, &mut stats)
+            Ok((
+                read_records(&source.files, source.on_error, &mut stats)?,
+                source,
+            ))
         };
-        let (chosen, rejected) = (read("chosen")?, read("rejected")?);
+        let ((chosen, chosen_source), (rejected, rejected_source)) =
+            (read("chosen")?, read("rejected")?);
         let aligned = match &c.key {
             Some(key) => align_by_key(&chosen, &rejected, key)?,
             None => align_by_row(&chosen, &rejected, &c.question)?,
         };
+        let mut make_filter = plugin_filters(&c.filter_params, ctx);
+        let (chosen_kept, chosen_counts) = run_filters(&chosen, &chosen_source, &mut make_filter)?;
+        let (rejected_kept, rejected_counts) =
+            run_filters(&rejected, &rejected_source, &mut make_filter)?;
         let mut lines = Vec::new();
         let mut identical = 0usize;
+        let mut filtered_out = 0usize;
         for (ch, rj) in aligned {
+            // The records as the filters left them (a pair without either is left out).
+            let (Some(ch), Some(rj)) = (kept(&chosen_kept, ch), kept(&rejected_kept, rj)) else {
+                filtered_out += 1;
+                continue;
+            };
             let question = text_field(ch, &c.question)?;
             let (good, bad) = (text_field(ch, &c.answer)?, text_field(rj, &c.answer)?);
             if good == bad {
@@ -153,7 +200,11 @@ impl StepKind for PreferencePairsStep {
             )?);
         }
         if lines.is_empty() {
-            bail!("no preference pairs: every aligned pair has identical answers (or the inputs are empty)");
+            bail!(
+                "no preference pairs: of {} aligned pairs, {identical} have identical answers and {filtered_out} \
+                 were dropped by filters",
+                identical + filtered_out
+            );
         }
         let paired = lines.len();
         if let Some(max) = c.max_samples {
@@ -172,6 +223,8 @@ impl StepKind for PreferencePairsStep {
             "count": written,
             "paired": paired,
             "identical_left_out": identical,
+            "filtered_out": filtered_out,
+            "filters": { "chosen": chosen_counts, "rejected": rejected_counts },
             "aligned_by": c.key.clone().unwrap_or_else(|| "row order".into()),
             "chosen": ctx.input("chosen")?.name,
             "rejected": ctx.input("rejected")?.name,
@@ -181,6 +234,42 @@ impl StepKind for PreferencePairsStep {
             &serde_json::to_vec_pretty(&info)?,
         )?;
         Ok(())
+    }
+}
+
+/// The records of one side after its dataset's filters, by origin (`None` when it names no filters).
+type Kept = Option<HashMap<(std::path::PathBuf, usize), RawRecord>>;
+
+/// Runs `source`'s filters over `records`; returns the survivors by origin and the filters' counts.
+fn run_filters(
+    records: &[RawRecord],
+    source: &DatasetSource,
+    make_filter: &mut crate::data::FilterFactory<'_>,
+) -> Result<(Kept, Vec<FilterCount>)> {
+    if source.filters.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let mut filters = source
+        .filters
+        .iter()
+        .map(|name| {
+            make_filter(name).with_context(|| format!("dataset {:?}: filter {name:?}", source.name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (survivors, counts) = apply_filters(records.to_vec(), &mut filters, FILTER_BATCH)
+        .with_context(|| format!("dataset {:?}", source.name))?;
+    let by_origin = survivors
+        .into_iter()
+        .map(|r| ((r.origin.file.clone(), r.origin.line), r))
+        .collect();
+    Ok((Some(by_origin), counts))
+}
+
+/// `record` as the filters left it: itself when there are no filters, its rewrite, or `None` if dropped.
+fn kept<'a>(kept: &'a Kept, record: &'a RawRecord) -> Option<&'a RawRecord> {
+    match kept {
+        None => Some(record),
+        Some(map) => map.get(&(record.origin.file.clone(), record.origin.line)),
     }
 }
 

@@ -61,7 +61,7 @@ impl StepKind for PretrainStep {
 
     fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = c.issues();
-        issues.extend(check_filter_plugins(c, ctx));
+        issues.extend(check_filter_plugins(&c.filter_params, ctx));
         if c.packing {
             issues.push(ConfigIssue::new(
                 "packing",
@@ -72,7 +72,7 @@ impl StepKind for PretrainStep {
     }
 
     fn dependencies(&self, c: &TrainStepConfig) -> Dependencies {
-        dependencies(c)
+        dependencies(&c.filter_params)
     }
 
     fn resources(&self, _: &TrainStepConfig) -> Resources {
@@ -87,7 +87,7 @@ impl StepKind for PretrainStep {
 
     fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
         let inputs = resolve_inputs(c, ctx)?;
-        let mut filters = plugin_filters(c, ctx);
+        let mut filters = plugin_filters(&c.filter_params, ctx);
         let mixture = load_mixture(
             &inputs.sources,
             &mut filters,

@@ -53,7 +53,7 @@ impl StepKind for SftStep {
 
     fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = c.issues();
-        issues.extend(check_filter_plugins(c, ctx));
+        issues.extend(check_filter_plugins(&c.filter_params, ctx));
         if c.separate_documents {
             issues.push(ConfigIssue::new(
                 "separate_documents",
@@ -64,7 +64,7 @@ impl StepKind for SftStep {
     }
 
     fn dependencies(&self, c: &TrainStepConfig) -> Dependencies {
-        dependencies(c)
+        dependencies(&c.filter_params)
     }
 
     fn resources(&self, _: &TrainStepConfig) -> Resources {
@@ -79,7 +79,7 @@ impl StepKind for SftStep {
 
     fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
         let inputs = resolve_inputs(c, ctx)?;
-        let mut filters = plugin_filters(c, ctx);
+        let mut filters = plugin_filters(&c.filter_params, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, SFT_FORMATS)?;
         let mut rows = Vec::with_capacity(mixture.examples.len());
         let mut truncated_away = 0usize;

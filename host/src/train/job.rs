@@ -90,7 +90,7 @@ pub struct TrainStepConfig {
     /// Parameters of the data-filter plugins the datasets name, by plugin name; a filter not listed gets
     /// `{}`. (The plugins' bytes enter the cache key through the datasets that name them.)
     #[serde(default)]
-    pub filter_params: indexmap::IndexMap<String, serde_json::Value>,
+    pub filter_params: FilterParams,
 }
 
 impl TrainStepConfig {
@@ -237,10 +237,13 @@ pub fn resolve_inputs(cfg: &TrainStepConfig, ctx: &StepContext) -> Result<TrainI
     })
 }
 
+/// A step's parameters of data-filter plugins, by plugin name (its `filter_params` key).
+pub type FilterParams = indexmap::IndexMap<String, serde_json::Value>;
+
 /// The filter factory of a step: each name is a `[plugins.*]` filter of a dataset the step reads, loaded
 /// with the plugin host (created once) and configured with its `filter_params` entry (`{}` when absent).
 pub fn plugin_filters<'a>(
-    cfg: &'a TrainStepConfig,
+    filter_params: &'a FilterParams,
     ctx: &'a StepContext,
 ) -> impl FnMut(&str) -> Result<Box<dyn RecordFilter>> + 'a {
     let mut host: Option<crate::plugins::PluginHost> = None;
@@ -251,8 +254,7 @@ pub fn plugin_filters<'a>(
                 ctx.step
             );
         };
-        let params = cfg
-            .filter_params
+        let params = filter_params
             .get(name)
             .cloned()
             .unwrap_or_else(|| serde_json::json!({}));
@@ -269,20 +271,20 @@ pub fn plugin_filters<'a>(
     }
 }
 
-/// What the training kinds depend on beyond inputs: the filter plugins named in `filter_params`.
-pub fn dependencies(cfg: &TrainStepConfig) -> crate::steps::Dependencies {
+/// What a step with `filter_params` depends on beyond inputs: the filter plugins named there.
+pub fn dependencies(filter_params: &FilterParams) -> crate::steps::Dependencies {
     crate::steps::Dependencies {
-        plugins: cfg.filter_params.keys().cloned().collect(),
+        plugins: filter_params.keys().cloned().collect(),
         files: Vec::new(),
     }
 }
 
 /// Checks that every `filter_params` key is a declared plugin.
 pub fn check_filter_plugins(
-    cfg: &TrainStepConfig,
+    filter_params: &FilterParams,
     ctx: &dyn crate::steps::CheckContext,
 ) -> Vec<ConfigIssue> {
-    cfg.filter_params
+    filter_params
         .keys()
         .filter(|name| !ctx.has_plugin(name))
         .map(|name| {

@@ -579,9 +579,26 @@ impl<'a> Loader<'a> {
                     (slot.get_ref().to_string(), n)
                 })
                 .collect();
+            let input_datasets: HashMap<String, Vec<(String, DatasetSpec)>> = r
+                .inputs
+                .iter()
+                .map(|(slot, refs)| {
+                    let specs = refs
+                        .iter()
+                        .filter_map(|name| {
+                            let name = name.get_ref();
+                            datasets
+                                .get(name)
+                                .map(|spec| (name.to_string(), spec.clone()))
+                        })
+                        .collect();
+                    (slot.get_ref().to_string(), specs)
+                })
+                .collect();
             let step_check = StepCheck {
                 plugins: &check_ctx,
                 input_counts: &counts,
+                input_datasets: &input_datasets,
             };
             for issue in kind.check(&config, &step_check) {
                 let full = join_key(&key, &issue.key);
@@ -853,6 +870,7 @@ impl CheckContext for PluginNames<'_> {
 struct StepCheck<'a> {
     plugins: &'a PluginNames<'a>,
     input_counts: &'a HashMap<String, usize>,
+    input_datasets: &'a HashMap<String, Vec<(String, DatasetSpec)>>,
 }
 
 impl CheckContext for StepCheck<'_> {
@@ -861,6 +879,9 @@ impl CheckContext for StepCheck<'_> {
     }
     fn input_count(&self, slot: &str) -> Option<usize> {
         Some(self.input_counts.get(slot).copied().unwrap_or(0))
+    }
+    fn input_datasets(&self, slot: &str) -> Vec<(String, DatasetSpec)> {
+        self.input_datasets.get(slot).cloned().unwrap_or_default()
     }
 }
 

@@ -97,12 +97,12 @@ impl StepKind for DpoStep {
 
     fn check(&self, c: &DpoStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = c.issues(ctx.input_count("data"));
-        issues.extend(check_filter_plugins(&c.train_config(), ctx));
+        issues.extend(check_filter_plugins(&c.filter_params, ctx));
         issues
     }
 
     fn dependencies(&self, c: &DpoStepConfig) -> Dependencies {
-        dependencies(&c.train_config())
+        dependencies(&c.filter_params)
     }
 
     fn resources(&self, _: &DpoStepConfig) -> Resources {
@@ -128,7 +128,7 @@ impl StepKind for DpoStep {
         let train = c.train_config();
         let seed = derive_seed(ctx.settings.seed, &format!("dpo/{}", c.seed));
         let data = {
-            let mut filters = plugin_filters(&train, ctx);
+            let mut filters = plugin_filters(&train.filter_params, ctx);
             load_preference_data(&sources, &mut filters, seed, &tokenizer, c.limits())?
         };
         let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
