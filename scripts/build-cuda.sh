@@ -47,6 +47,8 @@ cargo build --release -p dusflow --features cuda --bin dus --example gpu_check
 
 mkdir -p "$ROOT/.gpu"
 for bin in "$CARGO_TARGET_DIR/release/dus" "$CARGO_TARGET_DIR/release/examples/gpu_check"; do
-    xz -T0 -6 -c "$bin" > "$ROOT/.gpu/$(basename "$bin").xz"
+    # Without debug info (the release profile keeps it): the device tool carries 64 MiB in all.
+    strip --strip-debug -o "$ROOT/.gpu/$(basename "$bin")" "$bin"
+    xz -T0 -6 -f "$ROOT/.gpu/$(basename "$bin")"
 done
 ls -la "$ROOT/.gpu"

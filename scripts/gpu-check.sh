@@ -6,7 +6,7 @@
 #      gradients vs the CPU, a bf16 optimizer step with f32 masters,
 #   3. the whole recipe on the GPU: the quickstart workflow (scale → pretrain → SFT → sDPO → merge → eval →
 #      report) with `device = "cuda"` and smaller budgets,
-#   4. training speed of a ~0.84B-parameter Llama in bf16 (tokens/s, MFU).
+#   4. training speed of a ~0.84B-parameter Llama in bf16 (tokens/s, MFU), and where a step's time goes.
 # Logs and results go to $OUT (default ./gpu-check-out); a summary table is printed last.
 #   STAGE_TIMEOUT (default 200 s) bounds stages 3 and 4 each; SPEED="LAYERS BATCH SEQ STEPS" (default 16 4 1024 6).
 set -uo pipefail
@@ -67,6 +67,11 @@ echo "== training speed" >&2
 timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" train-speed $SPEED > "$OUT/speed.jsonl" 2> "$OUT/speed.log"
 SPEED_RC=$?
 cat "$OUT/speed.jsonl"; tail -n 5 "$OUT/speed.log"
+echo "== where a training step's time goes" >&2
+# shellcheck disable=SC2086
+timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" train-profile $SPEED > "$OUT/profile.jsonl" 2>> "$OUT/speed.log"
+PROFILE_RC=$?
+cat "$OUT/profile.jsonl"
 
 echo
 echo "GPU check on $CARD, $(date -u +%F)"
@@ -86,4 +91,11 @@ for line in open(sys.argv[1]):
           f"{r['model_tflops']:.1f} TFLOP/s, MFU {100*r['mfu']:.1f} %, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
 EOF
 [ $SPEED_RC = 0 ] || echo "train-speed failed ($SPEED_RC): see speed.log"
-exit $(( PARITY_RC | WF_RC | SPEED_RC ))
+python3 - "$OUT/profile.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"train step {r['train_step_seconds']*1000:.0f} ms:", ", ".join(f"{k} {v*1000:.0f} ms" for k, v in r["seconds_per_phase"].items()))
+EOF
+[ $PROFILE_RC = 0 ] || echo "train-profile failed ($PROFILE_RC): see speed.log"
+exit $(( PARITY_RC | WF_RC | SPEED_RC | PROFILE_RC ))

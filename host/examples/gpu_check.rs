@@ -34,15 +34,20 @@ fn main() -> Result<()> {
     let gpu = Device::new_cuda(0).context("opening CUDA device 0")?;
     match args.first().map(String::as_str) {
         Some("parity") if args.len() == 2 => parity(Path::new(&args[1]), &gpu),
-        Some("train-speed") if args.len() == 5 => {
+        Some(mode @ ("train-speed" | "train-profile")) if args.len() == 5 => {
             let n = |i: usize| -> Result<usize> {
                 args[i].parse().with_context(|| format!("argument {i}"))
             };
-            train_speed(n(1)?, n(2)?, n(3)?, n(4)?, &gpu)
+            let (layers, batch, seq, steps) = (n(1)?, n(2)?, n(3)?, n(4)?);
+            if mode == "train-speed" {
+                train_speed(layers, batch, seq, steps, &gpu)
+            } else {
+                train_profile(layers, batch, seq, steps, &gpu)
+            }
         }
-        _ => {
-            bail!("usage: gpu_check parity FIXTURES | gpu_check train-speed LAYERS BATCH SEQ STEPS")
-        }
+        _ => bail!(
+            "usage: gpu_check parity FIXTURES | gpu_check train-speed|train-profile LAYERS BATCH SEQ STEPS"
+        ),
     }
 }
 
@@ -78,7 +83,9 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
         let want = expected.tensor("logits", &Device::Cpu)?;
         let cpu = load_model(&dir, DType::F32, &Device::Cpu)?
             .forward_train(&ids, &ForwardOptions::default())?;
-        for (dtype, limit) in [(DType::F32, 1e-4f32), (DType::BF16, 5e-2)] {
+        // bf16 rounds at every operation: transformers' own bf16 forward of these fixtures (CPU, torch
+        // 2.x) is off its f32 logits by 3.7 % (llama) and 5.2 % (mistral) of their range; allow twice that.
+        for (dtype, limit) in [(DType::F32, 1e-4f32), (DType::BF16, 0.1)] {
             let model = load_model(&dir, dtype, gpu)?;
             let on_gpu = ids.to_device(gpu)?;
             let train = model.forward_train(&on_gpu, &ForwardOptions::default())?;
@@ -149,10 +156,11 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
             .params
             .iter()
             .map(|p| {
+                // AdamW takes f32 gradients (the trainer converts them the same way).
                 grads
                     .get(p.var.as_tensor())
-                    .cloned()
                     .with_context(|| format!("no gradient reached {}", p.name))
+                    .and_then(|g| Ok(g.to_dtype(DType::F32)?))
             })
             .collect::<Result<_>>()?;
         opt.step(&grads, 1e-3)?;
@@ -179,61 +187,22 @@ fn lm_loss(model: &dusflow::model::Llama, ids: &Tensor) -> Result<Tensor> {
     Ok((weighted_nll_sum(&logits, &targets, &weights)? / (b * (s - 1)) as f64)?)
 }
 
-fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Device) -> Result<()> {
-    let cfg = LlamaConfig::from_json_str(
-        &json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 32,
-            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": seq.max(2048),
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
-            "bos_token_id": 1, "eos_token_id": 2
-        })
-        .to_string(),
-    )?;
-    let dir: PathBuf = std::env::temp_dir().join(format!("gpu-check-model-{layers}"));
-    let started = Instant::now();
-    let (_, model) = init_trainable(&cfg, 7, DType::F32, gpu)?;
-    save_model(
-        &dir,
-        &model,
-        &SaveOptions {
-            dtype: DType::BF16,
-            replace: true,
-            ..Default::default()
-        },
-    )?;
-    drop(model);
-    let params: usize = model_params(&dir)?;
-    let embed = 32000 * 2048;
-    eprintln!(
-        "random model, {params} parameters, in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-
-    let warmup = 2;
-    let total = steps + warmup;
-    let mut x = 0x2545_F491u32;
-    let rows: Vec<TrainSequence> = (0..batch * total)
-        .map(|_| TrainSequence {
-            ids: (0..seq)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x % 32000
-                })
-                .collect(),
-            learn: vec![true; seq],
-            doc_ids: None,
-        })
-        .collect();
-    let adamw = AdamWConfig {
+fn adamw() -> AdamWConfig {
+    AdamWConfig {
         beta1: 0.9,
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.0,
-    };
-    let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw, gpu)?;
+    }
+}
+
+fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Device) -> Result<()> {
+    let (dir, params) = random_model(layers, seq, gpu)?;
+    let embed = 32000 * 2048;
+    let warmup = 2;
+    let total = steps + warmup;
+    let rows = random_rows(batch * total, seq);
+    let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw(), gpu)?;
     let opts = TrainOptions {
         lr: 1e-4,
         schedule: ScheduleKind::Constant,
@@ -277,6 +246,132 @@ fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Devi
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Where a training step's time goes on the GPU: each phase timed between device synchronisations, mean
+/// over `steps` after one warm-up: inference forward (for comparison), training forward + loss, backward,
+/// gradients to f32, AdamW.
+fn train_profile(
+    layers: usize,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    gpu: &Device,
+) -> Result<()> {
+    let (dir, _) = random_model(layers, seq, gpu)?;
+    let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw(), gpu)?;
+    let ids: Vec<u32> = random_rows(batch, seq + 1)
+        .into_iter()
+        .flat_map(|r| r.ids)
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, seq + 1), gpu)?;
+    let names = [
+        "inference forward (no grad)",
+        "training forward + loss",
+        "backward",
+        "gradients to f32",
+        "AdamW step",
+    ];
+    let mut seconds = [0f64; 5];
+    for i in 0..=steps {
+        let mut lap = Instant::now();
+        let mut mark = |k: usize| -> Result<()> {
+            gpu.synchronize()?;
+            if i > 0 {
+                seconds[k] += lap.elapsed().as_secs_f64() / steps as f64;
+            }
+            lap = Instant::now();
+            Ok(())
+        };
+        drop(model.forward(&ids.narrow(1, 0, seq)?, &ForwardOptions::default())?);
+        mark(0)?;
+        let loss = lm_loss(&model, &ids)?;
+        mark(1)?;
+        let grads = loss.backward()?;
+        mark(2)?;
+        let grads: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| {
+                grads
+                    .get(p.var.as_tensor())
+                    .context("no gradient")
+                    .and_then(|g| Ok(g.to_dtype(DType::F32)?))
+            })
+            .collect::<Result<_>>()?;
+        mark(3)?;
+        opt.step(&grads, 1e-4)?;
+        mark(4)?;
+    }
+    let step: f64 = seconds[1..].iter().sum();
+    let phases: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .zip(seconds)
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "check": "train-profile", "layers": layers, "batch": batch, "seq": seq,
+            "seconds_per_phase": phases, "train_step_seconds": step,
+            "tokens_per_s": (batch * seq) as f64 / step,
+        })
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A random Llama (hidden 2048, MLP 5632, 32 heads, 4 KV heads, vocab 32000) saved in bf16 to a temporary
+/// folder; returns the folder and its parameter count.
+fn random_model(layers: usize, seq: usize, gpu: &Device) -> Result<(PathBuf, usize)> {
+    let cfg = LlamaConfig::from_json_str(
+        &json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": seq.max(2048),
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2
+        })
+        .to_string(),
+    )?;
+    let dir: PathBuf = std::env::temp_dir().join(format!("gpu-check-model-{layers}"));
+    let started = Instant::now();
+    let (_, model) = init_trainable(&cfg, 7, DType::F32, gpu)?;
+    save_model(
+        &dir,
+        &model,
+        &SaveOptions {
+            dtype: DType::BF16,
+            replace: true,
+            ..Default::default()
+        },
+    )?;
+    drop(model);
+    let params = model_params(&dir)?;
+    eprintln!(
+        "random model, {params} parameters, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((dir, params))
+}
+
+/// `n` rows of `seq` random token ids (all learned).
+fn random_rows(n: usize, seq: usize) -> Vec<TrainSequence> {
+    let mut x = 0x2545_F491u32;
+    (0..n)
+        .map(|_| TrainSequence {
+            ids: (0..seq)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x % 32000
+                })
+                .collect(),
+            learn: vec![true; seq],
+            doc_ids: None,
+        })
+        .collect()
 }
 
 fn model_params(dir: &Path) -> Result<usize> {
