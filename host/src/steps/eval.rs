@@ -31,7 +31,7 @@ use crate::eval::tables::{markdown_table, Summary};
 use crate::eval::tasks::{BuiltinOptions, CustomTask, TaskSpec, H6};
 use crate::eval::TaskData;
 use crate::model::{load_model, Tokenizer};
-use crate::workflow::{DType, DeviceChoice};
+use crate::workflow::DType;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -222,11 +222,7 @@ impl StepKind for EvalStep {
 
     fn run(&self, c: &EvalConfig, ctx: &StepContext) -> Result<()> {
         let model_in = ctx.input("model")?;
-        let device = match ctx.settings.device {
-            DeviceChoice::Auto => candle_core::Device::cuda_if_available(0)?,
-            DeviceChoice::Cpu => candle_core::Device::Cpu,
-            DeviceChoice::Cuda => candle_core::Device::new_cuda(0).context("device = \"cuda\"")?,
-        };
+        let device = ctx.device()?;
         let dtype = match c.dtype.unwrap_or(DType::F32) {
             DType::F32 => candle_core::DType::F32,
             DType::Bf16 => candle_core::DType::BF16,
