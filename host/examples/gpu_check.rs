@@ -45,8 +45,12 @@ fn main() -> Result<()> {
                 train_profile(layers, batch, seq, steps, &gpu)
             }
         }
+        Some("attention-profile") if args.len() == 3 => {
+            attention_profile(args[1].parse()?, args[2].parse()?, &gpu)
+        }
         _ => bail!(
-            "usage: gpu_check parity FIXTURES | gpu_check train-speed|train-profile LAYERS BATCH SEQ STEPS"
+            "usage: gpu_check parity FIXTURES | gpu_check train-speed|train-profile LAYERS BATCH SEQ STEPS \
+             | gpu_check attention-profile BATCH SEQ"
         ),
     }
 }
@@ -318,6 +322,89 @@ fn train_profile(
         })
     );
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The cost of each operation of one attention layer's scores on the GPU (32 heads, 4 KV heads, head dim
+/// 128, bf16 with f32 softmax), mean of 5 runs each between synchronisations, and a whole attention forward +
+/// backward with candle's differentiable softmax and with ours.
+fn attention_profile(batch: usize, seq: usize, gpu: &Device) -> Result<()> {
+    use candle_core::{Var, D};
+    let (nh, nkv, hd) = (32usize, 4usize, 128usize);
+    let rep = nh / nkv;
+    let q = Var::from_tensor(
+        &Tensor::randn(0f32, 1.0, (batch, nkv, rep * seq, hd), gpu)?.to_dtype(DType::BF16)?,
+    )?;
+    let k = Var::from_tensor(
+        &Tensor::randn(0f32, 1.0, (batch, nkv, seq, hd), gpu)?.to_dtype(DType::BF16)?,
+    )?;
+    let v = Var::from_tensor(
+        &Tensor::randn(0f32, 1.0, (batch, nkv, seq, hd), gpu)?.to_dtype(DType::BF16)?,
+    )?;
+    let bias = dusflow::model::causal_bias(seq, 0, None, gpu)?;
+    let time = |name: &str, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+        drop(f()?);
+        gpu.synchronize()?;
+        let started = Instant::now();
+        for _ in 0..5 {
+            drop(f()?);
+        }
+        gpu.synchronize()?;
+        println!(
+            "{}",
+            json!({"op": name, "ms": started.elapsed().as_secs_f64() * 1000.0 / 5.0})
+        );
+        Ok(())
+    };
+    let scores = q.matmul(&k.t()?)?.reshape((batch, nh, seq, seq))?;
+    let scores32 = scores.to_dtype(DType::F32)?;
+    let masked = scores32.broadcast_add(&bias)?;
+    let probs = candle_nn::ops::softmax(&masked, D::Minus1)?;
+    time("q·kᵀ (bf16 matmul)", &|| Ok(q.matmul(&k.t()?)?))?;
+    time("scale", &|| Ok((&scores * 0.088)?))?;
+    time("to f32", &|| Ok(scores.to_dtype(DType::F32)?))?;
+    time("+ causal bias (broadcast)", &|| {
+        Ok(scores32.broadcast_add(&bias)?)
+    })?;
+    time("max over keys", &|| Ok(masked.max_keepdim(D::Minus1)?))?;
+    time("exp", &|| Ok(masked.exp()?))?;
+    time("softmax (candle_nn::ops::softmax)", &|| {
+        Ok(candle_nn::ops::softmax(&masked, D::Minus1)?)
+    })?;
+    time("softmax_last_dim (fused, no backward)", &|| {
+        Ok(candle_nn::ops::softmax_last_dim(&masked)?)
+    })?;
+    time("to bf16", &|| Ok(probs.to_dtype(DType::BF16)?))?;
+    let probs16 = probs
+        .to_dtype(DType::BF16)?
+        .reshape((batch, nkv, rep * seq, seq))?;
+    time("p·v (bf16 matmul)", &|| Ok(probs16.matmul(v.as_tensor())?))?;
+    time(
+        "softmax (dusflow: fused forward, closed-form backward)",
+        &|| Ok(dusflow::model::softmax::softmax_last_dim(&masked)?),
+    )?;
+    for fused in [false, true] {
+        let name = if fused {
+            "attention forward + backward, dusflow softmax"
+        } else {
+            "attention forward + backward, candle_nn::ops::softmax"
+        };
+        time(name, &|| {
+            let scores = (q.matmul(&k.t()?)? * 0.088)?.reshape((batch, nh, seq, seq))?;
+            let x = scores.to_dtype(DType::F32)?.broadcast_add(&bias)?;
+            let probs = if fused {
+                dusflow::model::softmax::softmax_last_dim(&x)?
+            } else {
+                candle_nn::ops::softmax(&x, D::Minus1)?
+            };
+            let out = probs
+                .to_dtype(DType::BF16)?
+                .reshape((batch, nkv, rep * seq, seq))?
+                .matmul(v.as_tensor())?;
+            let grads = out.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            Ok(grads.get(q.as_tensor()).context("no gradient")?.clone())
+        })?;
+    }
     Ok(())
 }
 

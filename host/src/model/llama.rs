@@ -473,7 +473,7 @@ impl Llama {
             scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
         let probs = match path {
-            Path::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Path::Differentiable => super::softmax::softmax_last_dim(&scores)?,
             Path::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
         };
         let probs = probs.to_dtype(v.dtype())?.reshape((b, nkv, rep * s, t))?;

@@ -29,6 +29,7 @@ pub mod config;
 pub mod generation;
 pub mod in_place_writer;
 pub mod llama;
+pub mod softmax;
 pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
