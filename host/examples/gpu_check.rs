@@ -118,8 +118,8 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
             eps: 1e-8,
             weight_decay: 0.0,
         };
-        let grads_on = |device: &Device| -> Result<(f32, Vec<(String, Tensor)>)> {
-            let (model, opt) = load_for_training(&dir, ComputeDType::F32, adamw, device)?;
+        let grads_on = |device: &Device, compute| -> Result<(f32, Vec<(String, Tensor)>)> {
+            let (model, opt) = load_for_training(&dir, compute, adamw, device)?;
             let ids = ids.to_device(device)?;
             let loss = lm_loss(&model, &ids)?;
             let grads = loss.backward()?;
@@ -132,24 +132,37 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
             }
             Ok((loss.to_scalar::<f32>()?, out))
         };
-        let (loss_cpu, g_cpu) = grads_on(&Device::Cpu)?;
-        let (loss_gpu, g_gpu) = grads_on(gpu)?;
+        let (loss_cpu, g_cpu) = grads_on(&Device::Cpu, ComputeDType::F32)?;
+        let (loss_gpu, g_gpu) = grads_on(gpu, ComputeDType::F32)?;
+        let (_, g_half) = grads_on(gpu, ComputeDType::Bf16)?;
+        // The tensor whose gradient differs most from the CPU's, relatively.
+        let worst = |g_dev: &[(String, Tensor)]| -> Result<(f32, String)> {
+            Ok(g_cpu
+                .iter()
+                .zip(g_dev)
+                .map(|((n, c), (_, g))| Ok((rel_err(g, c)?, n.clone())))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .fold((0f32, String::new()), |a, b| if b.0 > a.0 { b } else { a }))
+        };
         check(
             format!("{name} f32 loss GPU vs CPU (rel)"),
             (loss_gpu - loss_cpu).abs() / loss_cpu.abs(),
             1e-5,
         );
-        let worst = g_cpu
-            .iter()
-            .zip(&g_gpu)
-            .map(|((n, c), (_, g))| Ok((rel_err(g, c)?, n.clone())))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .fold((0f32, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+        let (err, tensor) = worst(&g_gpu)?;
         check(
-            format!("{name} f32 gradients GPU vs CPU (worst rel, {})", worst.1),
-            worst.0,
+            format!("{name} f32 gradients GPU vs CPU (worst rel, {tensor})"),
+            err,
             1e-3,
+        );
+        // bf16 compute: transformers' own bf16 gradients of these fixtures (CPU, eager attention) are off its
+        // f32 ones by 9.4 % (llama, layers.1 k_proj) and 9.2 % (mistral) at the worst tensor; allow twice that.
+        let (err, tensor) = worst(&g_half)?;
+        check(
+            format!("{name} bf16 gradients GPU vs CPU f32 (worst rel, {tensor})"),
+            err,
+            0.2,
         );
         // One bf16 step with f32 masters on the GPU lowers the loss on the same batch.
         let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw, gpu)?;

@@ -468,9 +468,18 @@ impl Llama {
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * s, hd))?;
         let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, s, t))?;
-        let mut scores = scores.to_dtype(upcast(scores.dtype()))?;
+        // Training on a GPU keeps half-precision scores: the fused softmax kernel accumulates in f32 itself,
+        // as transformers' eager attention does (bf16 scores + mask, softmax in f32, bf16 probabilities), and
+        // the (batch, heads, seq, seq) f32 copies were the step's largest cost. Elsewhere the scores are
+        // upcast first (candle's CPU softmax computes in its input's type).
+        let keep_half = path == Path::Differentiable && scores.device().is_cuda();
+        let mut scores = if keep_half {
+            scores
+        } else {
+            scores.to_dtype(upcast(scores.dtype()))?
+        };
         if let Some(bias) = bias {
-            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
+            scores = scores.broadcast_add(&bias_in(bias, scores.dtype())?)?;
         }
         let probs = match path {
             Path::Differentiable => super::softmax::softmax_last_dim(&scores)?,
@@ -484,6 +493,17 @@ impl Llama {
             .reshape((b, s, nh * hd))?;
         linear(&out, &self.cw(&w.o)?)
     }
+}
+
+/// `bias` in `dtype`. [`MASKED`] would become −∞ in half precision (and a fully masked row NaN), so it is
+/// clamped to a finite value far below any score first.
+fn bias_in(bias: &Tensor, dtype: DType) -> Result<Tensor> {
+    let floor = match dtype {
+        DType::F16 => -6.0e4,
+        DType::BF16 => -1.0e30,
+        _ => return Ok(bias.to_dtype(dtype)?),
+    };
+    Ok(bias.clamp(floor, f32::MAX)?.to_dtype(dtype)?)
 }
 
 /// The dtype softmax and normalisation run in: f32 for half types, else the input's own.
