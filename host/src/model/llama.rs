@@ -468,11 +468,11 @@ impl Llama {
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * s, hd))?;
         let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, s, t))?;
-        // Training on a GPU keeps half-precision scores: the fused softmax kernel accumulates in f32 itself,
+        // On a GPU half-precision scores stay as they are: the fused softmax kernel accumulates in f32 itself,
         // as transformers' eager attention does (bf16 scores + mask, softmax in f32, bf16 probabilities), and
-        // the (batch, heads, seq, seq) f32 copies were the step's largest cost. Elsewhere the scores are
-        // upcast first (candle's CPU softmax computes in its input's type).
-        let keep_half = path == Path::Differentiable && scores.device().is_cuda();
+        // the (batch, heads, seq, seq) f32 copies were a training step's largest cost. On the CPU the scores
+        // are upcast first (candle's CPU softmax computes in its input's type).
+        let keep_half = scores.device().is_cuda();
         let mut scores = if keep_half {
             scores
         } else {
