@@ -27,16 +27,6 @@ pub struct TensorSlot<'a> {
 }
 
 impl TensorSlot<'_> {
-    /// Size of the tensor's data in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the tensor has no data.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Writes `bytes` at byte `offset` of the tensor's data. Callers write disjoint ranges that together
     /// cover the tensor exactly once (the writer checks the byte count).
     pub fn write_at(&self, offset: usize, bytes: &[u8]) -> Result<()> {

@@ -74,23 +74,10 @@ pub fn merge_tensor(
     inputs: &[Source<'_>],
     out_dtype: Dtype,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    merge_tensor_into(plan, name, inputs, out_dtype, &mut out)?;
-    Ok(out)
-}
-
-/// Like [`merge_tensor`], into `out` (resized to the output's length).
-pub fn merge_tensor_into(
-    plan: &TensorPlan,
-    name: &str,
-    inputs: &[Source<'_>],
-    out_dtype: Dtype,
-    out: &mut Vec<u8>,
-) -> Result<()> {
     let numel = inputs.first().map(Source::numel).unwrap_or(0);
-    // Every byte is overwritten: only growth is zero-filled.
-    out.resize(numel * out_dtype.bitsize() / 8, 0);
-    merge_tensor_to(plan, name, inputs, out_dtype, TensorOut::Buffer(out))
+    let mut out = vec![0u8; numel * out_dtype.bitsize() / 8];
+    merge_tensor_to(plan, name, inputs, out_dtype, TensorOut::Buffer(&mut out))?;
+    Ok(out)
 }
 
 /// Where a merged tensor's bytes go.
@@ -151,32 +138,25 @@ pub fn merge_tensor_to(
         TensorPlan::Slerp { t } => {
             check_count(name, "slerp", 2, inputs.len())?;
             let (ca, cb) = slerp_coefficients(*t, inputs, numel);
-            if out.dtype == Dtype::BF16 {
-                return out.for_each_chunk_raw(|_, start, out_chunk| {
-                    let len = out_chunk.len() / 2;
-                    let (a, b) = (
-                        inputs[0].bf16_bits(start, len),
-                        inputs[1].bf16_bits(start, len),
-                    );
-                    if let (Some(a), Some(b), true) = (a, b, bf16_bits_mut(out_chunk).is_some()) {
-                        // bf16 in and out (the usual case): one fused pass, same operations and result.
-                        let out = bf16_bits_mut(out_chunk).expect("checked just above");
+            // bf16 in and out (the usual case): one fused pass per chunk, same operations and result.
+            let fused = |start: usize, out_chunk: &mut [u8]| -> bool {
+                if out_dtype != Dtype::BF16 {
+                    return false;
+                }
+                let len = out_chunk.len() / 2;
+                match (
+                    inputs[0].bf16_bits(start, len),
+                    inputs[1].bf16_bits(start, len),
+                    bf16_bits_mut(out_chunk),
+                ) {
+                    (Some(a), Some(b), Some(out)) => {
                         with_wide_vectors!(interpolate_bf16(ca: f32, a: &[u16], cb: f32, b: &[u16], out: &mut [u16]));
-                        return;
+                        true
                     }
-                    with_scratch(3, len, |bufs| {
-                        let [a, b, acc] = bufs else {
-                            unreachable!("three buffers")
-                        };
-                        inputs[0].decode(start, a);
-                        inputs[1].decode(start, b);
-                        let (a, b) = (&a[..], &b[..]);
-                        with_wide_vectors!(interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], acc: &mut [f32]));
-                        encode(acc, Dtype::BF16, out_chunk);
-                    });
-                });
-            }
-            out.for_each_chunk(2, 0, inputs, |_, _, x, acc| {
+                    _ => false,
+                }
+            };
+            out.for_each_chunk_or(2, 0, inputs, fused, |_, _, x, acc| {
                 let (a, b) = (&x[0][..], &x[1][..]);
                 with_wide_vectors!(interpolate(ca: f32, a: &[f32], cb: f32, b: &[f32], acc: &mut [f32]));
             })?;
@@ -224,8 +204,28 @@ impl Output<'_> {
     where
         F: Fn(usize, usize, &mut [Vec<f32>], &mut [f32]) + Sync,
     {
+        self.for_each_chunk_or(n, extra, inputs, |_, _| false, f)
+    }
+
+    /// Like [`Output::for_each_chunk`], but `fused(first element, the chunk's output bytes)` may fill a chunk
+    /// in one pass first (returning true); the chunks it declines go through the f32 buffers.
+    fn for_each_chunk_or<G, F>(
+        self,
+        n: usize,
+        extra: usize,
+        inputs: &[Source<'_>],
+        fused: G,
+        f: F,
+    ) -> Result<()>
+    where
+        G: Fn(usize, &mut [u8]) -> bool + Sync,
+        F: Fn(usize, usize, &mut [Vec<f32>], &mut [f32]) + Sync,
+    {
         let dtype = self.dtype;
         self.for_each_chunk_raw(|c, start, out_chunk| {
+            if fused(start, out_chunk) {
+                return;
+            }
             let len = out_chunk.len() / (dtype.bitsize() / 8);
             with_scratch(n + extra + 1, len, |bufs| {
                 let (acc, x) = bufs.split_last_mut().expect("result buffer");
