@@ -3,7 +3,7 @@
 
 use super::filter::{apply_filters, FilterCount, RecordFilter, FILTER_BATCH};
 use super::format::{Example, RecordFormat};
-use super::source::{read_records, skip_or_fail, DatasetSource, ReadStats};
+use super::source::{read_records, skip_or_fail, DatasetSource, RawRecord, ReadStats};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -55,6 +55,23 @@ pub fn derive_seed(seed: u64, tag: &str) -> u64 {
     u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// Runs `source`'s filters (made by `make_filter`, in order) over `records`: the survivors, rewritten where a
+/// filter rewrote them, and each filter's counts.
+pub fn filter_records(
+    records: Vec<RawRecord>,
+    source: &DatasetSource,
+    make_filter: &mut FilterFactory<'_>,
+) -> Result<(Vec<RawRecord>, Vec<FilterCount>)> {
+    let mut filters = Vec::with_capacity(source.filters.len());
+    for name in &source.filters {
+        filters.push(
+            make_filter(name)
+                .with_context(|| format!("dataset {:?}: filter {name:?}", source.name))?,
+        );
+    }
+    apply_filters(records, &mut filters, FILTER_BATCH)
+}
+
 /// Loads one dataset: reads its files, runs its filters (made by `make_filter`), parses records as its
 /// format (detected from the first record for `auto`), and keeps a seeded sample of `max_samples`.
 pub fn load_dataset(
@@ -65,14 +82,7 @@ pub fn load_dataset(
     let mut stats = ReadStats::default();
     let records = read_records(&source.files, source.on_error, &mut stats)?;
     let read = records.len();
-    let mut filters = Vec::with_capacity(source.filters.len());
-    for name in &source.filters {
-        filters.push(
-            make_filter(name)
-                .with_context(|| format!("dataset {:?}: filter {name:?}", source.name))?,
-        );
-    }
-    let (records, filter_counts) = apply_filters(records, &mut filters, FILTER_BATCH)?;
+    let (records, filter_counts) = filter_records(records, source, make_filter)?;
     let format = match source.format {
         Some(f) => f,
         None => match records.first() {

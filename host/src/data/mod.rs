@@ -22,7 +22,8 @@ pub mod template;
 pub use filter::{apply_filters, FilterCount, FnFilter, RecordFilter, Verdict, FILTER_BATCH};
 pub use format::{Example, FieldMap, Message, RecordFormat};
 pub use load::{
-    derive_seed, load_dataset, load_mixture, DatasetReport, FilterFactory, LoadedDataset, Mixture,
+    derive_seed, filter_records, load_dataset, load_mixture, DatasetReport, FilterFactory,
+    LoadedDataset, Mixture,
 };
 pub use plugin_filter::PluginFilter;
 pub use sequence::{

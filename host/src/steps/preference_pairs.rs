@@ -26,8 +26,7 @@
 use super::context::StepContext;
 use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind};
 use crate::data::{
-    apply_filters, read_records, DatasetSource, FilterCount, Origin, RawRecord, ReadStats,
-    FILTER_BATCH,
+    filter_records, read_records, DatasetSource, FilterCount, Origin, RawRecord, ReadStats,
 };
 use crate::engine::atomic::write_file_atomic;
 use crate::train::job::{check_filter_plugins, dependencies, plugin_filters, FilterParams};
@@ -249,14 +248,7 @@ fn run_filters(
     if source.filters.is_empty() {
         return Ok((None, Vec::new()));
     }
-    let mut filters = source
-        .filters
-        .iter()
-        .map(|name| {
-            make_filter(name).with_context(|| format!("dataset {:?}: filter {name:?}", source.name))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (survivors, counts) = apply_filters(records.to_vec(), &mut filters, FILTER_BATCH)
+    let (survivors, counts) = filter_records(records.to_vec(), source, make_filter)
         .with_context(|| format!("dataset {:?}", source.name))?;
     let by_origin = survivors
         .into_iter()
