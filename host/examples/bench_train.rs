@@ -8,8 +8,11 @@ use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use dusflow::data::TrainSequence;
 use dusflow::train::job::load_for_training;
-use dusflow::train::{train, AdamWConfig, ComputeDType, ScheduleKind, StepMetrics, TrainOptions};
-use std::time::Instant;
+use dusflow::train::{AdamWConfig, ComputeDType};
+
+#[path = "support/timed_training.rs"]
+mod timed_training;
+use timed_training::timed_training;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -47,32 +50,8 @@ fn main() -> Result<()> {
     };
     let (model, mut opt) =
         load_for_training(args[0].as_ref(), ComputeDType::F32, adamw, &Device::Cpu)?;
-    let opts = TrainOptions {
-        lr: 1e-4,
-        schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        total_steps: total,
-        micro_batch: batch,
-        grad_accum: 1,
-        clip: Some(1.0),
-        seed: 0,
-        shuffle: false,
-        checkpoint_every: 0,
-        pad_id: 0,
-    };
-    let work = tempfile::tempdir()?;
-    let mut timed_from: Option<Instant> = None;
-    let mut losses = Vec::new();
-    let mut observer = |m: &StepMetrics, _: usize| {
-        if m.step == warmup {
-            timed_from = Some(Instant::now());
-        }
-        losses.push(m.loss);
-        Ok(())
-    };
-    let started = Instant::now();
-    train(&model, &mut opt, &rows, &opts, work.path(), &mut observer)?;
-    let timed = timed_from.unwrap_or(started).elapsed().as_secs_f64();
+    let run = timed_training(&model, &mut opt, &rows, batch, warmup)?;
+    let timed = run.timed_seconds.unwrap_or(run.total_seconds);
     let tokens = (batch * seq * steps) as f64;
     println!(
         "{}",
@@ -81,8 +60,8 @@ fn main() -> Result<()> {
             "tokens_per_s": tokens / timed,
             "seconds": timed,
             "steps": steps,
-            "first_loss": losses.first(),
-            "last_loss": losses.last(),
+            "first_loss": run.losses.first(),
+            "last_loss": run.losses.last(),
         })
     );
     Ok(())

@@ -19,12 +19,14 @@ use dusflow::data::TrainSequence;
 use dusflow::model::weights::{init_trainable, save_model, SaveOptions};
 use dusflow::model::{load_model, ForwardOptions, LlamaConfig, TensorStore};
 use dusflow::train::job::load_for_training;
-use dusflow::train::{
-    train, weighted_nll_sum, AdamWConfig, ComputeDType, ScheduleKind, StepMetrics, TrainOptions,
-};
+use dusflow::train::{weighted_nll_sum, AdamWConfig, ComputeDType};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+#[path = "support/timed_training.rs"]
+mod timed_training;
+use timed_training::timed_training;
 
 /// Dense bf16 peak of an H100 SXM / H200 (TFLOP/s).
 const PEAK_TFLOPS: f64 = 989.0;
@@ -169,18 +171,7 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
         let on_gpu = ids.to_device(gpu)?;
         let before = lm_loss(&model, &on_gpu)?;
         let grads = before.backward()?;
-        let grads: Vec<Tensor> = opt
-            .params
-            .iter()
-            .map(|p| {
-                // AdamW takes f32 gradients (the trainer converts them the same way).
-                grads
-                    .get(p.var.as_tensor())
-                    .with_context(|| format!("no gradient reached {}", p.name))
-                    .and_then(|g| Ok(g.to_dtype(DType::F32)?))
-            })
-            .collect::<Result<_>>()?;
-        opt.step(&grads, 1e-3)?;
+        opt.step(&opt.f32_gradients(&grads)?, 1e-3)?;
         let after = lm_loss(&model, &on_gpu)?.to_scalar::<f32>()?;
         let before = before.to_scalar::<f32>()?;
         check(
@@ -220,34 +211,8 @@ fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Devi
     let total = steps + warmup;
     let rows = random_rows(batch * total, seq);
     let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw(), gpu)?;
-    let opts = TrainOptions {
-        lr: 1e-4,
-        schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        total_steps: total,
-        micro_batch: batch,
-        grad_accum: 1,
-        clip: Some(1.0),
-        seed: 0,
-        shuffle: false,
-        checkpoint_every: 0,
-        pad_id: 0,
-    };
-    let work = tempfile::tempdir()?;
-    let mut timed_from: Option<Instant> = None;
-    let mut losses = Vec::new();
-    let mut observer = |m: &StepMetrics, _: usize| {
-        if m.step == warmup {
-            timed_from = Some(Instant::now());
-        }
-        losses.push(m.loss);
-        Ok(())
-    };
-    train(&model, &mut opt, &rows, &opts, work.path(), &mut observer)?;
-    let seconds = timed_from
-        .context("no timed steps")?
-        .elapsed()
-        .as_secs_f64();
+    let run = timed_training(&model, &mut opt, &rows, batch, warmup)?;
+    let seconds = run.timed_seconds.context("no timed steps")?;
     let tokens = (batch * seq * steps) as f64;
     let matmul_params = (params - embed) as f64;
     let flops_per_token = 6.0 * matmul_params + 12.0 * (layers * 2048 * seq) as f64;
@@ -258,7 +223,7 @@ fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Devi
             "check": "train-speed", "parameters": params, "layers": layers, "batch": batch, "seq": seq,
             "timed_steps": steps, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
-            "first_loss": losses.first(), "last_loss": losses.last(),
+            "first_loss": run.losses.first(), "last_loss": run.losses.last(),
         })
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -306,16 +271,7 @@ fn train_profile(
         mark(1)?;
         let grads = loss.backward()?;
         mark(2)?;
-        let grads: Vec<Tensor> = opt
-            .params
-            .iter()
-            .map(|p| {
-                grads
-                    .get(p.var.as_tensor())
-                    .context("no gradient")
-                    .and_then(|g| Ok(g.to_dtype(DType::F32)?))
-            })
-            .collect::<Result<_>>()?;
+        let grads = opt.f32_gradients(&grads)?;
         mark(3)?;
         opt.step(&grads, 1e-4)?;
         mark(4)?;

@@ -2,7 +2,7 @@
 //! the update is torch's `AdamW` (decoupled decay, bias-corrected moments, `eps` added after the square
 //! root), always in f32, and the compute weights (f32 or bf16) are refreshed from the masters after each step.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 /// AdamW hyper-parameters (torch defaults except `weight_decay`, which is the caller's choice).
@@ -87,6 +87,20 @@ impl AdamW {
             steps: 0,
             fused: true,
         })
+    }
+
+    /// Each parameter's gradient in `grads` as f32 (what [`AdamW::step`] takes), in parameter order; an error
+    /// names a parameter the backward pass did not reach.
+    pub fn f32_gradients(&self, grads: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
+        self.params
+            .iter()
+            .map(|p| {
+                let g = grads
+                    .get(p.var.as_tensor())
+                    .with_context(|| format!("parameter {} received no gradient", p.name))?;
+                Ok(g.to_dtype(DType::F32)?)
+            })
+            .collect()
     }
 
     /// One update with learning rate `lr` and f32 gradients `grads` (same order as `params`).

@@ -15,7 +15,7 @@ use super::schedule::{LrSchedule, ScheduleKind};
 use crate::data::{BatchOrder, TrainSequence};
 use crate::model::Llama;
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -326,13 +326,7 @@ fn accumulate_gradients(
             }
         }
         let grads = (micro.loss_sum / units as f64)?.backward()?;
-        let mut these = Vec::with_capacity(opt.params.len());
-        for p in &opt.params {
-            let g = grads
-                .get(p.var.as_tensor())
-                .with_context(|| format!("parameter {} received no gradient", p.name))?;
-            these.push(g.to_dtype(DType::F32)?);
-        }
+        let these = opt.f32_gradients(&grads)?;
         acc = Some(match acc {
             None => these,
             Some(prev) => prev
