@@ -4,7 +4,6 @@
 //! Run: `cargo run -p dusflow --example bench_engine` (add `--release` for release numbers).
 
 use dusflow::engine::{self, Event, EventSink, RunOptions};
-use dusflow::steps::Registry;
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -56,7 +55,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let registry = Registry::builtin();
+    let registry = dusflow::steps::builtin_registry();
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("data.txt"), "x".repeat(1 << 20))?;
     let flow = dir.path().join("bench.toml");

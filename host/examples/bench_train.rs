@@ -7,7 +7,7 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use dusflow::data::TrainSequence;
-use dusflow::train::job::load_for_training;
+use dusflow::train::load_for_training;
 use dusflow::train::{AdamWConfig, ComputeDType};
 
 #[path = "support/timed_training.rs"]

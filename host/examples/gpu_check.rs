@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use dusflow::data::TrainSequence;
 use dusflow::model::weights::{init_trainable, save_model, SaveOptions};
 use dusflow::model::{load_model, ForwardOptions, LlamaConfig, TensorStore};
-use dusflow::train::job::load_for_training;
+use dusflow::train::load_for_training;
 use dusflow::train::{weighted_nll_sum, AdamWConfig, ComputeDType};
 use serde_json::json;
 use std::path::{Path, PathBuf};

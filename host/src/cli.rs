@@ -110,7 +110,7 @@ pub fn main() -> ExitCode {
         .with_target(false)
         .with_writer(progress.log_writer())
         .init();
-    let registry = Registry::builtin();
+    let registry = crate::steps::builtin_registry();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -157,7 +157,7 @@ fn artifact(out: &Path, step: &str) -> PathBuf {
 async fn run(dir: &Path) -> engine::RunSummary {
     engine::run(
         &dir.join("flow.toml"),
-        &dusflow::steps::Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )
@@ -417,7 +417,7 @@ fn load_err(flow: &str, files: &[(&str, &str)]) -> String {
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
     match dusflow::workflow::Workflow::load(
         &dir.path().join("flow.toml"),
-        &dusflow::steps::Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
     ) {
         Ok(_) => panic!("the workflow should be invalid"),
         Err(e) => e.to_string(),

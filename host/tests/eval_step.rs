@@ -6,7 +6,6 @@ mod common;
 use common::Project;
 use dusflow::engine::{self, RunOptions};
 use dusflow::eval::tables::Summary;
-use dusflow::steps::Registry;
 use dusflow::workflow::Workflow;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -19,7 +18,7 @@ fn fixtures() -> PathBuf {
 async fn run(p: &Project) -> engine::RunSummary {
     let s = engine::run(
         &p.workflow(),
-        &Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions {
             jobs: Some(2),
             ..RunOptions::default()
@@ -233,7 +232,7 @@ template = "{q}"
 metric = "acc"
 "#,
     );
-    let err = match Workflow::load(&p.workflow(), &Registry::builtin()) {
+    let err = match Workflow::load(&p.workflow(), &dusflow::steps::builtin_registry()) {
         Ok(_) => panic!("bad parameters accepted"),
         Err(e) => e.to_string(),
     };
@@ -286,7 +285,7 @@ tasks = ["winogrande"]
     ));
     let s = engine::run(
         &p.workflow(),
-        &Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )

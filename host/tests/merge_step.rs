@@ -8,7 +8,6 @@ use dusflow::engine::{self, RunOptions};
 use dusflow::model::{write_safetensors, TensorSpec, TensorStore};
 use dusflow::steps::merge::stream::{merge, NamedModel};
 use dusflow::steps::merge::MergeConfig;
-use dusflow::steps::Registry;
 use dusflow::workflow::Workflow;
 use indicatif::ProgressBar;
 use safetensors::Dtype;
@@ -74,7 +73,7 @@ denisty = 0.5
         models = models_section()
     );
     let p = Project::new(&text);
-    let e = match Workflow::load(&p.workflow(), &Registry::builtin()) {
+    let e = match Workflow::load(&p.workflow(), &dusflow::steps::builtin_registry()) {
         Ok(_) => panic!("workflow should be invalid"),
         Err(e) => e,
     };
@@ -123,7 +122,7 @@ dtype = "bfloat16"
     let p = Project::new(&text);
     let summary = engine::run(
         &p.workflow(),
-        &Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )
@@ -316,7 +315,7 @@ method = "linear"
     let p = Project::new(&text);
     let summary = engine::run(
         &p.workflow(),
-        &Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )

@@ -57,7 +57,7 @@ async fn run(dir: &Path, flow: &str, files: &[(&str, &str)]) -> engine::RunSumma
     std::fs::write(dir.join("flow.toml"), flow).unwrap();
     engine::run(
         &dir.join("flow.toml"),
-        &dusflow::steps::Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )
@@ -270,7 +270,7 @@ filter_params.len = {{ field = "answer", max_chars = 20, trim = true }}
     std::fs::write(dir.path().join("flow.toml"), flow("max_samples = 2")).unwrap();
     let err = match dusflow::workflow::Workflow::load(
         &dir.path().join("flow.toml"),
-        &dusflow::steps::Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
     ) {
         Ok(_) => panic!("a capped input dataset should be refused"),
         Err(e) => e.to_string(),

@@ -2,7 +2,6 @@
 //! the same bytes as the built-in policies and mergekit, and plugin failures fail the step naming the plugin.
 
 use dusflow::engine::{self, RunOptions, RunSummary, StepStatus};
-use dusflow::steps::Registry;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -48,7 +47,7 @@ async fn run(steps: &str) -> (tempfile::TempDir, RunSummary) {
     };
     let summary = engine::run(
         &dir.path().join("flow.toml"),
-        &Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         opts,
         CancellationToken::new(),
     )
@@ -179,9 +178,10 @@ fn an_undeclared_plugin_or_step_keys_for_it_are_reported_at_validation() {
         fixture("models/base").display().to_string()
     );
     std::fs::write(dir.path().join("flow.toml"), text).unwrap();
-    let Err(err) =
-        dusflow::workflow::Workflow::load(&dir.path().join("flow.toml"), &Registry::builtin())
-    else {
+    let Err(err) = dusflow::workflow::Workflow::load(
+        &dir.path().join("flow.toml"),
+        &dusflow::steps::builtin_registry(),
+    ) else {
         panic!("the workflow validated")
     };
     let err = err.to_string();

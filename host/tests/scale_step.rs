@@ -4,7 +4,6 @@
 use candle_core::{DType, Device, Tensor};
 use dusflow::engine::{self, RunOptions, RunSummary};
 use dusflow::model::{load_model, ForwardOptions, TensorStore};
-use dusflow::steps::Registry;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -45,7 +44,7 @@ impl Project {
         };
         engine::run(
             &self.dir.path().join("flow.toml"),
-            &Registry::builtin(),
+            &dusflow::steps::builtin_registry(),
             opts,
             CancellationToken::new(),
         )
@@ -316,9 +315,10 @@ fn parameters_the_policy_does_not_use_are_reported_at_validation() {
          [steps.c]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"solar\"\nm = 8\ns = 48\n\n\
          [steps.d]\nkind = \"scale\"\ninputs = { model = \"base\" }\npolicy = \"slices\"\n",
     );
-    let Err(err) =
-        dusflow::workflow::Workflow::load(&p.dir.path().join("flow.toml"), &Registry::builtin())
-    else {
+    let Err(err) = dusflow::workflow::Workflow::load(
+        &p.dir.path().join("flow.toml"),
+        &dusflow::steps::builtin_registry(),
+    ) else {
         panic!("the workflow validated")
     };
     let err = err.to_string();

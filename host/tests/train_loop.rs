@@ -7,7 +7,7 @@ use dusflow::data::{
     pack_documents, sft_segments, tokenize_document, tokenize_segments, Example, TrainSequence,
 };
 use dusflow::model::{init_trainable, save_model, LlamaConfig, SaveOptions, Tokenizer};
-use dusflow::train::job::load_for_training;
+use dusflow::train::load_for_training;
 use dusflow::train::{
     build_micro_batch, clip_gradients, global_norm, set_master, train, weighted_nll_sum, AdamW,
     AdamWConfig, ComputeDType, LrSchedule, ScheduleKind, StepMetrics, TrainOptions,

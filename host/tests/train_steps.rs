@@ -91,7 +91,7 @@ async fn synthetic_data_to_pretrain_to_sft_writes_trained_model_folders() {
         .collect();
     std::fs::write(dir.path().join("extra.jsonl"), extra).unwrap();
     std::fs::write(dir.path().join("flow.toml"), FLOW).unwrap();
-    let registry = dusflow::steps::Registry::builtin();
+    let registry = dusflow::steps::builtin_registry();
     let summary = engine::run(
         &dir.path().join("flow.toml"),
         &registry,
@@ -209,7 +209,7 @@ fn run_in_this_process(dir: &Path) {
     let summary = rt
         .block_on(engine::run(
             &dir.join("flow.toml"),
-            &dusflow::steps::Registry::builtin(),
+            &dusflow::steps::builtin_registry(),
             RunOptions::default(),
             CancellationToken::new(),
         ))
@@ -306,7 +306,7 @@ micro_batch = 0
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
     let err = match dusflow::workflow::Workflow::load(
         &dir.path().join("flow.toml"),
-        &dusflow::steps::Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
     ) {
         Ok(_) => panic!("the workflow should be invalid"),
         Err(e) => e.to_string(),
@@ -370,7 +370,7 @@ filter_params.short = {{ max_chars = 20 }}
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
     let summary = engine::run(
         &dir.path().join("flow.toml"),
-        &dusflow::steps::Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )
@@ -459,7 +459,7 @@ filter_params.decon = {{ benchmarks_dir = "{bench}", field = "instruction", n = 
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
     let summary = engine::run(
         &dir.path().join("flow.toml"),
-        &dusflow::steps::Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )

@@ -3,7 +3,6 @@
 //! runs end to end and produces its report with one row per stage.
 
 use dusflow::engine::{self, plan::PlanStatus, RunOptions};
-use dusflow::steps::Registry;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +16,7 @@ fn plan_of(path: &Path, out: &Path) -> engine::plan::Plan {
         output: Some(out.to_path_buf()),
         ..RunOptions::default()
     };
-    let workflow = engine::load(path, &Registry::builtin(), &options)
+    let workflow = engine::load(path, &dusflow::steps::builtin_registry(), &options)
         .unwrap_or_else(|e| panic!("{} does not load: {e:#}", path.display()));
     engine::plan_workflow(workflow, &options).unwrap()
 }
@@ -122,7 +121,7 @@ async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
 
     let summary = engine::run(
         &path,
-        &Registry::builtin(),
+        &dusflow::steps::builtin_registry(),
         RunOptions::default(),
         CancellationToken::new(),
     )

@@ -5,9 +5,9 @@
 //! `DUS_INPUT_<SLOT>` (the first artifact's path) and `DUS_INPUTS_<SLOT>` (all paths, `:`-separated).
 //! Its stdout and stderr go to `command.log` in the artifact.
 
-use super::context::StepContext;
-use super::kind::{ArtifactKind, Dependencies, InputSlots, Resources, StepKind};
 use anyhow::{bail, Context, Result};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{ArtifactKind, Dependencies, InputSlots, Resources, StepKind};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::path::PathBuf;
@@ -74,14 +74,14 @@ impl StepKind for CommandStep {
     fn check(
         &self,
         config: &CommandConfig,
-        _: &dyn super::kind::CheckContext,
-    ) -> Vec<super::kind::ConfigIssue> {
+        _: &dyn super::CheckContext,
+    ) -> Vec<super::ConfigIssue> {
         let empty = match &config.run {
             CommandLine::Shell(s) => s.trim().is_empty(),
             CommandLine::Argv(v) => v.is_empty() || v[0].is_empty(),
         };
         if empty {
-            vec![super::kind::ConfigIssue::new("run", "the command is empty")]
+            vec![super::ConfigIssue::new("run", "the command is empty")]
         } else {
             Vec::new()
         }

@@ -18,11 +18,6 @@
 //! Output (an Evaluation): `results.json` (scores, H6 average), `results.md` (the table), and
 //! `tasks/<task>.json` with every document's prompts, log-likelihoods or generation, and metrics.
 
-use super::context::{InputArtifact, StepContext};
-use super::kind::{
-    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
-    StepKind,
-};
 use crate::eval::evaluate::{evaluate_task, EvalOptions, Progress};
 use crate::eval::fewshot::Mode;
 use crate::eval::metrics::Extraction;
@@ -33,6 +28,11 @@ use crate::eval::TaskData;
 use crate::model::{load_model, Tokenizer};
 use crate::workflow::DType;
 use anyhow::{bail, Context, Result};
+use dusflow_core::step::{
+    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
+    StepKind,
+};
+use dusflow_core::step::{InputArtifact, StepContext};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -222,12 +222,8 @@ impl StepKind for EvalStep {
 
     fn run(&self, c: &EvalConfig, ctx: &StepContext) -> Result<()> {
         let model_in = ctx.input("model")?;
-        let device = ctx.device()?;
-        let dtype = match c.dtype.unwrap_or(DType::F32) {
-            DType::F32 => candle_core::DType::F32,
-            DType::Bf16 => candle_core::DType::BF16,
-            DType::F16 => candle_core::DType::F16,
-        };
+        let device = crate::device::select_device(ctx.settings.device)?;
+        let dtype = crate::device::candle_dtype(c.dtype.unwrap_or(DType::F32));
         let model = load_model(&model_in.path, dtype, &device)
             .with_context(|| format!("loading model `{}`", model_in.name))?;
         let tokenizer = Tokenizer::from_model_dir(&model_in.path)

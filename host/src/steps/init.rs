@@ -11,14 +11,13 @@
 //! num_attention_heads = 4
 //! ```
 
-use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlots, StepKind};
 use crate::data::derive_seed;
 use crate::model::tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB};
 use crate::model::{init_trainable, save_model, LlamaConfig, SaveOptions, Tokenizer};
-use crate::train::job::save_dtype;
 use anyhow::Result;
 use candle_core::{DType, Device};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{ArtifactKind, CheckContext, ConfigIssue, InputSlots, StepKind};
 use serde::{Deserialize, Serialize};
 
 /// Parameters of an `init` step (names as in `config.json`).
@@ -109,7 +108,7 @@ impl StepKind for InitStep {
         let (_, model) = init_trainable(&cfg, seed, DType::F32, &Device::Cpu)?;
         let staging = ctx.out_dir.join(".model");
         let opts = SaveOptions {
-            dtype: save_dtype(ctx.settings.dtype),
+            dtype: crate::device::candle_dtype(ctx.settings.dtype),
             replace: true,
             ..Default::default()
         };

@@ -23,14 +23,16 @@
 //! `max_samples` is refused: capping each side separately would break the pairs (cap the pairs with the
 //! step's `max_samples`).
 
-use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind};
 use crate::data::{
     filter_records, read_records, DatasetSource, FilterCount, Origin, RawRecord, ReadStats,
 };
-use crate::engine::atomic::write_file_atomic;
-use crate::train::job::{check_filter_plugins, dependencies, plugin_filters, FilterParams};
+use crate::steps::training::{check_filter_plugins, dependencies, plugin_filters, FilterParams};
 use anyhow::{bail, Context, Result};
+use dusflow_core::atomic::write_file_atomic;
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{
+    ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;

@@ -12,18 +12,18 @@
 //! max_steps = 200
 //! ```
 
-use super::context::StepContext;
-use super::kind::{
+use crate::data::{load_mixture, pack_documents, tokenize_document, RecordFormat};
+use crate::steps::training::TrainStepConfig;
+use crate::steps::training::{
+    check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs,
+    train_model,
+};
+use anyhow::{bail, Result};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{
     ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
     StepKind,
 };
-use crate::data::{load_mixture, pack_documents, tokenize_document, RecordFormat};
-use crate::train::job::{
-    check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs,
-    save_dtype, train_model,
-};
-use crate::train::TrainStepConfig;
-use anyhow::{bail, Result};
 
 /// The `pretrain` step kind.
 pub struct PretrainStep;
@@ -113,7 +113,7 @@ impl StepKind for PretrainStep {
             .pad_id()
             .or(inputs.tokenizer.eos_id())
             .unwrap_or(0);
-        let device = ctx.device()?;
+        let device = crate::device::select_device(ctx.settings.device)?;
         let mut observer = progress_observer(ctx);
         train_model(
             c,
@@ -123,7 +123,7 @@ impl StepKind for PretrainStep {
             pad,
             inputs.seed,
             &mixture.reports,
-            save_dtype(ctx.settings.dtype),
+            crate::device::candle_dtype(ctx.settings.dtype),
             &device,
             &ctx.out_dir,
             &mut observer,

@@ -13,10 +13,12 @@
 //! `curves.svg` with their loss curves in one chart and a loss table (first, 25 %, 50 %, final) in
 //! `report.md`: how fast each run recovers, e.g. for the seam ablation.
 
-use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind};
 use crate::eval::tables::{bar_chart_svg, markdown_table, Summary};
 use anyhow::{Context, Result};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{
+    ArtifactKind, CheckContext, ConfigIssue, InputSlot, InputSlots, StepKind,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -11,18 +11,18 @@
 //! epochs = 3
 //! ```
 
-use super::context::StepContext;
-use super::kind::{
-    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlots, Resources, StepKind,
-};
 use super::pretrain::TRAIN_INPUTS;
 use crate::data::{load_mixture, pack_examples, sft_segments, tokenize_segments, RecordFormat};
-use crate::train::job::{
+use crate::steps::training::TrainStepConfig;
+use crate::steps::training::{
     check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs,
-    save_dtype, train_model,
+    train_model,
 };
-use crate::train::TrainStepConfig;
 use anyhow::{bail, Result};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{
+    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlots, Resources, StepKind,
+};
 
 /// The formats SFT trains on.
 pub const SFT_FORMATS: &[RecordFormat] = &[
@@ -112,7 +112,7 @@ impl StepKind for SftStep {
             .pad_id()
             .or(inputs.tokenizer.eos_id())
             .unwrap_or(0);
-        let device = ctx.device()?;
+        let device = crate::device::select_device(ctx.settings.device)?;
         let mut observer = progress_observer(ctx);
         train_model(
             c,
@@ -122,7 +122,7 @@ impl StepKind for SftStep {
             pad,
             inputs.seed,
             &mixture.reports,
-            save_dtype(ctx.settings.dtype),
+            crate::device::candle_dtype(ctx.settings.dtype),
             &device,
             &ctx.out_dir,
             &mut observer,

@@ -12,9 +12,9 @@
 //!
 //! Output: `data.jsonl` and `info.json` (task, count, seed).
 
-use super::context::StepContext;
-use super::kind::{ArtifactKind, CheckContext, ConfigIssue, InputSlots, StepKind};
 use anyhow::{Context, Result};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{ArtifactKind, CheckContext, ConfigIssue, InputSlots, StepKind};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -202,7 +202,7 @@ pub struct TestKinds {
 pub fn test_kinds() -> TestKinds {
     let log = Log::default();
     let hold_started = Arc::new((Mutex::new(0), Condvar::new()));
-    let mut registry = Registry::builtin();
+    let mut registry = dusflow::steps::builtin_registry();
     registry.register(TextStep { log: log.clone() });
     registry.register(MeetStep {
         state: Arc::new((Mutex::new(0), Condvar::new())),

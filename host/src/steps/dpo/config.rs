@@ -1,9 +1,10 @@
 //! Parameters of a `dpo` step: the preference loss, the sDPO chunking, sequence limits, and the training
 //! keys of [`TrainStepConfig`] (converted to it, so checks and step counts are shared).
 
+use crate::steps::training::TrainStepConfig;
 use crate::steps::ConfigIssue;
 use crate::train::dpo::{DpoLossConfig, DpoLossKind, PairLimits};
-use crate::train::{ComputeDType, ScheduleKind, TrainStepConfig};
+use crate::train::{ComputeDType, ScheduleKind};
 use serde::{Deserialize, Serialize};
 
 /// How the preference data is split into the sDPO chunks D_1..D_T.

@@ -27,20 +27,20 @@ pub mod stages;
 
 pub use config::{ChunkBy, DpoStepConfig};
 
-use super::context::StepContext;
-use super::kind::{
+use crate::data::{derive_seed, DatasetSource};
+use crate::model::Tokenizer;
+use crate::steps::training::{
+    check_filter_plugins, dependencies, plugin_filters, progress_observer,
+};
+use crate::train::dpo::{plot_dpo, PreferencePair, ReferenceLogps};
+use anyhow::{Context, Result};
+use chunks::{all_pairs, chunk_origin, load_preference_data, split_chunks};
+use dusflow_core::atomic::write_file_atomic;
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{
     ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots,
     Resources, StepKind,
 };
-use crate::data::{derive_seed, DatasetSource};
-use crate::engine::atomic::write_file_atomic;
-use crate::model::Tokenizer;
-use crate::train::dpo::{plot_dpo, PreferencePair, ReferenceLogps};
-use crate::train::job::{
-    check_filter_plugins, dependencies, plugin_filters, progress_observer, save_dtype,
-};
-use anyhow::{Context, Result};
-use chunks::{all_pairs, chunk_origin, load_preference_data, split_chunks};
 use stages::{
     model_digest, reference_logps, run_stage, stage_histories, ModelIdentity, StageSetup,
 };
@@ -132,7 +132,7 @@ impl StepKind for DpoStep {
             load_preference_data(&sources, &mut filters, seed, &tokenizer, c.limits())?
         };
         let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
-        let device = ctx.device()?;
+        let device = crate::device::select_device(ctx.settings.device)?;
         let out = ctx.out_dir.as_path();
         let refs_dir = out.join("reference_logps");
         let on_batch = |total: usize| {
@@ -195,7 +195,7 @@ impl StepKind for DpoStep {
             loss: c.loss_config(),
             seed,
             pad,
-            save_dtype: save_dtype(ctx.settings.dtype),
+            save_dtype: crate::device::candle_dtype(ctx.settings.dtype),
             device: &device,
         };
         let stages = chunks.len();

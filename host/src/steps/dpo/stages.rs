@@ -3,17 +3,18 @@
 //! unfinished one continues from its last checkpoint and reuses its stored reference pass.
 
 use super::chunks::SourcedPair;
-use crate::engine::atomic::write_file_atomic;
 use crate::model::load_model;
+use crate::steps::training::TrainStepConfig;
 use crate::train::dpo::{
     reference_pass, DpoLossConfig, DpoObjective, PreferencePair, ReferenceLogps,
 };
-use crate::train::job::{load_for_training, move_contents, save_trained};
 use crate::train::{
-    train_objective, MetricsLog, StepMetrics, TrainObserver, TrainOptions, TrainStepConfig,
+    load_for_training, move_contents, save_trained, train_objective, MetricsLog, StepMetrics,
+    TrainObserver, TrainOptions,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use dusflow_core::atomic::write_file_atomic;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

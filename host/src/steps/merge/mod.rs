@@ -39,48 +39,215 @@ pub mod plugin_rule;
 pub mod sparsify;
 pub mod stream;
 
-use super::context::StepContext;
-use super::kind::{
+use crate::byte_size::ShardSize;
+use anyhow::{bail, Result};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{
     ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
     StepKind,
 };
-use anyhow::{bail, Result};
 use params::Param;
 use serde::{Deserialize, Serialize};
 
-/// A built-in merge method (mergekit's names and defaults).
+/// A built-in merge method (mergekit's names). What each one does is its row in [`METHODS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
-    /// Weighted average `Σ wᵢ xᵢ / Σ wᵢ` (`normalize` default true).
+    /// Weighted average `Σ wᵢ xᵢ / Σ wᵢ`.
     Linear,
     /// Spherical interpolation of two models by `t`.
     Slerp,
-    /// `base + λ Σ wᵢ (xᵢ − base)` (`normalize` default false).
+    /// `base + λ Σ wᵢ (xᵢ − base)`.
     TaskArithmetic,
-    /// Top-`density` magnitudes of each δ, sign election by sum, disjoint mean (`normalize` default true).
+    /// Top-`density` magnitudes of each δ, sign election by sum, disjoint mean.
     Ties,
-    /// Seeded random `density` of each δ, L1-rescaled, summed (`rescale` default true).
+    /// Seeded random `density` of each δ, L1-rescaled, summed.
     DareLinear,
-    /// DARE masks with TIES sign election (`rescale` default true).
+    /// DARE masks with TIES sign election.
     DareTies,
 }
 
+/// How a method combines its inputs (the kernel that runs it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combination {
+    /// A weighted average of the models.
+    WeightedAverage,
+    /// Spherical interpolation of exactly two models.
+    Slerp,
+    /// Task vectors `xᵢ − base`, sparsified, optionally sign-elected, scaled and added to the base.
+    TaskVectors {
+        /// How each task vector is thinned before combining.
+        sparsification: SparsificationKind,
+        /// Whether a sign is elected per element and disagreeing entries dropped (TIES).
+        sign_consensus: bool,
+    },
+}
+
+/// How a task-vector method thins each δ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparsificationKind {
+    /// Keep everything.
+    None,
+    /// Keep the top-`density` magnitudes.
+    Magnitude,
+    /// Keep a seeded random `density` (DARE).
+    Random,
+}
+
+/// Whether a method reads `inputs.base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseUse {
+    /// It must be given.
+    Required,
+    /// It may be given (slerp: base and one model).
+    Optional,
+    /// It must not be given.
+    Refused,
+}
+
+/// One row of the method table: everything validation, planning and messages know about a method.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodSpec {
+    /// The enum value.
+    pub method: Method,
+    /// The name in workflows and mergekit configs.
+    pub name: &'static str,
+    /// Whether `inputs.base` is read.
+    pub base: BaseUse,
+    /// How inputs are combined.
+    pub combination: Combination,
+    /// mergekit's default for `normalize`.
+    pub default_normalize: bool,
+    /// mergekit's default for `rescale`.
+    pub default_rescale: bool,
+    /// The optional parameters it reads (others are reported as unused): `weights`, `t`, `density`,
+    /// `lambda`, `normalize`, `rescale`, `seed`.
+    pub params: &'static [&'static str],
+}
+
+/// The built-in methods, one row each (mergekit 0.1.5's names and defaults). Adding a method: a variant of
+/// [`Method`], a row here and, for a new [`Combination`], its kernel in [`methods`].
+pub const METHODS: &[MethodSpec] = &[
+    MethodSpec {
+        method: Method::Linear,
+        name: "linear",
+        base: BaseUse::Refused,
+        combination: Combination::WeightedAverage,
+        default_normalize: true,
+        default_rescale: false,
+        params: &["weights", "normalize"],
+    },
+    MethodSpec {
+        method: Method::Slerp,
+        name: "slerp",
+        base: BaseUse::Optional,
+        combination: Combination::Slerp,
+        default_normalize: false,
+        default_rescale: false,
+        params: &["t"],
+    },
+    MethodSpec {
+        method: Method::TaskArithmetic,
+        name: "task_arithmetic",
+        base: BaseUse::Required,
+        combination: Combination::TaskVectors {
+            sparsification: SparsificationKind::None,
+            sign_consensus: false,
+        },
+        default_normalize: false,
+        default_rescale: false,
+        params: &["weights", "lambda", "normalize", "rescale"],
+    },
+    MethodSpec {
+        method: Method::Ties,
+        name: "ties",
+        base: BaseUse::Required,
+        combination: Combination::TaskVectors {
+            sparsification: SparsificationKind::Magnitude,
+            sign_consensus: true,
+        },
+        default_normalize: true,
+        default_rescale: false,
+        params: &["weights", "density", "lambda", "normalize", "rescale"],
+    },
+    MethodSpec {
+        method: Method::DareLinear,
+        name: "dare_linear",
+        base: BaseUse::Required,
+        combination: Combination::TaskVectors {
+            sparsification: SparsificationKind::Random,
+            sign_consensus: false,
+        },
+        default_normalize: false,
+        default_rescale: true,
+        params: &[
+            "weights",
+            "density",
+            "lambda",
+            "normalize",
+            "rescale",
+            "seed",
+        ],
+    },
+    MethodSpec {
+        method: Method::DareTies,
+        name: "dare_ties",
+        base: BaseUse::Required,
+        combination: Combination::TaskVectors {
+            sparsification: SparsificationKind::Random,
+            sign_consensus: true,
+        },
+        default_normalize: false,
+        default_rescale: true,
+        params: &[
+            "weights",
+            "density",
+            "lambda",
+            "normalize",
+            "rescale",
+            "seed",
+        ],
+    },
+];
+
+/// Every optional parameter some method reads.
+const METHOD_PARAMS: &[&str] = &[
+    "weights",
+    "t",
+    "density",
+    "lambda",
+    "normalize",
+    "rescale",
+    "seed",
+];
+
 impl Method {
+    /// The method's row in [`METHODS`].
+    pub fn spec(self) -> &'static MethodSpec {
+        METHODS
+            .iter()
+            .find(|m| m.method == self)
+            .expect("every method has a row in METHODS (tested)")
+    }
+
+    /// The name in workflows.
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
     /// Whether the method needs a `base` model.
     pub fn needs_base(self) -> bool {
-        !matches!(self, Method::Linear | Method::Slerp)
+        self.spec().base == BaseUse::Required
     }
+}
 
-    /// mergekit's default for `normalize`.
-    pub fn default_normalize(self) -> bool {
-        matches!(self, Method::Linear | Method::Ties)
-    }
-
-    /// mergekit's default for `rescale`.
-    pub fn default_rescale(self) -> bool {
-        matches!(self, Method::DareLinear | Method::DareTies)
-    }
+/// The method names, for messages: `linear, slerp, …`.
+pub fn method_names() -> String {
+    METHODS
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Output element type.
@@ -111,49 +278,6 @@ impl OutputDtype {
             OutputDtype::Float32 => "float32",
             OutputDtype::Bfloat16 => "bfloat16",
             OutputDtype::Float16 => "float16",
-        }
-    }
-}
-
-/// A size in bytes: an integer, or a string such as `"2GB"`, `"500MB"`, `"1GiB"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ByteSize {
-    /// Bytes.
-    Bytes(u64),
-    /// A number with a unit (B, KB, MB, GB, KiB, MiB, GiB).
-    Text(String),
-}
-
-impl ByteSize {
-    /// The size in bytes, or what is wrong with the text.
-    pub fn bytes(&self) -> Result<u64, String> {
-        match self {
-            ByteSize::Bytes(n) => Ok(*n),
-            ByteSize::Text(t) => {
-                let t = t.trim();
-                let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-                let (num, unit) = t.split_at(split);
-                let num: f64 = num
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("`{t}` is not a size like \"2GB\""))?;
-                let scale = match unit.trim().to_ascii_lowercase().as_str() {
-                    "" | "b" => 1.0,
-                    "kb" => 1e3,
-                    "mb" => 1e6,
-                    "gb" => 1e9,
-                    "kib" => 1024.0,
-                    "mib" => 1024.0 * 1024.0,
-                    "gib" => 1024.0 * 1024.0 * 1024.0,
-                    other => {
-                        return Err(format!(
-                            "unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
-                        ))
-                    }
-                };
-                Ok((num * scale) as u64)
-            }
         }
     }
 }
@@ -197,7 +321,23 @@ pub struct MergeConfig {
     pub dtype: Option<OutputDtype>,
     /// Largest shard (default: one `model.safetensors`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard_size: Option<ByteSize>,
+    pub shard_size: Option<ShardSize>,
+}
+
+impl MergeConfig {
+    /// Whether the optional method parameter `key` (one of [`METHOD_PARAMS`]) is written.
+    fn is_set(&self, key: &str) -> bool {
+        match key {
+            "weights" => self.weights.is_some(),
+            "t" => self.t.is_some(),
+            "density" => self.density.is_some(),
+            "lambda" => self.lambda.is_some(),
+            "normalize" => self.normalize.is_some(),
+            "rescale" => self.rescale.is_some(),
+            "seed" => self.seed.is_some(),
+            other => unreachable!("{other} is not a method parameter"),
+        }
+    }
 }
 
 /// The `merge` step kind.
@@ -281,10 +421,12 @@ pub fn check_config(
     match (&c.method, &c.plugin) {
         (None, None) => issue(
             "method",
-            "set `method` (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties) or `plugin`".into(),
+            format!("set `method` ({}) or `plugin`", method_names()),
         ),
         (Some(_), Some(_)) => issue("plugin", "set either `method` or `plugin`, not both".into()),
-        (None, Some(p)) if !has_plugin(p) => issue("plugin", format!("`{p}` is not declared in [plugins]")),
+        (None, Some(p)) if !has_plugin(p) => {
+            issue("plugin", format!("`{p}` is not declared in [plugins]"))
+        }
         _ => {}
     }
     if c.plugin.is_none() && c.plugin_params.is_some() {
@@ -292,68 +434,33 @@ pub fn check_config(
     }
     let has_base = base.map(|b| b > 0);
     if let Some(method) = c.method {
-        let unused = |key: &str, used: bool, issue: &mut dyn FnMut(&str, String)| {
-            if !used {
-                issue(
-                    key,
-                    format!("is not used by method `{}`", method_name(method)),
-                );
+        let spec = method.spec();
+        for key in METHOD_PARAMS {
+            if c.is_set(key) && !spec.params.contains(key) {
+                issue(key, format!("is not used by method `{}`", spec.name));
             }
-        };
-        unused("t", c.t.is_none() || method == Method::Slerp, &mut issue);
-        unused(
-            "weights",
-            c.weights.is_none() || method != Method::Slerp,
-            &mut issue,
-        );
-        unused(
-            "density",
-            c.density.is_none()
-                || !matches!(
-                    method,
-                    Method::Linear | Method::Slerp | Method::TaskArithmetic
-                ),
-            &mut issue,
-        );
-        unused(
-            "lambda",
-            c.lambda.is_none() || method.needs_base(),
-            &mut issue,
-        );
-        unused(
-            "rescale",
-            c.rescale.is_none() || method.needs_base(),
-            &mut issue,
-        );
-        unused(
-            "normalize",
-            c.normalize.is_none() || method != Method::Slerp,
-            &mut issue,
-        );
-        unused(
-            "seed",
-            c.seed.is_none() || matches!(method, Method::DareLinear | Method::DareTies),
-            &mut issue,
-        );
-        if method == Method::Slerp && c.t.is_none() {
+        }
+        if spec.combination == Combination::Slerp && c.t.is_none() {
             issue("t", "slerp needs `t` (0 = first model, 1 = second)".into());
         }
-        if method.needs_base() && has_base == Some(false) {
-            issue(
+        match (spec.base, has_base) {
+            (BaseUse::Required, Some(false)) => issue(
                 "inputs.base",
                 format!(
                     "method `{}` needs `inputs.base` (the model the task vectors are taken from)",
-                    method_name(method)
+                    spec.name
                 ),
-            );
-        }
-        if method == Method::Linear && has_base == Some(true) {
-            issue(
+            ),
+            (BaseUse::Refused, Some(true)) => issue(
                 "inputs.base",
-                "linear does not use a base; list every model in `inputs.models`".into(),
-            );
+                format!(
+                    "{} does not use a base; list every model in `inputs.models`",
+                    spec.name
+                ),
+            ),
+            _ => {}
         }
-        if method == Method::Slerp {
+        if spec.combination == Combination::Slerp {
             let total = models.zip(base).map(|(m, b)| m + b);
             if let Some(total) = total.filter(|&t| t != 2) {
                 issue(
@@ -402,24 +509,29 @@ pub fn check_config(
     if let Some(l) = &c.lambda {
         param("lambda", l, None);
     }
-    if let Some(s) = &c.shard_size {
-        match s.bytes() {
-            Ok(0) => issue("shard_size", "must be positive".into()),
-            Ok(_) => {}
-            Err(e) => issue("shard_size", e),
-        }
-    }
     issues
 }
 
-/// The workflow name of a method.
-pub fn method_name(m: Method) -> &'static str {
-    match m {
-        Method::Linear => "linear",
-        Method::Slerp => "slerp",
-        Method::TaskArithmetic => "task_arithmetic",
-        Method::Ties => "ties",
-        Method::DareLinear => "dare_linear",
-        Method::DareTies => "dare_ties",
+#[cfg(test)]
+mod method_table_tests {
+    use super::*;
+
+    #[test]
+    fn every_method_has_exactly_one_row_and_its_serde_name() {
+        for spec in METHODS {
+            assert_eq!(
+                METHODS.iter().filter(|m| m.method == spec.method).count(),
+                1,
+                "{}",
+                spec.name
+            );
+            assert_eq!(
+                serde_json::to_value(spec.method).unwrap(),
+                serde_json::json!(spec.name)
+            );
+            for p in spec.params {
+                assert!(METHOD_PARAMS.contains(p), "{}: {p}", spec.name);
+            }
+        }
     }
 }

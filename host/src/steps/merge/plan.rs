@@ -4,7 +4,7 @@
 use super::elements::Source;
 use super::methods::{Sparsification, TaskVectorPlan, TensorPlan};
 use super::params::{Param, TensorPosition};
-use super::{method_name, MergeConfig, Method};
+use super::{BaseUse, Combination, MergeConfig, Method, SparsificationKind};
 use anyhow::{anyhow, bail, Result};
 use safetensors::Dtype;
 
@@ -92,8 +92,8 @@ impl MethodPlanner {
             t: config.t.clone(),
             density: config.density.clone(),
             lambda: config.lambda.clone(),
-            normalize: config.normalize.unwrap_or(method.default_normalize()),
-            rescale: config.rescale.unwrap_or(method.default_rescale()),
+            normalize: config.normalize.unwrap_or(method.spec().default_normalize),
+            rescale: config.rescale.unwrap_or(method.spec().default_rescale),
             seed: config.seed.unwrap_or(default_seed),
         }
     }
@@ -114,29 +114,33 @@ impl MethodPlanner {
             .enumerate()
             .map(|(i, w)| resolve(&format!("weights[{i}]"), w).map(|v| v as f32))
             .collect::<Result<Vec<f32>>>()?;
-        Ok(match self.method {
-            Method::Linear => TensorPlan::Linear {
+        let spec = self.method.spec();
+        Ok(match spec.combination {
+            Combination::WeightedAverage => TensorPlan::Linear {
                 weights,
                 normalize: self.normalize,
             },
-            Method::Slerp => {
+            Combination::Slerp => {
                 let t = self.t.as_ref().ok_or_else(|| anyhow!("slerp needs `t`"))?;
                 TensorPlan::Slerp {
                     t: resolve("t", t)? as f32,
                 }
             }
-            method => {
+            Combination::TaskVectors {
+                sparsification,
+                sign_consensus,
+            } => {
                 let density = optional("density", &self.density, 1.0)?;
                 let lambda = optional("lambda", &self.lambda, 1.0)? as f32;
                 TensorPlan::TaskVector(TaskVectorPlan {
                     densities: vec![density; weights.len()],
                     weights,
-                    sparsification: match method {
-                        Method::TaskArithmetic => Sparsification::None,
-                        Method::Ties => Sparsification::Magnitude,
-                        _ => Sparsification::Random { seed: self.seed },
+                    sparsification: match sparsification {
+                        SparsificationKind::None => Sparsification::None,
+                        SparsificationKind::Magnitude => Sparsification::Magnitude,
+                        SparsificationKind::Random => Sparsification::Random { seed: self.seed },
                     },
-                    consensus: matches!(method, Method::Ties | Method::DareTies),
+                    consensus: sign_consensus,
                     normalize: self.normalize,
                     rescale: self.rescale,
                     lambda,
@@ -147,7 +151,7 @@ impl MethodPlanner {
 
     /// The method's name.
     pub fn name(&self) -> &'static str {
-        method_name(self.method)
+        self.method.name()
     }
 }
 
@@ -156,8 +160,8 @@ impl MethodPlanner {
 /// models; task-vector methods = base first, then the models.
 pub fn input_order(method: Option<Method>, models: usize, has_base: bool) -> Vec<usize> {
     let offset = has_base as usize;
-    match method {
-        Some(Method::Linear) => (offset..offset + models).collect(),
+    match method.map(|m| m.spec().base) {
+        Some(BaseUse::Refused) => (offset..offset + models).collect(),
         _ => (0..offset + models).collect(),
     }
 }

@@ -11,17 +11,6 @@ use crate::plugins::{
 use crate::workflow::PluginSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::Dtype;
-use std::sync::OnceLock;
-
-/// The process-wide plugin host.
-fn host() -> Result<&'static PluginHost> {
-    static HOST: OnceLock<PluginHost> = OnceLock::new();
-    if let Some(h) = HOST.get() {
-        return Ok(h);
-    }
-    let h = PluginHost::new().context("starting the plugin host")?;
-    Ok(HOST.get_or_init(|| h))
-}
 
 /// Plans tensors with a merge-rule plugin.
 pub struct PluginPlanner {
@@ -33,9 +22,14 @@ pub struct PluginPlanner {
 
 impl PluginPlanner {
     /// Loads plugin `name` (declared as `spec`) and configures it with `params_json`.
-    pub fn start(name: &str, spec: &PluginSpec, params_json: &str) -> Result<Self> {
+    pub fn start(
+        host: &PluginHost,
+        name: &str,
+        spec: &PluginSpec,
+        params_json: &str,
+    ) -> Result<Self> {
         let describe = || format!("merge-rule plugin `{name}` ({})", spec.path.display());
-        let plugin = host()?
+        let plugin = host
             .load(&spec.path, &spec.grants, &spec.limits)
             .with_context(describe)?;
         let rule = plugin.merge_rule(params_json).with_context(describe)?;

@@ -8,9 +8,11 @@ use super::params::{layer_index, TensorPosition};
 use super::plan::{input_order, MethodPlanner, TensorDescription, TensorPlanner};
 use super::plugin_rule::PluginPlanner;
 use super::MergeConfig;
+use crate::byte_size::ShardSize;
 use crate::model::in_place_writer::{write_checkpoint_in_place, TensorSlot};
 use crate::model::{ShardOptions, TensorSpec, TensorStore};
-use crate::steps::context::{Cancelled, StepContext};
+use crate::plugins::StepPluginHost;
+use crate::steps::{Cancelled, StepContext};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
@@ -72,7 +74,8 @@ pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
             .plugin_params
             .clone()
             .unwrap_or(serde_json::Value::Object(Default::default()));
-        let mut planner = PluginPlanner::start(name, spec, &params.to_string())?;
+        let mut planner =
+            PluginPlanner::start(&ctx.plugin_host()?, name, spec, &params.to_string())?;
         // The plugin sees every input, base first.
         let order: Vec<usize> = (0..models.len() + base.is_some() as usize).collect();
         merge_with(
@@ -173,11 +176,7 @@ pub fn merge_with(
         specs.push(TensorSpec::new(name.clone(), dtype, meta.shape.to_vec()));
     }
     let shard = ShardOptions {
-        max_shard_bytes: config
-            .shard_size
-            .as_ref()
-            .map(|s| s.bytes().map_err(|e| anyhow!("shard_size: {e}")))
-            .transpose()?,
+        max_shard_bytes: config.shard_size.and_then(ShardSize::max_bytes),
         durable,
     };
     // Each tensor is computed on every core, chunk by chunk, and each chunk written into the output file

@@ -35,13 +35,15 @@ pub use policy::{builtin_plan, BuiltinPolicy, PolicyParams, SliceSpec, Transform
 pub use source::SourceModel;
 pub use writer::{write_scaled, ScaleReport, WriteOptions};
 
-use super::context::StepContext;
-use super::kind::{
-    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, StepKind,
-};
+use crate::byte_size::ShardSize;
 use crate::model::checkpoint_writer::ShardOptions;
+use crate::plugins::StepPluginHost;
 use crate::workflow::DType;
 use anyhow::{bail, Context, Result};
+use dusflow_core::step::StepContext;
+use dusflow_core::step::{
+    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, StepKind,
+};
 use serde::{Deserialize, Serialize};
 
 /// Which policy a step runs.
@@ -102,15 +104,15 @@ pub struct ScaleConfig {
     pub dtype: Option<DType>,
     /// Largest shard: `"5GB"` (10^9), `"500MB"`, `"2GiB"` (2^30), or `"none"` for one file.
     #[serde(default = "ScaleConfig::default_shard_size")]
-    pub shard_size: String,
+    pub shard_size: ShardSize,
     /// Refuse plans with more layers than this.
     #[serde(default = "ScaleConfig::default_max_layers")]
     pub max_layers: usize,
 }
 
 impl ScaleConfig {
-    fn default_shard_size() -> String {
-        "5GB".to_string()
+    fn default_shard_size() -> ShardSize {
+        ShardSize::Bytes(5_000_000_000)
     }
     fn default_max_layers() -> usize {
         DEFAULT_MAX_LAYERS
@@ -146,52 +148,13 @@ impl ScaleConfig {
     /// The writer options; `durable` as in [`ShardOptions::durable`].
     pub fn write_options(&self, durable: bool) -> Result<WriteOptions> {
         Ok(WriteOptions {
-            dtype: self.dtype.map(|d| match d {
-                DType::F32 => safetensors::Dtype::F32,
-                DType::Bf16 => safetensors::Dtype::BF16,
-                DType::F16 => safetensors::Dtype::F16,
-            }),
+            dtype: self.dtype.map(crate::device::safetensors_dtype),
             shard: ShardOptions {
-                max_shard_bytes: parse_size(&self.shard_size)?,
+                max_shard_bytes: self.shard_size.max_bytes(),
                 durable,
             },
         })
     }
-}
-
-/// Parses a shard size: a number of bytes with an optional unit (B, KB, MB, GB, TB = powers of 1000;
-/// KiB, MiB, GiB, TiB = powers of 1024), or `none` / `0` for no sharding.
-pub fn parse_size(text: &str) -> Result<Option<u64>> {
-    let t = text.trim();
-    if t.eq_ignore_ascii_case("none") || t == "0" {
-        return Ok(None);
-    }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("shard_size {text:?}: expected e.g. \"5GB\" or \"500MB\""))?;
-    let factor: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        "TIB" => 1024.0f64.powi(4),
-        other => bail!(
-            "shard_size {text:?}: unknown unit {other:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-        ),
-    };
-    let bytes = (number * factor).round();
-    if bytes < 1.0 {
-        bail!("shard_size {text:?} is below one byte");
-    }
-    Ok(Some(bytes as u64))
 }
 
 const INPUTS: &[InputSlot] = &[InputSlot {
@@ -330,9 +293,6 @@ impl StepKind for ScaleStep {
         if c.max_layers == 0 {
             issues.push(ConfigIssue::new("max_layers", "must be at least 1"));
         }
-        if let Err(e) = parse_size(&c.shard_size) {
-            issues.push(ConfigIssue::new("shard_size", e.to_string()));
-        }
         issues
     }
 
@@ -363,7 +323,7 @@ impl StepKind for ScaleStep {
                 })?;
                 let params =
                     serde_json::to_string(c.params.as_ref().unwrap_or(&serde_json::json!({})))?;
-                plugin_policy::plugin_plan(name, spec, &models, &params)?
+                plugin_policy::plugin_plan(&ctx.plugin_host()?, name, spec, &models, &params)?
             }
         };
         plan.validate(policy.name(), &names, &counts, c.max_layers)?;
@@ -415,20 +375,3 @@ pub fn scale_into(
 
 /// The provenance file a `scale` step writes beside the model.
 pub const PLAN_FILE: &str = "scale_plan.json";
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn shard_sizes_use_decimal_and_binary_units() {
-        assert_eq!(parse_size("5GB").unwrap(), Some(5_000_000_000));
-        assert_eq!(parse_size("2GiB").unwrap(), Some(2 << 30));
-        assert_eq!(parse_size("1.5MB").unwrap(), Some(1_500_000));
-        assert_eq!(parse_size("none").unwrap(), None);
-        assert!(parse_size("5 parsecs")
-            .unwrap_err()
-            .to_string()
-            .contains("unknown unit"));
-    }
-}

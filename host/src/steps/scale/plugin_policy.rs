@@ -6,29 +6,19 @@ use super::source::SourceModel;
 use crate::plugins::{self, ModelDescription, PluginHost};
 use crate::workflow::PluginSpec;
 use anyhow::{Context, Result};
-use std::sync::OnceLock;
-
-/// The process-wide plugin host (its engine, epoch ticker and caches are shared by every plan).
-fn host() -> Result<&'static PluginHost> {
-    static HOST: OnceLock<PluginHost> = OnceLock::new();
-    if let Some(h) = HOST.get() {
-        return Ok(h);
-    }
-    let h = PluginHost::new().context("starting the plugin host")?;
-    Ok(HOST.get_or_init(|| h))
-}
 
 /// Asks the layer-policy plugin `name` (declared as `spec`) for a plan over `models`, with the step's
 /// `params` as JSON. Traps, time-outs, malformed answers and out-of-range indices are errors naming the
 /// plugin.
 pub fn plugin_plan(
+    host: &PluginHost,
     name: &str,
     spec: &PluginSpec,
     models: &[SourceModel],
     params_json: &str,
 ) -> Result<ScalePlan> {
     let describe = || format!("layer-policy plugin `{name}` ({})", spec.path.display());
-    let plugin = host()?
+    let plugin = host
         .load(&spec.path, &spec.grants, &spec.limits)
         .with_context(describe)?;
     let policy = plugin.layer_policy().with_context(describe)?;

@@ -1,0 +1,475 @@
+//! Running a plan: independent steps concurrently, bounded by job slots and one exclusive device.
+//!
+//! Each executing step is registered by its artifact folder name while it runs, so a later plan (watch
+//! mode) that contains the same step with the same key waits for it instead of starting it again, and a
+//! plan that no longer contains it cancels it.
+
+use super::events::{Event, EventSink};
+use super::plan::{last_record_path, Plan, PlanStatus, PlannedStep};
+use super::progress::Progress;
+use super::store::{ArtifactStore, Manifest};
+use dusflow_core::services::Services;
+use dusflow_core::step::{Cancelled, StepContext};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How a step ended in one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepStatus {
+    /// It executed and its artifact is complete.
+    Ran,
+    /// Its artifact already existed.
+    Cached,
+    /// It failed with this message.
+    Failed(String),
+    /// It did not run because a step it needs failed or was cancelled.
+    Skipped(String),
+    /// It could not run: an input is missing.
+    Blocked(String),
+    /// It was stopped (Ctrl-C, or its inputs changed in watch mode).
+    Cancelled,
+}
+
+impl StepStatus {
+    /// One lowercase word for logs and tables.
+    pub fn word(&self) -> &'static str {
+        match self {
+            StepStatus::Ran => "ran",
+            StepStatus::Cached => "cached",
+            StepStatus::Failed(_) => "failed",
+            StepStatus::Skipped(_) => "skipped",
+            StepStatus::Blocked(_) => "blocked",
+            StepStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether dependents may use the artifact.
+    pub fn is_success(&self) -> bool {
+        matches!(self, StepStatus::Ran | StepStatus::Cached)
+    }
+}
+
+/// One line of the run summary.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Step name.
+    pub name: String,
+    /// How it ended.
+    pub status: StepStatus,
+    /// Wall time spent executing it.
+    pub duration: Duration,
+    /// Its artifact folder.
+    pub dir: PathBuf,
+}
+
+/// What one run did, step by step, in plan order.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// One report per step.
+    pub steps: Vec<StepReport>,
+    /// Whether the run was superseded (watch mode) before every step finished.
+    pub superseded: bool,
+}
+
+impl RunSummary {
+    /// Whether every step ended with a usable artifact.
+    pub fn succeeded(&self) -> bool {
+        !self.superseded && self.steps.iter().all(|s| s.status.is_success())
+    }
+
+    /// Steps with the given status word.
+    pub fn count(&self, word: &str) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| s.status.word() == word)
+            .count()
+    }
+
+    /// The report of step `name`.
+    pub fn step(&self, name: &str) -> Option<&StepReport> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+}
+
+/// Settings for an [`Executor`].
+#[derive(Clone)]
+pub struct ExecutorOptions {
+    /// Steps that may run at once.
+    pub jobs: usize,
+    /// Where events go.
+    pub events: EventSink,
+    /// Progress display.
+    pub progress: Progress,
+    /// Services every step's context carries (the plugin host).
+    pub services: Services,
+}
+
+struct InFlight {
+    cancel: CancellationToken,
+    done: watch::Receiver<Option<StepStatus>>,
+}
+
+struct Inner {
+    store: ArtifactStore,
+    jobs: Arc<Semaphore>,
+    device: Arc<Semaphore>,
+    inflight: Mutex<HashMap<String, InFlight>>,
+    events: EventSink,
+    progress: Progress,
+    services: Services,
+    shutdown: CancellationToken,
+}
+
+/// Runs plans against one artifact store. Cheap to clone.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl Executor {
+    /// An executor writing into `store`. Cancelling `shutdown` (Ctrl-C) cancels every running step.
+    pub fn new(
+        store: ArtifactStore,
+        options: ExecutorOptions,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                jobs: Arc::new(Semaphore::new(options.jobs.max(1))),
+                device: Arc::new(Semaphore::new(1)),
+                inflight: Mutex::new(HashMap::new()),
+                events: options.events,
+                progress: options.progress,
+                services: options.services,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The store it writes into.
+    pub fn store(&self) -> &ArtifactStore {
+        &self.inner.store
+    }
+
+    /// Cancels running steps whose artifact folder is not in `keep` (their inputs changed).
+    pub fn cancel_except(&self, keep: &HashSet<String>) {
+        for (folder, flight) in self.inner.inflight.lock().expect("inflight").iter() {
+            if !keep.contains(folder) {
+                tracing::info!(step = %folder, "inputs changed: cancelling");
+                flight.cancel.cancel();
+            }
+        }
+    }
+
+    /// Executes `plan`. Cancelling `superseded` stops scheduling new steps and returns at once, leaving
+    /// running steps to finish (a newer plan may adopt them).
+    pub async fn run(&self, plan: Arc<Plan>, superseded: CancellationToken) -> RunSummary {
+        let inner = &self.inner;
+        inner.events.emit(Event::RunStarted {
+            steps: plan.steps.len(),
+        });
+        let n = plan.steps.len();
+        let mut results: Vec<Option<(StepStatus, Duration)>> = vec![None; n];
+        let mut launched = vec![false; n];
+        let mut waiting: JoinSet<(usize, StepStatus, Duration)> = JoinSet::new();
+        loop {
+            for i in 0..n {
+                if launched[i] || results[i].is_some() {
+                    continue;
+                }
+                let step = &plan.steps[i];
+                if step.upstream.iter().any(|&u| results[u].is_none()) {
+                    continue;
+                }
+                if let Some(&bad) = step
+                    .upstream
+                    .iter()
+                    .find(|&&u| !results[u].as_ref().expect("done").0.is_success())
+                {
+                    let reason = format!("`{}` did not succeed", plan.steps[bad].name);
+                    self.finish(
+                        step,
+                        StepStatus::Skipped(reason),
+                        Duration::ZERO,
+                        &mut results,
+                    );
+                    continue;
+                }
+                if inner.shutdown.is_cancelled() {
+                    self.finish(step, StepStatus::Cancelled, Duration::ZERO, &mut results);
+                    continue;
+                }
+                match &step.status {
+                    PlanStatus::Cached => {
+                        self.finish(step, StepStatus::Cached, Duration::ZERO, &mut results)
+                    }
+                    PlanStatus::Blocked(reason) => self.finish(
+                        step,
+                        StepStatus::Blocked(reason.clone()),
+                        Duration::ZERO,
+                        &mut results,
+                    ),
+                    PlanStatus::Run(_)
+                        if !step.forced
+                            && inner.store.complete(&step.name, &step.key).is_some() =>
+                    {
+                        self.finish(step, StepStatus::Cached, Duration::ZERO, &mut results)
+                    }
+                    PlanStatus::Run(_) => {
+                        launched[i] = true;
+                        let mut done = self.launch(&plan, i);
+                        let started = Instant::now();
+                        waiting.spawn(async move {
+                            let status = match done.wait_for(Option::is_some).await {
+                                Ok(s) => s.clone().expect("some"),
+                                Err(_) => {
+                                    StepStatus::Failed("step task ended without a result".into())
+                                }
+                            };
+                            (i, status, started.elapsed())
+                        });
+                    }
+                }
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            tokio::select! {
+                joined = waiting.join_next() => {
+                    if let Some(Ok((i, status, elapsed))) = joined {
+                        self.finish(&plan.steps[i], status, elapsed, &mut results);
+                    }
+                }
+                _ = superseded.cancelled() => {
+                    return self.summary(&plan, results, true);
+                }
+            }
+        }
+        let summary = self.summary(&plan, results, false);
+        inner.events.emit(Event::RunFinished {
+            ran: summary.count("ran"),
+            cached: summary.count("cached"),
+            failed: summary.steps.len() - summary.count("ran") - summary.count("cached"),
+        });
+        summary
+    }
+
+    fn finish(
+        &self,
+        step: &PlannedStep,
+        status: StepStatus,
+        elapsed: Duration,
+        results: &mut [Option<(StepStatus, Duration)>],
+    ) {
+        if !matches!(
+            status,
+            StepStatus::Ran | StepStatus::Failed(_) | StepStatus::Cancelled
+        ) {
+            // Executed steps report their own end; here only the ones decided without running.
+            self.inner.events.emit(Event::StepFinished {
+                step: step.name.clone(),
+                status: status.word().into(),
+                seconds: 0.0,
+            });
+        }
+        results[step.index] = Some((status, elapsed));
+    }
+
+    fn summary(
+        &self,
+        plan: &Plan,
+        results: Vec<Option<(StepStatus, Duration)>>,
+        superseded: bool,
+    ) -> RunSummary {
+        let steps = plan
+            .steps
+            .iter()
+            .zip(results)
+            .map(|(s, r)| {
+                let (status, duration) = r.unwrap_or((StepStatus::Cancelled, Duration::ZERO));
+                StepReport {
+                    name: s.name.clone(),
+                    status,
+                    duration,
+                    dir: s.dir.clone(),
+                }
+            })
+            .collect();
+        RunSummary { steps, superseded }
+    }
+
+    /// Starts step `i` unless the same artifact is already being built; returns its completion signal.
+    fn launch(&self, plan: &Arc<Plan>, i: usize) -> watch::Receiver<Option<StepStatus>> {
+        let step = &plan.steps[i];
+        let folder = ArtifactStore::folder_name(&step.name, &step.key);
+        let mut inflight = self.inner.inflight.lock().expect("inflight");
+        if let Some(existing) = inflight.get(&folder) {
+            if !existing.cancel.is_cancelled() {
+                return existing.done.clone();
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        let cancel = self.inner.shutdown.child_token();
+        inflight.insert(
+            folder.clone(),
+            InFlight {
+                cancel: cancel.clone(),
+                done: rx.clone(),
+            },
+        );
+        drop(inflight);
+        let this = self.clone();
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            let status = this.execute(&plan, i, cancel).await;
+            this.inner
+                .inflight
+                .lock()
+                .expect("inflight")
+                .remove(&folder);
+            let _ = tx.send(Some(status));
+        });
+        rx
+    }
+
+    async fn execute(&self, plan: &Arc<Plan>, i: usize, cancel: CancellationToken) -> StepStatus {
+        let inner = &self.inner;
+        let planned = &plan.steps[i];
+        let step = &plan.workflow.steps[planned.index];
+        let _job = tokio::select! {
+            permit = inner.jobs.clone().acquire_owned() => permit.expect("semaphore open"),
+            _ = cancel.cancelled() => return StepStatus::Cancelled,
+        };
+        let _device = if step.resources.exclusive_device {
+            Some(tokio::select! {
+                permit = inner.device.clone().acquire_owned() => permit.expect("semaphore open"),
+                _ = cancel.cancelled() => return StepStatus::Cancelled,
+            })
+        } else {
+            None
+        };
+        inner.events.emit(Event::StepStarted {
+            step: planned.name.clone(),
+            key: planned.key.clone(),
+        });
+        let started_ms = unix_ms();
+        let started = Instant::now();
+        let resumable = step.kind.resumable();
+        let status = match inner.store.begin(&planned.name, &planned.key, resumable) {
+            Err(e) => StepStatus::Failed(format!("{e:#}")),
+            Ok(partial) => {
+                let bar = inner.progress.step_bar(&planned.name);
+                let ctx = StepContext {
+                    step: planned.name.clone(),
+                    out_dir: partial.clone(),
+                    workflow_dir: plan.workflow.dir.clone(),
+                    settings: plan.workflow.settings.clone(),
+                    inputs: planned.inputs.clone(),
+                    plugins: step_plugins(&plan, planned),
+                    progress: bar.clone(),
+                    cancel: cancel.clone(),
+                    services: inner.services.clone(),
+                };
+                let kind = step.kind.clone();
+                let config = step.config.clone();
+                let outcome = tokio::task::spawn_blocking(move || kind.run(&config, &ctx)).await;
+                bar.finish_and_clear();
+                let status = match outcome {
+                    Ok(Ok(())) if cancel.is_cancelled() => StepStatus::Cancelled,
+                    Ok(Ok(())) => {
+                        let manifest = Manifest {
+                            step: planned.name.clone(),
+                            key: planned.key.clone(),
+                            output: step.output,
+                            material: planned.material.clone(),
+                            started_unix_ms: started_ms,
+                            finished_unix_ms: unix_ms(),
+                        };
+                        match inner.store.commit(&partial, &manifest) {
+                            Ok(_) => {
+                                let record = last_record_path(&inner.store, &planned.name);
+                                let _ = dusflow_core::atomic::write_file_atomic(
+                                    &record,
+                                    &serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
+                                );
+                                StepStatus::Ran
+                            }
+                            Err(e) => StepStatus::Failed(format!("saving the artifact: {e:#}")),
+                        }
+                    }
+                    Ok(Err(e)) if e.is::<Cancelled>() || cancel.is_cancelled() => {
+                        StepStatus::Cancelled
+                    }
+                    Ok(Err(e)) => StepStatus::Failed(format!("{e:#}")),
+                    Err(join) if join.is_panic() => StepStatus::Failed(format!(
+                        "step panicked: {}",
+                        panic_message(join.into_panic())
+                    )),
+                    Err(join) => StepStatus::Failed(format!("step task failed: {join}")),
+                };
+                if status != StepStatus::Ran {
+                    inner.store.abandon(&partial, resumable);
+                }
+                status
+            }
+        };
+        let elapsed = started.elapsed();
+        match &status {
+            StepStatus::Failed(msg) => tracing::error!(step = %planned.name, "failed: {msg}"),
+            StepStatus::Cancelled => tracing::warn!(step = %planned.name, "cancelled"),
+            _ => tracing::info!(step = %planned.name, "done in {:.1}s", elapsed.as_secs_f64()),
+        }
+        inner.events.emit(Event::StepFinished {
+            step: planned.name.clone(),
+            status: status.word().into(),
+            seconds: elapsed.as_secs_f64(),
+        });
+        status
+    }
+}
+
+/// The plugins a step may load: its own dependencies plus the filters of the datasets it reads.
+fn step_plugins(
+    plan: &Plan,
+    planned: &PlannedStep,
+) -> std::collections::BTreeMap<String, crate::workflow::PluginSpec> {
+    let step = &plan.workflow.steps[planned.index];
+    let filters = planned
+        .inputs
+        .values()
+        .flatten()
+        .filter_map(|a| a.dataset.as_ref())
+        .flat_map(|d| d.filters.iter());
+    step.dependencies
+        .plugins
+        .iter()
+        .chain(filters)
+        .filter_map(|name| {
+            plan.workflow
+                .plugins
+                .get(name)
+                .map(|spec| (name.clone(), spec.clone()))
+        })
+        .collect()
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}

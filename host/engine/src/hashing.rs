@@ -1,0 +1,228 @@
+//! Content hashes of input files and folders (BLAKE3), cached by path, size, mtime and inode.
+//!
+//! Entries whose mtime is within [`RACY_WINDOW`] of the moment they were hashed are not cached: a file
+//! rewritten within the same timestamp tick with the same size would otherwise keep a stale hash.
+
+use anyhow::{Context, Result};
+use dusflow_core::atomic::write_file_atomic;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// Files modified this recently are hashed every time.
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// Folder entries never part of a content hash: build outputs and VCS metadata.
+pub const IGNORED_DIRS: [&str; 5] = ["target", "node_modules", ".git", "__pycache__", "build"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+    hash: String,
+}
+
+/// Hashes files and folders, remembering results in a JSON file between runs.
+pub struct FileHasher {
+    cache_file: Option<PathBuf>,
+    entries: Mutex<HashMap<PathBuf, Entry>>,
+}
+
+impl FileHasher {
+    /// A hasher that persists its cache at `cache_file` (a missing or unreadable cache starts empty).
+    pub fn persistent(cache_file: PathBuf) -> Self {
+        let entries = std::fs::read(&cache_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Self {
+            cache_file: Some(cache_file),
+            entries: Mutex::new(entries),
+        }
+    }
+
+    /// A hasher that keeps nothing between runs.
+    pub fn in_memory() -> Self {
+        Self {
+            cache_file: None,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Hex BLAKE3 of a file's bytes, or of a folder's sorted (relative path, file hash) list.
+    /// Folders skip [`IGNORED_DIRS`] and hidden entries.
+    pub fn hash_path(&self, path: &Path) -> Result<String> {
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("{} does not exist or cannot be read", path.display()))?;
+        if meta.is_dir() {
+            let mut hasher = blake3::Hasher::new();
+            for file in list_files(path)? {
+                let rel = file.strip_prefix(path).unwrap_or(&file);
+                hasher.update(rel.to_string_lossy().as_bytes());
+                hasher.update(&[0]);
+                hasher.update(self.hash_file(&file)?.as_bytes());
+                hasher.update(&[0]);
+            }
+            Ok(hasher.finalize().to_hex().to_string())
+        } else {
+            self.hash_file(path)
+        }
+    }
+
+    fn hash_file(&self, path: &Path) -> Result<String> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let mtime_ns = mtime
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        if let Some(e) = self.entries.lock().expect("hash cache").get(&key) {
+            if e.size == meta.len() && e.mtime_ns == mtime_ns && e.inode == meta.ino() {
+                return Ok(e.hash.clone());
+            }
+        }
+        let hash =
+            hash_file_contents(path).with_context(|| format!("hashing {}", path.display()))?;
+        let racy = SystemTime::now()
+            .duration_since(mtime)
+            .map_or(true, |age| age < RACY_WINDOW);
+        if !racy {
+            let entry = Entry {
+                size: meta.len(),
+                mtime_ns,
+                inode: meta.ino(),
+                hash: hash.clone(),
+            };
+            self.entries.lock().expect("hash cache").insert(key, entry);
+        }
+        Ok(hash)
+    }
+
+    /// Writes the cache file (atomically).
+    pub fn save(&self) -> Result<()> {
+        if let Some(file) = &self.cache_file {
+            let bytes = serde_json::to_vec(&*self.entries.lock().expect("hash cache"))?;
+            write_file_atomic(file, &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// BLAKE3 of a file read in 16 MiB chunks, each hashed on all cores: fast on multi-GB checkpoints without
+/// mapping them (which would count the whole file in this process's resident memory).
+fn hash_file_contents(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    const CHUNK: usize = 16 << 20;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let mut filled = 0;
+        while filled < CHUNK {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..filled]);
+        if filled < CHUNK {
+            break;
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Every file under `dir`, sorted, skipping [`IGNORED_DIRS`] and hidden entries.
+pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || IGNORED_DIRS.contains(&name.as_ref()) {
+                continue;
+            }
+            let ty = entry.file_type()?;
+            if ty.is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.push(entry.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Hex BLAKE3 of `value` as canonical JSON (object keys sorted at every level).
+pub fn hash_json(value: &serde_json::Value) -> String {
+    blake3::hash(canonical_json(value).as_bytes())
+        .to_hex()
+        .to_string()
+}
+
+/// `value` serialised with object keys sorted at every level.
+pub fn canonical_json(value: &serde_json::Value) -> String {
+    fn sort(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                serde_json::Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sort(&map[k])))
+                        .collect(),
+                )
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.iter().map(sort).collect())
+            }
+            other => other.clone(),
+        }
+    }
+    sort(value).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_ignores_key_order() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"b":1,"a":{"y":2,"x":3}}"#).unwrap();
+        let b: serde_json::Value = serde_json::from_str(r#"{"a":{"x":3,"y":2},"b":1}"#).unwrap();
+        assert_eq!(hash_json(&a), hash_json(&b));
+        assert_ne!(hash_json(&a), hash_json(&serde_json::json!({"a": 1})));
+    }
+
+    #[test]
+    fn folder_hash_changes_with_content_and_names_and_skips_build_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "one").unwrap();
+        let h = FileHasher::in_memory();
+        let first = h.hash_path(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("target")).unwrap();
+        std::fs::write(dir.path().join("target/x.o"), "junk").unwrap();
+        assert_eq!(
+            h.hash_path(dir.path()).unwrap(),
+            first,
+            "build output must not change the hash"
+        );
+        std::fs::write(dir.path().join("a.txt"), "two").unwrap();
+        let second = h.hash_path(dir.path()).unwrap();
+        assert_ne!(second, first);
+        std::fs::rename(dir.path().join("a.txt"), dir.path().join("b.txt")).unwrap();
+        assert_ne!(h.hash_path(dir.path()).unwrap(), second);
+    }
+}

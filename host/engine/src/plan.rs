@@ -1,0 +1,360 @@
+//! Planning: the cache key of every step, whether its artifact already exists, and why it would run.
+
+use super::hashing::{hash_json, FileHasher};
+use super::store::{ArtifactStore, KeyMaterial, Manifest};
+use crate::workflow::{DatasetSpec, InputRef, Workflow};
+use dusflow_core::step::{ArtifactKind, InputArtifact};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The runtime identity that enters every key.
+pub fn runtime_version() -> String {
+    format!("dusflow/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// What will happen to a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanStatus {
+    /// Its artifact exists; nothing to do.
+    Cached,
+    /// It will run, for the given reason.
+    Run(String),
+    /// It cannot run: an input is missing (the reason says which).
+    Blocked(String),
+}
+
+/// One step with its key and status.
+pub struct PlannedStep {
+    /// Index into the workflow's steps.
+    pub index: usize,
+    /// Step name.
+    pub name: String,
+    /// Cache key (hex BLAKE3 of [`KeyMaterial`]).
+    pub key: String,
+    /// What the key covers.
+    pub material: KeyMaterial,
+    /// Where its artifact is (or will be).
+    pub dir: PathBuf,
+    /// What will happen.
+    pub status: PlanStatus,
+    /// Whether `--force` named it.
+    pub forced: bool,
+    /// Indices of the steps it reads from.
+    pub upstream: Vec<usize>,
+    /// Resolved inputs by slot.
+    pub inputs: BTreeMap<String, Vec<InputArtifact>>,
+}
+
+/// The whole workflow, planned.
+pub struct Plan {
+    /// The workflow.
+    pub workflow: Arc<Workflow>,
+    /// Steps in execution order (same order as the workflow's steps).
+    pub steps: Vec<PlannedStep>,
+    /// Files and folders the plan read; watch mode watches them.
+    pub watched: Vec<PathBuf>,
+}
+
+impl Plan {
+    /// Artifact folder names of every step, for matching in-flight work across plans.
+    pub fn folder_names(&self) -> HashSet<String> {
+        self.steps
+            .iter()
+            .map(|s| ArtifactStore::folder_name(&s.name, &s.key))
+            .collect()
+    }
+
+    /// How many steps would run.
+    pub fn to_run(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| !matches!(s.status, PlanStatus::Cached))
+            .count()
+    }
+}
+
+/// Computes keys and statuses. `force` names steps (or swept bases) to rerun regardless of the cache.
+pub fn plan(
+    workflow: Arc<Workflow>,
+    store: &ArtifactStore,
+    hasher: &FileHasher,
+    force: &HashSet<String>,
+) -> Plan {
+    let mut watched: Vec<PathBuf> = vec![workflow.file.clone()];
+    let mut input_keys: HashMap<InputRef, Result<String, String>> = HashMap::new();
+    let mut plugin_keys: HashMap<String, Result<String, String>> = HashMap::new();
+    let mut plugin_key = |name: &str, watched: &mut Vec<PathBuf>| -> Result<String, String> {
+        plugin_keys
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let spec = &workflow.plugins[name];
+                watched.push(spec.path.clone());
+                hasher
+                    .hash_path(&spec.path)
+                    .map_err(|e| format!("plugin `{name}`: {e:#}"))
+            })
+            .clone()
+    };
+
+    let mut steps: Vec<PlannedStep> = Vec::with_capacity(workflow.steps.len());
+    let index_of: HashMap<&str, usize> = workflow
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    for (index, step) in workflow.steps.iter().enumerate() {
+        let mut blocked: Option<String> = None;
+        let mut inputs_material = BTreeMap::new();
+        let mut inputs = BTreeMap::new();
+        let mut upstream = Vec::new();
+        for (slot, refs) in &step.inputs {
+            let mut keys = Vec::new();
+            let mut artifacts = Vec::new();
+            for r in refs {
+                let (key, artifact) = match r {
+                    InputRef::Model(name) => {
+                        let spec = &workflow.models[name];
+                        watched.push(spec.path.clone());
+                        let key = input_keys
+                            .entry(r.clone())
+                            .or_insert_with(|| {
+                                hasher
+                                    .hash_path(&spec.path)
+                                    .map_err(|e| format!("model `{name}`: {e:#}"))
+                            })
+                            .clone();
+                        let artifact = InputArtifact {
+                            name: name.clone(),
+                            kind: ArtifactKind::Model,
+                            path: spec.path.clone(),
+                            dataset: None,
+                        };
+                        (key, artifact)
+                    }
+                    InputRef::Dataset(name) => {
+                        let spec = &workflow.datasets[name];
+                        let key = match input_keys.get(r) {
+                            Some(k) => k.clone(),
+                            None => {
+                                let k =
+                                    dataset_key(name, spec, hasher, &mut watched, &mut plugin_key);
+                                input_keys.insert(r.clone(), k.clone());
+                                k
+                            }
+                        };
+                        let path = spec.path.paths().into_iter().next().unwrap_or_default();
+                        let artifact = InputArtifact {
+                            name: name.clone(),
+                            kind: ArtifactKind::Dataset,
+                            path,
+                            dataset: Some(spec.clone()),
+                        };
+                        (key, artifact)
+                    }
+                    InputRef::Step(name) | InputRef::Part(name, _) => {
+                        let up = index_of[name.as_str()];
+                        upstream.push(up);
+                        let planned = &steps[up];
+                        let key = match &planned.status {
+                            PlanStatus::Blocked(_) => {
+                                Err(format!("needs step `{name}`, which is blocked"))
+                            }
+                            _ => Ok(planned.key.clone()),
+                        };
+                        let artifact = match r {
+                            InputRef::Part(_, part) => {
+                                let p = workflow.steps[up]
+                                    .parts
+                                    .iter()
+                                    .find(|p| &p.name == part)
+                                    .expect("parts are resolved when the workflow loads");
+                                InputArtifact {
+                                    name: r.display_name(),
+                                    kind: p.kind,
+                                    path: planned.dir.join(&p.path),
+                                    dataset: None,
+                                }
+                            }
+                            _ => InputArtifact {
+                                name: name.clone(),
+                                kind: workflow.steps[up].output,
+                                path: planned.dir.clone(),
+                                dataset: None,
+                            },
+                        };
+                        (key, artifact)
+                    }
+                };
+                match key {
+                    Ok(k) => keys.push(format!("{}:{k}", artifact.name)),
+                    Err(e) => {
+                        blocked.get_or_insert(e);
+                        keys.push(format!("{}:missing", artifact.name));
+                    }
+                }
+                artifacts.push(artifact);
+            }
+            inputs_material.insert(slot.clone(), keys);
+            inputs.insert(slot.clone(), artifacts);
+        }
+        let mut plugins = BTreeMap::new();
+        for name in &step.dependencies.plugins {
+            match plugin_key(name, &mut watched) {
+                Ok(k) => {
+                    plugins.insert(name.clone(), k);
+                }
+                Err(e) => {
+                    blocked.get_or_insert(e);
+                }
+            }
+        }
+        let mut files = BTreeMap::new();
+        for file in &step.dependencies.files {
+            watched.push(file.clone());
+            match hasher.hash_path(file) {
+                Ok(k) => {
+                    files.insert(file.display().to_string(), k);
+                }
+                Err(e) => {
+                    blocked.get_or_insert(format!("{e:#}"));
+                }
+            }
+        }
+        upstream.sort_unstable();
+        upstream.dedup();
+        let material = KeyMaterial {
+            runtime: runtime_version(),
+            kind: step.kind.name().to_string(),
+            kind_version: step.kind.version(),
+            config: step.config_json.clone(),
+            settings: serde_json::json!({ "dtype": workflow.settings.dtype, "seed": workflow.settings.seed }),
+            inputs: inputs_material,
+            plugins,
+            files,
+        };
+        let key = hash_json(&serde_json::to_value(&material).expect("key material is JSON"));
+        let forced = force.contains(&step.name) || force.contains(&step.base);
+        let status = if let Some(reason) = blocked {
+            PlanStatus::Blocked(reason)
+        } else if forced {
+            PlanStatus::Run("forced".into())
+        } else if store.complete(&step.name, &key).is_some() {
+            PlanStatus::Cached
+        } else {
+            PlanStatus::Run(why_run(store, &step.name, &material))
+        };
+        steps.push(PlannedStep {
+            index,
+            name: step.name.clone(),
+            dir: store.artifact_dir(&step.name, &key),
+            key,
+            material,
+            status,
+            forced,
+            upstream,
+            inputs,
+        });
+    }
+    watched.sort();
+    watched.dedup();
+    Plan {
+        workflow,
+        steps,
+        watched,
+    }
+}
+
+fn dataset_key(
+    name: &str,
+    spec: &DatasetSpec,
+    hasher: &FileHasher,
+    watched: &mut Vec<PathBuf>,
+    plugin_key: &mut impl FnMut(&str, &mut Vec<PathBuf>) -> Result<String, String>,
+) -> Result<String, String> {
+    let mut files = Vec::new();
+    for path in spec.path.paths() {
+        watched.push(path.clone());
+        files.push(
+            hasher
+                .hash_path(&path)
+                .map_err(|e| format!("dataset `{name}`: {e:#}"))?,
+        );
+    }
+    let mut filters = Vec::new();
+    for f in &spec.filters {
+        filters.push(plugin_key(f, watched)?);
+    }
+    let spec_json = serde_json::to_value(spec).expect("dataset spec is JSON");
+    Ok(hash_json(
+        &serde_json::json!({ "files": files, "filters": filters, "spec": spec_json }),
+    ))
+}
+
+/// Why a step without a cached artifact runs, compared with the last artifact recorded for its name.
+fn why_run(store: &ArtifactStore, step: &str, material: &KeyMaterial) -> String {
+    let Some(last) = last_manifest(store, step) else {
+        return "new".into();
+    };
+    let old = &last.material;
+    let mut reasons = Vec::new();
+    if old.runtime != material.runtime
+        || old.kind_version != material.kind_version
+        || old.kind != material.kind
+    {
+        reasons.push("runtime or step kind changed".to_string());
+    }
+    let changed = changed_keys(&old.config, &material.config);
+    if !changed.is_empty() {
+        reasons.push(format!("params changed: {}", changed.join(", ")));
+    }
+    if old.settings != material.settings {
+        reasons.push("workflow dtype/seed changed".into());
+    }
+    for (slot, keys) in &material.inputs {
+        if old.inputs.get(slot) != Some(keys) {
+            reasons.push(format!("input `{slot}` changed"));
+        }
+    }
+    if old.plugins != material.plugins {
+        reasons.push("plugin changed".into());
+    }
+    if old.files != material.files {
+        reasons.push("files changed".into());
+    }
+    if reasons.is_empty() {
+        reasons.push("artifact missing".into());
+    }
+    reasons.join("; ")
+}
+
+fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    match (old.as_object(), new.as_object()) {
+        (Some(a), Some(b)) => {
+            let mut keys: Vec<String> = a
+                .keys()
+                .chain(b.keys())
+                .filter(|k| a.get(*k) != b.get(*k))
+                .cloned()
+                .collect();
+            keys.sort();
+            keys.dedup();
+            keys
+        }
+        _ if old != new => vec!["(all)".into()],
+        _ => Vec::new(),
+    }
+}
+
+/// Path of the record of the last artifact completed for a step name.
+pub fn last_record_path(store: &ArtifactStore, step: &str) -> PathBuf {
+    store
+        .state_dir()
+        .join("last")
+        .join(format!("{}.json", ArtifactStore::folder_name(step, "")))
+}
+
+fn last_manifest(store: &ArtifactStore, step: &str) -> Option<Manifest> {
+    serde_json::from_slice(&std::fs::read(last_record_path(store, step)).ok()?).ok()
+}

@@ -1,0 +1,52 @@
+//! The Llama/Mistral model family in candle: configs, checkpoints, tokenizers, forward passes (issue 3).
+//!
+//! - [`config`]: `config.json` ([`LlamaConfig`]), validated.
+//! - [`tensor_store`]: memory-mapped reading of one safetensors file or a sharded folder.
+//! - [`checkpoint_writer`]: canonical, streaming, sharded, atomic safetensors writing.
+//! - [`weights`]: load a folder into a model (trainable or not), fresh initialisation, save a folder.
+//! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
+//! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
+//! - [`generation`]: batched generation and log-likelihood scoring.
+//! - [`device`]: the workflow's `device` and `dtype` choices as candle devices and dtypes.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use dusflow_model::{generate, load_model, ForwardOptions, GenerateOptions, Tokenizer};
+//! # fn main() -> anyhow::Result<()> {
+//! let dir = std::path::Path::new("models/tiny");
+//! let model = load_model(dir, DType::F32, &Device::Cpu)?;
+//! let tok = Tokenizer::from_model_dir(dir)?;
+//! let ids = tok.encode("The capital of France is", true)?;
+//! let logits = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?, &ForwardOptions::default())?;
+//! let out = generate(&model, &tok, &[ids], &GenerateOptions { max_new_tokens: 8, ..Default::default() })?;
+//! println!("{:?} {}", logits.dims(), out[0].text);
+//! # Ok(()) }
+//! ```
+
+pub mod checkpoint_writer;
+pub mod config;
+pub mod device;
+pub mod generation;
+pub mod in_place_writer;
+pub mod llama;
+pub mod softmax;
+pub mod tensor_store;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint_writer::{
+    write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
+};
+pub use config::LlamaConfig;
+pub use generation::{
+    generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling,
+};
+pub use llama::{
+    block_causal_bias, causal_bias, packed_position_ids, padded_causal_bias, ForwardOptions,
+    KvCache, Llama,
+};
+pub use tensor_store::{TensorMeta, TensorStore};
+pub use tokenizer::Tokenizer;
+pub use weights::{
+    init_trainable, load_model, load_trainable, save_model, save_tensors, save_varmap, SaveOptions,
+};

@@ -1,0 +1,352 @@
+//! What the `pretrain` and `sft` steps share: their parameters, checks, and "model folder + rows in,
+//! trained model folder out" (load, train with checkpoints, save as a Hugging Face folder, report).
+
+use crate::data::{derive_seed, DatasetReport, DatasetSource, RecordFilter, TrainSequence};
+use crate::model::Tokenizer;
+use crate::plugins::StepPluginHost;
+use crate::steps::{ConfigIssue, StepContext};
+use crate::train::{
+    checkpoint_dir, load_for_training, move_contents, plot_loss, save_trained, train, AdamWConfig,
+    ComputeDType, ScheduleKind, TrainOptions, TrainSummary,
+};
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Parameters of a `pretrain` or `sft` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainStepConfig {
+    /// Peak learning rate.
+    #[serde(default = "TrainStepConfig::default_lr")]
+    pub lr: f64,
+    /// Decay after warmup: `cosine`, `linear` or `constant`.
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    /// Warmup optimizer steps (exclusive with `warmup_ratio`).
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of all steps (rounded up, like transformers).
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    /// Passes over the data (default 1; ignored when `max_steps` is set).
+    #[serde(default)]
+    pub epochs: Option<usize>,
+    /// Optimizer steps to take (overrides `epochs`).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Rows per forward pass.
+    #[serde(default = "TrainStepConfig::default_micro_batch")]
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "TrainStepConfig::default_grad_accum")]
+    pub grad_accum: usize,
+    /// Tokens per row: the block length of pretraining, the maximum length of SFT examples.
+    #[serde(default = "TrainStepConfig::default_seq_len")]
+    pub seq_len: usize,
+    /// AdamW decoupled weight decay (matrices only).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW (β₁, β₂).
+    #[serde(default = "TrainStepConfig::default_betas")]
+    pub betas: [f64; 2],
+    /// AdamW ε.
+    #[serde(default = "TrainStepConfig::default_eps")]
+    pub eps: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[serde(default = "TrainStepConfig::default_clip")]
+    pub clip: f64,
+    /// Seed offset, combined with the workflow seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Checkpoint every this many optimizer steps (0 = never).
+    #[serde(default = "TrainStepConfig::default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// SFT: pack several examples per row (kept apart by the mask). Pretraining always packs.
+    #[serde(default)]
+    pub packing: bool,
+    /// Pretraining: keep documents apart inside a block (block-diagonal mask, positions restart).
+    #[serde(default)]
+    pub separate_documents: bool,
+    /// Compute precision.
+    #[serde(default)]
+    pub dtype: ComputeDType,
+    /// Shuffle rows every epoch.
+    #[serde(default = "TrainStepConfig::default_true")]
+    pub shuffle: bool,
+    /// Parameters of the data-filter plugins the datasets name, by plugin name; a filter not listed gets
+    /// `{}`. (The plugins' bytes enter the cache key through the datasets that name them.)
+    #[serde(default)]
+    pub filter_params: FilterParams,
+}
+
+impl TrainStepConfig {
+    fn default_lr() -> f64 {
+        1e-4
+    }
+    pub(crate) fn default_micro_batch() -> usize {
+        4
+    }
+    pub(crate) fn default_grad_accum() -> usize {
+        1
+    }
+    fn default_seq_len() -> usize {
+        512
+    }
+    pub(crate) fn default_betas() -> [f64; 2] {
+        [0.9, 0.999]
+    }
+    pub(crate) fn default_eps() -> f64 {
+        1e-8
+    }
+    pub(crate) fn default_clip() -> f64 {
+        1.0
+    }
+    pub(crate) fn default_checkpoint_every() -> usize {
+        100
+    }
+    pub(crate) fn default_true() -> bool {
+        true
+    }
+
+    /// Range and combination checks shared by both kinds.
+    pub fn issues(&self) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        let mut need = |ok: bool, key: &str, msg: &str| {
+            if !ok {
+                out.push(ConfigIssue::new(key, msg));
+            }
+        };
+        need(
+            self.lr > 0.0 && self.lr.is_finite() && self.lr < 1.0,
+            "lr",
+            "must be in (0, 1)",
+        );
+        need(self.micro_batch >= 1, "micro_batch", "must be at least 1");
+        need(self.grad_accum >= 1, "grad_accum", "must be at least 1");
+        need(self.seq_len >= 2, "seq_len", "must be at least 2");
+        need(
+            self.weight_decay >= 0.0 && self.weight_decay < 1.0,
+            "weight_decay",
+            "must be in [0, 1)",
+        );
+        need(
+            self.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "betas",
+            "each beta must be in [0, 1)",
+        );
+        need(self.eps > 0.0, "eps", "must be positive");
+        need(
+            self.clip >= 0.0 && self.clip.is_finite(),
+            "clip",
+            "must be >= 0 (0 = no clipping)",
+        );
+        need(self.epochs != Some(0), "epochs", "must be at least 1");
+        need(self.max_steps != Some(0), "max_steps", "must be at least 1");
+        need(
+            !(self.warmup_steps.is_some() && self.warmup_ratio.is_some()),
+            "warmup_ratio",
+            "set either warmup_steps or warmup_ratio, not both",
+        );
+        need(
+            self.warmup_ratio.is_none_or(|r| (0.0..1.0).contains(&r)),
+            "warmup_ratio",
+            "must be in [0, 1)",
+        );
+        out
+    }
+
+    /// Optimizer steps for `rows` rows.
+    pub fn total_steps(&self, rows: usize) -> usize {
+        match self.max_steps {
+            Some(s) => s,
+            None => (self.epochs.unwrap_or(1) * rows)
+                .div_ceil(self.micro_batch * self.grad_accum)
+                .max(1),
+        }
+    }
+
+    /// Warmup steps out of `total`.
+    pub fn warmup(&self, total: usize) -> usize {
+        match (self.warmup_steps, self.warmup_ratio) {
+            (Some(w), _) => w,
+            (None, Some(r)) => (r * total as f64).ceil() as usize,
+            _ => 0,
+        }
+    }
+
+    /// The AdamW settings.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// The model input, its tokenizer and the datasets of a training step.
+pub struct TrainInputs {
+    /// The model folder.
+    pub model_dir: std::path::PathBuf,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The datasets, resolved.
+    pub sources: Vec<DatasetSource>,
+    /// The step's seed (workflow seed combined with the offset).
+    pub seed: u64,
+}
+
+/// Resolves the `model` and `data` slots of `ctx`.
+pub fn resolve_inputs(cfg: &TrainStepConfig, ctx: &StepContext) -> Result<TrainInputs> {
+    let model = ctx.input("model")?;
+    let tokenizer = Tokenizer::from_model_dir(&model.path).with_context(|| {
+        format!(
+            "model {:?} needs a tokenizer.json to train on text",
+            model.name
+        )
+    })?;
+    let sources = ctx
+        .inputs_of("data")
+        .iter()
+        .map(DatasetSource::from_input)
+        .collect::<Result<Vec<_>>>()?;
+    if sources.is_empty() {
+        bail!("step `{}` has no `data` input", ctx.step);
+    }
+    let seed = derive_seed(ctx.settings.seed, &format!("train/{}", cfg.seed));
+    Ok(TrainInputs {
+        model_dir: model.path.clone(),
+        tokenizer,
+        sources,
+        seed,
+    })
+}
+
+/// A step's parameters of data-filter plugins, by plugin name (its `filter_params` key).
+pub type FilterParams = indexmap::IndexMap<String, serde_json::Value>;
+
+/// The filter factory of a step: each name is a `[plugins.*]` filter of a dataset the step reads, loaded
+/// with the engine's plugin host and configured with its `filter_params` entry (`{}` when absent).
+pub fn plugin_filters<'a>(
+    filter_params: &'a FilterParams,
+    ctx: &'a StepContext,
+) -> impl FnMut(&str) -> Result<Box<dyn RecordFilter>> + 'a {
+    move |name: &str| {
+        let Some(spec) = ctx.plugins.get(name) else {
+            bail!(
+                "a dataset of step `{}` uses filter {name:?}, which is not declared in [plugins]",
+                ctx.step
+            );
+        };
+        let params = filter_params
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        Ok(Box::new(crate::data::PluginFilter::load(
+            &ctx.plugin_host()?,
+            name,
+            spec,
+            &params.to_string(),
+        )?))
+    }
+}
+
+/// What a step with `filter_params` depends on beyond inputs: the filter plugins named there.
+pub fn dependencies(filter_params: &FilterParams) -> crate::steps::Dependencies {
+    crate::steps::Dependencies {
+        plugins: filter_params.keys().cloned().collect(),
+        files: Vec::new(),
+    }
+}
+
+/// Checks that every `filter_params` key is a declared plugin.
+pub fn check_filter_plugins(
+    filter_params: &FilterParams,
+    ctx: &dyn crate::steps::CheckContext,
+) -> Vec<ConfigIssue> {
+    filter_params
+        .keys()
+        .filter(|name| !ctx.has_plugin(name))
+        .map(|name| {
+            ConfigIssue::new(
+                format!("filter_params.{name}"),
+                format!("no [plugins.{name}] in this workflow"),
+            )
+        })
+        .collect()
+}
+
+/// A progress observer for a step: position, loss and tokens/s on the step's bar; stops when cancelled.
+pub fn progress_observer(
+    ctx: &StepContext,
+) -> impl FnMut(&crate::train::StepMetrics, usize) -> Result<()> + '_ {
+    move |m, total| {
+        ctx.progress.set_length(total as u64);
+        ctx.progress.set_position(m.step as u64);
+        ctx.progress
+            .set_message(format!("loss {:.4} · {:.0} tok/s", m.loss, m.tokens_per_s));
+        ctx.check_cancelled()
+    }
+}
+
+/// Trains the model in `model_dir` on `rows` and writes the result into `out_dir`: a Hugging Face folder
+/// (config, safetensors in `save_dtype`, tokenizer files) plus `metrics.jsonl`, `loss.svg` and
+/// `train_report.json`. Checkpoints live in `out_dir/checkpoints` while training and are removed at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn train_model(
+    cfg: &TrainStepConfig,
+    title: &str,
+    model_dir: &Path,
+    rows: &[TrainSequence],
+    pad_id: u32,
+    seed: u64,
+    datasets: &[DatasetReport],
+    save_dtype: DType,
+    device: &candle_core::Device,
+    out_dir: &Path,
+    observer: &mut dyn crate::train::TrainObserver,
+) -> Result<TrainSummary> {
+    let (model, mut opt) = load_for_training(model_dir, cfg.dtype, cfg.adamw(), device)?;
+    let total = cfg.total_steps(rows.len());
+    let opts = TrainOptions {
+        lr: cfg.lr,
+        schedule: cfg.schedule,
+        warmup_steps: cfg.warmup(total),
+        total_steps: total,
+        micro_batch: cfg.micro_batch,
+        grad_accum: cfg.grad_accum,
+        clip: (cfg.clip > 0.0).then_some(cfg.clip),
+        seed,
+        shuffle: cfg.shuffle,
+        checkpoint_every: cfg.checkpoint_every,
+        pad_id,
+    };
+    let summary = train(&model, &mut opt, rows, &opts, out_dir, observer)?;
+
+    let staging = out_dir.join(".model");
+    save_trained(&model, &opt, model_dir, &staging, save_dtype)?;
+    move_contents(&staging, out_dir)?;
+    plot_loss(&summary.history, title, &out_dir.join("loss.svg"))?;
+    let report = serde_json::json!({
+        "datasets": datasets,
+        "rows": rows.len(),
+        "options": opts,
+        "steps": summary.steps,
+        "resumed_from": summary.resumed_from,
+        "final_loss": summary.final_loss,
+        "tokens_seen": summary.tokens_seen,
+        "tokens_per_s": summary.tokens_per_s,
+    });
+    std::fs::write(
+        out_dir.join("train_report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    let ckpt = checkpoint_dir(out_dir);
+    if ckpt.exists() {
+        std::fs::remove_dir_all(&ckpt)?;
+    }
+    Ok(summary)
+}

@@ -1,0 +1,34 @@
+//! Training: optimizer, learning-rate schedule, loss, micro-batches, checkpoints, metrics and the loop
+//! (issue 6). [`trainer::train`] is the loop; the `pretrain`, `sft` and `dpo` steps prepare rows and call it.
+//!
+//! - [`optimizer`]: AdamW with fp32 master weights (torch semantics);
+//! - [`schedule`]: warmup + cosine / linear / constant (transformers semantics);
+//! - [`loss`]: weighted next-token negative log-likelihood (sum, normalised per optimizer step);
+//! - [`batch`]: rows → padded tensors, targets, weights, packed masks;
+//! - [`checkpoint`]: atomic checkpoints of masters + moments + step;
+//! - [`metrics`]: `metrics.jsonl` and the loss-curve SVG;
+//! - [`trainer`]: the loop, over an [`Objective`] (language modelling or DPO);
+//! - [`model_io`]: a Hugging Face folder loaded for training (f32 masters) and saved back;
+//! - [`dpo`]: DPO tokenisation, concatenated log-probs, losses, reference pass, metrics (TRL semantics).
+
+pub mod batch;
+pub mod checkpoint;
+pub mod dpo;
+pub mod loss;
+pub mod metrics;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;
+
+pub use batch::{build_micro_batch, MicroBatch};
+pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
+pub use loss::weighted_nll_sum;
+pub use metrics::{plot_loss, MetricsLog, StepMetrics};
+pub use optimizer::{set_master, AdamW, AdamWConfig, Param};
+pub use schedule::{LrSchedule, ScheduleKind};
+pub use trainer::{
+    checkpoint_dir, clip_gradients, global_norm, train, train_objective, LmObjective, MicroLoss,
+    Objective, TrainObserver, TrainOptions, TrainSummary,
+};
+pub mod model_io;
+pub use model_io::{load_for_training, move_contents, save_trained, sorted_vars, ComputeDType};

@@ -1,0 +1,385 @@
+//! The training loop, nanoGPT-style: for each optimizer step — build micro-batches, forward, loss,
+//! backward, accumulate, check, clip, AdamW step, log, checkpoint. Resumes from the newest checkpoint in
+//! the work folder and then ends with the same weights as an uninterrupted run.
+//!
+//! What is optimised is an [`Objective`]: language modelling on token rows ([`LmObjective`], pretrain and
+//! SFT) or a preference loss on pairs (DPO, in [`super::dpo`]). The loop only sees units, summed losses and
+//! named metric sums.
+
+use super::batch::build_micro_batch;
+use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
+use super::loss::weighted_nll_sum;
+use super::metrics::{MetricsLog, StepMetrics};
+use super::optimizer::AdamW;
+use super::schedule::{LrSchedule, ScheduleKind};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Tensor;
+use dusflow_data::{BatchOrder, TrainSequence};
+use dusflow_model::Llama;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to train (the optimizer's own settings live in [`super::AdamWConfig`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decay after warmup.
+    pub schedule: ScheduleKind,
+    /// Warmup optimizer steps.
+    pub warmup_steps: usize,
+    /// Optimizer steps to take.
+    pub total_steps: usize,
+    /// Rows per forward pass.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this value (after accumulation); `None` = no clipping.
+    pub clip: Option<f64>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Shuffle rows each epoch.
+    pub shuffle: bool,
+    /// Write a checkpoint every this many optimizer steps (0 = never).
+    pub checkpoint_every: usize,
+    /// Padding token id.
+    pub pad_id: u32,
+}
+
+/// Called after every optimizer step (progress bars, cancellation, tests that simulate a crash).
+pub trait TrainObserver {
+    /// `m` was just logged; an error stops training (after any checkpoint of this step was written).
+    fn on_step(&mut self, m: &StepMetrics, total_steps: usize) -> Result<()>;
+}
+
+impl<F: FnMut(&StepMetrics, usize) -> Result<()>> TrainObserver for F {
+    fn on_step(&mut self, m: &StepMetrics, total_steps: usize) -> Result<()> {
+        self(m, total_steps)
+    }
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    /// Optimizer steps in total.
+    pub steps: usize,
+    /// Step the run resumed from (0 = fresh start).
+    pub resumed_from: usize,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Input tokens processed, including before a resume.
+    pub tokens_seen: u64,
+    /// Mean input tokens per second of this process.
+    pub tokens_per_s: f64,
+    /// Every step's metrics, including before a resume.
+    pub history: Vec<StepMetrics>,
+}
+
+/// One micro-batch's forward pass as an [`Objective`] computed it.
+pub struct MicroLoss {
+    /// The loss summed over the micro-batch's units: a differentiable f32 scalar.
+    pub loss_sum: Tensor,
+    /// Input tokens processed.
+    pub tokens: usize,
+    /// Metric values summed over the units (the loop logs sum / units of the step), e.g. `rewards/chosen`.
+    pub metric_sums: Vec<(&'static str, f64)>,
+}
+
+/// What the loop minimises: the mean, over the units of an optimizer step (target tokens of token rows,
+/// or preference pairs), of a per-unit loss.
+pub trait Objective {
+    /// Number of items the data order runs over (rows or pairs).
+    fn len(&self) -> usize;
+    /// Whether there is nothing to train on.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Loss units of the items `idx` (known without a forward pass, so the step's total normalises every
+    /// micro-batch before its backward pass).
+    fn units(&self, idx: &[usize]) -> usize;
+    /// Forward over the items `idx`: summed loss, tokens and metric sums.
+    fn micro_batch_loss(&self, model: &Llama, idx: &[usize]) -> Result<MicroLoss>;
+    /// Feeds everything about the data that decides the result into a checkpoint fingerprint.
+    fn digest(&self, h: &mut blake3::Hasher);
+}
+
+/// Next-token language modelling on token rows (pretrain, SFT): units are target tokens.
+pub struct LmObjective<'a> {
+    /// The rows.
+    pub rows: &'a [TrainSequence],
+    /// Padding id.
+    pub pad_id: u32,
+}
+
+impl Objective for LmObjective<'_> {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn units(&self, idx: &[usize]) -> usize {
+        idx.iter().map(|&i| self.rows[i].target_count()).sum()
+    }
+
+    fn micro_batch_loss(&self, model: &Llama, idx: &[usize]) -> Result<MicroLoss> {
+        let picked: Vec<&TrainSequence> = idx.iter().map(|&i| &self.rows[i]).collect();
+        let b = build_micro_batch(&picked, self.pad_id, model.device())?;
+        let logits = model.forward_train(&b.input_ids, &b.forward)?;
+        Ok(MicroLoss {
+            loss_sum: weighted_nll_sum(&logits, &b.targets, &b.weights)?,
+            tokens: b.tokens,
+            metric_sums: Vec::new(),
+        })
+    }
+
+    fn digest(&self, h: &mut blake3::Hasher) {
+        for r in self.rows {
+            for id in &r.ids {
+                h.update(&id.to_le_bytes());
+            }
+            for l in &r.learn {
+                h.update(&[*l as u8]);
+            }
+            if let Some(d) = &r.doc_ids {
+                for id in d {
+                    h.update(&id.to_le_bytes());
+                }
+            }
+            h.update(b"|");
+        }
+    }
+}
+
+/// Trains `model` (whose variables `opt` updates) on `rows` with the language-modelling loss. Checkpoints
+/// go to `work_dir/checkpoints`, metrics to `work_dir/metrics.jsonl`; an existing checkpoint of the same
+/// run is resumed.
+pub fn train(
+    model: &Llama,
+    opt: &mut AdamW,
+    rows: &[TrainSequence],
+    opts: &TrainOptions,
+    work_dir: &Path,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary> {
+    ensure!(!rows.is_empty(), "no training rows");
+    let objective = LmObjective {
+        rows,
+        pad_id: opts.pad_id,
+    };
+    train_objective(model, opt, &objective, opts, work_dir, observer)
+}
+
+/// Trains `model` on any [`Objective`]; see [`train`].
+pub fn train_objective(
+    model: &Llama,
+    opt: &mut AdamW,
+    objective: &dyn Objective,
+    opts: &TrainOptions,
+    work_dir: &Path,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary> {
+    ensure!(!objective.is_empty(), "nothing to train on");
+    ensure!(
+        opts.micro_batch > 0 && opts.grad_accum > 0,
+        "micro_batch and grad_accum must be positive"
+    );
+    let device = model.device().clone();
+    let order = BatchOrder::new(objective.len(), opts.micro_batch, opts.seed, opts.shuffle);
+    let schedule = LrSchedule {
+        lr: opts.lr,
+        kind: opts.schedule,
+        warmup: opts.warmup_steps,
+        total: opts.total_steps,
+    };
+    let fingerprint = fingerprint(opts, opt, objective)?;
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let checkpoints = checkpoint_dir(work_dir);
+
+    let (start, mut tokens_seen) = resume(&checkpoints, opt, &fingerprint, &device)?;
+    let mut metrics = MetricsLog::open(&work_dir.join("metrics.jsonl"), start)?;
+    let began = Instant::now();
+    let mut tokens_this_run = 0u64;
+    for step in start..opts.total_steps {
+        let t0 = Instant::now();
+        let batches: Vec<Vec<usize>> = (0..opts.grad_accum)
+            .map(|a| order.micro_batch(step * opts.grad_accum + a))
+            .collect();
+        let targets: usize = batches.iter().map(|idx| objective.units(idx)).sum();
+        ensure!(
+            targets > 0,
+            "step {}: no target tokens in this step's micro-batches",
+            step + 1
+        );
+        let acc = accumulate_gradients(model, opt, objective, &batches, targets, step)?;
+        let mut grads = acc.grads;
+        let loss = acc.loss_sum / targets as f64;
+        let grad_norm = global_norm(&grads)?;
+        check_finite(step, "gradient norm", grad_norm)?;
+        if let Some(max) = opts.clip {
+            clip_gradients(&mut grads, grad_norm, max)?;
+        }
+        let lr = schedule.at(step);
+        opt.step(&grads, lr)?;
+
+        let tokens = acc.tokens;
+        tokens_seen += tokens as u64;
+        tokens_this_run += tokens as u64;
+        let m = StepMetrics {
+            step: step + 1,
+            loss,
+            lr,
+            grad_norm,
+            targets,
+            tokens,
+            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            extra: acc
+                .metric_sums
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v / targets as f64))
+                .collect(),
+        };
+        metrics.log(&m)?;
+        if opts.checkpoint_every > 0
+            && (step + 1) % opts.checkpoint_every == 0
+            && step + 1 < opts.total_steps
+        {
+            let state = TrainState {
+                step: step + 1,
+                tokens_seen,
+                fingerprint: fingerprint.clone(),
+            };
+            save_checkpoint(&checkpoints, opt, &state)?;
+        }
+        observer.on_step(&m, opts.total_steps)?;
+    }
+    let history = metrics.history.clone();
+    Ok(TrainSummary {
+        steps: opts.total_steps,
+        resumed_from: start,
+        final_loss: history.last().map(|m| m.loss).unwrap_or(f64::NAN),
+        tokens_seen,
+        tokens_per_s: tokens_this_run as f64 / began.elapsed().as_secs_f64().max(1e-9),
+        history,
+    })
+}
+
+/// The checkpoints folder inside a work folder.
+pub fn checkpoint_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("checkpoints")
+}
+
+/// Restores the newest checkpoint, if any: returns the step to continue from and tokens seen.
+fn resume(
+    checkpoints: &Path,
+    opt: &mut AdamW,
+    fingerprint: &str,
+    device: &candle_core::Device,
+) -> Result<(usize, u64)> {
+    let Some(dir) = latest_checkpoint(checkpoints)? else {
+        return Ok((0, 0));
+    };
+    let state = load_checkpoint(&dir, opt, device)?;
+    if state.fingerprint != fingerprint {
+        bail!(
+            "checkpoint {} belongs to a run with other options or data; delete it to start over",
+            dir.display()
+        );
+    }
+    tracing::info!(step = state.step, "resuming from {}", dir.display());
+    Ok((state.step, state.tokens_seen))
+}
+
+/// Summed results of one optimizer step's micro-batches.
+struct Accumulated {
+    loss_sum: f64,
+    grads: Vec<Tensor>,
+    tokens: usize,
+    metric_sums: Vec<(&'static str, f64)>,
+}
+
+/// Forward and backward over every micro-batch, each loss divided by the step's total unit count, so the
+/// summed gradients are those of the mean loss over all units of the step. Returns the summed
+/// (un-normalised) loss, f32 gradients in `opt.params` order, tokens and metric sums.
+fn accumulate_gradients(
+    model: &Llama,
+    opt: &AdamW,
+    objective: &dyn Objective,
+    batches: &[Vec<usize>],
+    units: usize,
+    step: usize,
+) -> Result<Accumulated> {
+    let mut acc: Option<Vec<Tensor>> = None;
+    let mut loss_sum = 0.0;
+    let mut tokens = 0;
+    let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
+    for (k, idx) in batches.iter().enumerate() {
+        let micro = objective.micro_batch_loss(model, idx)?;
+        let value = micro.loss_sum.to_scalar::<f32>()? as f64;
+        check_finite(step, &format!("loss (micro-batch {})", k + 1), value)?;
+        loss_sum += value;
+        tokens += micro.tokens;
+        for (name, v) in micro.metric_sums {
+            match metric_sums.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, sum)) => *sum += v,
+                None => metric_sums.push((name, v)),
+            }
+        }
+        let grads = (micro.loss_sum / units as f64)?.backward()?;
+        let these = opt.f32_gradients(&grads)?;
+        acc = Some(match acc {
+            None => these,
+            Some(prev) => prev
+                .iter()
+                .zip(&these)
+                .map(|(a, g)| a + g)
+                .collect::<candle_core::Result<_>>()?,
+        });
+    }
+    Ok(Accumulated {
+        loss_sum,
+        grads: acc.unwrap_or_default(),
+        tokens,
+        metric_sums,
+    })
+}
+
+/// Stops with a clear error when a loss or gradient value is NaN or infinite.
+fn check_finite(step: usize, what: &str, value: f64) -> Result<()> {
+    if !value.is_finite() {
+        bail!("step {}: {what} is {value}; stopping (lower the learning rate, check the data, or use f32)", step + 1);
+    }
+    Ok(())
+}
+
+/// L2 norm over all gradients together.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for g in grads {
+        sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Scales gradients by `max / (norm + 1e-6)` when that is below 1 (torch's `clip_grad_norm_`).
+pub fn clip_gradients(grads: &mut [Tensor], norm: f64, max: f64) -> Result<()> {
+    let coef = max / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(())
+}
+
+/// Digest of everything that decides the result: options, optimizer settings, parameter names/shapes, data.
+fn fingerprint(opts: &TrainOptions, opt: &AdamW, objective: &dyn Objective) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(serde_json::to_string(opts)?.as_bytes());
+    h.update(format!("{:?}", opt.config).as_bytes());
+    for p in &opt.params {
+        h.update(format!("{}{:?}{:?}", p.name, p.master.dims(), p.var.dtype()).as_bytes());
+    }
+    objective.digest(&mut h);
+    Ok(h.finalize().to_hex()[..16].to_string())
+}
