@@ -135,7 +135,7 @@ pub fn __merge_chunk<R: MergeRule>(
 ) -> Result<Vec<u8>, String> {
     let size = dtype_size(tensor.dtype);
     let len = inputs.first().map_or(0, Vec::len);
-    if inputs.iter().any(|x| x.len() != len) || len % size != 0 {
+    if inputs.iter().any(|x| x.len() != len) || !len.is_multiple_of(size) {
         return Err(format!(
             "merge-chunk of {}: inputs must have equal lengths that are multiples of {size} bytes",
             tensor.name

@@ -35,6 +35,17 @@ pub enum DType {
     F16,
 }
 
+impl DType {
+    /// The spelling of `torch_dtype` in a Hugging Face `config.json` (`float32`, `bfloat16`, `float16`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::Bf16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+}
+
 /// The `[workflow]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -207,6 +218,25 @@ impl Default for PluginLimits {
 #[cfg(test)]
 mod durable_tests {
     use super::WorkflowSettings;
+
+    #[test]
+    fn dtypes_accept_the_short_and_the_torch_spelling() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            d: super::DType,
+        }
+        for (text, d) in [
+            ("bf16", super::DType::Bf16),
+            ("bfloat16", super::DType::Bf16),
+            ("f16", super::DType::F16),
+            ("float16", super::DType::F16),
+            ("f32", super::DType::F32),
+            ("float32", super::DType::F32),
+        ] {
+            let t: T = toml::from_str(&format!("d = {text:?}")).unwrap();
+            assert_eq!(t.d, d, "{text}");
+        }
+    }
 
     #[test]
     fn durable_defaults_to_true_and_can_be_turned_off() {

@@ -371,7 +371,7 @@ impl Executor {
                     workflow_dir: plan.workflow.dir.clone(),
                     settings: plan.workflow.settings.clone(),
                     inputs: planned.inputs.clone(),
-                    plugins: step_plugins(&plan, planned),
+                    plugins: step_plugins(plan, planned),
                     progress: bar.clone(),
                     cancel: cancel.clone(),
                     services: inner.services.clone(),

@@ -10,7 +10,7 @@ use dusflow::train::{train, AdamW, ScheduleKind, StepMetrics, TrainOptions};
 use std::time::Instant;
 
 /// What a timed run measured.
-pub struct TimedRun {
+pub(crate) struct TimedRun {
     /// Seconds from the end of step `warmup` to the end; `None` when no step came after the warm-up.
     pub timed_seconds: Option<f64>,
     /// Seconds of the whole run.
@@ -20,7 +20,7 @@ pub struct TimedRun {
 }
 
 /// Trains `model` on `rows`, `batch` rows per step, one pass; the steps after the first `warmup` are timed.
-pub fn timed_training(
+pub(crate) fn timed_training(
     model: &Llama,
     opt: &mut AdamW,
     rows: &[TrainSequence],

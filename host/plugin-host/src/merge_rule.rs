@@ -104,7 +104,9 @@ impl MergeRulePlugin {
         out: &mut [u8],
     ) -> Result<()> {
         const FUNCTION: &str = "merge-rule.merge-chunk";
-        if inputs.iter().any(|x| x.len() != out.len()) || out.len() % tensor.dtype.size() != 0 {
+        if inputs.iter().any(|x| x.len() != out.len())
+            || !out.len().is_multiple_of(tensor.dtype.size())
+        {
             bail!("merge_chunk of {}: every input must have the output's length, a multiple of the dtype", tensor.name);
         }
         let info = to_wit(tensor);

@@ -17,7 +17,7 @@ pub(crate) struct CapturedOutput {
 
 impl CapturedOutput {
     /// A capture keeping the last `capacity` bytes.
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         CapturedOutput {
             capacity,
             tail: Arc::default(),
@@ -25,7 +25,7 @@ impl CapturedOutput {
     }
 
     /// The kept bytes, as (lossy) UTF-8.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let tail = self.tail.lock().unwrap();
         let (a, b) = tail.as_slices();
         String::from_utf8_lossy(&[a, b].concat()).into_owned()

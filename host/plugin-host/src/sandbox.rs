@@ -9,7 +9,7 @@ use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{FsPerms, ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// How often the host's ticker thread advances the engine epoch; the granularity of deadlines.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Bytes of plugin stdout+stderr kept per job and quoted in errors: the tail, where tracebacks end.
 const OUTPUT_KEPT: usize = 4096;
@@ -63,7 +63,11 @@ pub(crate) struct Sandbox {
 
 impl Sandbox {
     /// Creates a store that grants the plugin exactly `grants` and enforces `limits`.
-    pub fn new(engine: &Engine, grants: &PluginGrants, limits: &PluginLimits) -> Result<Sandbox> {
+    pub(crate) fn new(
+        engine: &Engine,
+        grants: &PluginGrants,
+        limits: &PluginLimits,
+    ) -> Result<Sandbox> {
         let output = CapturedOutput::new(OUTPUT_KEPT);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(output.clone()).stderr(output.clone());
@@ -114,12 +118,12 @@ impl Sandbox {
     }
 
     /// Restarts the call deadline; call before every entry into the plugin.
-    pub fn arm_deadline(&mut self) {
+    pub(crate) fn arm_deadline(&mut self) {
         self.store.set_epoch_deadline(self.deadline_ticks);
     }
 
     /// The tail of what the plugin printed so far.
-    pub fn output_tail(&self) -> String {
+    pub(crate) fn output_tail(&self) -> String {
         self.output.text()
     }
 }

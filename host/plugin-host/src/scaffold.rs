@@ -44,7 +44,7 @@ fn template(lang: Lang, kind: PluginKind) -> &'static str {
 }
 
 /// Creates `dir` with a plugin of `kind` named `name` in `lang`.
-pub fn create(dir: &Path, kind: PluginKind, name: &str, lang: Lang) -> Result<()> {
+pub(crate) fn create(dir: &Path, kind: PluginKind, name: &str, lang: Lang) -> Result<()> {
     let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     if name.is_empty() || !name.chars().all(valid) || name.starts_with('-') {
         bail!("plugin name '{name}' must be lowercase letters, digits and dashes");

@@ -106,7 +106,7 @@ impl StepKind for ReportStep {
             curves.push((label, read_losses(&a.path.join("metrics.jsonl"))?));
         }
         if !curves.is_empty() {
-            md.push_str("\n");
+            md.push('\n');
             md.push_str(&loss_table(&curves));
             crate::train::metrics::plot_losses(
                 &curves,

@@ -40,6 +40,7 @@ pub mod sparsify;
 pub mod stream;
 
 use crate::byte_size::ShardSize;
+use crate::spec::DType;
 use anyhow::{bail, Result};
 use dusflow_core::step::StepContext;
 use dusflow_core::step::{
@@ -250,38 +251,6 @@ pub fn method_names() -> String {
         .join(", ")
 }
 
-/// Output element type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputDtype {
-    /// 32-bit float.
-    Float32,
-    /// bfloat16.
-    Bfloat16,
-    /// IEEE half.
-    Float16,
-}
-
-impl OutputDtype {
-    /// The safetensors dtype.
-    pub fn safetensors(self) -> safetensors::Dtype {
-        match self {
-            OutputDtype::Float32 => safetensors::Dtype::F32,
-            OutputDtype::Bfloat16 => safetensors::Dtype::BF16,
-            OutputDtype::Float16 => safetensors::Dtype::F16,
-        }
-    }
-
-    /// The `torch_dtype` name in `config.json`.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            OutputDtype::Float32 => "float32",
-            OutputDtype::Bfloat16 => "bfloat16",
-            OutputDtype::Float16 => "float16",
-        }
-    }
-}
-
 /// Parameters of a `merge` step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -318,7 +287,7 @@ pub struct MergeConfig {
     pub seed: Option<u64>,
     /// Output dtype (default: each tensor's dtype in the first input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<OutputDtype>,
+    pub dtype: Option<DType>,
     /// Largest shard (default: one `model.safetensors`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_size: Option<ShardSize>,

@@ -170,7 +170,7 @@ pub fn merge_with(
     for name in &names {
         let meta = reference.meta(name)?;
         let dtype = match config.dtype {
-            Some(d) if is_float(meta.dtype) => d.safetensors(),
+            Some(d) if is_float(meta.dtype) => crate::device::safetensors_dtype(d),
             _ => meta.dtype,
         };
         specs.push(TensorSpec::new(name.clone(), dtype, meta.shape.to_vec()));

@@ -340,13 +340,13 @@ mod page_cache {
     }
 
     /// Starts reading `bytes` ahead of use.
-    pub fn will_need(bytes: &[u8]) {
+    pub(super) fn will_need(bytes: &[u8]) {
         #[cfg(unix)]
         advise(bytes, libc::MADV_WILLNEED);
     }
 
     /// Drops `bytes` from this process's resident set once written.
-    pub fn release(bytes: &[u8]) {
+    pub(super) fn release(bytes: &[u8]) {
         #[cfg(unix)]
         advise(bytes, libc::MADV_DONTNEED);
     }

@@ -1,6 +1,7 @@
 //! The `scale` step through the engine: built-in policies, LLaMA-Pro function preservation, sharding,
 //! and failures that name the policy and leave no artifact (fixtures: `fixtures/scale/make_fixtures.py`).
 
+use crate::common::{dir_of, failure_of};
 use candle_core::{DType, Device, Tensor};
 use dusflow::engine::{self, RunOptions, RunSummary};
 use dusflow::model::{load_model, ForwardOptions, TensorStore};
@@ -67,22 +68,6 @@ impl Project {
                     .starts_with(&format!("{step}-"))
             })
             .collect()
-    }
-}
-
-fn dir_of(summary: &RunSummary, step: &str) -> PathBuf {
-    let report = summary
-        .step(step)
-        .unwrap_or_else(|| panic!("no step {step}"));
-    assert!(report.status.is_success(), "{step}: {:?}", report.status);
-    report.dir.clone()
-}
-
-fn failure_of(summary: &RunSummary, step: &str) -> String {
-    let report = summary.step(step).unwrap();
-    match &report.status {
-        engine::StepStatus::Failed(m) => m.clone(),
-        other => panic!("{step} did not fail: {other:?}"),
     }
 }
 

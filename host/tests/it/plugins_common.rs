@@ -9,32 +9,32 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 /// The process-wide plugin host (default cache dir, so built plugins are reused across runs).
-pub fn host() -> &'static PluginHost {
+pub(crate) fn host() -> &'static PluginHost {
     static HOST: OnceLock<PluginHost> = OnceLock::new();
     HOST.get_or_init(|| PluginHost::new().expect("plugin host"))
 }
 
 /// `plugins/NAME` of this repository.
-pub fn plugin_dir(name: &str) -> PathBuf {
+pub(crate) fn plugin_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../plugins")
         .join(name)
 }
 
 /// Loads `plugins/NAME` with the given grants and limits, building it if needed.
-pub fn load_with(name: &str, grants: &PluginGrants, limits: &PluginLimits) -> Plugin {
+pub(crate) fn load_with(name: &str, grants: &PluginGrants, limits: &PluginLimits) -> Plugin {
     host()
         .load(&plugin_dir(name), grants, limits)
         .unwrap_or_else(|e| panic!("loading plugin {name}: {e:#}"))
 }
 
 /// Loads `plugins/NAME` with no grants and default limits.
-pub fn load(name: &str) -> Plugin {
+pub(crate) fn load(name: &str) -> Plugin {
     load_with(name, &PluginGrants::default(), &PluginLimits::default())
 }
 
 /// Loads `plugins/NAME`, or prints a notice and returns None when its toolchain is missing.
-pub fn load_or_skip(name: &str) -> Option<Plugin> {
+pub(crate) fn load_or_skip(name: &str) -> Option<Plugin> {
     match host().load(
         &plugin_dir(name),
         &PluginGrants::default(),
@@ -50,7 +50,7 @@ pub fn load_or_skip(name: &str) -> Option<Plugin> {
 }
 
 /// A small LLaMA-style config.json with `layers` layers.
-pub fn llama_config(layers: u32) -> String {
+pub(crate) fn llama_config(layers: u32) -> String {
     format!(
         r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 172,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": {layers}, "vocab_size": 256}}"#
@@ -58,6 +58,6 @@ pub fn llama_config(layers: u32) -> String {
 }
 
 /// Little-endian f32 bytes.
-pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }

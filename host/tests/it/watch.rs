@@ -1,6 +1,6 @@
 //! Watch mode: after an edit, exactly the affected steps run again; an invalid edit keeps it watching.
 
-mod common;
+use crate::common;
 
 use common::{test_kinds, Project};
 use dusflow::engine::{self, Event, EventSink, RunOptions, Stamped};

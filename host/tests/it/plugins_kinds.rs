@@ -1,6 +1,6 @@
 //! Each plugin kind end to end through the host, with the Rust example plugins.
 
-mod plugins_common;
+use crate::plugins_common;
 
 use dusflow::plugins::{
     DType, MergePlan, ModelDescription, PluginGrants, PluginKind, PluginLimits, TensorInfo,

@@ -1,7 +1,7 @@
 //! The `merge` step kind in workflows: validation with line numbers, an end-to-end run through the engine,
 //! sharded output, and clear errors for incompatible models.
 
-mod common;
+use crate::common;
 
 use common::Project;
 use dusflow::engine::{self, RunOptions};

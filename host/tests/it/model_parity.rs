@@ -1,6 +1,7 @@
 //! Parity with transformers: logits and greedy generation of two tiny random models (fixtures made by
 //! `host/tests/fixtures/model/make_fixtures.py`), and agreement of our training, inference and cached forwards.
 
+use crate::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
 use dusflow::model::{
     generate, load_model, ForwardOptions, GenerateOptions, KvCache, Llama, Sampling, TensorStore,
@@ -19,20 +20,6 @@ fn ids(store: &TensorStore, name: &str) -> Tensor {
         .tensor(name, &Device::Cpu)
         .unwrap()
         .to_dtype(DType::U32)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

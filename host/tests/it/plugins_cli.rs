@@ -2,7 +2,7 @@
 //! language builds, loads and runs on the sample (languages whose toolchain is missing are
 //! skipped with a notice).
 
-mod plugins_common;
+use crate::plugins_common;
 
 use dusflow::plugins::build::{self, MissingTool};
 use dusflow::plugins::cli::{run_to, PluginCommand};

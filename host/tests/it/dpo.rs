@@ -3,6 +3,7 @@
 //! when policy = reference, a toy preference set is learned through a real workflow, sDPO with two chunks
 //! uses M_1 as the second reference, and bad input is reported clearly.
 
+use crate::common::artifact;
 use candle_core::{DType, Device};
 use dusflow::engine::{self, RunOptions};
 use dusflow::model::{load_model, Tokenizer};
@@ -139,20 +140,6 @@ epochs = 16
 warmup_steps = 0
 schedule = "constant"
 "#;
-
-fn artifact(out: &Path, step: &str) -> PathBuf {
-    std::fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&format!("{step}-"))
-                && p.join("manifest.json").exists()
-        })
-        .unwrap_or_else(|| panic!("no artifact for {step} in {}", out.display()))
-}
 
 async fn run(dir: &Path) -> engine::RunSummary {
     engine::run(
@@ -543,7 +530,7 @@ checkpoint_every = 4
 "#;
 
 const CHILD_ENV: &str = "DUSFLOW_DPO_TEST_CHILD";
-const THIS_TEST: &str = "sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights";
+const THIS_TEST: &str = "dpo::sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights";
 
 /// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set.
 fn dus_run(dir: &Path) -> std::process::Child {

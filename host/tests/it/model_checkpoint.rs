@@ -1,6 +1,7 @@
 //! Checkpoint I/O: memory-mapped store (single and sharded), canonical streaming writer, saving and
 //! reloading models, and clear errors for broken inputs.
 
+use crate::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
 use dusflow::model::checkpoint_writer::{canonical_order, plan_shards};
 use dusflow::model::{
@@ -165,19 +166,6 @@ fn logits(dir: &Path, dtype: DType) -> Tensor {
         .forward(&ids, &ForwardOptions::default())
         .unwrap()
         .to_dtype(DType::F32)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

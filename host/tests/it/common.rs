@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 /// Shared record of executed steps (in start order) with start/end instants.
 #[derive(Clone, Default)]
-pub struct Log(pub Arc<Mutex<Vec<(String, Instant, Instant)>>>);
+pub(crate) struct Log(pub Arc<Mutex<Vec<(String, Instant, Instant)>>>);
 
 impl Log {
-    pub fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         self.0
             .lock()
             .unwrap()
@@ -21,19 +21,19 @@ impl Log {
             .map(|(n, _, _)| n.clone())
             .collect()
     }
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.0.lock().unwrap().clear();
     }
 }
 
 /// `kind = "text"`: writes `out.txt` = its `text` param followed by each input's `out.txt`.
-pub struct TextStep {
+pub(crate) struct TextStep {
     pub log: Log,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TextConfig {
+pub(crate) struct TextConfig {
     pub text: String,
     #[serde(default)]
     pub repeat: u32,
@@ -113,13 +113,13 @@ impl StepKind for TextStep {
 }
 
 /// `kind = "meet"`: each step waits (up to 20 s) until `parties` meet steps are running at once.
-pub struct MeetStep {
+pub(crate) struct MeetStep {
     pub state: Arc<(Mutex<usize>, Condvar)>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MeetConfig {
+pub(crate) struct MeetConfig {
     pub parties: usize,
 }
 
@@ -154,13 +154,13 @@ impl StepKind for MeetStep {
 }
 
 /// `kind = "hold"`: runs until cancelled (or 30 s), then reports cancellation.
-pub struct HoldStep {
+pub(crate) struct HoldStep {
     pub started: Arc<(Mutex<usize>, Condvar)>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HoldConfig {
+pub(crate) struct HoldConfig {
     #[serde(default)]
     pub tag: String,
 }
@@ -193,13 +193,13 @@ impl StepKind for HoldStep {
 }
 
 /// A registry with the built-in kinds plus the test kinds, and their shared state.
-pub struct TestKinds {
+pub(crate) struct TestKinds {
     pub registry: Registry,
     pub log: Log,
     pub hold_started: Arc<(Mutex<usize>, Condvar)>,
 }
 
-pub fn test_kinds() -> TestKinds {
+pub(crate) fn test_kinds() -> TestKinds {
     let log = Log::default();
     let hold_started = Arc::new((Mutex::new(0), Condvar::new()));
     let mut registry = dusflow::steps::builtin_registry();
@@ -218,7 +218,7 @@ pub fn test_kinds() -> TestKinds {
 }
 
 /// Waits until `count` hold steps have started.
-pub fn wait_hold_started(state: &Arc<(Mutex<usize>, Condvar)>, count: usize) {
+pub(crate) fn wait_hold_started(state: &Arc<(Mutex<usize>, Condvar)>, count: usize) {
     let (lock, cv) = &**state;
     let guard = lock.lock().unwrap();
     let (_guard, t) = cv
@@ -228,28 +228,28 @@ pub fn wait_hold_started(state: &Arc<(Mutex<usize>, Condvar)>, count: usize) {
 }
 
 /// A temp folder with a workflow file.
-pub struct Project {
+pub(crate) struct Project {
     pub dir: tempfile::TempDir,
 }
 
 impl Project {
-    pub fn new(workflow: &str) -> Self {
+    pub(crate) fn new(workflow: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("flow.toml"), workflow).unwrap();
         Self { dir }
     }
-    pub fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
-    pub fn workflow(&self) -> PathBuf {
+    pub(crate) fn workflow(&self) -> PathBuf {
         self.path("flow.toml")
     }
-    pub fn write(&self, rel: &str, text: &str) {
+    pub(crate) fn write(&self, rel: &str, text: &str) {
         let p = self.path(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
     }
-    pub fn edit(&self, from: &str, to: &str) {
+    pub(crate) fn edit(&self, from: &str, to: &str) {
         let text = std::fs::read_to_string(self.workflow()).unwrap();
         assert!(text.contains(from), "workflow has no `{from}`");
         std::fs::write(self.workflow(), text.replacen(from, to, 1)).unwrap();
@@ -257,9 +257,60 @@ impl Project {
 }
 
 /// Reads `out.txt` of a step's artifact.
-pub fn output_of(summary: &dusflow::engine::RunSummary, step: &str) -> String {
+pub(crate) fn output_of(summary: &dusflow::engine::RunSummary, step: &str) -> String {
     let report = summary
         .step(step)
         .unwrap_or_else(|| panic!("no step {step}"));
     std::fs::read_to_string(Path::new(&report.dir).join("out.txt")).unwrap()
+}
+
+/// The complete artifact folder of `step` under the output folder `out` (the one with a manifest).
+pub(crate) fn artifact(out: &Path, step: &str) -> PathBuf {
+    std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{step}-"))
+                && p.join("manifest.json").exists()
+        })
+        .unwrap_or_else(|| panic!("no artifact for {step} in {}", out.display()))
+}
+
+/// The artifact folder of `step`, which must have succeeded.
+pub(crate) fn dir_of(summary: &dusflow::engine::RunSummary, step: &str) -> PathBuf {
+    let report = summary
+        .step(step)
+        .unwrap_or_else(|| panic!("no step {step}"));
+    assert!(report.status.is_success(), "{step}: {:?}", report.status);
+    report.dir.clone()
+}
+
+/// The failure message of `step`, which must have failed.
+pub(crate) fn failure_of(summary: &dusflow::engine::RunSummary, step: &str) -> String {
+    match &summary
+        .step(step)
+        .unwrap_or_else(|| panic!("no step {step}"))
+        .status
+    {
+        dusflow::engine::StepStatus::Failed(m) => m.clone(),
+        other => panic!("{step} did not fail: {other:?}"),
+    }
+}
+
+/// The largest absolute difference between two tensors of the same shape, as f32.
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }

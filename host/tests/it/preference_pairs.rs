@@ -1,24 +1,11 @@
 //! The `preference-pairs` step: two aligned question-answer datasets become `{prompt, chosen, rejected}`
 //! records that the `dpo` step reads; misaligned input fails naming the record.
 
+use crate::common::artifact;
 use dusflow::engine::{self, RunOptions};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokio_util::sync::CancellationToken;
-
-fn artifact(out: &Path, step: &str) -> PathBuf {
-    std::fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&format!("{step}-"))
-                && p.join("manifest.json").exists()
-        })
-        .unwrap_or_else(|| panic!("no artifact for {step} in {}", out.display()))
-}
 
 const REPHRASED: &str = r#"{"id": 2, "question": "What is 3+4?", "answer": "3 plus 4 makes 7.\n#### 7"}
 {"id": 1, "question": "What is 2+2?", "answer": "Two and two are four.\n#### 4"}

@@ -1,7 +1,7 @@
 //! The `eval` and `report` steps in real workflows: synthetic data in the ARC / GSM8K layouts, the six H6
 //! tasks from a folder, custom TOML tasks, and the side-by-side report.
 
-mod common;
+use crate::common;
 
 use common::Project;
 use dusflow::engine::{self, RunOptions};

@@ -1,7 +1,8 @@
 //! The `scale` step with layer-policy plugins (`plugin = "NAME"`): the example plugins of `plugins/` give
 //! the same bytes as the built-in policies and mergekit, and plugin failures fail the step naming the plugin.
 
-use dusflow::engine::{self, RunOptions, RunSummary, StepStatus};
+use crate::common::{dir_of, failure_of};
+use dusflow::engine::{self, RunOptions, RunSummary};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -54,19 +55,6 @@ async fn run(steps: &str) -> (tempfile::TempDir, RunSummary) {
     .await
     .expect("run");
     (dir, summary)
-}
-
-fn dir_of(summary: &RunSummary, step: &str) -> PathBuf {
-    let report = summary.step(step).unwrap();
-    assert!(report.status.is_success(), "{step}: {:?}", report.status);
-    report.dir.clone()
-}
-
-fn failure_of(summary: &RunSummary, step: &str) -> String {
-    match &summary.step(step).unwrap().status {
-        StepStatus::Failed(m) => m.clone(),
-        other => panic!("{step} did not fail: {other:?}"),
-    }
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The sandbox: time-outs, memory exhaustion, denied files, sockets, env and clock, traps and
 //! malformed answers all fail the job cleanly, and the host keeps working after each.
 
-mod plugins_common;
+use crate::plugins_common;
 
 use dusflow::plugins::{Plugin, PluginGrants, PluginLimits, Verdict};
 use plugins_common::*;

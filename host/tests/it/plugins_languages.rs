@@ -1,7 +1,7 @@
 //! Plugins written in Python, JavaScript and C, through the same host. Each test is skipped,
 //! with a notice, when its toolchain is not installed (CI installs them).
 
-mod plugins_common;
+use crate::plugins_common;
 
 use dusflow::plugins::{DType, MergePlan, ModelDescription, TensorInfo, TensorStats, Verdict};
 use plugins_common::*;

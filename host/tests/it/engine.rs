@@ -1,7 +1,7 @@
 //! The engine end to end with test step kinds: validation, ordering, caching, concurrency, failure,
 //! cancellation and sweeps.
 
-mod common;
+use crate::common;
 
 use common::{output_of, test_kinds, wait_hold_started, Project};
 use dusflow::engine::{self, RunOptions, StepStatus};

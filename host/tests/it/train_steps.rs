@@ -2,10 +2,11 @@
 //! folders with metrics and a loss curve; a run killed with SIGKILL resumes from its last checkpoint and
 //! ends with the same weights as an uninterrupted run.
 
+use crate::common::artifact;
 use candle_core::{DType, Device};
 use dusflow::engine::{self, RunOptions};
 use dusflow::model::{init_trainable, load_model, save_model, LlamaConfig, SaveOptions, Tokenizer};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -68,20 +69,6 @@ grad_accum = 2
 packing = true
 epochs = 1
 "#;
-
-fn artifact(out: &Path, step: &str) -> PathBuf {
-    std::fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&format!("{step}-"))
-                && p.join("manifest.json").exists()
-        })
-        .unwrap_or_else(|| panic!("no artifact for {step} in {}", out.display()))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn synthetic_data_to_pretrain_to_sft_writes_trained_model_folders() {
@@ -190,7 +177,7 @@ checkpoint_every = 4
 "#;
 
 const CHILD_ENV: &str = "DUSFLOW_TRAIN_TEST_CHILD";
-const THIS_TEST: &str = "a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights";
+const THIS_TEST: &str = "train_steps::a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights";
 
 /// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set (the
 /// shared `dus` binary of the target folder may belong to another build, so the test does not use it).
