@@ -2,7 +2,7 @@
 
 use super::hashing::{hash_json, FileHasher};
 use super::store::{ArtifactStore, KeyMaterial, Manifest};
-use crate::workflow::{DatasetSpec, InputRef, Workflow};
+use crate::workflow::{DatasetSpec, InputRef, Step, Workflow};
 use dusflow_core::step::{ArtifactKind, InputArtifact};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -81,30 +81,57 @@ pub fn plan(
     hasher: &FileHasher,
     force: &HashSet<String>,
 ) -> Plan {
-    let mut watched: Vec<PathBuf> = vec![workflow.file.clone()];
-    let mut input_keys: HashMap<InputRef, Result<String, String>> = HashMap::new();
-    let mut plugin_keys: HashMap<String, Result<String, String>> = HashMap::new();
-    let mut plugin_key = |name: &str, watched: &mut Vec<PathBuf>| -> Result<String, String> {
-        plugin_keys
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                let spec = &workflow.plugins[name];
-                watched.push(spec.path.clone());
-                hasher
-                    .hash_path(&spec.path)
-                    .map_err(|e| format!("plugin `{name}`: {e:#}"))
-            })
-            .clone()
+    let mut planner = Planner {
+        workflow: &workflow,
+        hasher,
+        watched: vec![workflow.file.clone()],
+        input_keys: HashMap::new(),
+        plugin_keys: HashMap::new(),
+        steps: Vec::with_capacity(workflow.steps.len()),
+        index_of: workflow
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect(),
     };
-
-    let mut steps: Vec<PlannedStep> = Vec::with_capacity(workflow.steps.len());
-    let index_of: HashMap<&str, usize> = workflow
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
-        .collect();
     for (index, step) in workflow.steps.iter().enumerate() {
+        let planned = planner.plan_step(index, step, store, force);
+        planner.steps.push(planned);
+    }
+    let Planner {
+        mut watched, steps, ..
+    } = planner;
+    watched.sort();
+    watched.dedup();
+    Plan {
+        workflow: workflow.clone(),
+        steps,
+        watched,
+    }
+}
+
+/// The state of one planning pass: content hashes computed so far (each input and plugin is hashed once),
+/// the files read (for watch mode) and the steps planned so far (in order, so inputs come first).
+struct Planner<'a> {
+    workflow: &'a Workflow,
+    hasher: &'a FileHasher,
+    watched: Vec<PathBuf>,
+    input_keys: HashMap<InputRef, Result<String, String>>,
+    plugin_keys: HashMap<String, Result<String, String>>,
+    steps: Vec<PlannedStep>,
+    index_of: HashMap<&'a str, usize>,
+}
+
+impl Planner<'_> {
+    /// Key material, key and status of one step, all of whose inputs are planned.
+    fn plan_step(
+        &mut self,
+        index: usize,
+        step: &Step,
+        store: &ArtifactStore,
+        force: &HashSet<String>,
+    ) -> PlannedStep {
         let mut blocked: Option<String> = None;
         let mut inputs_material = BTreeMap::new();
         let mut inputs = BTreeMap::new();
@@ -113,80 +140,7 @@ pub fn plan(
             let mut keys = Vec::new();
             let mut artifacts = Vec::new();
             for r in refs {
-                let (key, artifact) = match r {
-                    InputRef::Model(name) => {
-                        let spec = &workflow.models[name];
-                        watched.push(spec.path.clone());
-                        let key = input_keys
-                            .entry(r.clone())
-                            .or_insert_with(|| {
-                                hasher
-                                    .hash_path(&spec.path)
-                                    .map_err(|e| format!("model `{name}`: {e:#}"))
-                            })
-                            .clone();
-                        let artifact = InputArtifact {
-                            name: name.clone(),
-                            kind: ArtifactKind::Model,
-                            path: spec.path.clone(),
-                            dataset: None,
-                        };
-                        (key, artifact)
-                    }
-                    InputRef::Dataset(name) => {
-                        let spec = &workflow.datasets[name];
-                        let key = match input_keys.get(r) {
-                            Some(k) => k.clone(),
-                            None => {
-                                let k =
-                                    dataset_key(name, spec, hasher, &mut watched, &mut plugin_key);
-                                input_keys.insert(r.clone(), k.clone());
-                                k
-                            }
-                        };
-                        let path = spec.path.paths().into_iter().next().unwrap_or_default();
-                        let artifact = InputArtifact {
-                            name: name.clone(),
-                            kind: ArtifactKind::Dataset,
-                            path,
-                            dataset: Some(spec.clone()),
-                        };
-                        (key, artifact)
-                    }
-                    InputRef::Step(name) | InputRef::Part(name, _) => {
-                        let up = index_of[name.as_str()];
-                        upstream.push(up);
-                        let planned = &steps[up];
-                        let key = match &planned.status {
-                            PlanStatus::Blocked(_) => {
-                                Err(format!("needs step `{name}`, which is blocked"))
-                            }
-                            _ => Ok(planned.key.clone()),
-                        };
-                        let artifact = match r {
-                            InputRef::Part(_, part) => {
-                                let p = workflow.steps[up]
-                                    .parts
-                                    .iter()
-                                    .find(|p| &p.name == part)
-                                    .expect("parts are resolved when the workflow loads");
-                                InputArtifact {
-                                    name: r.display_name(),
-                                    kind: p.kind,
-                                    path: planned.dir.join(&p.path),
-                                    dataset: None,
-                                }
-                            }
-                            _ => InputArtifact {
-                                name: name.clone(),
-                                kind: workflow.steps[up].output,
-                                path: planned.dir.clone(),
-                                dataset: None,
-                            },
-                        };
-                        (key, artifact)
-                    }
-                };
+                let (key, artifact) = self.input(r, &mut upstream);
                 match key {
                     Ok(k) => keys.push(format!("{}:{k}", artifact.name)),
                     Err(e) => {
@@ -201,7 +155,7 @@ pub fn plan(
         }
         let mut plugins = BTreeMap::new();
         for name in &step.dependencies.plugins {
-            match plugin_key(name, &mut watched) {
+            match self.plugin_key(name) {
                 Ok(k) => {
                     plugins.insert(name.clone(), k);
                 }
@@ -212,8 +166,8 @@ pub fn plan(
         }
         let mut files = BTreeMap::new();
         for file in &step.dependencies.files {
-            watched.push(file.clone());
-            match hasher.hash_path(file) {
+            self.watched.push(file.clone());
+            match self.hasher.hash_path(file) {
                 Ok(k) => {
                     files.insert(file.display().to_string(), k);
                 }
@@ -224,12 +178,13 @@ pub fn plan(
         }
         upstream.sort_unstable();
         upstream.dedup();
+        let settings = &self.workflow.settings;
         let material = KeyMaterial {
             runtime: runtime_version(),
             kind: step.kind.name().to_string(),
             kind_version: step.kind.version(),
             config: step.config_json.clone(),
-            settings: serde_json::json!({ "dtype": workflow.settings.dtype, "seed": workflow.settings.seed }),
+            settings: serde_json::json!({ "dtype": settings.dtype, "seed": settings.seed }),
             inputs: inputs_material,
             plugins,
             files,
@@ -245,7 +200,7 @@ pub fn plan(
         } else {
             PlanStatus::Run(why_run(store, &step.name, &material))
         };
-        steps.push(PlannedStep {
+        PlannedStep {
             index,
             name: step.name.clone(),
             dir: store.artifact_dir(&step.name, &key),
@@ -255,41 +210,127 @@ pub fn plan(
             forced,
             upstream,
             inputs,
-        });
+        }
     }
-    watched.sort();
-    watched.dedup();
-    Plan {
-        workflow,
-        steps,
-        watched,
-    }
-}
 
-fn dataset_key(
-    name: &str,
-    spec: &DatasetSpec,
-    hasher: &FileHasher,
-    watched: &mut Vec<PathBuf>,
-    plugin_key: &mut impl FnMut(&str, &mut Vec<PathBuf>) -> Result<String, String>,
-) -> Result<String, String> {
-    let mut files = Vec::new();
-    for path in spec.path.paths() {
-        watched.push(path.clone());
-        files.push(
-            hasher
-                .hash_path(&path)
-                .map_err(|e| format!("dataset `{name}`: {e:#}"))?,
-        );
+    /// The key (or why it is missing) and the run-time artifact of one input reference; an upstream step's
+    /// index is added to `upstream`.
+    fn input(
+        &mut self,
+        r: &InputRef,
+        upstream: &mut Vec<usize>,
+    ) -> (Result<String, String>, InputArtifact) {
+        let workflow = self.workflow;
+        match r {
+            InputRef::Model(name) => {
+                let spec = &workflow.models[name];
+                self.watched.push(spec.path.clone());
+                let hasher = self.hasher;
+                let key = self
+                    .input_keys
+                    .entry(r.clone())
+                    .or_insert_with(|| {
+                        hasher
+                            .hash_path(&spec.path)
+                            .map_err(|e| format!("model `{name}`: {e:#}"))
+                    })
+                    .clone();
+                let artifact = InputArtifact {
+                    name: name.clone(),
+                    kind: ArtifactKind::Model,
+                    path: spec.path.clone(),
+                    dataset: None,
+                };
+                (key, artifact)
+            }
+            InputRef::Dataset(name) => {
+                let spec = &workflow.datasets[name];
+                let key = match self.input_keys.get(r) {
+                    Some(k) => k.clone(),
+                    None => {
+                        let k = self.dataset_key(name, spec);
+                        self.input_keys.insert(r.clone(), k.clone());
+                        k
+                    }
+                };
+                let path = spec.path.paths().into_iter().next().unwrap_or_default();
+                let artifact = InputArtifact {
+                    name: name.clone(),
+                    kind: ArtifactKind::Dataset,
+                    path,
+                    dataset: Some(spec.clone()),
+                };
+                (key, artifact)
+            }
+            InputRef::Step(name) | InputRef::Part(name, _) => {
+                let up = self.index_of[name.as_str()];
+                upstream.push(up);
+                let planned = &self.steps[up];
+                let key = match &planned.status {
+                    PlanStatus::Blocked(_) => Err(format!("needs step `{name}`, which is blocked")),
+                    _ => Ok(planned.key.clone()),
+                };
+                let artifact = match r {
+                    InputRef::Part(_, part) => {
+                        let p = workflow.steps[up]
+                            .parts
+                            .iter()
+                            .find(|p| &p.name == part)
+                            .expect("parts are resolved when the workflow loads");
+                        InputArtifact {
+                            name: r.display_name(),
+                            kind: p.kind,
+                            path: planned.dir.join(&p.path),
+                            dataset: None,
+                        }
+                    }
+                    _ => InputArtifact {
+                        name: name.clone(),
+                        kind: workflow.steps[up].output,
+                        path: planned.dir.clone(),
+                        dataset: None,
+                    },
+                };
+                (key, artifact)
+            }
+        }
     }
-    let mut filters = Vec::new();
-    for f in &spec.filters {
-        filters.push(plugin_key(f, watched)?);
+
+    /// The content key of plugin `name` (hashed once per plan).
+    fn plugin_key(&mut self, name: &str) -> Result<String, String> {
+        if let Some(key) = self.plugin_keys.get(name) {
+            return key.clone();
+        }
+        let spec = &self.workflow.plugins[name];
+        self.watched.push(spec.path.clone());
+        let key = self
+            .hasher
+            .hash_path(&spec.path)
+            .map_err(|e| format!("plugin `{name}`: {e:#}"));
+        self.plugin_keys.insert(name.to_string(), key.clone());
+        key
     }
-    let spec_json = serde_json::to_value(spec).expect("dataset spec is JSON");
-    Ok(hash_json(
-        &serde_json::json!({ "files": files, "filters": filters, "spec": spec_json }),
-    ))
+
+    /// A dataset's key: its files' contents, its filter plugins and its spec.
+    fn dataset_key(&mut self, name: &str, spec: &DatasetSpec) -> Result<String, String> {
+        let mut files = Vec::new();
+        for path in spec.path.paths() {
+            self.watched.push(path.clone());
+            files.push(
+                self.hasher
+                    .hash_path(&path)
+                    .map_err(|e| format!("dataset `{name}`: {e:#}"))?,
+            );
+        }
+        let mut filters = Vec::new();
+        for f in &spec.filters {
+            filters.push(self.plugin_key(f)?);
+        }
+        let spec_json = serde_json::to_value(spec).expect("dataset spec is JSON");
+        Ok(hash_json(
+            &serde_json::json!({ "files": files, "filters": filters, "spec": spec_json }),
+        ))
+    }
 }
 
 /// Why a step without a cached artifact runs, compared with the last artifact recorded for its name.

@@ -103,7 +103,31 @@ pub fn evaluate_task(
     let docs = data
         .split(&spec.eval_split)
         .with_context(|| format!("task `{}`", spec.name))?;
-    // Groups (MMLU subjects) are separate tasks to the harness: their own order, shots and limit.
+    // Examples from a separate split; from the evaluated documents themselves (never the current one)
+    // when the data is one file or the few-shot split is the evaluated split.
+    let shot_split = match &spec.fewshot_split {
+        Some(s) if spec.num_fewshot > 0 && !data.is_single_file() && *s != spec.eval_split => Some(
+            data.split(s)
+                .with_context(|| format!("task `{}` few-shot examples", spec.name))?,
+        ),
+        _ => None,
+    };
+    let mut prepared = Vec::new();
+    for (group, members) in &group_documents(spec, docs)? {
+        let group_docs: Vec<&Value> = members.iter().map(|&i| &docs[i]).collect();
+        prepared.extend(prepare_group(spec, opts, group, &group_docs, shot_split)?);
+    }
+    score(spec, scorer, &mut prepared, progress)?;
+    for p in prepared.iter_mut() {
+        document_metrics(spec, opts, scorer, p, progress)?;
+    }
+    let records: Vec<DocRecord> = prepared.into_iter().map(|p| p.record).collect();
+    summarise(spec, opts.mode, records)
+}
+
+/// The documents of each group (MMLU subjects; one unnamed group without `group_by`), by index. Groups are
+/// separate tasks to the harness: their own order, shots and limit.
+fn group_documents(spec: &TaskSpec, docs: &[Value]) -> Result<BTreeMap<String, Vec<usize>>> {
     let mut grouped: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     match &spec.group_by {
         Some(g) => {
@@ -117,137 +141,149 @@ pub fn evaluate_task(
             grouped.insert(String::new(), (0..docs.len()).collect());
         }
     }
-    // Examples from a separate split; from the evaluated documents themselves (never the current one)
-    // when the data is one file or the few-shot split is the evaluated split.
-    let shot_split = match &spec.fewshot_split {
-        Some(s) if spec.num_fewshot > 0 && !data.is_single_file() && *s != spec.eval_split => Some(
-            data.split(s)
-                .with_context(|| format!("task `{}` few-shot examples", spec.name))?,
-        ),
-        _ => None,
-    };
-    let mut prepared = Vec::new();
-    for (group, members) in &grouped {
-        let group_docs: Vec<&Value> = members.iter().map(|&i| &docs[i]).collect();
-        let group_pool: Vec<&Value> = match (shot_split, &spec.group_by) {
-            (Some(pool), Some(g)) => pool
-                .iter()
-                .filter(|d| super::data::str_field(d, g).ok() == Some(group.as_str()))
-                .collect(),
-            (Some(pool), None) => pool.iter().collect(),
-            (None, _) => group_docs.clone(),
-        };
-        let pool_kind = match (shot_split.is_some(), spec.fewshot_first_n) {
-            (true, true) => ShotPool::FirstN(group_pool.len()),
-            (true, false) if spec.harness_draws_one_more => {
-                ShotPool::SeparateDrawOneMore(group_pool.len())
-            }
-            (true, false) => ShotPool::Separate(group_pool.len()),
-            (false, _) => ShotPool::SameAsEval,
-        };
-        let k = if spec.fewshot_split.is_some() {
-            spec.num_fewshot
-        } else {
-            0
-        };
-        if k > 0
-            && matches!(pool_kind, ShotPool::Separate(n) | ShotPool::SeparateDrawOneMore(n) | ShotPool::FirstN(n) if n < k)
-        {
-            anyhow::bail!(
-                "task `{}`{}: {k} few-shot examples requested, only {} available",
-                spec.name,
-                group_label(group),
-                group_pool.len()
-            );
-        }
-        let same = |p: usize, e: usize| group_pool[p] == group_docs[e];
-        let shot_plan = plan(opts.mode, group_docs.len(), opts.limit, k, pool_kind, &same);
-        let description = match (&spec.format, &spec.group_by) {
-            (DocFormat::Builtin(super::prompts::Format::Mmlu), Some(_)) => mmlu_description(group),
-            _ => spec.description.clone(),
-        };
-        for (&doc_idx, shots) in shot_plan.order.iter().zip(&shot_plan.shots) {
-            let formatted = spec.format(group_docs[doc_idx]).with_context(|| {
-                format!(
-                    "task `{}`{} document {doc_idx}",
-                    spec.name,
-                    group_label(group)
-                )
-            })?;
-            let mut prefix = description.clone();
-            for &s in shots {
-                let ex = spec
-                    .format(group_pool[s])
-                    .with_context(|| format!("task `{}` few-shot example {s}", spec.name))?;
-                prefix.push_str(&format!("{} {}\n\n", ex.text, ex.target));
-            }
-            let mut record = DocRecord {
-                doc_id: doc_idx,
-                group: spec.group_by.as_ref().map(|_| group.clone()),
-                fewshot: shots.clone(),
-                requests: vec![],
-                loglikelihoods: vec![],
-                prompt: None,
-                generation: None,
-                extracted: None,
-                metrics: BTreeMap::new(),
-            };
-            let groups = match &formatted.kind {
-                DocKind::Choice { choices, .. } => {
-                    let context = format!("{prefix}{}", formatted.text);
-                    let continuations: Vec<String> =
-                        choices.iter().map(|c| format!(" {c}")).collect();
-                    record.requests = continuations
-                        .iter()
-                        .map(|c| (context.clone(), c.clone()))
-                        .collect();
-                    vec![ContextGroup {
-                        context,
-                        continuations,
-                    }]
-                }
-                DocKind::Partial {
-                    prefixes, suffix, ..
-                } => {
-                    let groups: Vec<ContextGroup> = prefixes
-                        .iter()
-                        .map(|p| ContextGroup {
-                            context: format!("{prefix}{p}"),
-                            continuations: vec![format!(" {suffix}")],
-                        })
-                        .collect();
-                    record.requests = groups
-                        .iter()
-                        .map(|g| (g.context.clone(), g.continuations[0].clone()))
-                        .collect();
-                    groups
-                }
-                DocKind::Generate { .. } => {
-                    record.prompt = Some(format!("{prefix}{}", formatted.text));
-                    vec![]
-                }
-                DocKind::Rolling => vec![],
-            };
-            prepared.push(Prepared {
-                record,
-                formatted,
-                groups,
-            });
-        }
-    }
+    Ok(grouped)
+}
 
-    // Score: all log-likelihood groups in one pass, all generations in batches, rolling texts one by one.
+/// One group's documents in evaluation order, each with its few-shot prefix and its requests.
+fn prepare_group(
+    spec: &TaskSpec,
+    opts: &EvalOptions,
+    group: &str,
+    group_docs: &[&Value],
+    shot_split: Option<&[Value]>,
+) -> Result<Vec<Prepared>> {
+    let group_pool: Vec<&Value> = match (shot_split, &spec.group_by) {
+        (Some(pool), Some(g)) => pool
+            .iter()
+            .filter(|d| super::data::str_field(d, g).ok() == Some(group))
+            .collect(),
+        (Some(pool), None) => pool.iter().collect(),
+        (None, _) => group_docs.to_vec(),
+    };
+    let pool_kind = match (shot_split.is_some(), spec.fewshot_first_n) {
+        (true, true) => ShotPool::FirstN(group_pool.len()),
+        (true, false) if spec.harness_draws_one_more => {
+            ShotPool::SeparateDrawOneMore(group_pool.len())
+        }
+        (true, false) => ShotPool::Separate(group_pool.len()),
+        (false, _) => ShotPool::SameAsEval,
+    };
+    let k = if spec.fewshot_split.is_some() {
+        spec.num_fewshot
+    } else {
+        0
+    };
+    if k > 0
+        && matches!(pool_kind, ShotPool::Separate(n) | ShotPool::SeparateDrawOneMore(n) | ShotPool::FirstN(n) if n < k)
+    {
+        anyhow::bail!(
+            "task `{}`{}: {k} few-shot examples requested, only {} available",
+            spec.name,
+            group_label(group),
+            group_pool.len()
+        );
+    }
+    let same = |p: usize, e: usize| group_pool[p] == group_docs[e];
+    let shot_plan = plan(opts.mode, group_docs.len(), opts.limit, k, pool_kind, &same);
+    let description = match (&spec.format, &spec.group_by) {
+        (DocFormat::Builtin(super::prompts::Format::Mmlu), Some(_)) => mmlu_description(group),
+        _ => spec.description.clone(),
+    };
+    let mut prepared = Vec::with_capacity(shot_plan.order.len());
+    for (&doc_idx, shots) in shot_plan.order.iter().zip(&shot_plan.shots) {
+        let formatted = spec.format(group_docs[doc_idx]).with_context(|| {
+            format!(
+                "task `{}`{} document {doc_idx}",
+                spec.name,
+                group_label(group)
+            )
+        })?;
+        let mut prefix = description.clone();
+        for &s in shots {
+            let ex = spec
+                .format(group_pool[s])
+                .with_context(|| format!("task `{}` few-shot example {s}", spec.name))?;
+            prefix.push_str(&format!("{} {}\n\n", ex.text, ex.target));
+        }
+        let mut record = DocRecord {
+            doc_id: doc_idx,
+            group: spec.group_by.as_ref().map(|_| group.to_string()),
+            fewshot: shots.clone(),
+            requests: vec![],
+            loglikelihoods: vec![],
+            prompt: None,
+            generation: None,
+            extracted: None,
+            metrics: BTreeMap::new(),
+        };
+        let groups = requests(&formatted, &prefix, &mut record);
+        prepared.push(Prepared {
+            record,
+            formatted,
+            groups,
+        });
+    }
+    Ok(prepared)
+}
+
+/// The log-likelihood requests of one formatted document after its few-shot `prefix` (recorded in
+/// `record`), or its generation prompt.
+fn requests(formatted: &Formatted, prefix: &str, record: &mut DocRecord) -> Vec<ContextGroup> {
+    match &formatted.kind {
+        DocKind::Choice { choices, .. } => {
+            let context = format!("{prefix}{}", formatted.text);
+            let continuations: Vec<String> = choices.iter().map(|c| format!(" {c}")).collect();
+            record.requests = continuations
+                .iter()
+                .map(|c| (context.clone(), c.clone()))
+                .collect();
+            vec![ContextGroup {
+                context,
+                continuations,
+            }]
+        }
+        DocKind::Partial {
+            prefixes, suffix, ..
+        } => {
+            let groups: Vec<ContextGroup> = prefixes
+                .iter()
+                .map(|p| ContextGroup {
+                    context: format!("{prefix}{p}"),
+                    continuations: vec![format!(" {suffix}")],
+                })
+                .collect();
+            record.requests = groups
+                .iter()
+                .map(|g| (g.context.clone(), g.continuations[0].clone()))
+                .collect();
+            groups
+        }
+        DocKind::Generate { .. } => {
+            record.prompt = Some(format!("{prefix}{}", formatted.text));
+            vec![]
+        }
+        DocKind::Rolling => vec![],
+    }
+}
+
+/// Scores every prepared document: all log-likelihood groups in one pass, all generations in batches
+/// (rolling texts are scored with their metrics).
+fn score(
+    spec: &TaskSpec,
+    scorer: &Scorer,
+    prepared: &mut [Prepared],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
     let all_groups: Vec<ContextGroup> = prepared
         .iter()
         .flat_map(|p| p.groups.iter().cloned())
         .collect();
-    let group_docs: Vec<usize> = prepared.iter().map(|p| p.groups.len()).collect();
     let n_other = prepared.iter().filter(|p| p.groups.is_empty()).count();
     progress(Progress::Total(all_groups.len() + n_other));
     let lls = scorer.loglikelihoods(&all_groups, |n| progress(Progress::Done(n)))?;
     let mut lls = lls.into_iter();
-    for (p, n) in prepared.iter_mut().zip(&group_docs) {
-        for _ in 0..*n {
+    for p in prepared.iter_mut() {
+        for _ in 0..p.groups.len() {
             p.record
                 .loglikelihoods
                 .extend(lls.next().expect("one result per group"));
@@ -268,49 +304,54 @@ pub fn evaluate_task(
             prepared[i].record.generation = Some(g);
         }
     }
+    Ok(())
+}
 
-    // Metrics per document.
-    for p in prepared.iter_mut() {
-        let m = &mut p.record.metrics;
-        match &p.formatted.kind {
-            DocKind::Choice { choices, gold } => match gold {
-                Gold::Index(g) => {
-                    m.insert("acc".into(), acc(&p.record.loglikelihoods, *g));
-                    m.insert(
-                        "acc_norm".into(),
-                        acc_norm(&p.record.loglikelihoods, choices, *g),
-                    );
-                }
-                Gold::FirstTrue(n) => {
-                    m.insert("mc2".into(), mc2(&p.record.loglikelihoods, *n));
-                }
-            },
-            DocKind::Partial { gold, .. } => {
-                m.insert("acc".into(), acc(&p.record.loglikelihoods, *gold));
+/// The per-document metrics of a scored document.
+fn document_metrics(
+    spec: &TaskSpec,
+    opts: &EvalOptions,
+    scorer: &Scorer,
+    p: &mut Prepared,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
+    let m = &mut p.record.metrics;
+    match &p.formatted.kind {
+        DocKind::Choice { choices, gold } => match gold {
+            Gold::Index(g) => {
+                m.insert("acc".into(), acc(&p.record.loglikelihoods, *g));
+                m.insert(
+                    "acc_norm".into(),
+                    acc_norm(&p.record.loglikelihoods, choices, *g),
+                );
             }
-            DocKind::Generate { reference } => {
-                let generation = p.record.generation.clone().unwrap_or_default();
-                let (extracted, em) = score_generation(spec, opts, &generation, reference)?;
-                p.record.extracted = Some(extracted);
-                m.insert("exact_match".into(), em);
+            Gold::FirstTrue(n) => {
+                m.insert("mc2".into(), mc2(&p.record.loglikelihoods, *n));
             }
-            DocKind::Rolling => {
-                let (ll, _) = scorer.rolling_loglikelihood(&p.formatted.text)?;
-                let words = p.formatted.text.split_whitespace().count().max(1) as f64;
-                let bytes = p.formatted.text.len().max(1) as f64;
-                p.record.loglikelihoods = vec![ll];
-                m.insert("word_perplexity".into(), (-ll / words).exp());
-                m.insert("byte_perplexity".into(), (-ll / bytes).exp());
-                m.insert("bits_per_byte".into(), -ll / bytes / std::f64::consts::LN_2);
-                m.insert("words".into(), words);
-                m.insert("bytes".into(), bytes);
-                progress(Progress::Done(1));
-            }
+        },
+        DocKind::Partial { gold, .. } => {
+            m.insert("acc".into(), acc(&p.record.loglikelihoods, *gold));
+        }
+        DocKind::Generate { reference } => {
+            let generation = p.record.generation.clone().unwrap_or_default();
+            let (extracted, em) = score_generation(spec, opts, &generation, reference)?;
+            p.record.extracted = Some(extracted);
+            m.insert("exact_match".into(), em);
+        }
+        DocKind::Rolling => {
+            let (ll, _) = scorer.rolling_loglikelihood(&p.formatted.text)?;
+            let words = p.formatted.text.split_whitespace().count().max(1) as f64;
+            let bytes = p.formatted.text.len().max(1) as f64;
+            p.record.loglikelihoods = vec![ll];
+            m.insert("word_perplexity".into(), (-ll / words).exp());
+            m.insert("byte_perplexity".into(), (-ll / bytes).exp());
+            m.insert("bits_per_byte".into(), -ll / bytes / std::f64::consts::LN_2);
+            m.insert("words".into(), words);
+            m.insert("bytes".into(), bytes);
+            progress(Progress::Done(1));
         }
     }
-
-    let records: Vec<DocRecord> = prepared.into_iter().map(|p| p.record).collect();
-    summarise(spec, opts.mode, records)
+    Ok(())
 }
 
 fn group_label(group: &str) -> String {

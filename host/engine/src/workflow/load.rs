@@ -9,7 +9,8 @@ use super::{InputRef, Step, Workflow};
 use dusflow_core::record_format::FormatChoice;
 use dusflow_core::spec::{DatasetSpec, ModelSpec, PathList, PluginSpec, WorkflowSettings};
 use dusflow_core::step::{
-    ArtifactKind, ArtifactPart, CheckContext, InputSlot, InputSlots, Registry,
+    AnyConfig, ArtifactKind, ArtifactPart, CheckContext, ErasedStepKind, InputSlot, InputSlots,
+    Registry,
 };
 use indexmap::IndexMap;
 use serde::de::DeserializeOwned;
@@ -17,6 +18,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
@@ -536,6 +538,7 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// Parses every step's parameters, then checks each against its kind and resolves its inputs.
     fn resolve_steps(
         &self,
         raw: Vec<RawStep<'_>>,
@@ -551,8 +554,35 @@ impl<'a> Loader<'a> {
                 .or_default()
                 .push(r.name.clone());
         }
-        let check_ctx = PluginNames(plugins);
-        // First pass: parse every step's parameters (output kinds are needed to type-check inputs).
+        // Output kinds and parts of every step are needed before any input can be type-checked.
+        let (parsed, failed) = self.parse_steps(raw, sink);
+        let names = Namespace {
+            models,
+            datasets,
+            outputs: parsed
+                .iter()
+                .map(|p| (p.raw.name.clone(), p.kind.output(&p.config)))
+                .collect(),
+            parts_of: parsed
+                .iter()
+                .map(|p| (p.raw.name.clone(), p.kind.parts(&p.config)))
+                .collect(),
+            points_of,
+        };
+        let plugin_names = PluginNames(plugins);
+        let steps = parsed
+            .into_iter()
+            .map(|p| self.resolve_step(p, &names, &plugin_names, sink))
+            .collect();
+        (!failed).then_some(steps)
+    }
+
+    /// Deserializes each step's parameters with its kind; the second value says whether any failed.
+    fn parse_steps<'i>(
+        &self,
+        raw: Vec<RawStep<'i>>,
+        sink: &mut DiagnosticSink,
+    ) -> (Vec<ParsedStep<'i>>, bool) {
         let mut parsed = Vec::new();
         let mut failed = false;
         for r in raw {
@@ -566,7 +596,12 @@ impl<'a> Loader<'a> {
                 DeValue::Table(r.params.clone()),
             ));
             match kind.parse(params) {
-                Ok((config, json)) => parsed.push((r, kind, config, json)),
+                Ok((config, json)) => parsed.push(ParsedStep {
+                    raw: r,
+                    kind,
+                    config,
+                    json,
+                }),
                 Err(failure) => {
                     let key = join_key(&format!("steps.{}", r.base), &failure.path);
                     let span = failure.error.span().unwrap_or(r.header.clone());
@@ -575,220 +610,139 @@ impl<'a> Loader<'a> {
                 }
             }
         }
-        let outputs: HashMap<String, ArtifactKind> = parsed
-            .iter()
-            .map(|(r, kind, config, _)| (r.name.clone(), kind.output(config)))
-            .collect();
-        let parts_of: HashMap<String, Vec<ArtifactPart>> = parsed
-            .iter()
-            .map(|(r, kind, config, _)| (r.name.clone(), kind.parts(config)))
-            .collect();
+        (parsed, failed)
+    }
 
-        let mut steps = Vec::new();
-        for (r, kind, config, json) in parsed {
-            let key = format!("steps.{}", r.base);
-            let counts: HashMap<String, usize> = r
-                .inputs
-                .iter()
-                .map(|(slot, refs)| {
-                    let n = refs
-                        .iter()
-                        .map(|name| points_of.get(name.get_ref()).map_or(1, Vec::len))
-                        .sum();
-                    (slot.get_ref().to_string(), n)
-                })
-                .collect();
-            let input_datasets: HashMap<String, Vec<(String, DatasetSpec)>> = r
-                .inputs
-                .iter()
-                .map(|(slot, refs)| {
-                    let specs = refs
-                        .iter()
-                        .filter_map(|name| {
-                            let name = name.get_ref();
-                            datasets
-                                .get(name)
-                                .map(|spec| (name.to_string(), spec.clone()))
-                        })
-                        .collect();
-                    (slot.get_ref().to_string(), specs)
-                })
-                .collect();
-            let step_check = StepCheck {
-                plugins: &check_ctx,
-                input_counts: &counts,
-                input_datasets: &input_datasets,
-            };
-            for issue in kind.check(&config, &step_check) {
-                let full = join_key(&key, &issue.key);
-                let span = lookup(&r.params, &issue.key).unwrap_or(r.header.clone());
-                sink.error(span, full, issue.message);
-            }
-            let mut dependencies = kind.dependencies(&config);
-            for plugin in &dependencies.plugins {
-                if !plugins.contains_key(plugin) {
-                    sink.error(
-                        r.header.clone(),
-                        &key,
-                        format!("uses plugin `{plugin}`, which is not declared in [plugins]"),
-                    );
-                }
-            }
-            dependencies.files = dependencies
-                .files
-                .iter()
-                .map(|f| self.dir.join(f))
-                .collect();
-
-            let mut inputs: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
-            for (slot, refs) in &r.inputs {
-                let slot_key = format!("{key}.inputs.{}", slot.get_ref());
-                let spec = match kind.inputs() {
-                    InputSlots::Any => None,
-                    InputSlots::Fixed(slots) => {
-                        match slots.iter().find(|s| s.name == slot.get_ref().as_ref()) {
-                            Some(s) => Some(*s),
-                            None => {
-                                let names: Vec<&str> = slots.iter().map(|s| s.name).collect();
-                                sink.error(
-                                    slot.span(),
-                                    slot_key,
-                                    format!(
-                                        "step kind `{}` has no input `{}`{}; its inputs: {}",
-                                        kind.name(),
-                                        slot.get_ref(),
-                                        hint(slot.get_ref(), names.iter().copied()),
-                                        names.join(", ")
-                                    ),
-                                );
-                                continue;
-                            }
-                        }
-                    }
-                };
-                let mut resolved = Vec::new();
-                for reference in refs {
-                    let name = reference.get_ref();
-                    let found: Vec<(InputRef, ArtifactKind)> = [
-                        models
-                            .get(name)
-                            .map(|_| vec![(InputRef::Model(name.clone()), ArtifactKind::Model)]),
-                        datasets.get(name).map(|_| {
-                            vec![(InputRef::Dataset(name.clone()), ArtifactKind::Dataset)]
-                        }),
-                        points_of.get(name).map(|points| {
-                            points
-                                .iter()
-                                .map(|p| {
-                                    (
-                                        InputRef::Step(p.clone()),
-                                        outputs.get(p).copied().unwrap_or(ArtifactKind::Files),
-                                    )
-                                })
-                                .collect()
-                        }),
-                        outputs
-                            .get(name)
-                            .filter(|_| !points_of.contains_key(name))
-                            .map(|k| vec![(InputRef::Step(name.clone()), *k)]),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .collect();
-                    let found = match (found.is_empty(), name.rsplit_once('/')) {
-                        (true, Some((step, part))) => {
-                            match resolve_part(step, part, &points_of, &parts_of) {
-                                Ok(found) => found,
-                                Err(message) => {
-                                    sink.error(reference.span(), &slot_key, message);
-                                    continue;
-                                }
-                            }
-                        }
-                        _ => found,
-                    };
-                    if found.is_empty() {
-                        if points_of.contains_key(name) || r.base == *name {
-                            continue; // the step exists but failed to parse: already reported
-                        }
-                        let all = models
-                            .keys()
-                            .chain(datasets.keys())
-                            .chain(points_of.keys())
-                            .map(String::as_str);
-                        sink.error(
-                            reference.span(),
-                            &slot_key,
-                            format!(
-                                "unknown reference `{name}`{}: not a model, dataset or step",
-                                hint(name, all)
-                            ),
-                        );
-                        continue;
-                    }
-                    for (input, artifact) in found {
-                        if let Some(spec) = spec {
-                            if !spec.accepts.contains(&artifact) {
-                                sink.error(
-                                    reference.span(),
-                                    &slot_key,
-                                    format!(
-                                        "`{name}` is a {artifact}, but input `{}` takes {}",
-                                        spec.name,
-                                        accepted(&spec)
-                                    ),
-                                );
-                            }
-                        }
-                        resolved.push(input);
-                    }
-                }
-                if let Some(spec) = spec {
-                    if !spec.many && resolved.len() > 1 {
-                        sink.error(
-                            slot.span(),
-                            &slot_key,
-                            format!(
-                                "input `{}` takes one artifact but got {} ({}); name a single sweep point, or sweep over `inputs.{}`",
-                                spec.name,
-                                resolved.len(),
-                                resolved.iter().map(InputRef::display_name).collect::<Vec<_>>().join(", "),
-                                spec.name
-                            ),
-                        );
-                    }
-                }
-                inputs.insert(slot.get_ref().to_string(), resolved);
-            }
-            if let InputSlots::Fixed(slots) = kind.inputs() {
-                for slot in slots
+    /// One parsed step: its kind's checks, its dependencies, its inputs resolved and type-checked.
+    fn resolve_step(
+        &self,
+        parsed: ParsedStep<'_>,
+        names: &Namespace<'_>,
+        plugins: &PluginNames<'_>,
+        sink: &mut DiagnosticSink,
+    ) -> Step {
+        let ParsedStep {
+            raw: r,
+            kind,
+            config,
+            json,
+        } = parsed;
+        let key = format!("steps.{}", r.base);
+        let counts: HashMap<String, usize> = r
+            .inputs
+            .iter()
+            .map(|(slot, refs)| {
+                let n = refs
                     .iter()
-                    .filter(|s| s.required && !inputs.contains_key(s.name))
-                {
-                    sink.error(
-                        r.header.clone(),
-                        &key,
-                        format!("step kind `{}` needs input `{}` ({}), e.g. inputs = {{ {} = \"NAME\" }}", kind.name(), slot.name, accepted(slot), slot.name),
-                    );
-                }
-            }
-            steps.push(Step {
-                output: kind.output(&config),
-                parts: kind.parts(&config),
-                resources: kind.resources(&config),
-                name: r.name,
-                base: r.base,
-                point: r.point,
-                kind,
-                config,
-                config_json: json,
-                inputs,
-                dependencies,
-                description: r.description,
-            });
+                    .map(|name| names.points_of.get(name.get_ref()).map_or(1, Vec::len))
+                    .sum();
+                (slot.get_ref().to_string(), n)
+            })
+            .collect();
+        let input_datasets: HashMap<String, Vec<(String, DatasetSpec)>> = r
+            .inputs
+            .iter()
+            .map(|(slot, refs)| {
+                let specs = refs
+                    .iter()
+                    .filter_map(|name| {
+                        let name = name.get_ref();
+                        names
+                            .datasets
+                            .get(name)
+                            .map(|spec| (name.to_string(), spec.clone()))
+                    })
+                    .collect();
+                (slot.get_ref().to_string(), specs)
+            })
+            .collect();
+        let step_check = StepCheck {
+            plugins,
+            input_counts: &counts,
+            input_datasets: &input_datasets,
+        };
+        for issue in kind.check(&config, &step_check) {
+            let full = join_key(&key, &issue.key);
+            let span = lookup(&r.params, &issue.key).unwrap_or(r.header.clone());
+            sink.error(span, full, issue.message);
         }
-        (!failed).then_some(steps)
+        let mut dependencies = kind.dependencies(&config);
+        for plugin in &dependencies.plugins {
+            if !plugins.has_plugin(plugin) {
+                sink.error(
+                    r.header.clone(),
+                    &key,
+                    format!("uses plugin `{plugin}`, which is not declared in [plugins]"),
+                );
+            }
+        }
+        dependencies.files = dependencies
+            .files
+            .iter()
+            .map(|f| self.dir.join(f))
+            .collect();
+
+        let mut inputs: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
+        for (slot, refs) in &r.inputs {
+            let slot_key = format!("{key}.inputs.{}", slot.get_ref());
+            let spec = match kind.inputs() {
+                InputSlots::Any => None,
+                InputSlots::Fixed(slots) => {
+                    match slots.iter().find(|s| s.name == slot.get_ref().as_ref()) {
+                        Some(s) => Some(*s),
+                        None => {
+                            let slot_names: Vec<&str> = slots.iter().map(|s| s.name).collect();
+                            sink.error(
+                                slot.span(),
+                                slot_key,
+                                format!(
+                                    "step kind `{}` has no input `{}`{}; its inputs: {}",
+                                    kind.name(),
+                                    slot.get_ref(),
+                                    hint(slot.get_ref(), slot_names.iter().copied()),
+                                    slot_names.join(", ")
+                                ),
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            let resolved = resolve_slot(slot.span(), refs, spec, &r.base, names, &slot_key, sink);
+            inputs.insert(slot.get_ref().to_string(), resolved);
+        }
+        if let InputSlots::Fixed(slots) = kind.inputs() {
+            for slot in slots
+                .iter()
+                .filter(|s| s.required && !inputs.contains_key(s.name))
+            {
+                sink.error(
+                    r.header.clone(),
+                    &key,
+                    format!(
+                        "step kind `{}` needs input `{}` ({}), e.g. inputs = {{ {} = \"NAME\" }}",
+                        kind.name(),
+                        slot.name,
+                        accepted(slot),
+                        slot.name
+                    ),
+                );
+            }
+        }
+        Step {
+            output: kind.output(&config),
+            parts: kind.parts(&config),
+            resources: kind.resources(&config),
+            name: r.name,
+            base: r.base,
+            point: r.point,
+            kind,
+            config,
+            config_json: json,
+            inputs,
+            dependencies,
+            description: r.description,
+        }
     }
 
     /// Orders steps so that every step comes after its inputs, keeping file order otherwise; reports cycles.
@@ -910,6 +864,142 @@ fn accepted(slot: &InputSlot) -> String {
 }
 
 /// Resolves `STEP/PART`: the named part of a step (of every point of a swept step).
+/// A step whose parameters parsed.
+struct ParsedStep<'i> {
+    raw: RawStep<'i>,
+    kind: Arc<dyn ErasedStepKind>,
+    config: AnyConfig,
+    json: serde_json::Value,
+}
+
+/// Everything an input may name: models, datasets, steps (by base name, expanded to their sweep points, or
+/// by point name) and their parts.
+struct Namespace<'a> {
+    models: &'a IndexMap<String, ModelSpec>,
+    datasets: &'a IndexMap<String, DatasetSpec>,
+    points_of: IndexMap<String, Vec<String>>,
+    outputs: HashMap<String, ArtifactKind>,
+    parts_of: HashMap<String, Vec<ArtifactPart>>,
+}
+
+impl Namespace<'_> {
+    /// What `name` refers to, with each artifact's kind (several for a swept step); empty when nothing.
+    fn find(&self, name: &str) -> Vec<(InputRef, ArtifactKind)> {
+        [
+            self.models
+                .get(name)
+                .map(|_| vec![(InputRef::Model(name.to_string()), ArtifactKind::Model)]),
+            self.datasets
+                .get(name)
+                .map(|_| vec![(InputRef::Dataset(name.to_string()), ArtifactKind::Dataset)]),
+            self.points_of.get(name).map(|points| {
+                points
+                    .iter()
+                    .map(|p| {
+                        (
+                            InputRef::Step(p.clone()),
+                            self.outputs.get(p).copied().unwrap_or(ArtifactKind::Files),
+                        )
+                    })
+                    .collect()
+            }),
+            self.outputs
+                .get(name)
+                .filter(|_| !self.points_of.contains_key(name))
+                .map(|k| vec![(InputRef::Step(name.to_string()), *k)]),
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect()
+    }
+
+    /// Every name an input may use, for "did you mean".
+    fn all(&self) -> impl Iterator<Item = &str> {
+        self.models
+            .keys()
+            .chain(self.datasets.keys())
+            .chain(self.points_of.keys())
+            .map(String::as_str)
+    }
+}
+
+/// The artifacts the references of one input slot name, type-checked against the slot (`spec`, when the
+/// kind has fixed slots). `step` is the base name of the step being resolved.
+fn resolve_slot(
+    slot_span: Range<usize>,
+    refs: &[Spanned<String>],
+    spec: Option<InputSlot>,
+    step: &str,
+    names: &Namespace<'_>,
+    slot_key: &str,
+    sink: &mut DiagnosticSink,
+) -> Vec<InputRef> {
+    let mut resolved = Vec::new();
+    for reference in refs {
+        let name = reference.get_ref();
+        let found = names.find(name);
+        let found = match (found.is_empty(), name.rsplit_once('/')) {
+            (true, Some((step, part))) => {
+                match resolve_part(step, part, &names.points_of, &names.parts_of) {
+                    Ok(found) => found,
+                    Err(message) => {
+                        sink.error(reference.span(), slot_key, message);
+                        continue;
+                    }
+                }
+            }
+            _ => found,
+        };
+        if found.is_empty() {
+            if names.points_of.contains_key(name) || step == name {
+                continue; // the step exists but failed to parse: already reported
+            }
+            sink.error(
+                reference.span(),
+                slot_key,
+                format!(
+                    "unknown reference `{name}`{}: not a model, dataset or step",
+                    hint(name, names.all())
+                ),
+            );
+            continue;
+        }
+        for (input, artifact) in found {
+            if let Some(spec) = spec {
+                if !spec.accepts.contains(&artifact) {
+                    sink.error(
+                        reference.span(),
+                        slot_key,
+                        format!(
+                            "`{name}` is a {artifact}, but input `{}` takes {}",
+                            spec.name,
+                            accepted(&spec)
+                        ),
+                    );
+                }
+            }
+            resolved.push(input);
+        }
+    }
+    if let Some(spec) = spec {
+        if !spec.many && resolved.len() > 1 {
+            sink.error(
+                slot_span,
+                slot_key,
+                format!(
+                    "input `{}` takes one artifact but got {} ({}); name a single sweep point, or sweep over `inputs.{}`",
+                    spec.name,
+                    resolved.len(),
+                    resolved.iter().map(InputRef::display_name).collect::<Vec<_>>().join(", "),
+                    spec.name
+                ),
+            );
+        }
+    }
+    resolved
+}
+
 fn resolve_part(
     step: &str,
     part: &str,
