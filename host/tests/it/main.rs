@@ -11,6 +11,7 @@ mod eval_metrics;
 mod eval_parity;
 mod eval_random;
 mod eval_step;
+mod golden;
 mod merge_parity;
 mod merge_step;
 mod model_checkpoint;
