@@ -120,18 +120,8 @@ impl EvalConfig {
 pub struct EvalStep;
 
 const INPUTS: &[InputSlot] = &[
-    InputSlot {
-        name: "model",
-        accepts: &[ArtifactKind::Model],
-        many: false,
-        required: true,
-    },
-    InputSlot {
-        name: "data",
-        accepts: &[ArtifactKind::Dataset, ArtifactKind::Files],
-        many: true,
-        required: false,
-    },
+    InputSlot::one("model", &[ArtifactKind::Model]),
+    InputSlot::many("data", &[ArtifactKind::Dataset, ArtifactKind::Files]).optional(),
 ];
 
 impl StepKind for EvalStep {

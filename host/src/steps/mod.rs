@@ -32,8 +32,8 @@ pub fn builtin_registry() -> Registry {
     r.register(scale::ScaleStep);
     r.register(synthetic::SyntheticStep);
     r.register(init::InitStep);
-    r.register(pretrain::PretrainStep);
-    r.register(sft::SftStep);
+    r.register(pretrain::PretrainStep::default());
+    r.register(sft::SftStep::default());
     r.register(dpo::DpoStep);
     r.register(preference_pairs::PreferencePairsStep);
     r

@@ -83,18 +83,8 @@ impl PreferencePairsConfig {
 }
 
 const INPUTS: &[InputSlot] = &[
-    InputSlot {
-        name: "chosen",
-        accepts: &[ArtifactKind::Dataset],
-        many: false,
-        required: true,
-    },
-    InputSlot {
-        name: "rejected",
-        accepts: &[ArtifactKind::Dataset],
-        many: false,
-        required: true,
-    },
+    InputSlot::one("chosen", &[ArtifactKind::Dataset]),
+    InputSlot::one("rejected", &[ArtifactKind::Dataset]),
 ];
 
 /// The `preference-pairs` step kind.

@@ -12,91 +12,42 @@
 //! max_steps = 200
 //! ```
 
-use crate::data::{load_mixture, pack_documents, tokenize_document, RecordFormat};
-use crate::steps::training::TrainStepConfig;
-use crate::steps::training::{
-    check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs,
-    train_model,
-};
+use super::training::{LmRows, LmTrainStep, TrainInputs, TrainStepConfig};
+use crate::data::{pack_documents, tokenize_document, Example, RecordFormat};
+use crate::steps::{ConfigIssue, StepContext};
 use anyhow::{bail, Result};
-use dusflow_core::step::StepContext;
-use dusflow_core::step::{
-    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
-    StepKind,
-};
 
 /// The `pretrain` step kind.
-pub struct PretrainStep;
+pub type PretrainStep = LmTrainStep<Pretrain>;
 
-/// Inputs of the training kinds: one model, one or more datasets.
-pub const TRAIN_INPUTS: &[InputSlot] = &[
-    InputSlot {
-        name: "model",
-        accepts: &[ArtifactKind::Model],
-        many: false,
-        required: true,
-    },
-    InputSlot {
-        name: "data",
-        accepts: &[ArtifactKind::Dataset],
-        many: true,
-        required: true,
-    },
-];
+/// Continued pretraining's rows: every text document tokenised with EOS, packed into `seq_len` blocks.
+#[derive(Default)]
+pub struct Pretrain;
 
-impl StepKind for PretrainStep {
-    type Config = TrainStepConfig;
+impl LmRows for Pretrain {
+    const NAME: &'static str = "pretrain";
+    const FORMATS: &'static [RecordFormat] = &[RecordFormat::Text];
 
-    fn name(&self) -> &'static str {
-        "pretrain"
-    }
-
-    fn inputs(&self) -> InputSlots {
-        InputSlots::Fixed(TRAIN_INPUTS)
-    }
-
-    fn output(&self, _: &TrainStepConfig) -> ArtifactKind {
-        ArtifactKind::Model
-    }
-
-    fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
-        let mut issues = c.issues();
-        issues.extend(check_filter_plugins(&c.filter_params, ctx));
+    fn check(c: &TrainStepConfig) -> Vec<ConfigIssue> {
         if c.packing {
-            issues.push(ConfigIssue::new(
+            vec![ConfigIssue::new(
                 "packing",
                 "pretraining always packs; use separate_documents to keep documents apart",
-            ));
-        }
-        issues
-    }
-
-    fn dependencies(&self, c: &TrainStepConfig) -> Dependencies {
-        dependencies(&c.filter_params)
-    }
-
-    fn resources(&self, _: &TrainStepConfig) -> Resources {
-        Resources {
-            exclusive_device: true,
+            )]
+        } else {
+            Vec::new()
         }
     }
 
-    fn resumable(&self) -> bool {
-        true
-    }
-
-    fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
-        let inputs = resolve_inputs(c, ctx)?;
-        let mut filters = plugin_filters(&c.filter_params, ctx);
-        let mixture = load_mixture(
-            &inputs.sources,
-            &mut filters,
-            inputs.seed,
-            &[RecordFormat::Text],
-        )?;
-        let mut docs = Vec::with_capacity(mixture.examples.len());
-        for e in &mixture.examples {
-            if let crate::data::Example::Text(text) = e {
+    fn rows(
+        c: &TrainStepConfig,
+        inputs: &TrainInputs,
+        examples: &[Example],
+        _ctx: &StepContext,
+    ) -> Result<Vec<crate::data::TrainSequence>> {
+        let mut docs = Vec::with_capacity(examples.len());
+        for e in examples {
+            if let Example::Text(text) = e {
                 docs.push(tokenize_document(&inputs.tokenizer, text)?);
             }
         }
@@ -108,26 +59,6 @@ impl StepKind for PretrainStep {
                 c.seq_len
             );
         }
-        let pad = inputs
-            .tokenizer
-            .pad_id()
-            .or(inputs.tokenizer.eos_id())
-            .unwrap_or(0);
-        let device = crate::device::select_device(ctx.settings.device)?;
-        let mut observer = progress_observer(ctx);
-        train_model(
-            c,
-            &format!("{}: training loss", ctx.step),
-            &inputs.model_dir,
-            &rows,
-            pad,
-            inputs.seed,
-            &mixture.reports,
-            crate::device::candle_dtype(ctx.settings.dtype),
-            &device,
-            &ctx.out_dir,
-            &mut observer,
-        )?;
-        Ok(())
+        Ok(rows)
     }
 }

@@ -38,18 +38,8 @@ pub struct ReportConfig {
 pub struct ReportStep;
 
 const INPUTS: &[InputSlot] = &[
-    InputSlot {
-        name: "evals",
-        accepts: &[ArtifactKind::Evaluation],
-        many: true,
-        required: true,
-    },
-    InputSlot {
-        name: "curves",
-        accepts: &[ArtifactKind::Model, ArtifactKind::Files],
-        many: true,
-        required: false,
-    },
+    InputSlot::many("evals", &[ArtifactKind::Evaluation]),
+    InputSlot::many("curves", &[ArtifactKind::Model, ArtifactKind::Files]).optional(),
 ];
 
 impl StepKind for ReportStep {

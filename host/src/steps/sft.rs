@@ -11,18 +11,13 @@
 //! epochs = 3
 //! ```
 
-use super::pretrain::TRAIN_INPUTS;
-use crate::data::{load_mixture, pack_examples, sft_segments, tokenize_segments, RecordFormat};
-use crate::steps::training::TrainStepConfig;
-use crate::steps::training::{
-    check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs,
-    train_model,
-};
+use super::training::{LmRows, LmTrainStep, TrainInputs, TrainStepConfig};
+use crate::data::{pack_examples, sft_segments, tokenize_segments, Example, RecordFormat};
+use crate::steps::{ConfigIssue, StepContext};
 use anyhow::{bail, Result};
-use dusflow_core::step::StepContext;
-use dusflow_core::step::{
-    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlots, Resources, StepKind,
-};
+
+/// The `sft` step kind.
+pub type SftStep = LmTrainStep<Sft>;
 
 /// The formats SFT trains on.
 pub const SFT_FORMATS: &[RecordFormat] = &[
@@ -33,57 +28,35 @@ pub const SFT_FORMATS: &[RecordFormat] = &[
     RecordFormat::Chat,
 ];
 
-/// The `sft` step kind.
-pub struct SftStep;
+/// Instruction tuning's rows: each example rendered, tokenised with loss on its response only; packed
+/// several to a row when `packing` is set.
+#[derive(Default)]
+pub struct Sft;
 
-impl StepKind for SftStep {
-    type Config = TrainStepConfig;
+impl LmRows for Sft {
+    const NAME: &'static str = "sft";
+    const FORMATS: &'static [RecordFormat] = SFT_FORMATS;
 
-    fn name(&self) -> &'static str {
-        "sft"
-    }
-
-    fn inputs(&self) -> InputSlots {
-        InputSlots::Fixed(TRAIN_INPUTS)
-    }
-
-    fn output(&self, _: &TrainStepConfig) -> ArtifactKind {
-        ArtifactKind::Model
-    }
-
-    fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
-        let mut issues = c.issues();
-        issues.extend(check_filter_plugins(&c.filter_params, ctx));
+    fn check(c: &TrainStepConfig) -> Vec<ConfigIssue> {
         if c.separate_documents {
-            issues.push(ConfigIssue::new(
+            vec![ConfigIssue::new(
                 "separate_documents",
                 "is for pretrain; packed SFT examples are always kept apart",
-            ));
-        }
-        issues
-    }
-
-    fn dependencies(&self, c: &TrainStepConfig) -> Dependencies {
-        dependencies(&c.filter_params)
-    }
-
-    fn resources(&self, _: &TrainStepConfig) -> Resources {
-        Resources {
-            exclusive_device: true,
+            )]
+        } else {
+            Vec::new()
         }
     }
 
-    fn resumable(&self) -> bool {
-        true
-    }
-
-    fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
-        let inputs = resolve_inputs(c, ctx)?;
-        let mut filters = plugin_filters(&c.filter_params, ctx);
-        let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, SFT_FORMATS)?;
-        let mut rows = Vec::with_capacity(mixture.examples.len());
+    fn rows(
+        c: &TrainStepConfig,
+        inputs: &TrainInputs,
+        examples: &[Example],
+        ctx: &StepContext,
+    ) -> Result<Vec<crate::data::TrainSequence>> {
+        let mut rows = Vec::with_capacity(examples.len());
         let mut truncated_away = 0usize;
-        for e in &mixture.examples {
+        for e in examples {
             let row = tokenize_segments(&inputs.tokenizer, &sft_segments(e)?, c.seq_len)?;
             if row.target_count() > 0 {
                 rows.push(row);
@@ -107,26 +80,6 @@ impl StepKind for SftStep {
         if c.packing {
             rows = pack_examples(rows, c.seq_len);
         }
-        let pad = inputs
-            .tokenizer
-            .pad_id()
-            .or(inputs.tokenizer.eos_id())
-            .unwrap_or(0);
-        let device = crate::device::select_device(ctx.settings.device)?;
-        let mut observer = progress_observer(ctx);
-        train_model(
-            c,
-            &format!("{}: training loss", ctx.step),
-            &inputs.model_dir,
-            &rows,
-            pad,
-            inputs.seed,
-            &mixture.reports,
-            crate::device::candle_dtype(ctx.settings.dtype),
-            &device,
-            &ctx.out_dir,
-            &mut observer,
-        )?;
-        Ok(())
+        Ok(rows)
     }
 }

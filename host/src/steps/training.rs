@@ -1,10 +1,18 @@
-//! What the `pretrain` and `sft` steps share: their parameters, checks, and "model folder + rows in,
-//! trained model folder out" (load, train with checkpoints, save as a Hugging Face folder, report).
+//! What the training kinds share: their parameters ([`TrainStepConfig`], also read by `dpo`), checks, data
+//! filters, progress, and — for the language-model kinds `pretrain` and `sft` — one implementation,
+//! [`LmTrainStep`], parameterised by how records become rows ([`LmRows`]): "model folder + rows in, trained
+//! model folder out" (load, train with checkpoints, save as a Hugging Face folder, report).
 
-use crate::data::{derive_seed, DatasetReport, DatasetSource, RecordFilter, TrainSequence};
+use crate::data::{
+    derive_seed, load_mixture, DatasetReport, DatasetSource, Example, RecordFilter, RecordFormat,
+    TrainSequence,
+};
 use crate::model::Tokenizer;
 use crate::plugins::StepPluginHost;
-use crate::steps::{ConfigIssue, StepContext};
+use crate::steps::{
+    ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots, Resources,
+    StepContext, StepKind,
+};
 use crate::train::{
     checkpoint_dir, load_for_training, move_contents, plot_loss, save_trained, train, AdamWConfig,
     ComputeDType, ScheduleKind, TrainOptions, TrainSummary,
@@ -349,4 +357,103 @@ pub fn train_model(
         std::fs::remove_dir_all(&ckpt)?;
     }
     Ok(summary)
+}
+
+/// Inputs of the training kinds: one model, one or more datasets.
+pub const TRAIN_INPUTS: &[InputSlot] = &[
+    InputSlot::one("model", &[ArtifactKind::Model]),
+    InputSlot::many("data", &[ArtifactKind::Dataset]),
+];
+
+/// What distinguishes one language-model training kind from another: its name, the record layouts it
+/// reads, its own checks, and how the loaded examples become token rows.
+pub trait LmRows: Send + Sync + 'static {
+    /// The `kind = "..."` name.
+    const NAME: &'static str;
+    /// The layouts its datasets may have.
+    const FORMATS: &'static [RecordFormat];
+    /// Checks beyond [`TrainStepConfig::issues`].
+    fn check(c: &TrainStepConfig) -> Vec<ConfigIssue>;
+    /// The training rows of `examples`; an error when none is usable.
+    fn rows(
+        c: &TrainStepConfig,
+        inputs: &TrainInputs,
+        examples: &[Example],
+        ctx: &StepContext,
+    ) -> Result<Vec<TrainSequence>>;
+}
+
+/// A language-model training kind (`pretrain`, `sft`): load the datasets, make rows with `R`, train the
+/// input model on them with the causal-LM loss, write the trained model folder.
+pub struct LmTrainStep<R>(std::marker::PhantomData<R>);
+
+impl<R> Default for LmTrainStep<R> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<R: LmRows> StepKind for LmTrainStep<R> {
+    type Config = TrainStepConfig;
+
+    fn name(&self) -> &'static str {
+        R::NAME
+    }
+
+    fn inputs(&self) -> InputSlots {
+        InputSlots::Fixed(TRAIN_INPUTS)
+    }
+
+    fn output(&self, _: &TrainStepConfig) -> ArtifactKind {
+        ArtifactKind::Model
+    }
+
+    fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
+        let mut issues = c.issues();
+        issues.extend(check_filter_plugins(&c.filter_params, ctx));
+        issues.extend(R::check(c));
+        issues
+    }
+
+    fn dependencies(&self, c: &TrainStepConfig) -> Dependencies {
+        dependencies(&c.filter_params)
+    }
+
+    fn resources(&self, _: &TrainStepConfig) -> Resources {
+        Resources {
+            exclusive_device: true,
+        }
+    }
+
+    fn resumable(&self) -> bool {
+        true
+    }
+
+    fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
+        let inputs = resolve_inputs(c, ctx)?;
+        let mut filters = plugin_filters(&c.filter_params, ctx);
+        let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, R::FORMATS)?;
+        let rows = R::rows(c, &inputs, &mixture.examples, ctx)?;
+        let pad = inputs
+            .tokenizer
+            .pad_id()
+            .or(inputs.tokenizer.eos_id())
+            .unwrap_or(0);
+        let device = crate::device::select_device(ctx.settings.device)?;
+        let mut observer = progress_observer(ctx);
+        train_model(
+            c,
+            &format!("{}: training loss", ctx.step),
+            &inputs.model_dir,
+            &rows,
+            pad,
+            inputs.seed,
+            &mixture.reports,
+            crate::device::candle_dtype(ctx.settings.dtype),
+            &device,
+            &ctx.out_dir,
+            &mut observer,
+        )?;
+        Ok(())
+    }
 }

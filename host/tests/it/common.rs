@@ -44,12 +44,8 @@ pub(crate) struct TextConfig {
     pub parts: u32,
 }
 
-const TEXT_INPUTS: &[InputSlot] = &[InputSlot {
-    name: "from",
-    accepts: &[ArtifactKind::Files, ArtifactKind::Dataset],
-    many: true,
-    required: false,
-}];
+const TEXT_INPUTS: &[InputSlot] =
+    &[InputSlot::many("from", &[ArtifactKind::Files, ArtifactKind::Dataset]).optional()];
 
 impl StepKind for TextStep {
     type Config = TextConfig;

@@ -58,6 +58,36 @@ pub struct InputSlot {
     pub required: bool,
 }
 
+impl InputSlot {
+    /// A required slot taking exactly one artifact of the `accepts` kinds.
+    pub const fn one(name: &'static str, accepts: &'static [ArtifactKind]) -> Self {
+        Self {
+            name,
+            accepts,
+            many: false,
+            required: true,
+        }
+    }
+
+    /// A required slot taking one or more artifacts of the `accepts` kinds.
+    pub const fn many(name: &'static str, accepts: &'static [ArtifactKind]) -> Self {
+        Self {
+            name,
+            accepts,
+            many: true,
+            required: true,
+        }
+    }
+
+    /// The same slot, which may be left out.
+    pub const fn optional(self) -> Self {
+        Self {
+            required: false,
+            ..self
+        }
+    }
+}
+
 /// Which inputs a step kind takes.
 #[derive(Debug, Clone, Copy)]
 pub enum InputSlots {

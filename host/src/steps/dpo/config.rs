@@ -219,3 +219,65 @@ impl DpoStepConfig {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The training keys `dpo` repeats from [`TrainStepConfig`] (serde cannot flatten a struct into a
+    /// `deny_unknown_fields` one) cannot drift: every key of one is a key of the other with the same default,
+    /// but for the keys listed here with why.
+    #[test]
+    fn dpo_repeats_every_training_key_with_the_same_default() {
+        // Keys of the language-model kinds only: packing and document separation make no sense for pairs,
+        // and DPO's sequence limit is `max_length`.
+        let lm_only = ["packing", "separate_documents", "seq_len"];
+        // Keys with DPO's own default: TRL's learning rate (1e-6).
+        let own_default = ["lr"];
+        // Keys of DPO only.
+        let dpo_only = [
+            "beta",
+            "loss",
+            "label_smoothing",
+            "chunks",
+            "chunk_by",
+            "max_length",
+            "max_prompt_length",
+        ];
+        let train = serde_json::to_value(toml::from_str::<TrainStepConfig>("").unwrap()).unwrap();
+        let dpo = serde_json::to_value(toml::from_str::<DpoStepConfig>("").unwrap()).unwrap();
+        let (train, dpo) = (train.as_object().unwrap(), dpo.as_object().unwrap());
+        for (key, default) in train {
+            if lm_only.contains(&key.as_str()) {
+                assert!(!dpo.contains_key(key), "{key} is listed as LM-only");
+                continue;
+            }
+            let Some(dpo_default) = dpo.get(key) else {
+                panic!("training key `{key}` is missing from DpoStepConfig");
+            };
+            if !own_default.contains(&key.as_str()) {
+                assert_eq!(dpo_default, default, "default of `{key}` differs");
+            }
+        }
+        for key in dpo.keys() {
+            assert!(
+                train.contains_key(key) || dpo_only.contains(&key.as_str()),
+                "`{key}` is neither a training key nor listed as DPO-only"
+            );
+        }
+        // And every repeated key reaches the training config.
+        let tuned: DpoStepConfig = toml::from_str(
+            "micro_batch = 3\ngrad_accum = 5\nweight_decay = 0.1\nclip = 0.5\nshuffle = false\n\
+             checkpoint_every = 7\neps = 1e-6\nbetas = [0.8, 0.9]\nschedule = \"linear\"\n\
+             warmup_steps = 2\nepochs = 4\nmax_steps = 9\nseed = 3\ndtype = \"bf16\"",
+        )
+        .unwrap();
+        let converted = serde_json::to_value(tuned.train_config()).unwrap();
+        let tuned = serde_json::to_value(&tuned).unwrap();
+        for (key, value) in tuned.as_object().unwrap() {
+            if train.contains_key(key) {
+                assert_eq!(&converted[key], value, "`{key}` is not passed on");
+            }
+        }
+    }
+}

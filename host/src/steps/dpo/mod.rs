@@ -27,46 +27,29 @@ pub mod stages;
 
 pub use config::{ChunkBy, DpoStepConfig};
 
+use crate::atomic::write_file_atomic;
 use crate::data::{derive_seed, DatasetSource};
 use crate::model::Tokenizer;
-use crate::steps::training::{
-    check_filter_plugins, dependencies, plugin_filters, progress_observer,
+use crate::steps::training::{check_filter_plugins, dependencies, plugin_filters};
+use crate::steps::{
+    ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, InputArtifact, InputSlot,
+    InputSlots, Resources, StepContext, StepKind,
 };
-use crate::train::dpo::{plot_dpo, PreferencePair, ReferenceLogps};
+use crate::train::dpo::{plot_dpo, PreferencePair};
 use anyhow::{Context, Result};
-use chunks::{all_pairs, chunk_origin, load_preference_data, split_chunks};
-use dusflow_core::atomic::write_file_atomic;
-use dusflow_core::step::StepContext;
-use dusflow_core::step::{
-    ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, InputSlot, InputSlots,
-    Resources, StepKind,
-};
+use chunks::{all_pairs, load_preference_data, split_chunks, PreferenceData};
 use stages::{
-    model_digest, reference_logps, run_stage, stage_histories, ModelIdentity, StageSetup,
+    batch_progress, model_digest, reference_logps, run_stages, stage_histories, ModelIdentity,
+    StageReport, StageSetup, Stages, StoredReference,
 };
 
 /// The `dpo` step kind.
 pub struct DpoStep;
 
 const DPO_INPUTS: &[InputSlot] = &[
-    InputSlot {
-        name: "model",
-        accepts: &[ArtifactKind::Model],
-        many: false,
-        required: true,
-    },
-    InputSlot {
-        name: "data",
-        accepts: &[ArtifactKind::Dataset],
-        many: true,
-        required: true,
-    },
-    InputSlot {
-        name: "reference",
-        accepts: &[ArtifactKind::Model],
-        many: false,
-        required: false,
-    },
+    InputSlot::one("model", &[ArtifactKind::Model]),
+    InputSlot::many("data", &[ArtifactKind::Dataset]),
+    InputSlot::one("reference", &[ArtifactKind::Model]).optional(),
 ];
 
 impl StepKind for DpoStep {
@@ -131,39 +114,23 @@ impl StepKind for DpoStep {
             let mut filters = plugin_filters(&train.filter_params, ctx);
             load_preference_data(&sources, &mut filters, seed, &tokenizer, c.limits())?
         };
-        let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
         let device = crate::device::select_device(ctx.settings.device)?;
-        let out = ctx.out_dir.as_path();
-        let refs_dir = out.join("reference_logps");
-        let on_batch = |total: usize| {
-            move |done: usize| {
-                ctx.progress.set_length(total as u64);
-                ctx.progress.set_position(done as u64);
-                ctx.check_cancelled()
-            }
+        let setup = StageSetup {
+            out_dir: &ctx.out_dir,
+            train: &train,
+            loss: c.loss_config(),
+            seed,
+            pad: tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0),
+            save_dtype: crate::device::candle_dtype(ctx.settings.dtype),
+            device: &device,
         };
-
         let initial = ModelIdentity {
             source: format!("input model {:?}", model.name),
             blake3: model_digest(&model.path)?,
         };
         // chunk_by = "margin": M_0's log-probs of every pair (reused as stage 1's reference pass in sDPO).
         let initial_pass = if c.chunks > 1 && c.chunk_by == ChunkBy::Margin {
-            ctx.progress.set_message("margins of the initial model");
-            let every: Vec<PreferencePair> = all_pairs(&data).into_iter().map(|p| p.pair).collect();
-            let refs: Vec<&PreferencePair> = every.iter().collect();
-            let (stored, _) = reference_logps(
-                &refs_dir.join("initial-margins.json"),
-                &model.path,
-                initial.clone(),
-                &refs,
-                None,
-                c.micro_batch,
-                pad,
-                &device,
-                &mut on_batch(refs.len()),
-            )?;
-            Some(stored)
+            Some(initial_margins(&setup, ctx, &data, &model.path, &initial)?)
         } else {
             None
         };
@@ -182,143 +149,98 @@ impl StepKind for DpoStep {
             derive_seed(seed, "chunks"),
             margins.as_deref(),
         )?;
-        // Position of each (dataset, record) in the initial pass.
-        let initial_index: std::collections::HashMap<(usize, usize), usize> = all_pairs(&data)
-            .iter()
-            .enumerate()
-            .map(|(i, p)| ((p.dataset, p.record), i))
-            .collect();
-
-        let setup = StageSetup {
-            out_dir: out,
-            train: &train,
-            loss: c.loss_config(),
-            seed,
-            pad,
-            save_dtype: crate::device::candle_dtype(ctx.settings.dtype),
-            device: &device,
-        };
-        let stages = chunks.len();
-        let mut reports = Vec::with_capacity(stages);
-        let mut current = (model.path.clone(), initial);
-        for (i, chunk) in chunks.iter().enumerate() {
-            let t = i + 1;
-            let (ref_dir, ref_source) = match fixed_reference {
-                Some(r) => (r.path.clone(), format!("input reference {:?}", r.name)),
-                None => (current.0.clone(), current.1.source.clone()),
-            };
-            let ref_identity = if fixed_reference.is_none() {
-                current.1.clone()
-            } else {
-                ModelIdentity {
-                    source: ref_source,
-                    blake3: model_digest(&ref_dir)?,
-                }
-            };
-            ctx.progress
-                .set_message(format!("stage {t}/{stages}: reference pass"));
-            let refs: Vec<&PreferencePair> = chunk.iter().map(|p| &p.pair).collect();
-            let known = match &initial_pass {
-                Some(pass) if pass.reference == ref_identity => {
-                    let pick = |v: &[f32]| -> Vec<f32> {
-                        chunk
-                            .iter()
-                            .map(|p| v[initial_index[&(p.dataset, p.record)]])
-                            .collect()
-                    };
-                    let logps = ReferenceLogps {
-                        chosen: pick(&pass.logps.chosen),
-                        rejected: pick(&pass.logps.rejected),
-                    };
-                    let share = chunk.len() as f64 / initial_index.len().max(1) as f64;
-                    Some((logps, pass.seconds * share))
-                }
-                _ => None,
-            };
-            let reference = reference_logps(
-                &refs_dir.join(format!("stage-{t}.json")),
-                &ref_dir,
-                ref_identity,
-                &refs,
-                known,
-                c.micro_batch,
-                pad,
-                &device,
-                &mut on_batch(refs.len()),
-            )?;
-            ctx.progress
-                .set_message(format!("stage {t}/{stages}: training"));
-            let output = if t == stages {
-                ".".to_string()
-            } else {
-                format!("stage-{t}")
-            };
-            let mut observer = progress_observer(ctx);
-            let report = run_stage(
-                &setup,
-                t,
-                chunk,
-                serde_json::to_value(chunk_origin(&data, chunk))?,
-                (&current.0, current.1.clone()),
-                reference,
-                &output,
-                &mut observer,
-            )?;
-            reports.push(report);
-            if t < stages {
-                // M_t starts (and, in sDPO, is the reference of) the next stage.
-                let written = out.join(&output);
-                let identity = ModelIdentity {
-                    source: format!("stage-{t}"),
-                    blake3: model_digest(&written)?,
-                };
-                current = (written, identity);
-            }
-        }
-
-        let history = stage_histories(out, stages)?;
-        let mut lines = String::new();
-        for (t, m) in &history {
-            let mut v = serde_json::to_value(m)?;
-            v.as_object_mut()
-                .expect("metrics serialise to an object")
-                .insert("stage".into(), (*t).into());
-            lines.push_str(&serde_json::to_string(&v)?);
-            lines.push('\n');
-        }
-        write_file_atomic(&out.join("metrics.jsonl"), lines.as_bytes())?;
-        plot_dpo(
-            &history,
-            &format!(
-                "{}: DPO ({} stage{})",
-                ctx.step,
-                stages,
-                if stages > 1 { "s" } else { "" }
-            ),
-            &out.join("dpo.svg"),
-        )?;
-        let report = serde_json::json!({
-            "loss": c.loss_config(),
-            "chunks": stages,
-            "chunk_by": c.chunk_by,
-            "reference": match fixed_reference {
-                Some(r) => format!("fixed: input reference {:?}", r.name),
-                None if stages == 1 => "the initial model (input model)".to_string(),
-                None => "the previous stage's model (sDPO)".to_string(),
+        let reports = run_stages(
+            &setup,
+            ctx,
+            &Stages {
+                data: &data,
+                chunks: &chunks,
+                initial: (model.path.clone(), initial),
+                fixed_reference,
+                initial_pass: initial_pass.as_ref(),
             },
-            "datasets": data.reports,
-            "dropped_too_long": data.dropped_too_long,
-            "stages": reports,
-        });
-        write_file_atomic(
-            &out.join("dpo_report.json"),
-            &serde_json::to_vec_pretty(&report)?,
         )?;
-        let work = out.join(".dpo-work");
-        if work.exists() {
-            std::fs::remove_dir_all(&work)
-                .with_context(|| format!("removing {}", work.display()))?;
-        }
-        Ok(())
+        write_reports(c, ctx, &data, fixed_reference, reports)
     }
+}
+
+/// The initial model's log-probs of every pair, stored as `reference_logps/initial-margins.json`.
+fn initial_margins(
+    setup: &StageSetup<'_>,
+    ctx: &StepContext,
+    data: &PreferenceData,
+    model_dir: &std::path::Path,
+    initial: &ModelIdentity,
+) -> Result<StoredReference> {
+    ctx.progress.set_message("margins of the initial model");
+    let every: Vec<PreferencePair> = all_pairs(data).into_iter().map(|p| p.pair).collect();
+    let refs: Vec<&PreferencePair> = every.iter().collect();
+    let (stored, _) = reference_logps(
+        &setup.out_dir.join("reference_logps/initial-margins.json"),
+        model_dir,
+        initial.clone(),
+        &refs,
+        None,
+        setup.train.micro_batch,
+        setup.pad,
+        setup.device,
+        &mut batch_progress(ctx, refs.len()),
+    )?;
+    Ok(stored)
+}
+
+/// The step's outputs beside the model: `metrics.jsonl` (every stage's steps), `dpo.svg`, `dpo_report.json`;
+/// the stages' work folder is removed.
+fn write_reports(
+    c: &DpoStepConfig,
+    ctx: &StepContext,
+    data: &PreferenceData,
+    fixed_reference: Option<&InputArtifact>,
+    reports: Vec<StageReport>,
+) -> Result<()> {
+    let out = ctx.out_dir.as_path();
+    let stages = reports.len();
+    let history = stage_histories(out, stages)?;
+    let mut lines = String::new();
+    for (t, m) in &history {
+        let mut v = serde_json::to_value(m)?;
+        v.as_object_mut()
+            .expect("metrics serialise to an object")
+            .insert("stage".into(), (*t).into());
+        lines.push_str(&serde_json::to_string(&v)?);
+        lines.push('\n');
+    }
+    write_file_atomic(&out.join("metrics.jsonl"), lines.as_bytes())?;
+    plot_dpo(
+        &history,
+        &format!(
+            "{}: DPO ({} stage{})",
+            ctx.step,
+            stages,
+            if stages > 1 { "s" } else { "" }
+        ),
+        &out.join("dpo.svg"),
+    )?;
+    let report = serde_json::json!({
+        "loss": c.loss_config(),
+        "chunks": stages,
+        "chunk_by": c.chunk_by,
+        "reference": match fixed_reference {
+            Some(r) => format!("fixed: input reference {:?}", r.name),
+            None if stages == 1 => "the initial model (input model)".to_string(),
+            None => "the previous stage's model (sDPO)".to_string(),
+        },
+        "datasets": data.reports,
+        "dropped_too_long": data.dropped_too_long,
+        "stages": reports,
+    });
+    write_file_atomic(
+        &out.join("dpo_report.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
+    let work = out.join(".dpo-work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    Ok(())
 }

@@ -2,9 +2,11 @@
 //! then trains M_{t−1} on chunk t and writes M_t. Every stage resumes: a finished stage is not redone, an
 //! unfinished one continues from its last checkpoint and reuses its stored reference pass.
 
-use super::chunks::SourcedPair;
+use super::chunks::{all_pairs, chunk_origin, PreferenceData, SourcedPair};
 use crate::model::load_model;
+use crate::steps::training::progress_observer;
 use crate::steps::training::TrainStepConfig;
+use crate::steps::{InputArtifact, StepContext};
 use crate::train::dpo::{
     reference_pass, DpoLossConfig, DpoObjective, PreferencePair, ReferenceLogps,
 };
@@ -16,6 +18,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use dusflow_core::atomic::write_file_atomic;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -256,4 +259,119 @@ pub fn stage_histories(out_dir: &Path, stages: usize) -> Result<Vec<(usize, Step
         all.extend(log.history.into_iter().map(|m| (t, m)));
     }
     Ok(all)
+}
+
+/// The stage loop's inputs beyond the [`StageSetup`].
+pub struct Stages<'a> {
+    /// The loaded pairs.
+    pub data: &'a PreferenceData,
+    /// D_1..D_T.
+    pub chunks: &'a [Vec<SourcedPair>],
+    /// M_0: its folder and identity.
+    pub initial: (PathBuf, ModelIdentity),
+    /// A fixed reference model (`inputs.reference`); else stage t's reference is M_{t−1}.
+    pub fixed_reference: Option<&'a InputArtifact>,
+    /// M_0's log-probs of every pair, when computed for margin chunking (reused where M_0 is the reference).
+    pub initial_pass: Option<&'a StoredReference>,
+}
+
+/// Runs the stages in order: stage t's reference pass (stored, or taken from the initial pass when the
+/// reference is M_0), then training M_{t−1} into M_t (`stage-<t>/`, the last one into the artifact root).
+pub fn run_stages(
+    setup: &StageSetup<'_>,
+    ctx: &StepContext,
+    stages: &Stages<'_>,
+) -> Result<Vec<StageReport>> {
+    // Position of each (dataset, record) in the initial pass.
+    let initial_index: HashMap<(usize, usize), usize> = all_pairs(stages.data)
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ((p.dataset, p.record), i))
+        .collect();
+    let refs_dir = setup.out_dir.join("reference_logps");
+    let count = stages.chunks.len();
+    let mut reports = Vec::with_capacity(count);
+    let mut current = stages.initial.clone();
+    for (i, chunk) in stages.chunks.iter().enumerate() {
+        let t = i + 1;
+        let (ref_dir, ref_identity) = match stages.fixed_reference {
+            Some(r) => (
+                r.path.clone(),
+                ModelIdentity {
+                    source: format!("input reference {:?}", r.name),
+                    blake3: model_digest(&r.path)?,
+                },
+            ),
+            None => current.clone(),
+        };
+        ctx.progress
+            .set_message(format!("stage {t}/{count}: reference pass"));
+        let refs: Vec<&PreferencePair> = chunk.iter().map(|p| &p.pair).collect();
+        let known = match stages.initial_pass {
+            Some(pass) if pass.reference == ref_identity => {
+                let pick = |v: &[f32]| -> Vec<f32> {
+                    chunk
+                        .iter()
+                        .map(|p| v[initial_index[&(p.dataset, p.record)]])
+                        .collect()
+                };
+                let logps = ReferenceLogps {
+                    chosen: pick(&pass.logps.chosen),
+                    rejected: pick(&pass.logps.rejected),
+                };
+                let share = chunk.len() as f64 / initial_index.len().max(1) as f64;
+                Some((logps, pass.seconds * share))
+            }
+            _ => None,
+        };
+        let reference = reference_logps(
+            &refs_dir.join(format!("stage-{t}.json")),
+            &ref_dir,
+            ref_identity,
+            &refs,
+            known,
+            setup.train.micro_batch,
+            setup.pad,
+            setup.device,
+            &mut batch_progress(ctx, refs.len()),
+        )?;
+        ctx.progress
+            .set_message(format!("stage {t}/{count}: training"));
+        let output = if t == count {
+            ".".to_string()
+        } else {
+            format!("stage-{t}")
+        };
+        let mut observer = progress_observer(ctx);
+        let report = run_stage(
+            setup,
+            t,
+            chunk,
+            serde_json::to_value(chunk_origin(stages.data, chunk))?,
+            (&current.0, current.1.clone()),
+            reference,
+            &output,
+            &mut observer,
+        )?;
+        reports.push(report);
+        if t < count {
+            // M_t starts (and, in sDPO, is the reference of) the next stage.
+            let written = setup.out_dir.join(&output);
+            let identity = ModelIdentity {
+                source: format!("stage-{t}"),
+                blake3: model_digest(&written)?,
+            };
+            current = (written, identity);
+        }
+    }
+    Ok(reports)
+}
+
+/// A reference pass's progress on the step's bar; stops when the step is cancelled.
+pub fn batch_progress(ctx: &StepContext, total: usize) -> impl FnMut(usize) -> Result<()> + '_ {
+    move |done: usize| {
+        ctx.progress.set_length(total as u64);
+        ctx.progress.set_position(done as u64);
+        ctx.check_cancelled()
+    }
 }

@@ -313,18 +313,8 @@ impl MergeConfig {
 pub struct MergeStep;
 
 const SLOTS: &[InputSlot] = &[
-    InputSlot {
-        name: "models",
-        accepts: &[ArtifactKind::Model],
-        many: true,
-        required: true,
-    },
-    InputSlot {
-        name: "base",
-        accepts: &[ArtifactKind::Model],
-        many: false,
-        required: false,
-    },
+    InputSlot::many("models", &[ArtifactKind::Model]),
+    InputSlot::one("base", &[ArtifactKind::Model]).optional(),
 ];
 
 impl StepKind for MergeStep {

@@ -157,12 +157,7 @@ impl ScaleConfig {
     }
 }
 
-const INPUTS: &[InputSlot] = &[InputSlot {
-    name: "model",
-    accepts: &[ArtifactKind::Model],
-    many: true,
-    required: true,
-}];
+const INPUTS: &[InputSlot] = &[InputSlot::many("model", &[ArtifactKind::Model])];
 
 /// The `scale` step kind.
 pub struct ScaleStep;
