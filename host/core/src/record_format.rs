@@ -20,6 +20,7 @@ pub enum RecordFormat {
     /// `{system, question, chosen, rejected}` (Intel/orca_dpo_pairs), rendered as ChatML pairs.
     OrcaDpo,
     /// `{chosen: [messages], rejected: [messages]}` (UltraFeedback binarized), rendered as ChatML pairs.
+    #[serde(rename = "ultrafeedback")]
     UltraFeedback,
     /// `{question, answer}` (GSM8K); becomes prompt `Question: {question}\nAnswer:`, completion ` {answer}`.
     Gsm8k,
@@ -28,83 +29,145 @@ pub enum RecordFormat {
     Arc,
 }
 
-/// Every layout, in the order `auto` tries them.
-pub const ALL_FORMATS: &[RecordFormat] = &[
-    RecordFormat::UltraFeedback,
-    RecordFormat::Preference,
-    RecordFormat::OrcaDpo,
-    RecordFormat::Chat,
-    RecordFormat::Alpaca,
-    RecordFormat::PromptCompletion,
-    RecordFormat::Gsm8k,
-    RecordFormat::Arc,
-    RecordFormat::Text,
+/// One row of the layout table: everything the checks and readers know about a layout.
+#[derive(Debug, Clone, Copy)]
+pub struct FormatSpec {
+    /// The layout.
+    pub format: RecordFormat,
+    /// Its canonical name.
+    pub name: &'static str,
+    /// Other spellings accepted in `format = "..."` and `info.json`.
+    pub aliases: &'static [&'static str],
+    /// The field names it reads.
+    pub fields: &'static [&'static str],
+    /// The fields a record must have (the rest may be absent).
+    pub required: &'static [&'static str],
+    /// Whether its records are preference pairs (for DPO).
+    pub preference: bool,
+}
+
+/// The layouts, in the order `auto` tries them (the first whose required fields a record has wins).
+/// Adding a layout: a variant of [`RecordFormat`], a row here, and its parsing in `dusflow-data`'s `format`.
+pub const FORMATS: &[FormatSpec] = &[
+    FormatSpec {
+        format: RecordFormat::UltraFeedback,
+        name: "ultrafeedback",
+        aliases: &["ultrafeedback-binarized", "ultrafeedback_binarized"],
+        fields: &["chosen", "rejected"],
+        required: &["chosen", "rejected"],
+        preference: true,
+    },
+    FormatSpec {
+        format: RecordFormat::Preference,
+        name: "preference",
+        aliases: &[],
+        fields: &["prompt", "chosen", "rejected"],
+        required: &["prompt", "chosen", "rejected"],
+        preference: true,
+    },
+    FormatSpec {
+        format: RecordFormat::OrcaDpo,
+        name: "orca-dpo",
+        aliases: &["orca_dpo", "orca_dpo_pairs"],
+        fields: &["system", "question", "chosen", "rejected"],
+        required: &["question", "chosen", "rejected"],
+        preference: true,
+    },
+    FormatSpec {
+        format: RecordFormat::Chat,
+        name: "chat",
+        aliases: &["messages"],
+        fields: &["messages"],
+        required: &["messages"],
+        preference: false,
+    },
+    FormatSpec {
+        format: RecordFormat::Alpaca,
+        name: "alpaca",
+        aliases: &[],
+        fields: &["instruction", "input", "output"],
+        required: &["instruction", "output"],
+        preference: false,
+    },
+    FormatSpec {
+        format: RecordFormat::PromptCompletion,
+        name: "prompt-completion",
+        aliases: &["prompt_completion"],
+        fields: &["prompt", "completion"],
+        required: &["prompt", "completion"],
+        preference: false,
+    },
+    FormatSpec {
+        format: RecordFormat::Gsm8k,
+        name: "gsm8k",
+        aliases: &[],
+        fields: &["question", "answer"],
+        required: &["question", "answer"],
+        preference: false,
+    },
+    FormatSpec {
+        format: RecordFormat::Arc,
+        name: "arc",
+        aliases: &["multiple-choice"],
+        fields: &["question", "choices", "answerKey"],
+        required: &["question", "choices", "answerKey"],
+        preference: false,
+    },
+    FormatSpec {
+        format: RecordFormat::Text,
+        name: "text",
+        aliases: &[],
+        fields: &["text"],
+        required: &["text"],
+        preference: false,
+    },
 ];
 
 impl RecordFormat {
+    /// The layout's row in [`FORMATS`].
+    pub fn spec(self) -> &'static FormatSpec {
+        FORMATS
+            .iter()
+            .find(|f| f.format == self)
+            .expect("every layout has a row in FORMATS (tested)")
+    }
+
     /// Parses a format name as written in `[datasets.*] format` or a dataset artifact's `info.json`.
-    /// `auto` is not a format: see [`RecordFormat::detect`].
+    /// `auto` is not a layout (see [`FormatChoice`]).
     pub fn from_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "text" => Self::Text,
-            "alpaca" => Self::Alpaca,
-            "prompt-completion" | "prompt_completion" => Self::PromptCompletion,
-            "chat" | "messages" => Self::Chat,
-            "preference" => Self::Preference,
-            "orca-dpo" | "orca_dpo" | "orca_dpo_pairs" => Self::OrcaDpo,
-            "ultrafeedback" | "ultrafeedback-binarized" | "ultrafeedback_binarized" => {
-                Self::UltraFeedback
+        match FORMATS
+            .iter()
+            .find(|f| f.name == name || f.aliases.contains(&name))
+        {
+            Some(f) => Ok(f.format),
+            None => {
+                let names: Vec<&str> = FORMATS.iter().map(|f| f.name).collect();
+                bail!(
+                    "unknown dataset format {name:?} (expected {} or auto)",
+                    names.join(", ")
+                )
             }
-            "gsm8k" => Self::Gsm8k,
-            "arc" | "multiple-choice" => Self::Arc,
-            other => bail!(
-                "unknown dataset format {other:?} (expected text, alpaca, prompt-completion, chat, preference, orca-dpo, ultrafeedback, gsm8k, arc or auto)"
-            ),
-        })
+        }
     }
 
     /// The canonical name.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Text => "text",
-            Self::Alpaca => "alpaca",
-            Self::PromptCompletion => "prompt-completion",
-            Self::Chat => "chat",
-            Self::Preference => "preference",
-            Self::OrcaDpo => "orca-dpo",
-            Self::UltraFeedback => "ultrafeedback",
-            Self::Gsm8k => "gsm8k",
-            Self::Arc => "arc",
-        }
+        self.spec().name
     }
 
     /// The field names this layout reads.
     pub fn fields(self) -> &'static [&'static str] {
-        match self {
-            Self::Text => &["text"],
-            Self::Alpaca => &["instruction", "input", "output"],
-            Self::PromptCompletion => &["prompt", "completion"],
-            Self::Chat => &["messages"],
-            Self::Preference => &["prompt", "chosen", "rejected"],
-            Self::OrcaDpo => &["system", "question", "chosen", "rejected"],
-            Self::UltraFeedback => &["chosen", "rejected"],
-            Self::Gsm8k => &["question", "answer"],
-            Self::Arc => &["question", "choices", "answerKey"],
-        }
+        self.spec().fields
     }
 
     /// Whether records of this layout are preference pairs (for DPO).
     pub fn is_preference(self) -> bool {
-        matches!(self, Self::Preference | Self::OrcaDpo | Self::UltraFeedback)
+        self.spec().preference
     }
 
     /// The fields a record must have for this layout (the rest may be absent).
     pub fn required(self) -> &'static [&'static str] {
-        match self {
-            Self::Alpaca => &["instruction", "output"],
-            Self::OrcaDpo => &["question", "chosen", "rejected"],
-            other => other.fields(),
-        }
+        self.spec().required
     }
 }
 
@@ -146,10 +209,20 @@ mod tests {
 
     #[test]
     fn every_layout_round_trips_through_its_name() {
-        for f in ALL_FORMATS {
-            assert_eq!(RecordFormat::from_name(f.name()).unwrap(), *f);
-            let choice: FormatChoice = String::from(FormatChoice::Known(*f)).try_into().unwrap();
-            assert_eq!(choice, FormatChoice::Known(*f));
+        for row in FORMATS {
+            let f = row.format;
+            assert_eq!(FORMATS.iter().filter(|r| r.format == f).count(), 1);
+            assert_eq!(RecordFormat::from_name(f.name()).unwrap(), f);
+            for alias in row.aliases {
+                assert_eq!(RecordFormat::from_name(alias).unwrap(), f);
+            }
+            assert_eq!(
+                serde_json::to_value(f).unwrap(),
+                serde_json::json!(row.name)
+            );
+            assert!(row.required.iter().all(|r| row.fields.contains(r)));
+            let choice: FormatChoice = String::from(FormatChoice::Known(f)).try_into().unwrap();
+            assert_eq!(choice, FormatChoice::Known(f));
         }
         let err = FormatChoice::try_from("alpacca".to_string())
             .unwrap_err()

@@ -13,7 +13,7 @@
 
 use super::template::chatml;
 use anyhow::{bail, Result};
-pub use dusflow_core::record_format::{RecordFormat, ALL_FORMATS};
+pub use dusflow_core::record_format::{RecordFormat, FORMATS};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -26,7 +26,7 @@ pub fn detect_format(record: &Value, fields: &FieldMap) -> Option<RecordFormat> 
     let chosen_is_list = obj
         .get(fields.source("chosen"))
         .is_some_and(Value::is_array);
-    ALL_FORMATS.iter().copied().find(|f| {
+    FORMATS.iter().map(|row| row.format).find(|f| {
         let typed = match f {
             RecordFormat::UltraFeedback => chosen_is_list,
             RecordFormat::Preference | RecordFormat::OrcaDpo => !chosen_is_list,
