@@ -310,3 +310,80 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Runs the workflow `dir/flow.toml` with every built-in kind and default options.
+pub(crate) async fn run_flow(dir: &Path) -> dusflow::engine::RunSummary {
+    dusflow::engine::run(
+        &dir.join("flow.toml"),
+        &dusflow::steps::builtin_registry(),
+        dusflow::engine::RunOptions::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A workflow run in a child process — this test binary re-run for one test, with an environment variable
+/// naming the folder — so that a test can SIGKILL it mid-step. (The shared `dus` binary of the target folder
+/// may belong to another build, so the tests do not use it.)
+pub(crate) struct ChildRun {
+    /// The full name of the test that runs it (`module::test`).
+    pub test: &'static str,
+    /// The variable that tells the child which folder's `flow.toml` to run.
+    pub env: &'static str,
+}
+
+impl ChildRun {
+    /// In the child: runs the workflow (which must succeed) and returns true. In the parent: false.
+    pub(crate) fn run_if_child(&self) -> bool {
+        let Ok(dir) = std::env::var(self.env) else {
+            return false;
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let summary = rt.block_on(run_flow(Path::new(&dir)));
+        assert!(summary.succeeded(), "{summary:?}");
+        true
+    }
+
+    /// Starts the child on `dir` (its stderr goes to `dir/stderr.txt`).
+    pub(crate) fn spawn(&self, dir: &Path) -> std::process::Child {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", self.test, "--nocapture", "--test-threads=1"])
+            .env(self.env, dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs the child on `dir` to the end; it must succeed.
+    pub(crate) fn run(&self, dir: &Path) {
+        assert!(self.spawn(dir).wait().unwrap().success());
+    }
+
+    /// Starts the child on `dir` and SIGKILLs it as soon as `ready()` returns something (within two
+    /// minutes; `what` names it in failures). Returns that something.
+    pub(crate) fn kill_when<T>(
+        &self,
+        dir: &Path,
+        what: &str,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> T {
+        let mut child = self.spawn(dir);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let found = loop {
+            if let Some(found) = ready() {
+                break found;
+            }
+            assert!(Instant::now() < deadline, "{what} never appeared");
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(dir.join("stderr.txt")).unwrap_or_default();
+                panic!("the run ended ({status}) before {what} appeared: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        found
+    }
+}

@@ -3,9 +3,8 @@
 //! when policy = reference, a toy preference set is learned through a real workflow, sDPO with two chunks
 //! uses M_1 as the second reference, and bad input is reported clearly.
 
-use crate::common::artifact;
+use crate::common::{artifact, run_flow, ChildRun};
 use candle_core::{DType, Device};
-use dusflow::engine::{self, RunOptions};
 use dusflow::model::{load_model, Tokenizer};
 use dusflow::train::dpo::{
     dpo_losses, pair_metric_sums, reference_pass, sequence_logps, tokenize_pair, vector,
@@ -13,7 +12,6 @@ use dusflow::train::dpo::{
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use tokio_util::sync::CancellationToken;
 
 fn fixture() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dpo/dpo_losses.json");
@@ -141,17 +139,6 @@ warmup_steps = 0
 schedule = "constant"
 "#;
 
-async fn run(dir: &Path) -> engine::RunSummary {
-    engine::run(
-        &dir.join("flow.toml"),
-        &dusflow::steps::builtin_registry(),
-        RunOptions::default(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap()
-}
-
 fn read_pairs(file: &Path, tok: &Tokenizer) -> Vec<PreferencePair> {
     std::fs::read_to_string(file)
         .unwrap()
@@ -187,7 +174,7 @@ fn metrics(a: &Path) -> Vec<Value> {
 async fn toy_preferences_are_learned_and_the_first_loss_is_ln2() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("flow.toml"), FLOW).unwrap();
-    let summary = run(dir.path()).await;
+    let summary = run_flow(dir.path()).await;
     assert!(summary.succeeded(), "{summary:?}");
     let out = dir.path().join("out");
     let a = artifact(&out, "align");
@@ -302,7 +289,7 @@ weights = [0.5, 0.5]
 async fn sdpo_with_two_chunks_uses_stage_one_as_the_second_reference() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("flow.toml"), SDPO).unwrap();
-    let summary = run(dir.path()).await;
+    let summary = run_flow(dir.path()).await;
     assert!(summary.succeeded(), "{summary:?}");
     let out = dir.path().join("out");
     let a = artifact(&out, "align");
@@ -468,7 +455,7 @@ async fn run_err(flow: &str, files: &[(&str, &str)]) -> String {
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
-    let summary = run(dir.path()).await;
+    let summary = run_flow(dir.path()).await;
     assert!(!summary.succeeded());
     let log = std::fs::read_to_string(dir.path().join("out/.dus/events.jsonl")).unwrap_or_default();
     format!("{summary:?}\n{log}")
@@ -529,20 +516,10 @@ max_steps = 16
 checkpoint_every = 4
 "#;
 
-const CHILD_ENV: &str = "DUSFLOW_DPO_TEST_CHILD";
-const THIS_TEST: &str =
-    "dpo::sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights";
-
-/// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set.
-fn dus_run(dir: &Path) -> std::process::Child {
-    std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", THIS_TEST, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
-        .spawn()
-        .unwrap()
-}
+const CHILD: ChildRun = ChildRun {
+    test: "dpo::sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights",
+    env: "DUSFLOW_DPO_TEST_CHILD",
+};
 
 /// The partial work folder of the dpo step, once stage 2 has written a checkpoint.
 fn stage_two_checkpoint(out: &Path) -> Option<PathBuf> {
@@ -561,42 +538,23 @@ fn stage_two_checkpoint(out: &Path) -> Option<PathBuf> {
 
 #[test]
 fn sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights() {
-    if let Ok(dir) = std::env::var(CHILD_ENV) {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let summary = rt.block_on(run(Path::new(&dir)));
-        assert!(summary.succeeded(), "{summary:?}");
+    if CHILD.run_if_child() {
         return;
     }
     let (straight, crashy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for d in [straight.path(), crashy.path()] {
         std::fs::write(d.join("flow.toml"), LONG).unwrap();
     }
-    assert!(dus_run(straight.path()).wait().unwrap().success());
-
-    let mut child = dus_run(crashy.path());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let partial = loop {
-        if let Some(p) = stage_two_checkpoint(&crashy.path().join("out")) {
-            break p;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stage 2 never checkpointed"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            let log = std::fs::read_to_string(crashy.path().join("stderr.txt")).unwrap_or_default();
-            panic!("the run ended ({status}) before stage 2 checkpointed: {log}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    };
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    CHILD.run(straight.path());
+    let partial = CHILD.kill_when(crashy.path(), "a stage-2 checkpoint", || {
+        stage_two_checkpoint(&crashy.path().join("out"))
+    });
     let stage1_model = partial.join("stage-1/model.safetensors");
     let stage1_time = std::fs::metadata(&stage1_model)
         .unwrap()
         .modified()
         .unwrap();
-    assert!(dus_run(crashy.path()).wait().unwrap().success());
+    CHILD.run(crashy.path());
 
     let a = artifact(&straight.path().join("out"), "align");
     let b = artifact(&crashy.path().join("out"), "align");
@@ -659,7 +617,7 @@ micro_batch = 2
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
-    let summary = run(dir.path()).await;
+    let summary = run_flow(dir.path()).await;
     assert!(summary.succeeded(), "{summary:?}");
     let a = artifact(&dir.path().join("out"), "align");
     let report: Value =
@@ -759,7 +717,7 @@ filter_params.short = {{ field = "chosen", max_chars = 10 }}
         plugin.display()
     );
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
-    let summary = run(dir.path()).await;
+    let summary = run_flow(dir.path()).await;
     assert!(summary.succeeded(), "{summary:?}");
     let out = dir.path().join("out");
     let a = artifact(&out, "align");
@@ -848,7 +806,7 @@ micro_batch = 3
 "#;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
-    let summary = run(dir.path()).await;
+    let summary = run_flow(dir.path()).await;
     assert!(summary.succeeded(), "{summary:?}");
     let a = artifact(&dir.path().join("out"), "align");
     let read = |f: &str| -> Value {

@@ -2,13 +2,11 @@
 //! folders with metrics and a loss curve; a run killed with SIGKILL resumes from its last checkpoint and
 //! ends with the same weights as an uninterrupted run.
 
-use crate::common::artifact;
+use crate::common::{artifact, ChildRun};
 use candle_core::{DType, Device};
 use dusflow::engine::{self, RunOptions};
 use dusflow::model::{init_trainable, load_model, save_model, LlamaConfig, SaveOptions, Tokenizer};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 fn tiny_model(dir: &Path) {
@@ -176,34 +174,10 @@ max_steps = 40
 checkpoint_every = 4
 "#;
 
-const CHILD_ENV: &str = "DUSFLOW_TRAIN_TEST_CHILD";
-const THIS_TEST: &str =
-    "train_steps::a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights";
-
-/// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set (the
-/// shared `dus` binary of the target folder may belong to another build, so the test does not use it).
-fn dus_run(dir: &Path) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", THIS_TEST, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-fn run_in_this_process(dir: &Path) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let summary = rt
-        .block_on(engine::run(
-            &dir.join("flow.toml"),
-            &dusflow::steps::builtin_registry(),
-            RunOptions::default(),
-            CancellationToken::new(),
-        ))
-        .unwrap();
-    assert!(summary.succeeded(), "{summary:?}");
-}
+const CHILD: ChildRun = ChildRun {
+    test: "train_steps::a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights",
+    env: "DUSFLOW_TRAIN_TEST_CHILD",
+};
 
 fn checkpoint_exists(out: &Path) -> bool {
     let partial = out.join(".dus/partial");
@@ -222,30 +196,19 @@ fn checkpoint_exists(out: &Path) -> bool {
 
 #[test]
 fn a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights() {
-    let straight = tempfile::tempdir().unwrap();
-    if let Ok(dir) = std::env::var(CHILD_ENV) {
-        run_in_this_process(Path::new(&dir));
+    if CHILD.run_if_child() {
         return;
     }
-    let crashy = tempfile::tempdir().unwrap();
+    let (straight, crashy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for d in [straight.path(), crashy.path()] {
         tiny_model(d);
         std::fs::write(d.join("flow.toml"), LONG).unwrap();
     }
-    assert!(dus_run(straight.path()).wait().unwrap().success());
-
-    let mut child = dus_run(crashy.path());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !checkpoint_exists(&crashy.path().join("out")) {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        if let Some(status) = child.try_wait().unwrap() {
-            let log = std::fs::read_to_string(crashy.path().join("stderr.txt")).unwrap_or_default();
-            panic!("the run ended ({status}) before a checkpoint was seen: {log}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    CHILD.run(straight.path());
+    let out = crashy.path().join("out");
+    CHILD.kill_when(crashy.path(), "a checkpoint", || {
+        checkpoint_exists(&out).then_some(())
+    });
     assert!(
         std::fs::read_dir(crashy.path().join("out"))
             .unwrap()
@@ -256,7 +219,7 @@ fn a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights() {
                 .starts_with("pretrain-")),
         "no pretrain artifact after the kill"
     );
-    assert!(dus_run(crashy.path()).wait().unwrap().success());
+    CHILD.run(crashy.path());
 
     let a = artifact(&straight.path().join("out"), "pretrain");
     let b = artifact(&crashy.path().join("out"), "pretrain");
