@@ -7,6 +7,7 @@
 //! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
 //! - [`generation`]: batched generation and log-likelihood scoring.
+//! - [`lora`]: LoRA adapters in PEFT's format, merged as PEFT merges them.
 //! - [`device`]: the workflow's `device` and `dtype` choices as candle devices and dtypes.
 //!
 //! ```no_run
@@ -29,6 +30,7 @@ pub mod device;
 pub mod generation;
 pub mod in_place_writer;
 pub mod llama;
+pub mod lora;
 pub mod softmax;
 pub mod tensor_store;
 pub mod tokenizer;

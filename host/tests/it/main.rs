@@ -12,6 +12,7 @@ mod eval_parity;
 mod eval_random;
 mod eval_step;
 mod golden;
+mod lora;
 mod merge_parity;
 mod merge_step;
 mod model_checkpoint;
