@@ -141,6 +141,7 @@ async fn dispatch(
             let summary =
                 engine::run(&file, registry, common.options(progress), shutdown.clone()).await?;
             eprint!("{}", summary::render_summary(&summary));
+            print!("{}", summary::render_headlines(&summary));
             Ok(if shutdown.is_cancelled() {
                 ExitCode::from(130)
             } else if summary.succeeded() {
