@@ -6,6 +6,8 @@
 //! - [`weights`]: load a folder into a model (trainable or not), fresh initialisation, save a folder.
 //! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
+//! - [`chat_template`]: the folder's chat template (`chat_template.jinja` / `tokenizer_config.json`) and
+//!   special-token strings, as transformers reads them.
 //! - [`generation`]: batched generation and log-likelihood scoring.
 //! - [`device`]: the workflow's `device` and `dtype` choices as candle devices and dtypes.
 //!
@@ -23,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod chat_template;
 pub mod checkpoint_writer;
 pub mod config;
 pub mod device;
@@ -37,6 +40,7 @@ pub mod weights;
 pub use checkpoint_writer::{
     write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
 };
+pub use chat_template::{read_chat_template, special_tokens_map, ModelChatTemplate};
 pub use config::LlamaConfig;
 pub use generation::{
     generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling,

@@ -68,6 +68,12 @@ impl StepKind for PretrainStep {
                 "pretraining always packs; use separate_documents to keep documents apart",
             ));
         }
+        if !c.template.is_auto() {
+            issues.push(ConfigIssue::new(
+                "template",
+                "is for sft and dpo; pretraining reads plain text",
+            ));
+        }
         issues
     }
 

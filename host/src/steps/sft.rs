@@ -1,5 +1,6 @@
 //! `kind = "sft"`: instruction tuning — Alpaca (exact Stanford template), prompt/completion, GSM8K, ARC and
-//! chat (ChatML) records; loss on response tokens only; EOS appended; padding or packing.
+//! chat records (the model's own chat template, or ChatML / SOLAR's Alpaca-styled template: `template`);
+//! loss on response tokens only (assistant turns of conversations); padding or packing.
 //!
 //! ```toml
 //! [steps.sft]
@@ -12,13 +13,14 @@
 //! ```
 
 use super::pretrain::TRAIN_INPUTS;
-use crate::data::{load_mixture, pack_examples, sft_segments, tokenize_segments, RecordFormat};
+use crate::data::{load_mixture, pack_examples, tokenize_sft, RecordFormat, Templates};
+use crate::model::read_chat_template;
 use crate::steps::training::TrainStepConfig;
 use crate::steps::training::{
     check_filter_plugins, dependencies, plugin_filters, progress_observer, resolve_inputs,
     train_model,
 };
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use dusflow_core::step::StepContext;
 use dusflow_core::step::{
     ArtifactKind, CheckContext, ConfigIssue, Dependencies, InputSlots, Resources, StepKind,
@@ -41,6 +43,12 @@ impl StepKind for SftStep {
 
     fn name(&self) -> &'static str {
         "sft"
+    }
+
+    fn version(&self) -> u32 {
+        // 2: chat records rendered with the `template` choice (the model's own chat template when it has
+        // one) and tokenised whole, the loss on the assistant turns found by incremental rendering.
+        2
     }
 
     fn inputs(&self) -> InputSlots {
@@ -81,10 +89,20 @@ impl StepKind for SftStep {
         let inputs = resolve_inputs(c, ctx)?;
         let mut filters = plugin_filters(&c.filter_params, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, SFT_FORMATS)?;
+        let model_name = &ctx.input("model")?.name;
+        let templates = Templates::resolve(
+            c.template,
+            read_chat_template(&inputs.model_dir)?.as_ref(),
+            model_name,
+        )?;
+        tracing::info!(step = %ctx.step, "{}", templates.describe());
         let mut rows = Vec::with_capacity(mixture.examples.len());
         let mut truncated_away = 0usize;
-        for e in &mixture.examples {
-            let row = tokenize_segments(&inputs.tokenizer, &sft_segments(e)?, c.seq_len)?;
+        for (i, e) in mixture.examples.iter().enumerate() {
+            let text = templates
+                .sft(e)
+                .with_context(|| format!("example {i} of the mixture"))?;
+            let row = tokenize_sft(&inputs.tokenizer, &text, c.seq_len)?;
             if row.target_count() > 0 {
                 rows.push(row);
             } else {

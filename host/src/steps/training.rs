@@ -1,7 +1,9 @@
 //! What the `pretrain` and `sft` steps share: their parameters, checks, and "model folder + rows in,
 //! trained model folder out" (load, train with checkpoints, save as a Hugging Face folder, report).
 
-use crate::data::{derive_seed, DatasetReport, DatasetSource, RecordFilter, TrainSequence};
+use crate::data::{
+    derive_seed, DatasetReport, DatasetSource, RecordFilter, TemplateChoice, TrainSequence,
+};
 use crate::model::Tokenizer;
 use crate::plugins::StepPluginHost;
 use crate::steps::{ConfigIssue, StepContext};
@@ -79,6 +81,10 @@ pub struct TrainStepConfig {
     /// `{}`. (The plugins' bytes enter the cache key through the datasets that name them.)
     #[serde(default)]
     pub filter_params: FilterParams,
+    /// SFT: how `chat` and `alpaca` records are rendered: `auto` (the model's chat template when it has one,
+    /// else ChatML; Alpaca records with the Stanford prompt), `model`, `chatml` or `alpaca`.
+    #[serde(default, skip_serializing_if = "TemplateChoice::is_auto")]
+    pub template: TemplateChoice,
 }
 
 impl TrainStepConfig {

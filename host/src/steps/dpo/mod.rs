@@ -27,8 +27,8 @@ pub mod stages;
 
 pub use config::{ChunkBy, DpoStepConfig};
 
-use crate::data::{derive_seed, DatasetSource};
-use crate::model::Tokenizer;
+use crate::data::{derive_seed, DatasetSource, Templates};
+use crate::model::{read_chat_template, Tokenizer};
 use crate::steps::training::{
     check_filter_plugins, dependencies, plugin_filters, progress_observer,
 };
@@ -74,6 +74,12 @@ impl StepKind for DpoStep {
 
     fn name(&self) -> &'static str {
         "dpo"
+    }
+
+    fn version(&self) -> u32 {
+        // 2: orca-dpo / ultrafeedback pairs rendered with the `template` choice (the model's own chat
+        // template when it has one), the split at the prompt as TRL makes it.
+        2
     }
 
     fn inputs(&self) -> InputSlots {
@@ -127,9 +133,21 @@ impl StepKind for DpoStep {
             .collect::<Result<Vec<_>>>()?;
         let train = c.train_config();
         let seed = derive_seed(ctx.settings.seed, &format!("dpo/{}", c.seed));
+        let templates = Templates::resolve(
+            c.template,
+            read_chat_template(&model.path)?.as_ref(),
+            &model.name,
+        )?;
         let data = {
             let mut filters = plugin_filters(&train.filter_params, ctx);
-            load_preference_data(&sources, &mut filters, seed, &tokenizer, c.limits())?
+            load_preference_data(
+                &sources,
+                &mut filters,
+                seed,
+                &tokenizer,
+                &templates,
+                c.limits(),
+            )?
         };
         let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
         let device = crate::device::select_device(ctx.settings.device)?;
@@ -307,6 +325,7 @@ impl StepKind for DpoStep {
                 None => "the previous stage's model (sDPO)".to_string(),
             },
             "datasets": data.reports,
+            "templates": templates.describe(),
             "dropped_too_long": data.dropped_too_long,
             "stages": reports,
         });
