@@ -2,11 +2,13 @@
 //! parquet instead of one per file). `common` holds the engine tests' step kinds and the shared helpers,
 //! `plugins_common` the plugin tests' host and fixtures.
 
+mod chat_templates;
 mod cli;
 mod common;
 mod data_sources;
 mod dpo;
 mod engine;
+mod examples;
 mod eval_metrics;
 mod eval_parity;
 mod eval_random;
