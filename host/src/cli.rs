@@ -269,9 +269,13 @@ async fn dispatch(
             }
             let req = one_step::ScaleRequest { model, out, params };
             let shutdown = ctrl_c_token();
-            let done =
-                one_step::scale(&req, registry, one_step_options(run, "scale", progress), shutdown.clone())
-                    .await?;
+            let done = one_step::scale(
+                &req,
+                registry,
+                one_step_options(run, "scale", progress),
+                shutdown.clone(),
+            )
+            .await?;
             eprint!("{}", summary::render_summary(&done.summary));
             if done.artifact.is_some() {
                 let plan = done.artifact.as_ref().map(|a| a.join("scale_plan.json"));
@@ -329,9 +333,13 @@ async fn dispatch(
                 params,
             };
             let shutdown = ctrl_c_token();
-            let done =
-                one_step::eval(&req, registry, one_step_options(run, "eval", progress), shutdown.clone())
-                    .await?;
+            let done = one_step::eval(
+                &req,
+                registry,
+                one_step_options(run, "eval", progress),
+                shutdown.clone(),
+            )
+            .await?;
             eprint!("{}", summary::render_summary(&done.summary));
             if let Some(dir) = &done.artifact {
                 let table = std::fs::read_to_string(dir.join("results.md"))?;

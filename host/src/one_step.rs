@@ -88,7 +88,12 @@ fn model_name(model: &Path) -> String {
             }
         })
         .collect();
-    if clean.is_empty() || !clean.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
+    if clean.is_empty()
+        || !clean
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+    {
         format!("m_{clean}")
     } else {
         clean
@@ -263,7 +268,10 @@ mod tests {
 
     #[test]
     fn model_names_are_workflow_names() {
-        assert_eq!(model_name(Path::new("/m/Mistral-7B-v0.1")), "Mistral-7B-v0_1");
+        assert_eq!(
+            model_name(Path::new("/m/Mistral-7B-v0.1")),
+            "Mistral-7B-v0_1"
+        );
         assert_eq!(model_name(Path::new("/m/7b")), "m_7b");
     }
 }

@@ -155,11 +155,16 @@ impl ChatTemplate {
             .get_template("chat_template")
             .expect("the template was added");
         template
-            .render(JinjaValue::from(minijinja::value::Serde(Value::Object(ctx))))
+            .render(JinjaValue::from(minijinja::value::Serde(Value::Object(
+                ctx,
+            ))))
             .map_err(|e| {
                 let detail = e.detail().unwrap_or_default().to_string();
                 if e.kind() == ErrorKind::InvalidOperation && !detail.is_empty() {
-                    anyhow!("chat template ({}) refused the conversation: {detail}", self.name)
+                    anyhow!(
+                        "chat template ({}) refused the conversation: {detail}",
+                        self.name
+                    )
                 } else {
                     anyhow!("chat template ({}) failed: {e:#}", self.name)
                 }
@@ -249,7 +254,11 @@ fn common_prefix(a: &str, b: &str) -> usize {
 fn without_generation_tags(source: &str) -> String {
     let re = regex::Regex::new(r"\{%(-?)(\s*)(end)?generation(\s*)(-?)%\}").expect("valid regex");
     re.replace_all(source, |c: &regex::Captures<'_>| {
-        let tag = if c.get(3).is_some() { "endif" } else { "if true" };
+        let tag = if c.get(3).is_some() {
+            "endif"
+        } else {
+            "if true"
+        };
         format!("{{%{}{}{}{}{}%}}", &c[1], &c[2], tag, &c[4], &c[5])
     })
     .into_owned()
@@ -286,7 +295,11 @@ fn strftime_now(format: String) -> Result<String, JinjaError> {
 
 /// The `tojson` filter transformers installs: `json.dumps(value, ensure_ascii=False, indent=None,
 /// separators=None, sort_keys=False)`, each overridable by keyword (and `indent` also positionally).
-fn tojson(value: JinjaValue, indent: Option<JinjaValue>, kwargs: Kwargs) -> Result<String, JinjaError> {
+fn tojson(
+    value: JinjaValue,
+    indent: Option<JinjaValue>,
+    kwargs: Kwargs,
+) -> Result<String, JinjaError> {
     let indent = match indent {
         Some(v) => Some(v),
         None => kwargs.get::<Option<JinjaValue>>("indent")?,
@@ -294,7 +307,9 @@ fn tojson(value: JinjaValue, indent: Option<JinjaValue>, kwargs: Kwargs) -> Resu
     let indent: Option<String> = match indent {
         None => None,
         Some(v) if v.is_none() => None,
-        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
+        Some(v) if v.kind() == ValueKind::String => {
+            Some(v.as_str().unwrap_or_default().to_string())
+        }
         Some(v) => Some(" ".repeat(v.as_i64().unwrap_or(0).max(0) as usize)),
     };
     let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
@@ -484,13 +499,7 @@ mod tests {
 
     fn template(source: &str) -> ChatTemplate {
         let specials = json!({"bos_token": "<s>", "eos_token": "</s>"});
-        ChatTemplate::new(
-            source,
-            specials.as_object().unwrap().clone(),
-            "test",
-            true,
-        )
-        .unwrap()
+        ChatTemplate::new(source, specials.as_object().unwrap().clone(), "test", true).unwrap()
     }
 
     #[test]
@@ -507,7 +516,9 @@ mod tests {
             .unwrap();
         let learned: Vec<&str> = chat.learned.iter().map(|r| &chat.text[r.clone()]).collect();
         assert_eq!(learned, ["4<|im_end|>\n", "6<|im_end|>\n"]);
-        assert!(chat.text.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
+        assert!(chat
+            .text
+            .starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
         assert!(!chat.writes_specials);
     }
 
@@ -518,7 +529,12 @@ mod tests {
         );
         let out = t
             .render(
-                &[m("system", "s"), m("user", " a "), m("assistant", "b"), m("user", "c")],
+                &[
+                    m("system", "s"),
+                    m("user", " a "),
+                    m("assistant", "b"),
+                    m("user", "c"),
+                ],
                 false,
             )
             .unwrap();
@@ -528,8 +544,14 @@ mod tests {
     #[test]
     fn raise_exception_becomes_an_error_with_its_message() {
         let t = template("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}ok");
-        let err = t.render(&[m("system", "x")], false).unwrap_err().to_string();
-        assert!(err.contains("System role not supported") && err.contains("test"), "{err}");
+        let err = t
+            .render(&[m("system", "x")], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("System role not supported") && err.contains("test"),
+            "{err}"
+        );
         assert_eq!(t.render(&[m("user", "x")], false).unwrap(), "ok");
     }
 
@@ -563,10 +585,18 @@ mod tests {
         // The last assistant turn gets a marker earlier turns lose: not incremental.
         let t = template("{% for x in messages %}{{ x.content }}{% if loop.last and x.role == 'assistant' %}!{% endif %}|{% endfor %}");
         let err = t
-            .conversation(&[m("user", "q"), m("assistant", "a"), m("user", "q2"), m("assistant", "b")])
+            .conversation(&[
+                m("user", "q"),
+                m("assistant", "a"),
+                m("user", "q2"),
+                m("assistant", "b"),
+            ])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("differently once later messages follow"), "{err}");
+        assert!(
+            err.contains("differently once later messages follow"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -581,8 +611,14 @@ mod tests {
         let alpaca = ChatTemplate::alpaca_chat()
             .preference(&[m("system", "S"), m("user", "Q")], "A", "B")
             .unwrap();
-        assert_eq!(alpaca.prompt, "### System:\nS\n\n### User:\nQ\n\n### Assistant:\n");
-        assert_eq!((alpaca.chosen.as_str(), alpaca.rejected.as_str()), ("A", "B"));
+        assert_eq!(
+            alpaca.prompt,
+            "### System:\nS\n\n### User:\nQ\n\n### Assistant:\n"
+        );
+        assert_eq!(
+            (alpaca.chosen.as_str(), alpaca.rejected.as_str()),
+            ("A", "B")
+        );
         assert!(alpaca.add_special_tokens);
     }
 

@@ -23,6 +23,7 @@ pub mod sequence;
 pub mod source;
 pub mod template;
 
+pub use chat_template::{ChatTemplate, PreferenceText, RenderedChat};
 pub use filter::{apply_filters, FilterCount, FnFilter, RecordFilter, Verdict, FILTER_BATCH};
 pub use format::{Example, FieldMap, Message, RecordFormat};
 pub use load::{
@@ -30,12 +31,12 @@ pub use load::{
     LoadedDataset, Mixture,
 };
 pub use plugin_filter::PluginFilter;
-pub use chat_template::{ChatTemplate, PreferenceText, RenderedChat};
 pub use sequence::{
     pack_documents, pack_examples, tokenize_chat, tokenize_document, tokenize_segments,
     tokenize_sft, BatchOrder, TrainSequence,
 };
 pub use source::{expand_paths, read_records, DatasetSource, Origin, RawRecord, ReadStats};
 pub use template::{
-    alpaca_prompt, chatml, question_prompt, sft_segments, Segment, SftText, TemplateChoice, Templates,
+    alpaca_prompt, chatml, question_prompt, sft_segments, Segment, SftText, TemplateChoice,
+    Templates,
 };

@@ -110,7 +110,11 @@ pub fn tokenize_segments(
 /// an assistant turn (as transformers' assistant masks mark the tokens from the one holding a span's first
 /// character to the one holding its last). A built-in template's text gets the tokenizer's BOS first and
 /// EOS (learned) last, as the Alpaca prompt does. Truncated to `max_len` tokens.
-pub fn tokenize_chat(tok: &Tokenizer, chat: &RenderedChat, max_len: usize) -> Result<TrainSequence> {
+pub fn tokenize_chat(
+    tok: &Tokenizer,
+    chat: &RenderedChat,
+    max_len: usize,
+) -> Result<TrainSequence> {
     let (body, offsets) = tok.encode_with_offsets(&chat.text, false)?;
     let mut ids = Vec::with_capacity(body.len() + 2);
     let mut learn = Vec::with_capacity(body.len() + 2);

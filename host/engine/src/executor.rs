@@ -241,11 +241,9 @@ impl Executor {
                     continue;
                 }
                 match &step.status {
-                    PlanStatus::Cached => self.finish(
-                        step,
-                        StepOutcome::decided(StepStatus::Cached),
-                        &mut results,
-                    ),
+                    PlanStatus::Cached => {
+                        self.finish(step, StepOutcome::decided(StepStatus::Cached), &mut results)
+                    }
                     PlanStatus::Blocked(reason) => self.finish(
                         step,
                         StepOutcome::decided(StepStatus::Blocked(reason.clone())),
@@ -255,11 +253,7 @@ impl Executor {
                         if !step.forced
                             && inner.store.complete(&step.name, &step.key).is_some() =>
                     {
-                        self.finish(
-                            step,
-                            StepOutcome::decided(StepStatus::Cached),
-                            &mut results,
-                        )
+                        self.finish(step, StepOutcome::decided(StepStatus::Cached), &mut results)
                     }
                     PlanStatus::Run(_) => {
                         launched[i] = true;

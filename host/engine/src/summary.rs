@@ -140,7 +140,13 @@ pub fn render_headlines(summary: &RunSummary) -> String {
         let Ok(text) = std::fs::read_to_string(path) else {
             continue;
         };
-        let _ = writeln!(out, "\n{} ({}): {}\n", s.name, s.status.word(), s.dir.display());
+        let _ = writeln!(
+            out,
+            "\n{} ({}): {}\n",
+            s.name,
+            s.status.word(),
+            s.dir.display()
+        );
         out.push_str(text.trim_end());
         out.push('\n');
     }

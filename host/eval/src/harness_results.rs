@@ -186,11 +186,18 @@ pub fn harness_results(run: &HarnessRun<'_>, tasks: &[(&TaskSpec, &TaskResult)])
             for (group, means) in &r.groups {
                 let sub = format!("{}_{group}", spec.name);
                 let mut values = Map::new();
-                let docs = r.docs.iter().filter(|d| d.group.as_deref() == Some(group.as_str())).count();
+                let docs = r
+                    .docs
+                    .iter()
+                    .filter(|d| d.group.as_deref() == Some(group.as_str()))
+                    .count();
                 for (name, key) in &metrics {
                     let value = means.get(key).copied().unwrap_or(f64::NAN);
                     let se = mean_stderr(&per_doc(key, Some(group)));
-                    subject_stderrs.entry(name.to_string()).or_default().push(se.unwrap_or(0.0));
+                    subject_stderrs
+                        .entry(name.to_string())
+                        .or_default()
+                        .push(se.unwrap_or(0.0));
                     values.insert(format!("{name},{filter}"), json!(value));
                     values.insert(
                         format!("{name}_stderr,{filter}"),

@@ -171,8 +171,15 @@ mod tests {
         std::fs::write(dir.path().join("tokenizer_config.json"), named.to_string()).unwrap();
         assert_eq!(read_chat_template(dir.path()).unwrap().unwrap().source, "D");
         let no_default = json!({"chat_template": [{"name": "rag", "template": "R"}]});
-        std::fs::write(dir.path().join("tokenizer_config.json"), no_default.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            no_default.to_string(),
+        )
+        .unwrap();
         let err = read_chat_template(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("none is called \"default\"") && err.contains("rag"), "{err}");
+        assert!(
+            err.contains("none is called \"default\"") && err.contains("rag"),
+            "{err}"
+        );
     }
 }

@@ -37,10 +37,10 @@ pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
 
+pub use chat_template::{read_chat_template, special_tokens_map, ModelChatTemplate};
 pub use checkpoint_writer::{
     write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
 };
-pub use chat_template::{read_chat_template, special_tokens_map, ModelChatTemplate};
 pub use config::LlamaConfig;
 pub use generation::{
     generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling,

@@ -33,7 +33,11 @@ fn tokenizer_dir(name: &str) -> Option<PathBuf> {
 /// A model folder as a user would have it: the tokenizer's files plus the template as chat_template.jinja.
 fn model_folder(dir: &Path, tokenizer: &Path, template: &str) {
     std::fs::create_dir_all(dir).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         if tokenizer.join(f).exists() {
             std::fs::copy(tokenizer.join(f), dir.join(f)).unwrap();
         }
@@ -74,7 +78,8 @@ fn rendering_ids_and_assistant_masks_match_transformers() {
             let kwargs = serde_json::json!({"date_string": "26 Jul 2024"});
             template = template.with_kwargs(kwargs.as_object().unwrap());
         }
-        let conversation = messages(&fixture["conversations"][case["conversation"].as_str().unwrap()]);
+        let conversation =
+            messages(&fixture["conversations"][case["conversation"].as_str().unwrap()]);
         let agp = case["add_generation_prompt"].as_bool().unwrap();
         let rendered = template.render(&conversation, agp);
         if let Some(error) = case.get("error") {
@@ -90,8 +95,14 @@ fn rendering_ids_and_assistant_masks_match_transformers() {
         let want_ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         assert_eq!(ids, want_ids, "{what}: token ids");
         if case.get("not_incremental").is_some() {
-            let err = template.conversation(&conversation).unwrap_err().to_string();
-            assert!(err.contains("assistant's text cannot be told apart"), "{what}: {err}");
+            let err = template
+                .conversation(&conversation)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("assistant's text cannot be told apart"),
+                "{what}: {err}"
+            );
         } else if let Some(mask) = case.get("assistant_mask") {
             let chat = template
                 .conversation(&conversation)

@@ -219,7 +219,10 @@ sleep_ms = 400
     assert!(table.contains("waited"), "{table}");
     assert!(table.contains("ran, 0 cached"), "{table}");
     let again = run(&p, &k.registry, 1).await;
-    assert!(again.steps.iter().all(|x| x.duration.is_zero() && x.queued.is_zero()));
+    assert!(again
+        .steps
+        .iter()
+        .all(|x| x.duration.is_zero() && x.queued.is_zero()));
 }
 
 #[tokio::test]

@@ -119,9 +119,18 @@ async fn bring_your_own_model_scales_fine_tunes_with_the_models_template_and_rep
     let mut t = example("bring-your-own-model");
     set(&mut t, &["workflow", "dtype"], "f32");
     set(&mut t, &["workflow", "device"], "cpu");
-    set(&mut t, &["models", "base", "path"], model.display().to_string());
+    set(
+        &mut t,
+        &["models", "base", "path"],
+        model.display().to_string(),
+    );
     set(&mut t, &["steps", "scaled", "m"], 1);
-    for (k, v) in [("seq_len", 128), ("micro_batch", 2), ("grad_accum", 1), ("max_steps", 2)] {
+    for (k, v) in [
+        ("seq_len", 128),
+        ("micro_batch", 2),
+        ("grad_accum", 1),
+        ("max_steps", 2),
+    ] {
         set(&mut t, &["steps", "sft", k], v);
     }
     shrink_eval(&mut t, "eval");
@@ -146,13 +155,25 @@ async fn the_merge_ablation_is_one_sweep_of_averages_plus_slerp_in_one_table() {
     let mut t = example("merge-ablation");
     set(&mut t, &["workflow", "dtype"], "f32");
     set(&mut t, &["workflow", "device"], "cpu");
-    set(&mut t, &["models", "cand-1", "path"], cands[0].display().to_string());
-    set(&mut t, &["models", "cand-2", "path"], cands[1].display().to_string());
+    set(
+        &mut t,
+        &["models", "cand-1", "path"],
+        cands[0].display().to_string(),
+    );
+    set(
+        &mut t,
+        &["models", "cand-2", "path"],
+        cands[1].display().to_string(),
+    );
     shrink_eval(&mut t, "eval");
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let s = run(&write(&work, &t)).await;
-    assert_eq!(s.count("ran"), 3 + 1 + 6 + 1 + 0, "3 averages, SLERP, 6 evaluations, report");
+    assert_eq!(
+        s.count("ran"),
+        3 + 1 + 6 + 1 + 0,
+        "3 averages, SLERP, 6 evaluations, report"
+    );
     let report = std::fs::read_to_string(dir_of(&s, "report").join("report.md")).unwrap();
     for row in [
         "| Cand. 1 |",
@@ -205,7 +226,10 @@ async fn the_python_data_filter_example_filters_an_sft_steps_data() {
         },
     ) {
         Ok(_) => {}
-        Err(e) if e.downcast_ref::<dusflow::plugins::build::MissingTool>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<dusflow::plugins::build::MissingTool>()
+                .is_some() =>
+        {
             eprintln!("SKIPPED python-data-filter example: {e}");
             return;
         }
@@ -222,8 +246,16 @@ async fn the_python_data_filter_example_filters_an_sft_steps_data() {
     .unwrap();
     let mut t = example("python-data-filter");
     set(&mut t, &["workflow", "device"], "cpu");
-    set(&mut t, &["models", "base", "path"], base.display().to_string());
-    set(&mut t, &["plugins", "keep-answered", "path"], plugin.display().to_string());
+    set(
+        &mut t,
+        &["models", "base", "path"],
+        base.display().to_string(),
+    );
+    set(
+        &mut t,
+        &["plugins", "keep-answered", "path"],
+        plugin.display().to_string(),
+    );
     for (k, v) in [("seq_len", 128), ("micro_batch", 2), ("max_steps", 1)] {
         set(&mut t, &["steps", "sft", k], v);
     }
@@ -235,7 +267,11 @@ async fn the_python_data_filter_example_filters_an_sft_steps_data() {
     let filter = &report["datasets"][0]["filters"][0];
     assert_eq!(filter["filter"], "keep-answered", "{report}");
     assert_eq!(
-        (filter["seen"].as_u64(), filter["kept"].as_u64(), filter["dropped"].as_u64()),
+        (
+            filter["seen"].as_u64(),
+            filter["kept"].as_u64(),
+            filter["dropped"].as_u64()
+        ),
         (Some(6), Some(4), Some(2)),
         "{filter}"
     );

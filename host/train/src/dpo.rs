@@ -140,10 +140,7 @@ pub fn tokenize_pair(
         }
     };
     let prompt_ids = tok.encode(prompt, add_special_tokens)?;
-    let full_chosen = tok.encode(
-        &format!("{prompt}{}", with_eos(chosen)),
-        add_special_tokens,
-    )?;
+    let full_chosen = tok.encode(&format!("{prompt}{}", with_eos(chosen)), add_special_tokens)?;
     let full_rejected = tok.encode(
         &format!("{prompt}{}", with_eos(rejected)),
         add_special_tokens,

@@ -1,10 +1,10 @@
 //! Parameters of a `dpo` step: the preference loss, the sDPO chunking, sequence limits, and the training
 //! keys of [`TrainStepConfig`] (converted to it, so checks and step counts are shared).
 
+use crate::data::TemplateChoice;
 use crate::steps::training::TrainStepConfig;
 use crate::steps::ConfigIssue;
 use crate::train::dpo::{DpoLossConfig, DpoLossKind, PairLimits};
-use crate::data::TemplateChoice;
 use crate::train::{ComputeDType, ScheduleKind};
 use serde::{Deserialize, Serialize};
 
