@@ -106,11 +106,20 @@ pub enum SftText {
 }
 
 /// The templates a training step renders its examples with, resolved from its `template` choice and the
-/// model's folder.
+/// model's folder. A model's template is compiled when the first conversation needs it, so data without
+/// conversations never depends on it.
 #[derive(Debug)]
 pub struct Templates {
-    chat: ChatTemplate,
+    source: ChatSource,
+    compiled: std::sync::OnceLock<ChatTemplate>,
     alpaca_as_chat: bool,
+}
+
+#[derive(Debug)]
+enum ChatSource {
+    Model(ModelChatTemplate, String),
+    Chatml,
+    Alpaca,
 }
 
 impl Templates {
@@ -121,41 +130,40 @@ impl Templates {
         model: Option<&ModelChatTemplate>,
         model_name: &str,
     ) -> Result<Self> {
-        let from_model = |t: &ModelChatTemplate| {
-            ChatTemplate::from_model(t).with_context(|| format!("model `{model_name}`"))
-        };
-        Ok(match (choice, model) {
-            (TemplateChoice::Auto, Some(t)) => Templates {
-                chat: from_model(t)?,
-                alpaca_as_chat: false,
-            },
-            (TemplateChoice::Auto, None) => Templates {
-                chat: ChatTemplate::chatml(),
-                alpaca_as_chat: false,
-            },
-            (TemplateChoice::Model, Some(t)) => Templates {
-                chat: from_model(t)?,
-                alpaca_as_chat: true,
-            },
+        let from_model =
+            |t: &ModelChatTemplate| ChatSource::Model(t.clone(), model_name.to_string());
+        let (source, alpaca_as_chat) = match (choice, model) {
+            (TemplateChoice::Auto, Some(t)) => (from_model(t), false),
+            (TemplateChoice::Auto, None) => (ChatSource::Chatml, false),
+            (TemplateChoice::Model, Some(t)) => (from_model(t), true),
             (TemplateChoice::Model, None) => bail!(
                 "template = \"model\", but model `{model_name}` has no chat template (no \
                  chat_template.jinja, and no `chat_template` in its tokenizer_config.json); use \
                  template = \"chatml\" or \"alpaca\""
             ),
-            (TemplateChoice::Chatml, _) => Templates {
-                chat: ChatTemplate::chatml(),
-                alpaca_as_chat: true,
-            },
-            (TemplateChoice::Alpaca, _) => Templates {
-                chat: ChatTemplate::alpaca_chat(),
-                alpaca_as_chat: false,
-            },
+            (TemplateChoice::Chatml, _) => (ChatSource::Chatml, true),
+            (TemplateChoice::Alpaca, _) => (ChatSource::Alpaca, false),
+        };
+        Ok(Templates {
+            source,
+            compiled: std::sync::OnceLock::new(),
+            alpaca_as_chat,
         })
     }
 
-    /// The chat template conversations are rendered with.
-    pub fn chat(&self) -> &ChatTemplate {
-        &self.chat
+    /// The chat template conversations are rendered with (compiled on first use).
+    pub fn chat(&self) -> Result<&ChatTemplate> {
+        if let Some(t) = self.compiled.get() {
+            return Ok(t);
+        }
+        let t = match &self.source {
+            ChatSource::Model(t, name) => {
+                ChatTemplate::from_model(t).with_context(|| format!("model `{name}`"))?
+            }
+            ChatSource::Chatml => ChatTemplate::chatml(),
+            ChatSource::Alpaca => ChatTemplate::alpaca_chat(),
+        };
+        Ok(self.compiled.get_or_init(|| t))
     }
 
     /// What renders what, for reports: e.g. `conversations: chatml (built-in); alpaca records: Stanford
@@ -166,16 +174,18 @@ impl Templates {
         } else {
             "Stanford Alpaca prompt"
         };
-        format!(
-            "conversations: {}; alpaca records: {alpaca}",
-            self.chat.name
-        )
+        let chat = match &self.source {
+            ChatSource::Model(t, _) => t.origin.clone(),
+            ChatSource::Chatml => "chatml (built-in)".into(),
+            ChatSource::Alpaca => "alpaca (built-in)".into(),
+        };
+        format!("conversations: {chat}; alpaca records: {alpaca}")
     }
 
     /// The text of an SFT example.
     pub fn sft(&self, example: &Example) -> Result<SftText> {
         Ok(match example {
-            Example::Chat(messages) => SftText::Chat(self.chat.conversation(messages)?),
+            Example::Chat(messages) => SftText::Chat(self.chat()?.conversation(messages)?),
             Example::Alpaca {
                 instruction,
                 input,
@@ -186,7 +196,7 @@ impl Templates {
                 } else {
                     format!("{instruction}\n\n{input}")
                 };
-                SftText::Chat(self.chat.conversation(&[
+                SftText::Chat(self.chat()?.conversation(&[
                     Message {
                         role: "user".into(),
                         content: user,
@@ -218,7 +228,7 @@ impl Templates {
                 context,
                 chosen,
                 rejected,
-            } => self.chat.preference(context, chosen, rejected),
+            } => self.chat()?.preference(context, chosen, rejected),
             _ => bail!("not a preference pair"),
         }
     }
@@ -265,6 +275,56 @@ mod tests {
             "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Response:"
         );
         assert!(alpaca_prompt("Add.", "2 3").ends_with("### Input:\n2 3\n\n### Response:"));
+    }
+
+    #[test]
+    fn template_choices_resolve_lazily_and_a_missing_model_template_is_an_error() {
+        let err = Templates::resolve(TemplateChoice::Model, None, "tiny")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model `tiny` has no chat template"), "{err}");
+        let auto = Templates::resolve(TemplateChoice::Auto, None, "tiny").unwrap();
+        assert_eq!(
+            auto.describe(),
+            "conversations: chatml (built-in); alpaca records: Stanford Alpaca prompt"
+        );
+        let alpaca = Example::Alpaca {
+            instruction: "Add.".into(),
+            input: "2 3".into(),
+            output: "5".into(),
+        };
+        let chatml = Templates::resolve(TemplateChoice::Chatml, None, "tiny").unwrap();
+        let SftText::Chat(chat) = chatml.sft(&alpaca).unwrap() else {
+            panic!("an Alpaca record as a conversation")
+        };
+        assert_eq!(
+            chat.text,
+            "<|im_start|>user\nAdd.\n\n2 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
+        );
+        assert_eq!(&chat.text[chat.learned[0].clone()], "5<|im_end|>\n");
+        // A model template that does not compile fails only when a conversation needs it.
+        let broken = ModelChatTemplate {
+            source: "{% for %}".into(),
+            origin: "m/tokenizer_config.json".into(),
+            special_tokens: Default::default(),
+        };
+        let t = Templates::resolve(TemplateChoice::Auto, Some(&broken), "m").unwrap();
+        assert!(matches!(t.sft(&alpaca).unwrap(), SftText::Segments(_)));
+        let conversation = Example::Chat(vec![
+            Message {
+                role: "user".into(),
+                content: "q".into(),
+            },
+            Message {
+                role: "assistant".into(),
+                content: "a".into(),
+            },
+        ]);
+        let err = format!("{:#}", t.sft(&conversation).unwrap_err());
+        assert!(
+            err.contains("does not compile") && err.contains("model `m`"),
+            "{err}"
+        );
     }
 
     #[test]
