@@ -100,6 +100,7 @@ impl ChatTemplate {
                 .map_err(|e| anyhow!("{e}"))?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_formatter(python_formatter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -262,6 +263,21 @@ fn without_generation_tags(source: &str) -> String {
         format!("{{%{}{}{}{}{}%}}", &c[1], &c[2], tag, &c[4], &c[5])
     })
     .into_owned()
+}
+
+/// Prints values as Jinja2 does under Python: `True`, `False`, `None` (minijinja writes them lowercase).
+fn python_formatter(
+    out: &mut minijinja::Output<'_>,
+    state: &mut minijinja::State<'_, '_>,
+    value: &JinjaValue,
+) -> Result<(), JinjaError> {
+    let word = match value.kind() {
+        ValueKind::Bool if value.is_true() => "True",
+        ValueKind::Bool => "False",
+        ValueKind::None => "None",
+        _ => return minijinja::escape_formatter(out, state, value),
+    };
+    out.write_str(word).map_err(JinjaError::from)
 }
 
 fn raise_exception(message: String) -> Result<String, JinjaError> {
@@ -538,7 +554,14 @@ mod tests {
                 false,
             )
             .unwrap();
-        assert_eq!(out, "A\nB\n2");
+        // What transformers' own environment renders (checked with transformers 4.57.1).
+        assert_eq!(out, "AB2");
+    }
+
+    #[test]
+    fn booleans_and_none_print_as_python_prints_them() {
+        let t = template("{{ messages[0].content.startswith('a') }} {{ 1 == 2 }} {{ none }}");
+        assert_eq!(t.render(&[m("user", "abc")], false).unwrap(), "True False None");
     }
 
     #[test]

@@ -193,13 +193,13 @@ fn dus_eval_prints_the_table_and_writes_the_lm_eval_layout() {
     assert_eq!(lm["versions"]["gsm8k"], 3.0);
     assert_eq!(lm["config"]["limit"], 2);
     // Four documents with acc ∈ {0, 1} give lm-eval's sample stderr; check one against the documents.
-    let docs: Vec<f64> = json(&dir.join("tasks/arc_challenge.json"))["docs"]
+    let accs: Vec<f64> = json(&dir.join("tasks/arc_challenge.json"))["docs"]
         .as_array()
         .unwrap()
         .iter()
         .map(|d| d["metrics"]["acc"].as_f64().unwrap())
         .collect();
-    let se = dusflow::eval::harness_results::mean_stderr(&docs).unwrap();
+    let se = dusflow::eval::harness_results::mean_stderr(&accs).unwrap();
     assert!(
         (results["arc_challenge"]["acc_stderr,none"]
             .as_f64()
