@@ -561,7 +561,10 @@ mod tests {
     #[test]
     fn booleans_and_none_print_as_python_prints_them() {
         let t = template("{{ messages[0].content.startswith('a') }} {{ 1 == 2 }} {{ none }}");
-        assert_eq!(t.render(&[m("user", "abc")], false).unwrap(), "True False None");
+        assert_eq!(
+            t.render(&[m("user", "abc")], false).unwrap(),
+            "True False None"
+        );
     }
 
     #[test]

@@ -106,16 +106,32 @@ pub fn tokenize_segments(
 }
 
 /// A conversation rendered by a chat template, tokenised whole as transformers' `apply_chat_template`
-/// tokenises it (no specials added: the template wrote them), a token learned when it covers any byte of
-/// an assistant turn (as transformers' assistant masks mark the tokens from the one holding a span's first
-/// character to the one holding its last). A built-in template's text gets the tokenizer's BOS first and
-/// EOS (learned) last, as the Alpaca prompt does. Truncated to `max_len` tokens.
+/// tokenises it (no specials added: the template wrote them), with transformers' assistant-mask rule: for
+/// each learned span, the tokens from the one holding its first character to the one holding its last
+/// (`char_to_token`: the first token whose offsets contain the character; characters no token holds are
+/// passed over). A built-in template's text gets the tokenizer's BOS first and EOS (learned) last, as the
+/// Alpaca prompt does. Truncated to `max_len` tokens.
 pub fn tokenize_chat(
     tok: &Tokenizer,
     chat: &RenderedChat,
     max_len: usize,
 ) -> Result<TrainSequence> {
     let (body, offsets) = tok.encode_with_offsets(&chat.text, false)?;
+    let mut learn_body = vec![false; body.len()];
+    for span in &chat.learned {
+        let chars = || {
+            chat.text[span.clone()]
+                .char_indices()
+                .map(|(i, _)| span.start + i)
+        };
+        let first = chars().find_map(|c| token_holding(&offsets, c));
+        let last = chars().rev().find_map(|c| token_holding(&offsets, c));
+        if let (Some(a), Some(b)) = (first, last) {
+            for l in &mut learn_body[a..=b.max(a)] {
+                *l = true;
+            }
+        }
+    }
     let mut ids = Vec::with_capacity(body.len() + 2);
     let mut learn = Vec::with_capacity(body.len() + 2);
     if !chat.writes_specials {
@@ -124,14 +140,8 @@ pub fn tokenize_chat(
             learn.push(false);
         }
     }
-    for (id, (start, end)) in body.into_iter().zip(offsets) {
-        ids.push(id);
-        learn.push(
-            chat.learned
-                .iter()
-                .any(|r| start < r.end && r.start < end.max(start + 1)),
-        );
-    }
+    ids.extend(body);
+    learn.extend(learn_body);
     if !chat.writes_specials {
         let Some(eos) = tok.eos_id() else {
             bail!("the tokenizer has no EOS token; SFT appends one to every response")
@@ -146,6 +156,17 @@ pub fn tokenize_chat(
         learn,
         doc_ids: None,
     })
+}
+
+/// The first token whose byte range holds byte `pos` (token ranges are in text order; neighbours may
+/// overlap, as SentencePiece's `▁` pieces do).
+fn token_holding(offsets: &[(usize, usize)], pos: usize) -> Option<usize> {
+    let from = offsets.partition_point(|&(_, end)| end <= pos);
+    offsets[from..]
+        .iter()
+        .take_while(|&&(start, _)| start <= pos)
+        .position(|&(start, end)| start <= pos && pos < end)
+        .map(|i| from + i)
 }
 
 /// An SFT row from either kind of example text (see [`tokenize_segments`] and [`tokenize_chat`]).

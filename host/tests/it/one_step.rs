@@ -87,20 +87,20 @@ fn dus_scale_writes_the_scaled_folder_and_reuses_the_cache() {
         text(&again)
     );
 
-    // The step's own checks, as in a workflow: m too large for 4 layers fails with the step's message.
+    // The step's own checks, as in a workflow: m = 4 leaves no layer of a 4-layer model.
     let bad = dus(
         &[
             "scale",
             model.to_str().unwrap(),
             tmp.path().join("bad").to_str().unwrap(),
             "--m",
-            "3",
+            "4",
         ],
         tmp.path(),
     );
     assert!(!bad.status.success());
     let (o, e) = text(&bad);
-    assert!(e.contains("m = 3") || o.contains("m = 3"), "{o}\n{e}");
+    assert!(e.contains("m = 4") || o.contains("m = 4"), "{o}\n{e}");
 }
 
 #[test]
