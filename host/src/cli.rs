@@ -304,7 +304,7 @@ async fn dispatch(
             if let Some(k) = num_fewshot {
                 let mut shots = toml::Table::new();
                 for t in &names {
-                    shots.insert(one_step::canonical_task(t).into(), (k as i64).into());
+                    shots.insert(one_step::canonical_task(t), (k as i64).into());
                 }
                 params.insert("num_fewshot".into(), shots.into());
             }

@@ -15,6 +15,9 @@ pub const BYTE_PAD: u32 = 258;
 /// Vocabulary size of the byte-level tokenizer (256 bytes + 3 specials).
 pub const BYTE_VOCAB: usize = 259;
 
+/// A token's `(start, end)` byte range in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// A text tokenizer with its special-token ids.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -117,7 +120,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
         let enc = self
             .inner
             .encode(text, add_special_tokens)

@@ -171,7 +171,7 @@ async fn the_merge_ablation_is_one_sweep_of_averages_plus_slerp_in_one_table() {
     let s = run(&write(&work, &t)).await;
     assert_eq!(
         s.count("ran"),
-        3 + 1 + 6 + 1 + 0,
+        3 + 1 + 6 + 1,
         "3 averages, SLERP, 6 evaluations, report"
     );
     let report = std::fs::read_to_string(dir_of(&s, "report").join("report.md")).unwrap();
