@@ -1,6 +1,7 @@
 //! The `dus` command line: parses arguments and calls the library. No workflow logic lives here.
 
 use crate::engine::{self, summary, Progress, RunOptions};
+use crate::one_step;
 use crate::steps::Registry;
 use crate::workflow::{render, WorkflowError};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -53,6 +54,67 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Depth up-scale a model folder in one line (a one-step workflow underneath: same checks, cache and
+    /// artifact as a `scale` step). OUT becomes the scaled Hugging Face folder.
+    Scale {
+        /// The model folder (config.json, safetensors, tokenizer files).
+        model: PathBuf,
+        /// Where the scaled model goes.
+        out: PathBuf,
+        /// Built-in layer policy: solar, repeat, interleave or llama-pro.
+        #[arg(long, default_value = "solar")]
+        policy: String,
+        /// solar: layers removed from each copy (n = 32, m = 8 → 48 layers).
+        #[arg(long)]
+        m: Option<usize>,
+        /// solar: the target layer count instead of m.
+        #[arg(long)]
+        s: Option<usize>,
+        /// repeat: how many times the stack is repeated.
+        #[arg(long)]
+        times: Option<usize>,
+        /// interleave / llama-pro: a copy after every this many layers.
+        #[arg(long)]
+        every: Option<usize>,
+        /// Output dtype: f32, bf16 or f16 (default: as stored).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Largest shard ("5GB", "500MB", or "none" for one file).
+        #[arg(long)]
+        shard_size: Option<String>,
+        #[command(flatten)]
+        run: OneStepRun,
+    },
+    /// Evaluate a model folder on built-in tasks in one line (a one-step workflow underneath: same scoring,
+    /// cache and artifact as an `eval` step); prints the results table.
+    Eval {
+        /// The model folder.
+        model: PathBuf,
+        /// Comma-separated tasks: arc_challenge (arc), hellaswag, mmlu, truthfulqa_mc2 (truthfulqa),
+        /// winogrande, gsm8k; or h6 for all six.
+        #[arg(long, default_value = "h6")]
+        tasks: String,
+        /// Documents per task (per subject for MMLU).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// leaderboard-v1 (the paper's numbers) or harness (lm-eval 0.4 from pip).
+        #[arg(long)]
+        mode: Option<String>,
+        /// Folder with the task data: <task>/ (split files) or <task>.jsonl.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Few-shot examples for every task (default: the leaderboard's per task).
+        #[arg(long)]
+        num_fewshot: Option<usize>,
+        /// Sequences per forward pass.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Artifact folder.
+        #[arg(short, long, default_value = "runs/dus-eval")]
+        output: PathBuf,
+        #[command(flatten)]
+        run: OneStepRun,
+    },
     /// List the step kinds this build knows.
     Kinds,
     /// Write, build and check WebAssembly plugins.
@@ -74,6 +136,13 @@ struct Common {
     /// Artifact directory (overrides `[workflow] output`).
     #[arg(short, long)]
     output: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct OneStepRun {
+    /// Rerun even if cached.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -141,6 +210,7 @@ async fn dispatch(
             let summary =
                 engine::run(&file, registry, common.options(progress), shutdown.clone()).await?;
             eprint!("{}", summary::render_summary(&summary));
+            print!("{}", summary::render_headlines(&summary));
             Ok(if shutdown.is_cancelled() {
                 ExitCode::from(130)
             } else if summary.succeeded() {
@@ -173,12 +243,138 @@ async fn dispatch(
             crate::plugins::cli::run(command)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Scale {
+            model,
+            out,
+            policy,
+            m,
+            s,
+            times,
+            every,
+            dtype,
+            shard_size,
+            run,
+        } => {
+            let mut params = toml::Table::new();
+            params.insert("policy".into(), policy.into());
+            for (key, value) in [("m", m), ("s", s), ("times", times), ("every", every)] {
+                if let Some(v) = value {
+                    params.insert(key.into(), (v as i64).into());
+                }
+            }
+            for (key, value) in [("dtype", dtype), ("shard_size", shard_size)] {
+                if let Some(v) = value {
+                    params.insert(key.into(), v.into());
+                }
+            }
+            let req = one_step::ScaleRequest { model, out, params };
+            let shutdown = ctrl_c_token();
+            let done = one_step::scale(
+                &req,
+                registry,
+                one_step_options(run, "scale", progress),
+                shutdown.clone(),
+            )
+            .await?;
+            eprint!("{}", summary::render_summary(&done.summary));
+            if done.artifact.is_some() {
+                let plan = done.artifact.as_ref().map(|a| a.join("scale_plan.json"));
+                println!(
+                    "scaled model in {} (plan: {}; workflow: {})",
+                    req.out.display(),
+                    plan.map(|p| p.display().to_string()).unwrap_or_default(),
+                    done.workflow.display()
+                );
+            }
+            Ok(exit_code(&done.summary, &shutdown))
+        }
+        Command::Eval {
+            model,
+            tasks,
+            limit,
+            mode,
+            data_dir,
+            num_fewshot,
+            batch_size,
+            output,
+            run,
+        } => {
+            let mut params = toml::Table::new();
+            let names = one_step::task_list(&tasks);
+            if let Some(k) = num_fewshot {
+                let mut shots = toml::Table::new();
+                for t in &names {
+                    shots.insert(one_step::canonical_task(t), (k as i64).into());
+                }
+                params.insert("num_fewshot".into(), shots.into());
+            }
+            params.insert(
+                "tasks".into(),
+                toml::Value::Array(names.into_iter().map(toml::Value::from).collect()),
+            );
+            if let Some(n) = limit {
+                params.insert("limit".into(), (n as i64).into());
+            }
+            if let Some(m) = mode {
+                params.insert("mode".into(), m.into());
+            }
+            if let Some(b) = batch_size {
+                params.insert("batch_size".into(), (b as i64).into());
+            }
+            if let Some(d) = data_dir {
+                params.insert(
+                    "data_dir".into(),
+                    std::path::absolute(&d)?.display().to_string().into(),
+                );
+            }
+            let req = one_step::EvalRequest {
+                model,
+                out: output,
+                params,
+            };
+            let shutdown = ctrl_c_token();
+            let done = one_step::eval(
+                &req,
+                registry,
+                one_step_options(run, "eval", progress),
+                shutdown.clone(),
+            )
+            .await?;
+            eprint!("{}", summary::render_summary(&done.summary));
+            if let Some(dir) = &done.artifact {
+                let table = std::fs::read_to_string(dir.join("results.md"))?;
+                println!("\n{}\n\n{}", dir.display(), table.trim_end());
+            }
+            Ok(exit_code(&done.summary, &shutdown))
+        }
         Command::Kinds => {
             for name in registry.names() {
                 println!("{name}");
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn one_step_options(run: OneStepRun, step: &str, progress: Progress) -> RunOptions {
+    let mut force = HashSet::new();
+    if run.force {
+        force.insert(step.to_string());
+    }
+    RunOptions {
+        force,
+        progress,
+        ..RunOptions::default()
+    }
+}
+
+fn exit_code(summary: &engine::RunSummary, shutdown: &CancellationToken) -> ExitCode {
+    if shutdown.is_cancelled() {
+        ExitCode::from(130)
+    } else if summary.succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -14,6 +14,7 @@
 //! | [`engine`], [`workflow`] | `dusflow-engine` | TOML workflows, plans, the artifact store, the scheduler |
 
 pub mod cli;
+pub mod one_step;
 pub mod steps;
 
 pub use dusflow_core::{atomic, byte_size, record_format, services, spec, step};

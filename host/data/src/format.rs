@@ -2,16 +2,15 @@
 //! `ultrafeedback`, `gsm8k`, `arc`) and the typed [`Example`] each JSON record becomes, with an optional field
 //! mapping for other layouts.
 //!
-//! The two public preference layouts become ChatML preference pairs (the built-in chat template):
-//! - `orca-dpo` (Intel/orca_dpo_pairs: `{system, question, chosen, rejected}`, strings): prompt
-//!   `<|im_start|>system\n{system}<|im_end|>\n` (left out when `system` is empty or absent) +
-//!   `<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n`; completions `{chosen}<|im_end|>`
-//!   and `{rejected}<|im_end|>`.
+//! The two public preference layouts become conversational pairs ([`Example::ChatPreference`]), rendered
+//! later with the training step's chat template:
+//! - `orca-dpo` (Intel/orca_dpo_pairs: `{system, question, chosen, rejected}`, strings): context = a system
+//!   message (left out when `system` is empty or absent) and the user's question; replies `chosen`,
+//!   `rejected`.
 //! - `ultrafeedback` (HuggingFaceH4/ultrafeedback_binarized: `chosen` and `rejected` are message lists
-//!   ending in the assistant reply, with the same conversation before it): prompt = ChatML of the messages
-//!   before the last + `<|im_start|>assistant\n`; completions = the last message's content + `<|im_end|>`.
+//!   ending in the assistant reply, with the same conversation before it): context = the messages before
+//!   the last; replies = the last messages' contents.
 
-use super::template::chatml;
 use anyhow::{bail, Result};
 pub use dusflow_core::record_format::{RecordFormat, FORMATS};
 use indexmap::IndexMap;
@@ -96,6 +95,16 @@ pub enum Example {
     },
     /// A conversation; assistant turns are learned.
     Chat(Vec<Message>),
+    /// A conversation and two assistant replies to it (`orca-dpo`, `ultrafeedback`), rendered with a chat
+    /// template when used.
+    ChatPreference {
+        /// The conversation before the reply (system, user, …).
+        context: Vec<Message>,
+        /// The preferred reply's content.
+        chosen: String,
+        /// The dispreferred reply's content.
+        rejected: String,
+    },
     /// A preference pair.
     Preference {
         /// The prompt.
@@ -179,18 +188,21 @@ impl Example {
                     None | Some(Value::Null) => String::new(),
                     Some(_) => get("system")?,
                 };
-                let mut prompt = String::new();
+                let mut context = Vec::with_capacity(2);
                 if !system.is_empty() {
-                    prompt.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
+                    context.push(Message {
+                        role: "system".into(),
+                        content: system,
+                    });
                 }
-                prompt.push_str(&format!(
-                    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-                    get("question")?
-                ));
-                Example::Preference {
-                    prompt,
-                    chosen: format!("{}<|im_end|>", get("chosen")?),
-                    rejected: format!("{}<|im_end|>", get("rejected")?),
+                context.push(Message {
+                    role: "user".into(),
+                    content: get("question")?,
+                });
+                Example::ChatPreference {
+                    context,
+                    chosen: get("chosen")?,
+                    rejected: get("rejected")?,
                 }
             }
             RecordFormat::UltraFeedback => {
@@ -215,13 +227,10 @@ impl Example {
                         "chosen and rejected must share the conversation before their last message"
                     );
                 }
-                let mut prompt: String =
-                    chatml(c_context).iter().map(|s| s.text.as_str()).collect();
-                prompt.push_str("<|im_start|>assistant\n");
-                Example::Preference {
-                    prompt,
-                    chosen: format!("{}<|im_end|>", c_last.content),
-                    rejected: format!("{}<|im_end|>", r_last.content),
+                Example::ChatPreference {
+                    context: c_context.to_vec(),
+                    chosen: c_last.content.clone(),
+                    rejected: r_last.content.clone(),
                 }
             }
             RecordFormat::Chat => {
@@ -348,29 +357,30 @@ mod tests {
     }
 
     #[test]
-    fn orca_and_ultrafeedback_become_chatml_pairs() {
+    fn orca_and_ultrafeedback_become_conversational_pairs() {
         let none = FieldMap::default();
         let orca =
             json!({"system": "Be kind.", "question": "2+2?", "chosen": "4", "rejected": "5"});
         assert_eq!(detect_format(&orca, &none), Some(RecordFormat::OrcaDpo));
+        let m = |role: &str, c: &str| Message {
+            role: role.into(),
+            content: c.into(),
+        };
         assert_eq!(
             Example::parse(&orca, RecordFormat::OrcaDpo, &none).unwrap(),
-            Example::Preference {
-                prompt: "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n".into(),
-                chosen: "4<|im_end|>".into(),
-                rejected: "5<|im_end|>".into(),
+            Example::ChatPreference {
+                context: vec![m("system", "Be kind."), m("user", "2+2?")],
+                chosen: "4".into(),
+                rejected: "5".into(),
             }
         );
         let no_system = json!({"system": "", "question": "q", "chosen": "a", "rejected": "b"});
-        let Example::Preference { prompt, .. } =
+        let Example::ChatPreference { context, .. } =
             Example::parse(&no_system, RecordFormat::OrcaDpo, &none).unwrap()
         else {
             panic!("a preference pair")
         };
-        assert_eq!(
-            prompt,
-            "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(context, vec![m("user", "q")]);
 
         let msg = |role: &str, c: &str| json!({"role": role, "content": c});
         let uf = json!({
@@ -382,10 +392,10 @@ mod tests {
         assert_eq!(detect_format(&uf, &none), Some(RecordFormat::UltraFeedback));
         assert_eq!(
             Example::parse(&uf, RecordFormat::UltraFeedback, &none).unwrap(),
-            Example::Preference {
-                prompt: "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n".into(),
-                chosen: "4<|im_end|>".into(),
-                rejected: "5<|im_end|>".into(),
+            Example::ChatPreference {
+                context: vec![m("user", "2+2?")],
+                chosen: "4".into(),
+                rejected: "5".into(),
             }
         );
         let differing = json!({

@@ -1,7 +1,8 @@
 //! From text to training rows: tokenisation with EOS, per-token loss masks, packing into fixed blocks
 //! (optionally keeping documents apart), and a deterministic, seeded order of micro-batches.
 
-use super::template::Segment;
+use super::chat_template::RenderedChat;
+use super::template::{Segment, SftText};
 use anyhow::{bail, Result};
 use dusflow_model::Tokenizer;
 use rand::seq::SliceRandom;
@@ -102,6 +103,78 @@ pub fn tokenize_segments(
         learn,
         doc_ids: None,
     })
+}
+
+/// A conversation rendered by a chat template, tokenised whole as transformers' `apply_chat_template`
+/// tokenises it (no specials added: the template wrote them), with transformers' assistant-mask rule: for
+/// each learned span, the tokens from the one holding its first character to the one holding its last
+/// (`char_to_token`: the first token whose offsets contain the character; characters no token holds are
+/// passed over). A built-in template's text gets the tokenizer's BOS first and EOS (learned) last, as the
+/// Alpaca prompt does. Truncated to `max_len` tokens.
+pub fn tokenize_chat(
+    tok: &Tokenizer,
+    chat: &RenderedChat,
+    max_len: usize,
+) -> Result<TrainSequence> {
+    let (body, offsets) = tok.encode_with_offsets(&chat.text, false)?;
+    let mut learn_body = vec![false; body.len()];
+    for span in &chat.learned {
+        let chars = || {
+            chat.text[span.clone()]
+                .char_indices()
+                .map(|(i, _)| span.start + i)
+        };
+        let first = chars().find_map(|c| token_holding(&offsets, c));
+        let last = chars().rev().find_map(|c| token_holding(&offsets, c));
+        if let (Some(a), Some(b)) = (first, last) {
+            for l in &mut learn_body[a..=b.max(a)] {
+                *l = true;
+            }
+        }
+    }
+    let mut ids = Vec::with_capacity(body.len() + 2);
+    let mut learn = Vec::with_capacity(body.len() + 2);
+    if !chat.writes_specials {
+        if let (true, Some(bos)) = (tok.adds_bos(), tok.bos_id()) {
+            ids.push(bos);
+            learn.push(false);
+        }
+    }
+    ids.extend(body);
+    learn.extend(learn_body);
+    if !chat.writes_specials {
+        let Some(eos) = tok.eos_id() else {
+            bail!("the tokenizer has no EOS token; SFT appends one to every response")
+        };
+        ids.push(eos);
+        learn.push(true);
+    }
+    ids.truncate(max_len);
+    learn.truncate(max_len);
+    Ok(TrainSequence {
+        ids,
+        learn,
+        doc_ids: None,
+    })
+}
+
+/// The first token whose byte range holds byte `pos` (token ranges are in text order; neighbours may
+/// overlap, as SentencePiece's `▁` pieces do).
+fn token_holding(offsets: &[(usize, usize)], pos: usize) -> Option<usize> {
+    let from = offsets.partition_point(|&(_, end)| end <= pos);
+    offsets[from..]
+        .iter()
+        .take_while(|&&(start, _)| start <= pos)
+        .position(|&(start, end)| start <= pos && pos < end)
+        .map(|i| from + i)
+}
+
+/// An SFT row from either kind of example text (see [`tokenize_segments`] and [`tokenize_chat`]).
+pub fn tokenize_sft(tok: &Tokenizer, text: &SftText, max_len: usize) -> Result<TrainSequence> {
+    match text {
+        SftText::Segments(segments) => tokenize_segments(tok, segments, max_len),
+        SftText::Chat(chat) => tokenize_chat(tok, chat, max_len),
+    }
 }
 
 /// Packs SFT rows greedily, in order, into rows of at most `max_len` tokens, keeping examples apart

@@ -59,12 +59,41 @@ impl StepStatus {
 pub struct StepReport {
     /// Step name.
     pub name: String,
+    /// Its kind's name.
+    pub kind: String,
     /// How it ended.
     pub status: StepStatus,
-    /// Wall time spent executing it.
+    /// Its own run time: from the moment it started (a job slot and, if it needs one, the device held)
+    /// to its end; zero when it did not execute.
     pub duration: Duration,
+    /// Time it waited for a job slot or the device before starting.
+    pub queued: Duration,
     /// Its artifact folder.
     pub dir: PathBuf,
+    /// The file of its artifact to show people at the end of a run (its kind's headline), when it has
+    /// one and the step succeeded.
+    pub headline: Option<PathBuf>,
+}
+
+/// How one execution of a step ended and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// How it ended.
+    pub status: StepStatus,
+    /// Run time, from acquiring its job slot (and the device) to the end.
+    pub run: Duration,
+    /// Time spent waiting for the job slot and the device.
+    pub queued: Duration,
+}
+
+impl StepOutcome {
+    fn decided(status: StepStatus) -> Self {
+        StepOutcome {
+            status,
+            run: Duration::ZERO,
+            queued: Duration::ZERO,
+        }
+    }
 }
 
 /// What one run did, step by step, in plan order.
@@ -74,6 +103,8 @@ pub struct RunSummary {
     pub steps: Vec<StepReport>,
     /// Whether the run was superseded (watch mode) before every step finished.
     pub superseded: bool,
+    /// Wall time of the whole run.
+    pub wall: Duration,
 }
 
 impl RunSummary {
@@ -111,7 +142,7 @@ pub struct ExecutorOptions {
 
 struct InFlight {
     cancel: CancellationToken,
-    done: watch::Receiver<Option<StepStatus>>,
+    done: watch::Receiver<Option<StepOutcome>>,
 }
 
 struct Inner {
@@ -171,13 +202,14 @@ impl Executor {
     /// running steps to finish (a newer plan may adopt them).
     pub async fn run(&self, plan: Arc<Plan>, superseded: CancellationToken) -> RunSummary {
         let inner = &self.inner;
+        let run_started = Instant::now();
         inner.events.emit(Event::RunStarted {
             steps: plan.steps.len(),
         });
         let n = plan.steps.len();
-        let mut results: Vec<Option<(StepStatus, Duration)>> = vec![None; n];
+        let mut results: Vec<Option<StepOutcome>> = vec![None; n];
         let mut launched = vec![false; n];
-        let mut waiting: JoinSet<(usize, StepStatus, Duration)> = JoinSet::new();
+        let mut waiting: JoinSet<(usize, StepOutcome)> = JoinSet::new();
         loop {
             for i in 0..n {
                 if launched[i] || results[i].is_some() {
@@ -190,49 +222,50 @@ impl Executor {
                 if let Some(&bad) = step
                     .upstream
                     .iter()
-                    .find(|&&u| !results[u].as_ref().expect("done").0.is_success())
+                    .find(|&&u| !results[u].as_ref().expect("done").status.is_success())
                 {
                     let reason = format!("`{}` did not succeed", plan.steps[bad].name);
                     self.finish(
                         step,
-                        StepStatus::Skipped(reason),
-                        Duration::ZERO,
+                        StepOutcome::decided(StepStatus::Skipped(reason)),
                         &mut results,
                     );
                     continue;
                 }
                 if inner.shutdown.is_cancelled() {
-                    self.finish(step, StepStatus::Cancelled, Duration::ZERO, &mut results);
+                    self.finish(
+                        step,
+                        StepOutcome::decided(StepStatus::Cancelled),
+                        &mut results,
+                    );
                     continue;
                 }
                 match &step.status {
                     PlanStatus::Cached => {
-                        self.finish(step, StepStatus::Cached, Duration::ZERO, &mut results)
+                        self.finish(step, StepOutcome::decided(StepStatus::Cached), &mut results)
                     }
                     PlanStatus::Blocked(reason) => self.finish(
                         step,
-                        StepStatus::Blocked(reason.clone()),
-                        Duration::ZERO,
+                        StepOutcome::decided(StepStatus::Blocked(reason.clone())),
                         &mut results,
                     ),
                     PlanStatus::Run(_)
                         if !step.forced
                             && inner.store.complete(&step.name, &step.key).is_some() =>
                     {
-                        self.finish(step, StepStatus::Cached, Duration::ZERO, &mut results)
+                        self.finish(step, StepOutcome::decided(StepStatus::Cached), &mut results)
                     }
                     PlanStatus::Run(_) => {
                         launched[i] = true;
                         let mut done = self.launch(&plan, i);
-                        let started = Instant::now();
                         waiting.spawn(async move {
-                            let status = match done.wait_for(Option::is_some).await {
+                            let outcome = match done.wait_for(Option::is_some).await {
                                 Ok(s) => s.clone().expect("some"),
-                                Err(_) => {
-                                    StepStatus::Failed("step task ended without a result".into())
-                                }
+                                Err(_) => StepOutcome::decided(StepStatus::Failed(
+                                    "step task ended without a result".into(),
+                                )),
                             };
-                            (i, status, started.elapsed())
+                            (i, outcome)
                         });
                     }
                 }
@@ -242,16 +275,16 @@ impl Executor {
             }
             tokio::select! {
                 joined = waiting.join_next() => {
-                    if let Some(Ok((i, status, elapsed))) = joined {
-                        self.finish(&plan.steps[i], status, elapsed, &mut results);
+                    if let Some(Ok((i, outcome))) = joined {
+                        self.finish(&plan.steps[i], outcome, &mut results);
                     }
                 }
                 _ = superseded.cancelled() => {
-                    return self.summary(&plan, results, true);
+                    return self.summary(&plan, results, true, run_started.elapsed());
                 }
             }
         }
-        let summary = self.summary(&plan, results, false);
+        let summary = self.summary(&plan, results, false, run_started.elapsed());
         inner.events.emit(Event::RunFinished {
             ran: summary.count("ran"),
             cached: summary.count("cached"),
@@ -263,49 +296,61 @@ impl Executor {
     fn finish(
         &self,
         step: &PlannedStep,
-        status: StepStatus,
-        elapsed: Duration,
-        results: &mut [Option<(StepStatus, Duration)>],
+        outcome: StepOutcome,
+        results: &mut [Option<StepOutcome>],
     ) {
         if !matches!(
-            status,
+            outcome.status,
             StepStatus::Ran | StepStatus::Failed(_) | StepStatus::Cancelled
         ) {
             // Executed steps report their own end; here only the ones decided without running.
             self.inner.events.emit(Event::StepFinished {
                 step: step.name.clone(),
-                status: status.word().into(),
+                status: outcome.status.word().into(),
                 seconds: 0.0,
             });
         }
-        results[step.index] = Some((status, elapsed));
+        results[step.index] = Some(outcome);
     }
 
     fn summary(
         &self,
         plan: &Plan,
-        results: Vec<Option<(StepStatus, Duration)>>,
+        results: Vec<Option<StepOutcome>>,
         superseded: bool,
+        wall: Duration,
     ) -> RunSummary {
         let steps = plan
             .steps
             .iter()
             .zip(results)
             .map(|(s, r)| {
-                let (status, duration) = r.unwrap_or((StepStatus::Cancelled, Duration::ZERO));
+                let outcome = r.unwrap_or(StepOutcome::decided(StepStatus::Cancelled));
+                let kind = &plan.workflow.steps[s.index].kind;
+                let headline = kind
+                    .headline()
+                    .filter(|_| outcome.status.is_success())
+                    .map(|file| s.dir.join(file));
                 StepReport {
                     name: s.name.clone(),
-                    status,
-                    duration,
+                    kind: kind.name().to_string(),
+                    status: outcome.status,
+                    duration: outcome.run,
+                    queued: outcome.queued,
                     dir: s.dir.clone(),
+                    headline,
                 }
             })
             .collect();
-        RunSummary { steps, superseded }
+        RunSummary {
+            steps,
+            superseded,
+            wall,
+        }
     }
 
     /// Starts step `i` unless the same artifact is already being built; returns its completion signal.
-    fn launch(&self, plan: &Arc<Plan>, i: usize) -> watch::Receiver<Option<StepStatus>> {
+    fn launch(&self, plan: &Arc<Plan>, i: usize) -> watch::Receiver<Option<StepOutcome>> {
         let step = &plan.steps[i];
         let folder = ArtifactStore::folder_name(&step.name, &step.key);
         let mut inflight = self.inner.inflight.lock().expect("inflight");
@@ -327,33 +372,40 @@ impl Executor {
         let this = self.clone();
         let plan = plan.clone();
         tokio::spawn(async move {
-            let status = this.execute(&plan, i, cancel).await;
+            let outcome = this.execute(&plan, i, cancel).await;
             this.inner
                 .inflight
                 .lock()
                 .expect("inflight")
                 .remove(&folder);
-            let _ = tx.send(Some(status));
+            let _ = tx.send(Some(outcome));
         });
         rx
     }
 
-    async fn execute(&self, plan: &Arc<Plan>, i: usize, cancel: CancellationToken) -> StepStatus {
+    async fn execute(&self, plan: &Arc<Plan>, i: usize, cancel: CancellationToken) -> StepOutcome {
         let inner = &self.inner;
         let planned = &plan.steps[i];
         let step = &plan.workflow.steps[planned.index];
+        let queued_at = Instant::now();
+        let cancelled_waiting = || StepOutcome {
+            status: StepStatus::Cancelled,
+            run: Duration::ZERO,
+            queued: queued_at.elapsed(),
+        };
         let _job = tokio::select! {
             permit = inner.jobs.clone().acquire_owned() => permit.expect("semaphore open"),
-            _ = cancel.cancelled() => return StepStatus::Cancelled,
+            _ = cancel.cancelled() => return cancelled_waiting(),
         };
         let _device = if step.resources.exclusive_device {
             Some(tokio::select! {
                 permit = inner.device.clone().acquire_owned() => permit.expect("semaphore open"),
-                _ = cancel.cancelled() => return StepStatus::Cancelled,
+                _ = cancel.cancelled() => return cancelled_waiting(),
             })
         } else {
             None
         };
+        let queued = queued_at.elapsed();
         inner.events.emit(Event::StepStarted {
             step: planned.name.clone(),
             key: planned.key.clone(),
@@ -430,7 +482,11 @@ impl Executor {
             status: status.word().into(),
             seconds: elapsed.as_secs_f64(),
         });
-        status
+        StepOutcome {
+            status,
+            run: elapsed,
+            queued,
+        }
     }
 }
 

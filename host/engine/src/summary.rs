@@ -57,7 +57,8 @@ pub fn render_plan(plan: &Plan) -> String {
     out
 }
 
-/// The run summary: one line per step with its outcome and wall time, then totals.
+/// The run summary: one line per step with its outcome and its own run time (and, when any step waited
+/// for a job slot or the device, how long it waited), then totals.
 pub fn render_summary(summary: &RunSummary) -> String {
     let mut out = String::new();
     let width = summary
@@ -67,20 +68,43 @@ pub fn render_summary(summary: &RunSummary) -> String {
         .max()
         .unwrap_or(4)
         .max(4);
-    let _ = writeln!(out, "  {:<width$}  {:<9} {:>9}", "step", "status", "time");
-    for s in &summary.steps {
-        let time = if s.duration.is_zero() {
+    let seconds = |d: std::time::Duration| {
+        if d.is_zero() {
             "-".to_string()
         } else {
-            format!("{:.1}s", s.duration.as_secs_f64())
-        };
+            format!("{:.1}s", d.as_secs_f64())
+        }
+    };
+    // Waits under 0.1 s are scheduling noise, not worth a column.
+    let show_queue = summary.steps.iter().any(|s| s.queued.as_secs_f64() >= 0.1);
+    if show_queue {
         let _ = writeln!(
             out,
-            "  {:<width$}  {:<9} {:>9}",
-            s.name,
-            s.status.word(),
-            time
+            "  {:<width$}  {:<9} {:>9} {:>9}",
+            "step", "status", "run", "waited"
         );
+    } else {
+        let _ = writeln!(out, "  {:<width$}  {:<9} {:>9}", "step", "status", "run");
+    }
+    for s in &summary.steps {
+        if show_queue {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:<9} {:>9} {:>9}",
+                s.name,
+                s.status.word(),
+                seconds(s.duration),
+                seconds(s.queued)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:<9} {:>9}",
+                s.name,
+                s.status.word(),
+                seconds(s.duration)
+            );
+        }
         let detail = match &s.status {
             StepStatus::Failed(m) | StepStatus::Skipped(m) | StepStatus::Blocked(m) => Some(m),
             _ => None,
@@ -94,14 +118,37 @@ pub fn render_summary(summary: &RunSummary) -> String {
     let total: f64 = summary.steps.iter().map(|s| s.duration.as_secs_f64()).sum();
     let _ = writeln!(
         out,
-        "{} ran, {} cached, {} failed, {} skipped, {} blocked, {} cancelled ({:.1}s of step time)",
+        "{} ran, {} cached, {} failed, {} skipped, {} blocked, {} cancelled in {:.1}s ({:.1}s of step run time)",
         summary.count("ran"),
         summary.count("cached"),
         summary.count("failed"),
         summary.count("skipped"),
         summary.count("blocked"),
         summary.count("cancelled"),
+        summary.wall.as_secs_f64(),
         total
     );
+    out
+}
+
+/// The results a run ends with: for every step whose kind has a headline file (the `report` table) and
+/// that ran or was cached, its name, the artifact folder and the file's content. Empty when there is none.
+pub fn render_headlines(summary: &RunSummary) -> String {
+    let mut out = String::new();
+    for s in &summary.steps {
+        let Some(path) = &s.headline else { continue };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "\n{} ({}): {}\n",
+            s.name,
+            s.status.word(),
+            s.dir.display()
+        );
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
     out
 }

@@ -9,7 +9,7 @@ use super::events::Event;
 use super::executor::Executor;
 use super::hashing::IGNORED_DIRS;
 use super::store::{ArtifactStore, RunLock};
-use super::summary::render_summary;
+use super::summary::{render_headlines, render_summary};
 use super::{executor_options, load, plan_workflow, RunOptions};
 use anyhow::Result;
 use dusflow_core::step::Registry;
@@ -166,6 +166,7 @@ pub async fn watch(
                     let summary = exec.run(plan, token).await;
                     if !summary.superseded && !stopping.is_cancelled() {
                         eprint!("{}", render_summary(&summary));
+                        print!("{}", render_headlines(&summary));
                         eprintln!("watching for changes (Ctrl-C to stop)");
                     }
                 });

@@ -10,10 +10,12 @@
 //! - [`metrics`]: acc, acc_norm, mc2, GSM8K extraction and exact match.
 //! - [`evaluate`]: one task end to end, per-document records kept.
 //! - [`tables`]: `results.json` / Markdown tables with the H6 average, and the comparison bar chart.
+//! - [`harness_results`]: the same results in lm-evaluation-harness 0.4's results-file layout.
 
 pub mod data;
 pub mod evaluate;
 pub mod fewshot;
+pub mod harness_results;
 pub mod metrics;
 pub mod prompts;
 pub mod pyrandom;

@@ -6,6 +6,8 @@
 //! - [`weights`]: load a folder into a model (trainable or not), fresh initialisation, save a folder.
 //! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
+//! - [`chat_template`]: the folder's chat template (`chat_template.jinja` / `tokenizer_config.json`) and
+//!   special-token strings, as transformers reads them.
 //! - [`generation`]: batched generation and log-likelihood scoring.
 //! - [`lora`]: LoRA adapters in PEFT's format, merged as PEFT merges them.
 //! - [`device`]: the workflow's `device` and `dtype` choices as candle devices and dtypes.
@@ -24,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod chat_template;
 pub mod checkpoint_writer;
 pub mod config;
 pub mod device;
@@ -36,6 +39,7 @@ pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
 
+pub use chat_template::{read_chat_template, special_tokens_map, ModelChatTemplate};
 pub use checkpoint_writer::{
     write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
 };

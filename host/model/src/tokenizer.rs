@@ -15,6 +15,9 @@ pub const BYTE_PAD: u32 = 258;
 /// Vocabulary size of the byte-level tokenizer (256 bytes + 3 specials).
 pub const BYTE_VOCAB: usize = 259;
 
+/// A token's `(start, end)` byte range in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// A text tokenizer with its special-token ids.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -109,6 +112,20 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| anyhow!("encoding failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` and each token's byte range in `text` (added tokens such as `<|im_end|>` are
+    /// recognised in the text either way; `add_special_tokens` applies the post-processor, e.g. BOS).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("encoding failed: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Text of `ids`, optionally dropping special tokens.

@@ -15,11 +15,14 @@
 //! num_fewshot = { gsm8k = 8 }
 //! ```
 //!
-//! Output (an Evaluation): `results.json` (scores, H6 average), `results.md` (the table), and
-//! `tasks/<task>.json` with every document's prompts, log-likelihoods or generation, and metrics.
+//! Output (an Evaluation): `results.json` (scores, H6 average), `results.md` (the table),
+//! `lm_eval_results.json` (the same scores in lm-evaluation-harness 0.4's results layout, see
+//! [`crate::eval::harness_results`]), and `tasks/<task>.json` with every document's prompts,
+//! log-likelihoods or generation, and metrics.
 
 use crate::eval::evaluate::{evaluate_task, EvalOptions, Progress};
 use crate::eval::fewshot::Mode;
+use crate::eval::harness_results::{harness_results, HarnessRun};
 use crate::eval::metrics::Extraction;
 use crate::eval::scoring::Scorer;
 use crate::eval::tables::{markdown_table, Summary};
@@ -131,6 +134,11 @@ impl StepKind for EvalStep {
         "eval"
     }
 
+    fn version(&self) -> u32 {
+        // 2: also writes lm_eval_results.json.
+        2
+    }
+
     fn inputs(&self) -> InputSlots {
         InputSlots::Fixed(INPUTS)
     }
@@ -236,7 +244,8 @@ impl StepKind for EvalStep {
         let tasks_dir = ctx.out_dir.join("tasks");
         std::fs::create_dir_all(&tasks_dir)?;
         let mut results = Vec::new();
-        for spec in c.task_specs()? {
+        let specs = c.task_specs()?;
+        for spec in &specs {
             ctx.check_cancelled()?;
             let source = task_source(c, ctx, &spec.name)?;
             let data =
@@ -248,7 +257,7 @@ impl StepKind for EvalStep {
                 Progress::Total(n) => bar.set_length(n as u64),
                 Progress::Done(n) => bar.inc(n as u64),
             };
-            let result = evaluate_task(&spec, &data, &scorer, &opts, &mut progress)?;
+            let result = evaluate_task(spec, &data, &scorer, &opts, &mut progress)?;
             let path = tasks_dir.join(format!("{}.json", spec.name));
             std::fs::write(&path, serde_json::to_vec_pretty(&result)?)
                 .with_context(|| format!("writing {}", path.display()))?;
@@ -269,6 +278,19 @@ impl StepKind for EvalStep {
         std::fs::write(
             ctx.out_dir.join("results.md"),
             markdown_table(&[(model_in.name.clone(), summary)]),
+        )?;
+        let run = HarnessRun {
+            model: &model_in.name,
+            model_path: &model_in.path.display().to_string(),
+            mode: c.mode,
+            limit: c.limit,
+            batch_size: c.batch_size,
+            extraction: c.gsm8k_extraction,
+        };
+        let pairs: Vec<_> = specs.iter().zip(&results).collect();
+        std::fs::write(
+            ctx.out_dir.join("lm_eval_results.json"),
+            serde_json::to_vec_pretty(&harness_results(&run, &pairs))?,
         )?;
         Ok(())
     }

@@ -26,17 +26,24 @@ pub struct Pretrain;
 
 impl LmRows for Pretrain {
     const NAME: &'static str = "pretrain";
+    const VERSION: u32 = 1;
     const FORMATS: &'static [RecordFormat] = &[RecordFormat::Text];
 
     fn check(c: &TrainStepConfig) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
         if c.packing {
-            vec![ConfigIssue::new(
+            issues.push(ConfigIssue::new(
                 "packing",
                 "pretraining always packs; use separate_documents to keep documents apart",
-            )]
-        } else {
-            Vec::new()
+            ));
         }
+        if !c.template.is_auto() {
+            issues.push(ConfigIssue::new(
+                "template",
+                "is for sft and dpo; pretraining reads plain text",
+            ));
+        }
+        issues
     }
 
     fn rows(

@@ -70,6 +70,10 @@ impl StepKind for ReportStep {
             .collect()
     }
 
+    fn headline(&self) -> Option<&'static str> {
+        Some("report.md")
+    }
+
     fn run(&self, c: &ReportConfig, ctx: &StepContext) -> Result<()> {
         let mut loaded = Vec::new();
         for a in ctx.inputs_of("evals") {

@@ -1,5 +1,6 @@
 //! `kind = "sft"`: instruction tuning — Alpaca (exact Stanford template), prompt/completion, GSM8K, ARC and
-//! chat (ChatML) records; loss on response tokens only; EOS appended; padding or packing.
+//! chat records (the model's own chat template, or ChatML / SOLAR's Alpaca-styled template: `template`);
+//! loss on response tokens only (assistant turns of conversations); padding or packing.
 //!
 //! ```toml
 //! [steps.sft]
@@ -12,9 +13,10 @@
 //! ```
 
 use super::training::{LmRows, LmTrainStep, TrainInputs, TrainStepConfig};
-use crate::data::{pack_examples, sft_segments, tokenize_segments, Example, RecordFormat};
+use crate::data::{pack_examples, tokenize_sft, Example, RecordFormat, Templates};
+use crate::model::read_chat_template;
 use crate::steps::{ConfigIssue, StepContext};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// The `sft` step kind.
 pub type SftStep = LmTrainStep<Sft>;
@@ -35,6 +37,9 @@ pub struct Sft;
 
 impl LmRows for Sft {
     const NAME: &'static str = "sft";
+    // 2: chat records rendered with the `template` choice (the model's own chat template when it has one)
+    // and tokenised whole, the loss on the assistant turns found by incremental rendering.
+    const VERSION: u32 = 2;
     const FORMATS: &'static [RecordFormat] = SFT_FORMATS;
 
     fn check(c: &TrainStepConfig) -> Vec<ConfigIssue> {
@@ -54,10 +59,20 @@ impl LmRows for Sft {
         examples: &[Example],
         ctx: &StepContext,
     ) -> Result<Vec<crate::data::TrainSequence>> {
+        let model_name = &ctx.input("model")?.name;
+        let templates = Templates::resolve(
+            c.template,
+            read_chat_template(&inputs.model_dir)?.as_ref(),
+            model_name,
+        )?;
+        tracing::info!(step = %ctx.step, "{}", templates.describe());
         let mut rows = Vec::with_capacity(examples.len());
         let mut truncated_away = 0usize;
-        for e in examples {
-            let row = tokenize_segments(&inputs.tokenizer, &sft_segments(e)?, c.seq_len)?;
+        for (i, e) in examples.iter().enumerate() {
+            let text = templates
+                .sft(e)
+                .with_context(|| format!("example {i} of the mixture"))?;
+            let row = tokenize_sft(&inputs.tokenizer, &text, c.seq_len)?;
             if row.target_count() > 0 {
                 rows.push(row);
             } else {

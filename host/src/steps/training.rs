@@ -5,7 +5,7 @@
 
 use crate::data::{
     derive_seed, load_mixture, DatasetReport, DatasetSource, Example, RecordFilter, RecordFormat,
-    TrainSequence,
+    TemplateChoice, TrainSequence,
 };
 use crate::model::Tokenizer;
 use crate::plugins::StepPluginHost;
@@ -87,6 +87,10 @@ pub struct TrainStepConfig {
     /// `{}`. (The plugins' bytes enter the cache key through the datasets that name them.)
     #[serde(default)]
     pub filter_params: FilterParams,
+    /// SFT: how `chat` and `alpaca` records are rendered: `auto` (the model's chat template when it has one,
+    /// else ChatML; Alpaca records with the Stanford prompt), `model`, `chatml` or `alpaca`.
+    #[serde(default, skip_serializing_if = "TemplateChoice::is_auto")]
+    pub template: TemplateChoice,
 }
 
 impl TrainStepConfig {
@@ -370,6 +374,8 @@ pub const TRAIN_INPUTS: &[InputSlot] = &[
 pub trait LmRows: Send + Sync + 'static {
     /// The `kind = "..."` name.
     const NAME: &'static str;
+    /// The kind's version (see [`StepKind::version`]).
+    const VERSION: u32;
     /// The layouts its datasets may have.
     const FORMATS: &'static [RecordFormat];
     /// Checks beyond [`TrainStepConfig::issues`].
@@ -398,6 +404,10 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
 
     fn name(&self) -> &'static str {
         R::NAME
+    }
+
+    fn version(&self) -> u32 {
+        R::VERSION
     }
 
     fn inputs(&self) -> InputSlots {

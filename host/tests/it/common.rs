@@ -42,6 +42,9 @@ pub(crate) struct TextConfig {
     /// Also write `part-1/out.txt` .. `part-N/out.txt`, declared as parts `part-1` .. `part-N`.
     #[serde(default)]
     pub parts: u32,
+    /// Sleep this long before finishing.
+    #[serde(default)]
+    pub sleep_ms: u64,
 }
 
 const TEXT_INPUTS: &[InputSlot] =
@@ -83,6 +86,7 @@ impl StepKind for TextStep {
         if c.fail {
             bail!("asked to fail");
         }
+        std::thread::sleep(Duration::from_millis(c.sleep_ms));
         let mut out = c.text.repeat(c.repeat.max(1) as usize);
         for input in ctx.inputs_of("from") {
             let p = if input.path.is_dir() {

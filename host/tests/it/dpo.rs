@@ -151,6 +151,7 @@ fn read_pairs(file: &Path, tok: &Tokenizer) -> Vec<PreferencePair> {
                 &s("prompt"),
                 &s("chosen"),
                 &s("rejected"),
+                true,
                 PairLimits {
                     max_length: Some(1024),
                     max_prompt_length: None,
@@ -627,13 +628,15 @@ micro_batch = 2
     assert_eq!(report["datasets"][1]["format"], "orca-dpo");
     assert_eq!(report["stages"][1]["pairs"], 2);
 
-    // The first UltraFeedback pair, rendered with ChatML and tokenised like TRL.
+    // The first UltraFeedback pair, rendered with ChatML (the model has no chat template of its own) and
+    // split at the prompt as TRL's maybe_apply_chat_template splits it, tokenised like TRL.
     let tok = Tokenizer::from_model_dir(&a).unwrap();
     let pair = tokenize_pair(
         &tok,
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-        "2+2 is 4.<|im_end|>",
-        "It is 5.<|im_end|>",
+        "2+2 is 4.<|im_end|>\n",
+        "It is 5.<|im_end|>\n",
+        true,
         PairLimits::default(),
     )
     .unwrap()
@@ -871,7 +874,7 @@ fn tokenisation_and_reference_log_probs_equal_trl() {
     for p in fx["pairs"].as_array().unwrap() {
         let s = |k: &str| p[k].as_str().unwrap();
         if let Some(pair) =
-            tokenize_pair(&tok, s("prompt"), s("chosen"), s("rejected"), limits).unwrap()
+            tokenize_pair(&tok, s("prompt"), s("chosen"), s("rejected"), true, limits).unwrap()
         {
             kept.push(pair);
         }

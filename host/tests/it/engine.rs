@@ -186,6 +186,46 @@ parties = 3
 }
 
 #[tokio::test]
+async fn a_steps_time_is_its_own_run_time_and_waiting_for_a_slot_is_counted_apart() {
+    let k = test_kinds();
+    let p = Project::new(
+        r#"
+[workflow]
+name = "queue"
+[steps.first]
+kind = "text"
+text = "1"
+sleep_ms = 400
+[steps.second]
+kind = "text"
+text = "2"
+sleep_ms = 400
+"#,
+    );
+    // One job slot: the second step waits for the first, but its own time is its 400 ms, not 800.
+    let s = run(&p, &k.registry, 1).await;
+    assert!(s.succeeded(), "{s:?}");
+    for step in &s.steps {
+        let run = step.duration.as_secs_f64();
+        assert!((0.39..0.75).contains(&run), "{}: run {run}", step.name);
+    }
+    let waited: Vec<f64> = s.steps.iter().map(|x| x.queued.as_secs_f64()).collect();
+    assert!(
+        waited.iter().any(|&w| w >= 0.35) && waited.iter().any(|&w| w < 0.1),
+        "one step waited for the other: {waited:?}"
+    );
+    assert!(s.wall.as_secs_f64() >= 0.8, "{:?}", s.wall);
+    let table = engine::summary::render_summary(&s);
+    assert!(table.contains("waited"), "{table}");
+    assert!(table.contains("ran, 0 cached"), "{table}");
+    let again = run(&p, &k.registry, 1).await;
+    assert!(again
+        .steps
+        .iter()
+        .all(|x| x.duration.is_zero() && x.queued.is_zero()));
+}
+
+#[tokio::test]
 async fn a_failing_step_stops_its_dependents_but_not_unrelated_branches() {
     let k = test_kinds();
     let p = Project::new(CHAIN);

@@ -56,9 +56,11 @@ fn without_timings(v: Value) -> Value {
     }
 }
 
-/// BLAKE3 of an artifact's files (sorted by path), JSON with its timing fields left out; the manifest
-/// (keys, clock times) is not output.
-fn digest(dir: &Path) -> String {
+/// BLAKE3 of an artifact's files (sorted by path), JSON with its timing fields left out and the run's folder
+/// `root` written as `<run>` (outputs may name their inputs' paths); the manifest (keys, clock times) is not
+/// output.
+fn digest(dir: &Path, root: &Path) -> String {
+    let root = root.to_string_lossy().into_owned();
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -75,7 +77,10 @@ fn digest(dir: &Path) -> String {
     let mut hasher = blake3::Hasher::new();
     for f in files {
         let rel = f.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-        let bytes = std::fs::read(&f).unwrap();
+        let mut bytes = std::fs::read(&f).unwrap();
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            bytes = text.replace(&root, "<run>").into_bytes();
+        }
         let text = std::str::from_utf8(&bytes).ok();
         let content = match f.extension().and_then(|e| e.to_str()) {
             Some("json") => {
@@ -136,7 +141,7 @@ async fn every_kinds_output_is_pinned_to_its_version() {
             json!({
                 "kind": step.kind.name(),
                 "version": step.kind.version(),
-                "digest": digest(&report.dir),
+                "digest": digest(&report.dir, dir.path()),
             }),
         );
     }

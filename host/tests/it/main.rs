@@ -2,6 +2,7 @@
 //! parquet instead of one per file). `common` holds the engine tests' step kinds and the shared helpers,
 //! `plugins_common` the plugin tests' host and fixtures.
 
+mod chat_templates;
 mod cli;
 mod common;
 mod data_sources;
@@ -11,6 +12,7 @@ mod eval_metrics;
 mod eval_parity;
 mod eval_random;
 mod eval_step;
+mod examples;
 mod golden;
 mod lora;
 mod merge_parity;
@@ -22,6 +24,7 @@ mod model_generation;
 mod model_grad;
 mod model_parity;
 mod model_tokenizer;
+mod one_step;
 mod plugins_cli;
 mod plugins_common;
 mod plugins_kinds;

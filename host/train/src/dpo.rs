@@ -115,11 +115,14 @@ pub struct PairLimits {
 }
 
 /// Tokenises a pair as TRL does (see the module docs). `None` when the prompt alone fills `max_length`.
+/// `add_special_tokens` adds the tokenizer's specials (BOS) to plain text; text a model's chat template
+/// rendered already holds them and is tokenised without (as `apply_chat_template` tokenises).
 pub fn tokenize_pair(
     tok: &Tokenizer,
     prompt: &str,
     chosen: &str,
     rejected: &str,
+    add_special_tokens: bool,
     limits: PairLimits,
 ) -> Result<Option<PreferencePair>> {
     let Some(eos) = tok.eos_id() else {
@@ -136,9 +139,12 @@ pub fn tokenize_pair(
             format!("{c}{eos_text}")
         }
     };
-    let prompt_ids = tok.encode(prompt, true)?;
-    let full_chosen = tok.encode(&format!("{prompt}{}", with_eos(chosen)), true)?;
-    let full_rejected = tok.encode(&format!("{prompt}{}", with_eos(rejected)), true)?;
+    let prompt_ids = tok.encode(prompt, add_special_tokens)?;
+    let full_chosen = tok.encode(&format!("{prompt}{}", with_eos(chosen)), add_special_tokens)?;
+    let full_rejected = tok.encode(
+        &format!("{prompt}{}", with_eos(rejected)),
+        add_special_tokens,
+    )?;
     let common = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
     let prompt_len = common(&prompt_ids, &full_chosen).min(common(&prompt_ids, &full_rejected));
     let mut prompt_part = prompt_ids[..prompt_len].to_vec();
@@ -560,7 +566,7 @@ mod tests {
     #[test]
     fn pairs_tokenise_like_trl() {
         let tok = Tokenizer::byte_level();
-        let p = tokenize_pair(&tok, "Q?", " yes", " no</s>", PairLimits::default())
+        let p = tokenize_pair(&tok, "Q?", " yes", " no</s>", true, PairLimits::default())
             .unwrap()
             .unwrap();
         let eos = tok.eos_id().unwrap();
@@ -577,7 +583,7 @@ mod tests {
             max_length: Some(5),
             max_prompt_length: Some(2),
         };
-        let p = tokenize_pair(&tok, "Q?", " yes", " no", cut)
+        let p = tokenize_pair(&tok, "Q?", " yes", " no", true, cut)
             .unwrap()
             .unwrap();
         assert_eq!(p.prompt, vec![tok.bos_id().unwrap(), b'?' as u32]);
@@ -586,7 +592,7 @@ mod tests {
             max_length: Some(3),
             max_prompt_length: None,
         };
-        assert!(tokenize_pair(&tok, "Q?", " a", " b", none)
+        assert!(tokenize_pair(&tok, "Q?", " a", " b", true, none)
             .unwrap()
             .is_none());
     }

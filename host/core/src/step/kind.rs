@@ -187,6 +187,11 @@ pub trait StepKind: Send + Sync + 'static {
     fn resumable(&self) -> bool {
         false
     }
+    /// A file of the artifact that `dus run` shows at its end, the step's result for people (the `report`
+    /// kind's table); `None` for kinds whose output is for other steps.
+    fn headline(&self) -> Option<&'static str> {
+        None
+    }
     /// Does the work, writing outputs into `ctx.out_dir`. Blocking; check `ctx.check_cancelled()` often.
     fn run(&self, config: &Self::Config, ctx: &StepContext) -> anyhow::Result<()>;
 }
@@ -227,6 +232,8 @@ pub trait ErasedStepKind: Send + Sync {
     fn resources(&self, config: &AnyConfig) -> Resources;
     /// See [`StepKind::resumable`].
     fn resumable(&self) -> bool;
+    /// See [`StepKind::headline`].
+    fn headline(&self) -> Option<&'static str>;
     /// See [`StepKind::run`].
     fn run(&self, config: &AnyConfig, ctx: &StepContext) -> anyhow::Result<()>;
 }
@@ -280,6 +287,9 @@ impl<K: StepKind> ErasedStepKind for Erased<K> {
     }
     fn resumable(&self) -> bool {
         self.0.resumable()
+    }
+    fn headline(&self) -> Option<&'static str> {
+        self.0.headline()
     }
     fn run(&self, config: &AnyConfig, ctx: &StepContext) -> anyhow::Result<()> {
         self.0.run(self.config(config), ctx)

@@ -2,10 +2,10 @@
 //! tokenised like TRL, then split into the sDPO chunks D_1..D_T.
 
 use super::config::ChunkBy;
-use crate::data::{load_dataset, DatasetReport, DatasetSource, Example, FilterFactory};
+use crate::data::{load_dataset, DatasetReport, DatasetSource, FilterFactory, Templates};
 use crate::model::Tokenizer;
 use crate::train::dpo::{tokenize_pair, PairLimits, PreferencePair};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -32,12 +32,14 @@ pub struct PreferenceData {
     pub dropped_too_long: Vec<usize>,
 }
 
-/// Loads every source as `preference` records and tokenises them.
+/// Loads every source as preference pairs, renders conversational ones with `templates`, and tokenises
+/// them.
 pub fn load_preference_data(
     sources: &[DatasetSource],
     make_filter: &mut FilterFactory<'_>,
     seed: u64,
     tok: &Tokenizer,
+    templates: &Templates,
     limits: PairLimits,
 ) -> Result<PreferenceData> {
     let mut out = PreferenceData {
@@ -57,18 +59,17 @@ pub fn load_preference_data(
         let mut pairs = Vec::with_capacity(loaded.examples.len());
         let mut dropped = 0;
         for (i, e) in loaded.examples.iter().enumerate() {
-            let Example::Preference {
-                prompt,
-                chosen,
-                rejected,
-            } = e
-            else {
-                bail!(
-                    "dataset {:?}: record {i} is not a preference pair",
-                    source.name
-                );
-            };
-            match tokenize_pair(tok, prompt, chosen, rejected, limits)? {
+            let text = templates
+                .preference(e)
+                .with_context(|| format!("dataset {:?}: record {i}", source.name))?;
+            match tokenize_pair(
+                tok,
+                &text.prompt,
+                &text.chosen,
+                &text.rejected,
+                text.add_special_tokens,
+                limits,
+            )? {
                 Some(pair) => pairs.push(SourcedPair {
                     dataset: d,
                     record: i,

@@ -1,6 +1,7 @@
 //! Parameters of a `dpo` step: the preference loss, the sDPO chunking, sequence limits, and the training
 //! keys of [`TrainStepConfig`] (converted to it, so checks and step counts are shared).
 
+use crate::data::TemplateChoice;
 use crate::steps::training::TrainStepConfig;
 use crate::steps::ConfigIssue;
 use crate::train::dpo::{DpoLossConfig, DpoLossKind, PairLimits};
@@ -97,6 +98,10 @@ pub struct DpoStepConfig {
     /// Parameters of the data-filter plugins the datasets name, by plugin name.
     #[serde(default)]
     pub filter_params: indexmap::IndexMap<String, serde_json::Value>,
+    /// How `orca-dpo` and `ultrafeedback` pairs are rendered: `auto` (the model's chat template, else
+    /// ChatML), `model`, `chatml` or `alpaca`.
+    #[serde(default, skip_serializing_if = "TemplateChoice::is_auto")]
+    pub template: TemplateChoice,
 }
 
 impl DpoStepConfig {
@@ -136,6 +141,7 @@ impl DpoStepConfig {
             dtype: self.dtype,
             shuffle: self.shuffle,
             filter_params: self.filter_params.clone(),
+            template: self.template,
         }
     }
 

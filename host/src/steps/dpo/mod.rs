@@ -28,8 +28,8 @@ pub mod stages;
 pub use config::{ChunkBy, DpoStepConfig};
 
 use crate::atomic::write_file_atomic;
-use crate::data::{derive_seed, DatasetSource};
-use crate::model::Tokenizer;
+use crate::data::{derive_seed, DatasetSource, Templates};
+use crate::model::{read_chat_template, Tokenizer};
 use crate::steps::training::{check_filter_plugins, dependencies, plugin_filters};
 use crate::steps::{
     ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, InputArtifact, InputSlot,
@@ -57,6 +57,12 @@ impl StepKind for DpoStep {
 
     fn name(&self) -> &'static str {
         "dpo"
+    }
+
+    fn version(&self) -> u32 {
+        // 2: orca-dpo / ultrafeedback pairs rendered with the `template` choice (the model's own chat
+        // template when it has one), the split at the prompt as TRL makes it.
+        2
     }
 
     fn inputs(&self) -> InputSlots {
@@ -110,9 +116,21 @@ impl StepKind for DpoStep {
             .collect::<Result<Vec<_>>>()?;
         let train = c.train_config();
         let seed = derive_seed(ctx.settings.seed, &format!("dpo/{}", c.seed));
+        let templates = Templates::resolve(
+            c.template,
+            read_chat_template(&model.path)?.as_ref(),
+            &model.name,
+        )?;
         let data = {
             let mut filters = plugin_filters(&train.filter_params, ctx);
-            load_preference_data(&sources, &mut filters, seed, &tokenizer, c.limits())?
+            load_preference_data(
+                &sources,
+                &mut filters,
+                seed,
+                &tokenizer,
+                &templates,
+                c.limits(),
+            )?
         };
         let device = crate::device::select_device(ctx.settings.device)?;
         let setup = StageSetup {
@@ -160,7 +178,7 @@ impl StepKind for DpoStep {
                 initial_pass: initial_pass.as_ref(),
             },
         )?;
-        write_reports(c, ctx, &data, fixed_reference, reports)
+        write_reports(c, ctx, &data, &templates, fixed_reference, reports)
     }
 }
 
@@ -195,6 +213,7 @@ fn write_reports(
     c: &DpoStepConfig,
     ctx: &StepContext,
     data: &PreferenceData,
+    templates: &Templates,
     fixed_reference: Option<&InputArtifact>,
     reports: Vec<StageReport>,
 ) -> Result<()> {
@@ -231,6 +250,7 @@ fn write_reports(
             None => "the previous stage's model (sDPO)".to_string(),
         },
         "datasets": data.reports,
+        "templates": templates.describe(),
         "dropped_too_long": data.dropped_too_long,
         "stages": reports,
     });
