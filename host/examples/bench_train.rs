@@ -47,6 +47,7 @@ fn main() -> Result<()> {
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
+        ..Default::default()
     };
     let (model, mut opt) =
         load_for_training(args[0].as_ref(), ComputeDType::F32, adamw, &Device::Cpu)?;

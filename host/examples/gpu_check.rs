@@ -119,6 +119,7 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            ..Default::default()
         };
         let grads_on = |device: &Device, compute| -> Result<(f32, Vec<(String, Tensor)>)> {
             let (model, opt) = load_for_training(&dir, compute, adamw, device)?;
@@ -201,6 +202,7 @@ fn adamw() -> AdamWConfig {
         beta2: 0.95,
         eps: 1e-8,
         weight_decay: 0.0,
+        ..Default::default()
     }
 }
 

@@ -87,6 +87,13 @@ pub struct TrainStepConfig {
     /// `{}`. (The plugins' bytes enter the cache key through the datasets that name them.)
     #[serde(default)]
     pub filter_params: FilterParams,
+    /// `adamw` (f32 moments) or `adamw_8bit` (block-wise 8-bit moments: a quarter of the memory).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Keep f32 master weights when computing in bf16 (default). `false`: update the bf16 weights directly
+    /// with stochastic rounding (2 bytes per parameter instead of 6).
+    #[serde(default = "TrainStepConfig::default_true")]
+    pub master_weights: bool,
     /// SFT: how `chat` and `alpaca` records are rendered: `auto` (the model's chat template when it has one,
     /// else ChatML; Alpaca records with the Stanford prompt), `model`, `chatml` or `alpaca`.
     #[serde(default, skip_serializing_if = "TemplateChoice::is_auto")]
@@ -150,6 +157,11 @@ impl TrainStepConfig {
         );
         need(self.eps > 0.0, "eps", "must be positive");
         need(
+            self.master_weights || self.dtype == ComputeDType::Bf16,
+            "master_weights",
+            "false only makes sense with dtype = \"bf16\" (f32 weights are their own masters)",
+        );
+        need(
             self.clip >= 0.0 && self.clip.is_finite(),
             "clip",
             "must be >= 0 (0 = no clipping)",
@@ -195,6 +207,30 @@ impl TrainStepConfig {
             beta2: self.betas[1],
             eps: self.eps,
             weight_decay: self.weight_decay,
+            moments: self.optimizer.moments(),
+            masters: self.master_weights,
+        }
+    }
+}
+
+/// The optimizer a training step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW with f32 moments.
+    #[default]
+    Adamw,
+    /// AdamW with block-wise 8-bit moments (bitsandbytes' `adamw_8bit` scheme).
+    #[serde(rename = "adamw_8bit")]
+    Adamw8bit,
+}
+
+impl OptimizerKind {
+    /// How the moments are stored.
+    pub fn moments(self) -> crate::train::MomentPrecision {
+        match self {
+            OptimizerKind::Adamw => crate::train::MomentPrecision::F32,
+            OptimizerKind::Adamw8bit => crate::train::MomentPrecision::Blockwise8,
         }
     }
 }

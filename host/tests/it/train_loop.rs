@@ -10,7 +10,8 @@ use dusflow::model::{init_trainable, save_model, LlamaConfig, SaveOptions, Token
 use dusflow::train::load_for_training;
 use dusflow::train::{
     build_micro_batch, clip_gradients, global_norm, set_master, train, weighted_nll_sum, AdamW,
-    AdamWConfig, ComputeDType, LrSchedule, ScheduleKind, StepMetrics, TrainOptions,
+    AdamWConfig, ComputeDType, LrSchedule, MomentPrecision, ScheduleKind, StepMetrics,
+    TrainOptions,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,7 @@ fn adamw_matches_torch(fused: bool) {
         beta2: betas[1] as f64,
         eps: f["eps"].as_f64().unwrap(),
         weight_decay: f["weight_decay"].as_f64().unwrap(),
+        ..Default::default()
     };
     let mut opt = AdamW::new(
         vec![("b".into(), b.clone()), ("w".into(), w.clone())],
@@ -215,7 +217,15 @@ fn never(_: &StepMetrics, _: usize) -> anyhow::Result<()> {
 fn masters(opt: &AdamW) -> Vec<Vec<f32>> {
     opt.params
         .iter()
-        .map(|p| p.master.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|p| {
+            p.master
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -340,20 +350,23 @@ fn batch_of_8_equals_2_accumulated_batches_of_4() {
 
 #[test]
 fn resume_after_a_crash_ends_with_the_same_weights() {
+    resume_case(ComputeDType::F32, AdamWConfig::default(), true);
+    // The memory-lean state: 8-bit moments, bf16 weights without masters (stochastic rounding).
+    let lean = AdamWConfig {
+        moments: MomentPrecision::Blockwise8,
+        masters: false,
+        ..Default::default()
+    };
+    resume_case(ComputeDType::Bf16, lean, false);
+}
+
+fn resume_case(compute: ComputeDType, adamw: AdamWConfig, check_refusal: bool) {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = tiny_model(dir.path());
     let rows = sft_rows(12);
     let mut opts = options(6, 4, 1);
     opts.checkpoint_every = 2;
-    let fresh = || {
-        load_for_training(
-            &model_dir,
-            ComputeDType::F32,
-            AdamWConfig::default(),
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
+    let fresh = || load_for_training(&model_dir, compute, adamw, &Device::Cpu).unwrap();
 
     let (model, mut opt) = fresh();
     train(
@@ -393,6 +406,9 @@ fn resume_after_a_crash_ends_with_the_same_weights() {
         .map(|l| serde_json::from_str::<StepMetrics>(l).unwrap().step)
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    if !check_refusal {
+        return;
+    }
 
     // A checkpoint of other options is refused rather than silently mixed in.
     let mut other = opts.clone();
@@ -504,4 +520,88 @@ fn packed_sft_rows_give_the_same_loss_as_padded_rows() {
         (padded - packed).abs() < 1e-5,
         "padded {padded} vs packed {packed}"
     );
+}
+
+/// Losses of `steps` optimizer steps on the tiny model, the initial and the final weights (as f32).
+type Run = (Vec<f64>, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+fn losses_with(compute: ComputeDType, adamw: AdamWConfig, steps: usize) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let (model, mut opt) = load_for_training(&model_dir, compute, adamw, &Device::Cpu).unwrap();
+    let initial = masters(&opt);
+    let mut opts = options(steps, 8, 1);
+    opts.lr = 2e-3;
+    let summary = train(
+        &model,
+        &mut opt,
+        &text_rows(200, 32),
+        &opts,
+        &dir.path().join("w"),
+        &mut never,
+    )
+    .unwrap();
+    let losses = summary.history.iter().map(|m| m.loss).collect();
+    (losses, initial, masters(&opt))
+}
+
+/// |a − b| / |b − origin| over all weights: how far `a` is from `b`, relative to how far `b` moved.
+fn relative_to_update(a: &[Vec<f32>], b: &[Vec<f32>], origin: &[Vec<f32>]) -> f64 {
+    let (mut diff, mut moved) = (0f64, 0f64);
+    for ((x, y), o) in a.iter().zip(b).zip(origin) {
+        for ((p, q), r) in x.iter().zip(y).zip(o) {
+            diff += ((p - q) as f64).powi(2);
+            moved += ((q - r) as f64).powi(2);
+        }
+    }
+    (diff / moved).sqrt()
+}
+
+/// 8-bit AdamW follows f32 AdamW over 50 steps: every loss within 0.5 %, and the final weights differ from
+/// f32 AdamW's by less than 8 % of how far training moved them (L2) — the moments' quantisation error, not a
+/// different optimizer. (Measured: 0.05 % and 2.8 %.)
+#[test]
+fn eight_bit_adamw_tracks_f32_adamw_over_50_steps() {
+    let (l32, w0, w32) = losses_with(ComputeDType::F32, AdamWConfig::default(), 50);
+    let q8 = AdamWConfig {
+        moments: MomentPrecision::Blockwise8,
+        ..Default::default()
+    };
+    let (l8, _, w8) = losses_with(ComputeDType::F32, q8, 50);
+    assert!(l32.last() < l32.first(), "f32 AdamW learns: {l32:?}");
+    let worst = l32
+        .iter()
+        .zip(&l8)
+        .map(|(a, b)| (a - b).abs() / a)
+        .fold(0f64, f64::max);
+    let drift = relative_to_update(&w8, &w32, &w0);
+    eprintln!("8-bit vs f32 AdamW: worst loss gap {worst:.4}, weights {drift:.4} of the update");
+    assert!(
+        worst < 0.005,
+        "8-bit AdamW's loss strays {worst} from f32's"
+    );
+    assert!(
+        drift < 0.08,
+        "8-bit AdamW's weights stray {drift} of the update from f32's"
+    );
+}
+
+/// bf16 weights without f32 masters, updated with stochastic rounding, learn like the run with masters:
+/// every loss within 1 % over 50 steps (measured: 0.18 %).
+#[test]
+fn bf16_without_masters_tracks_the_run_with_masters() {
+    let (with, _, _) = losses_with(ComputeDType::Bf16, AdamWConfig::default(), 50);
+    let lean = AdamWConfig {
+        masters: false,
+        ..Default::default()
+    };
+    let (without, _, _) = losses_with(ComputeDType::Bf16, lean, 50);
+    let worst = with
+        .iter()
+        .zip(&without)
+        .map(|(a, b)| (a - b).abs() / a)
+        .fold(0f64, f64::max);
+    eprintln!("bf16 without masters vs with: worst loss gap {worst:.4}");
+    assert!(without.last() < without.first(), "{without:?}");
+    assert!(worst < 0.01, "without masters the loss strays {worst}");
 }

@@ -1,7 +1,7 @@
 //! Training checkpoints in the step's work folder: master weights, AdamW moments and the step counter,
 //! written to a temporary folder, synced and renamed, so a crash leaves either the old or the new one.
 
-use super::optimizer::{set_master, AdamW};
+use super::optimizer::{set_master, AdamW, Moment, Quantized8};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -34,8 +34,20 @@ pub fn save_checkpoint(root: &Path, opt: &AdamW, state: &TrainState) -> Result<P
     let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(opt.params.len() * 3);
     for p in &opt.params {
         tensors.insert(format!("master/{}", p.name), p.master.clone());
-        tensors.insert(format!("m/{}", p.name), p.m.clone());
-        tensors.insert(format!("v/{}", p.name), p.v.clone());
+        for (kind, moment) in [("m", &p.m), ("v", &p.v)] {
+            match moment {
+                Moment::F32(t) => {
+                    tensors.insert(format!("{kind}/{}", p.name), t.clone());
+                }
+                Moment::Blockwise8(q) => {
+                    let dev = &Device::Cpu;
+                    let codes = Tensor::from_vec(q.codes.clone(), q.codes.len(), dev)?;
+                    let absmax = Tensor::from_vec(q.absmax.clone(), q.absmax.len(), dev)?;
+                    tensors.insert(format!("{kind}.codes/{}", p.name), codes);
+                    tensors.insert(format!("{kind}.absmax/{}", p.name), absmax);
+                }
+            }
+        }
     }
     candle_core::safetensors::save(&tensors, tmp.join(TENSORS_FILE))?;
     std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(state)?)?;
@@ -92,22 +104,38 @@ pub fn load_checkpoint(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<T
     let mut tensors = candle_core::safetensors::load(dir.join(TENSORS_FILE), device)
         .with_context(|| format!("reading {}", dir.join(TENSORS_FILE).display()))?;
     for p in &mut opt.params {
-        let mut take = |kind: &str| -> Result<Tensor> {
-            let key = format!("{kind}/{}", p.name);
+        let shape = p.master.dims().to_vec();
+        let mut take = |key: String, want: &[usize]| -> Result<Tensor> {
             match tensors.remove(&key) {
-                Some(t) if t.dims() == p.master.dims() => Ok(t),
+                Some(t) if t.dims() == want => Ok(t),
                 Some(t) => bail!(
                     "checkpoint {}: {key} has shape {:?}, expected {:?}",
                     dir.display(),
                     t.dims(),
-                    p.master.dims()
+                    want
                 ),
                 None => bail!("checkpoint {}: missing {key}", dir.display()),
             }
         };
-        let (w, m, v) = (take("master")?, take("m")?, take("v")?);
-        p.m = m;
-        p.v = v;
+        let w = take(format!("master/{}", p.name), &shape)?;
+        for kind in ["m", "v"] {
+            let moment = if kind == "m" { &mut p.m } else { &mut p.v };
+            match moment {
+                Moment::F32(t) => *t = take(format!("{kind}/{}", p.name), &shape)?,
+                Moment::Blockwise8(q) => {
+                    let codes = take(format!("{kind}.codes/{}", p.name), &[q.codes.len()])?;
+                    let absmax = take(format!("{kind}.absmax/{}", p.name), &[q.absmax.len()])?;
+                    *q = Quantized8 {
+                        codes: codes.to_vec1::<u8>()?,
+                        absmax: absmax.to_vec1::<f32>()?,
+                        signed: q.signed,
+                        root: q.root,
+                    };
+                }
+            }
+        }
+        // Without masters the checkpoint holds the variable's own (bf16) weights.
+        let w = w.to_dtype(p.master.dtype())?;
         set_master(p, w)?;
     }
     opt.steps = state.step;

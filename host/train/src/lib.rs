@@ -24,7 +24,10 @@ pub use batch::{build_micro_batch, MicroBatch};
 pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
 pub use loss::weighted_nll_sum;
 pub use metrics::{plot_loss, MetricsLog, StepMetrics};
-pub use optimizer::{set_master, AdamW, AdamWConfig, Param};
+pub use optimizer::{
+    round_bf16_stochastic, set_master, AdamW, AdamWConfig, Moment, MomentPrecision, Param,
+    Quantized8, Q8_BLOCK,
+};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
     checkpoint_dir, clip_gradients, global_norm, train, train_objective, LmObjective, MicroLoss,

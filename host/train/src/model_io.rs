@@ -88,8 +88,11 @@ pub fn load_for_training(
             }
             let model = Llama::new(&cfg, VarBuilder::from_varmap(&half, DType::BF16, device))?;
             let mut opt = AdamW::new(sorted_vars(&half), adamw)?;
-            for (p, (_, master)) in opt.params.iter_mut().zip(&masters) {
-                set_master(p, master.as_tensor().clone())?;
+            if adamw.masters {
+                // The f32 weights as read, not their bf16 rounding.
+                for (p, (_, master)) in opt.params.iter_mut().zip(&masters) {
+                    set_master(p, master.as_tensor().clone())?;
+                }
             }
             Ok((model, opt))
         }

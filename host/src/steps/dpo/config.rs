@@ -2,7 +2,7 @@
 //! keys of [`TrainStepConfig`] (converted to it, so checks and step counts are shared).
 
 use crate::data::TemplateChoice;
-use crate::steps::training::TrainStepConfig;
+use crate::steps::training::{OptimizerKind, TrainStepConfig};
 use crate::steps::ConfigIssue;
 use crate::train::dpo::{DpoLossConfig, DpoLossKind, PairLimits};
 use crate::train::{ComputeDType, ScheduleKind};
@@ -92,6 +92,12 @@ pub struct DpoStepConfig {
     /// Compute precision.
     #[serde(default)]
     pub dtype: ComputeDType,
+    /// `adamw` or `adamw_8bit` (see the training keys).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Keep f32 master weights when computing in bf16 (`false`: stochastic rounding).
+    #[serde(default = "TrainStepConfig::default_true")]
+    pub master_weights: bool,
     /// Shuffle pairs every epoch.
     #[serde(default = "TrainStepConfig::default_true")]
     pub shuffle: bool,
@@ -139,6 +145,8 @@ impl DpoStepConfig {
             packing: false,
             separate_documents: false,
             dtype: self.dtype,
+            optimizer: self.optimizer,
+            master_weights: self.master_weights,
             shuffle: self.shuffle,
             filter_params: self.filter_params.clone(),
             template: self.template,
@@ -275,6 +283,7 @@ mod tests {
         let tuned: DpoStepConfig = toml::from_str(
             "micro_batch = 3\ngrad_accum = 5\nweight_decay = 0.1\nclip = 0.5\nshuffle = false\n\
              checkpoint_every = 7\neps = 1e-6\nbetas = [0.8, 0.9]\nschedule = \"linear\"\n\
+             optimizer = \"adamw_8bit\"\nmaster_weights = false\n\
              warmup_steps = 2\nepochs = 4\nmax_steps = 9\nseed = 3\ndtype = \"bf16\"",
         )
         .unwrap();
