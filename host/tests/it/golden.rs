@@ -56,10 +56,11 @@ fn without_timings(v: Value) -> Value {
     }
 }
 
-/// BLAKE3 of an artifact's files (sorted by path), JSON with its timing fields left out and the run's folder
-/// `root` written as `<run>` (outputs may name their inputs' paths); the manifest (keys, clock times) is not
-/// output.
-fn digest(dir: &Path, root: &Path) -> String {
+/// BLAKE3 of an artifact's files (sorted by path), JSON with its timing fields left out; outputs may name
+/// their inputs' paths, so the run's folder `root` is written as `<run>` and each artifact folder name in
+/// `folders` (`<step>-<key>`, whose key follows every upstream parameter) as `<step>`. The manifest (keys,
+/// clock times) is not output.
+fn digest(dir: &Path, root: &Path, folders: &[(String, String)]) -> String {
     let root = root.to_string_lossy().into_owned();
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -79,7 +80,11 @@ fn digest(dir: &Path, root: &Path) -> String {
         let rel = f.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
         let mut bytes = std::fs::read(&f).unwrap();
         if let Ok(text) = std::str::from_utf8(&bytes) {
-            bytes = text.replace(&root, "<run>").into_bytes();
+            let mut text = text.replace(&root, "<run>");
+            for (folder, step) in folders {
+                text = text.replace(folder.as_str(), step);
+            }
+            bytes = text.into_bytes();
         }
         let text = std::str::from_utf8(&bytes).ok();
         let content = match f.extension().and_then(|e| e.to_str()) {
@@ -132,6 +137,14 @@ async fn every_kinds_output_is_pinned_to_its_version() {
         "the golden workflow must use every built-in kind"
     );
 
+    let folders: Vec<(String, String)> = summary
+        .steps
+        .iter()
+        .map(|s| {
+            let folder = s.dir.file_name().unwrap().to_string_lossy().into_owned();
+            (folder, format!("<{}>", s.name))
+        })
+        .collect();
     // step -> {kind, version, digest}
     let mut now: BTreeMap<String, Value> = BTreeMap::new();
     for step in &workflow.steps {
@@ -141,7 +154,7 @@ async fn every_kinds_output_is_pinned_to_its_version() {
             json!({
                 "kind": step.kind.name(),
                 "version": step.kind.version(),
-                "digest": digest(&report.dir, dir.path()),
+                "digest": digest(&report.dir, dir.path(), &folders),
             }),
         );
     }
