@@ -67,6 +67,7 @@ mod host;
 mod layer_policy;
 mod merge_rule;
 mod output;
+mod runtime;
 mod sandbox;
 mod scaffold;
 mod shared;

@@ -742,6 +742,7 @@ seed = 1
 
 [plugins.short]
 path = "{}"
+build = true
 
 [datasets.pairs]
 path = "pairs.jsonl"

@@ -339,6 +339,7 @@ path = "tiny"
 
 [plugins.short]
 path = "{}"
+build = true
 
 [datasets.docs]
 path = "docs.jsonl"
@@ -426,6 +427,7 @@ path = "tiny"
 
 [plugins.decon]
 path = "{plugin}"
+build = true
 grants.read = ["{bench}"]
 
 [datasets.orca]
