@@ -30,8 +30,8 @@ pub mod device;
 pub mod generation;
 pub mod in_place_writer;
 pub mod llama;
-pub mod softmax;
 pub mod safetensors_header;
+pub mod softmax;
 pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
@@ -50,5 +50,6 @@ pub use llama::{
 pub use tensor_store::{TensorMeta, TensorStore};
 pub use tokenizer::Tokenizer;
 pub use weights::{
-    check_weights, init_trainable, load_model, load_trainable, save_model, save_tensors, save_varmap, SaveOptions,
+    check_weights, init_trainable, load_model, load_trainable, save_model, save_tensors,
+    save_varmap, SaveOptions,
 };

@@ -90,9 +90,8 @@ pub fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<Header>
             }
             continue;
         }
-        let tensor = parse_tensor(value).with_context(|| {
-            format!("{}: corrupt header: tensor {name:?}", path.display())
-        })?;
+        let tensor = parse_tensor(value)
+            .with_context(|| format!("{}: corrupt header: tensor {name:?}", path.display()))?;
         tensors.insert(name.clone(), tensor);
     }
     check_layout(path, &tensors, data_start, file_len)?;
@@ -242,7 +241,10 @@ mod tests {
     fn errors_name_the_tensor_and_the_numbers() {
         let err = |header: &str, data: usize| format!("{:#}", parse(header, data).unwrap_err());
         let truncated = err(TWO, 10);
-        assert!(truncated.contains("truncated tensor data: tensor \"b\""), "{truncated}");
+        assert!(
+            truncated.contains("truncated tensor data: tensor \"b\""),
+            "{truncated}"
+        );
         assert!(truncated.contains("[8, 14)"), "{truncated}");
         assert!(truncated.contains("only 10 data bytes"), "{truncated}");
         let padded = err(TWO, 20);
@@ -252,13 +254,19 @@ mod tests {
             8,
         );
         assert!(wrong.contains("tensor \"a\""), "{wrong}");
-        assert!(wrong.contains("holds 8 bytes") && wrong.contains("needs 12"), "{wrong}");
+        assert!(
+            wrong.contains("holds 8 bytes") && wrong.contains("needs 12"),
+            "{wrong}"
+        );
         let gap = err(
             r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
             8,
         );
         assert!(gap.contains("tensor \"a\" starts at data byte 4"), "{gap}");
-        let dtype = err(r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#, 4);
+        let dtype = err(
+            r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+        );
         assert!(dtype.contains("unknown dtype \"F33\""), "{dtype}");
         let huge = err(
             r#"{"a":{"dtype":"F32","shape":[18446744073709551615,4],"data_offsets":[0,4]}}"#,
@@ -271,7 +279,9 @@ mod tests {
     fn a_header_length_past_the_file_is_refused_before_reading() {
         let path = Path::new("m.safetensors");
         let err = header_length(path, 1000u64.to_le_bytes(), 100).unwrap_err();
-        assert!(err.to_string().contains("declares 1000 header bytes but the file has 100"));
+        assert!(err
+            .to_string()
+            .contains("declares 1000 header bytes but the file has 100"));
         assert!(header_length(path, u64::MAX.to_le_bytes(), 100).is_err());
     }
 }

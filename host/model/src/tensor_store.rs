@@ -191,7 +191,13 @@ impl TensorStore {
                     index_path.display()
                 )
             })?;
-            entries.insert(name.clone(), Entry { file: i, ..info.clone() });
+            entries.insert(
+                name.clone(),
+                Entry {
+                    file: i,
+                    ..info.clone()
+                },
+            );
         }
         Ok(TensorStore {
             root: dir.to_path_buf(),

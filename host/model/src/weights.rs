@@ -35,7 +35,8 @@ pub fn check_weights(store: &TensorStore, cfg: &LlamaConfig) -> Result<()> {
     for (name, shape) in cfg.weight_shapes() {
         let Some(meta) = store.get(&name) else {
             let why = if name == "lm_head.weight" {
-                " (config.json has tie_word_embeddings = false, so the model needs its own head)".to_string()
+                " (config.json has tie_word_embeddings = false, so the model needs its own head)"
+                    .to_string()
             } else {
                 format!(
                     " (config.json: {} layers of hidden size {})",
@@ -293,4 +294,3 @@ fn torch_dtype_name(dtype: DType) -> &'static str {
         _ => "float32",
     }
 }
-

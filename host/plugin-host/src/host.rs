@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::{
-    Component, ComponentExportIndex, Instance, InstancePre, Linker, ResourceAny,
+    Component, ComponentExportIndex, Instance, InstancePre, Linker, Resource,
 };
 use wasmtime::{Cache, CacheConfig, Config, Engine, Store};
+use wasmtime_wasi::filesystem::Descriptor;
 use wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode;
 
 /// The plugin runtime of a process: one engine with epoch interruption and wasmtime's
@@ -236,9 +237,10 @@ impl PluginHost {
             .map_err(anyhow::Error::from)
             .context("not a valid WebAssembly component")?;
         std::fs::create_dir_all(&dir)?;
-        let tmp = artifact.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, component.serialize()?)?;
-        std::fs::rename(&tmp, &artifact)?;
+        // A temp file of its own: threads and processes may compile the same component at once.
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+        std::io::Write::write_all(&mut tmp, &component.serialize()?)?;
+        tmp.persist(&artifact).map_err(|e| e.error)?;
         Ok(component)
     }
 }
@@ -254,7 +256,7 @@ fn refuse_links(linker: &mut Linker<StoreState>) -> Result<()> {
     let mut types = linker.instance(FILESYSTEM)?;
     types.func_wrap_async(
         "[method]descriptor.symlink-at",
-        |_store, (_dir, _target, _link): (ResourceAny, String, String)| {
+        |_store, (_dir, _target, _link): (Resource<Descriptor>, String, String)| {
             Box::new(async { Ok((Err::<(), _>(ErrorCode::NotPermitted),)) })
         },
     )?;
@@ -262,10 +264,10 @@ fn refuse_links(linker: &mut Linker<StoreState>) -> Result<()> {
         "[method]descriptor.link-at",
         |_store,
          (_dir, _flags, _old, _new_dir, _new): (
-            ResourceAny,
+            Resource<Descriptor>,
             wasmtime_wasi::p2::bindings::filesystem::types::PathFlags,
             String,
-            ResourceAny,
+            Resource<Descriptor>,
             String,
         )| { Box::new(async { Ok((Err::<(), _>(ErrorCode::NotPermitted),)) }) },
     )?;
@@ -507,7 +509,8 @@ fn bounded<T>(
 }
 
 fn is_cancellation(e: &wasmtime::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<CallCancelled>().is_some())
+    e.chain()
+        .any(|c| c.downcast_ref::<CallCancelled>().is_some())
 }
 
 impl Job {
@@ -557,10 +560,7 @@ impl Job {
     pub(crate) fn call<R>(
         &mut self,
         function: &str,
-        f: impl AsyncFnOnce(
-            &mut Store<StoreState>,
-            &Instance,
-        ) -> wasmtime::Result<Result<R, String>>,
+        f: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<R> {
         if let Some(why) = &self.broken {
             bail!(

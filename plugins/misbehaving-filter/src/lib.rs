@@ -7,7 +7,7 @@
 //! "sleep" (sleeps `ms` milliseconds, forever when 0, blocked in WASI rather than running code), "inflate"
 //! (rewrites every record to one with a `text` of `size` bytes), "symlink" (creates a symbolic link `path`
 //! pointing to `target`), "hardlink" (creates a hard link `path` to the file `target`), "wrong-type"
-//! (rewrites records so that `text` is a number).
+//! (rewrites records with their `text` set to a number).
 
 use dusflow_sdk::data_filter::{DataFilter, Verdict};
 use serde::Deserialize;
@@ -118,7 +118,11 @@ impl DataFilter for Misbehave {
                     .map_err(|e| format!("cannot create hard link {}: {e}", p.path))?;
                 Ok(Verdict::Keep)
             }
-            "wrong-type" => Ok(Verdict::rewrite(&serde_json::json!({ "text": 5 }))),
+            "wrong-type" => {
+                let mut record = record;
+                record["text"] = serde_json::json!(5);
+                Ok(Verdict::rewrite(&record))
+            }
             "stderr" => {
                 eprintln!("misbehaving-filter: about to fail");
                 Err("failed after writing to stderr".into())

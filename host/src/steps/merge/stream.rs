@@ -288,7 +288,8 @@ pub fn check_configs(inputs: &[&NamedModel], stores: &[TensorStore]) -> Result<(
         match &first {
             None => first = Some((model, cfg)),
             Some((reference, expected)) => {
-                let architecture = |c: &LlamaConfig| (c.architectures.clone(), c.model_type.clone());
+                let architecture =
+                    |c: &LlamaConfig| (c.architectures.clone(), c.model_type.clone());
                 if architecture(&cfg) != architecture(expected) {
                     bail!(
                         "model `{}` is {:?} ({}) but model `{}` is {:?} ({}): merge models of one architecture",
@@ -317,9 +318,9 @@ fn non_finite_at(bytes: &[u8], dtype: safetensors::Dtype) -> Option<usize> {
         Dtype::F16 => bytes
             .chunks_exact(2)
             .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000),
+        Dtype::F32 => bytes.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
         Dtype::F64 => bytes.chunks_exact(8).position(|b| {
             u64::from_le_bytes(b.try_into().expect("8 bytes")) & 0x7ff0_0000_0000_0000
                 == 0x7ff0_0000_0000_0000
