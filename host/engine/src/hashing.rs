@@ -259,7 +259,14 @@ mod tests {
     #[test]
     fn file_hashes_are_blake3_of_the_bytes_across_chunk_boundaries() {
         let dir = tempfile::tempdir().unwrap();
-        for len in [0usize, 1, (16 << 20) - 1, 16 << 20, (16 << 20) + 5, 40 << 20] {
+        for len in [
+            0usize,
+            1,
+            (16 << 20) - 1,
+            16 << 20,
+            (16 << 20) + 5,
+            40 << 20,
+        ] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let file = dir.path().join(format!("f{len}"));
             std::fs::write(&file, &bytes).unwrap();
