@@ -339,6 +339,25 @@ fn plugin_check_runs_a_plugin_that_reads_a_granted_folder() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(text.contains("drop"), "{text}");
     assert!(text.contains("keep"), "{text}");
+
+    // A plugin opening a socket is refused with an error, not a panic of the host.
+    load("misbehaving-filter");
+    let plugin = plugin_dir("misbehaving-filter");
+    let (out, _) = run_dus(
+        &[
+            "plugin",
+            "check",
+            plugin.to_str().unwrap(),
+            "--params",
+            r#"{"mode": "connect", "addr": "127.0.0.1:9"}"#,
+        ],
+        dir.path(),
+        Duration::from_secs(300),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot connect to 127.0.0.1:9"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 fn merge_flow(dir: &Path, value: &str, extra: &str) {
