@@ -195,7 +195,8 @@ pub struct PluginGrants {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginLimits {
-    /// Time budget of a single call, in milliseconds of wall-clock time (enforced with epoch interruption).
+    /// Time budget of a single call, in milliseconds of wall-clock time, whatever the plugin does: guest code
+    /// is interrupted at an epoch tick, a wait in WASI (sleep, poll, read) is abandoned.
     #[serde(default = "PluginLimits::default_timeout_ms")]
     pub timeout_ms: u64,
     /// Maximum linear memory of the plugin instance, in MiB.
