@@ -1,7 +1,8 @@
 //! The Llama/Mistral model family in candle: configs, checkpoints, tokenizers, forward passes (issue 3).
 //!
 //! - [`config`]: `config.json` ([`LlamaConfig`]), validated.
-//! - [`tensor_store`]: memory-mapped reading of one safetensors file or a sharded folder.
+//! - [`tensor_store`]: reading one safetensors file or a sharded folder (positioned reads, checked headers);
+//!   [`safetensors_header`]: the header reader.
 //! - [`checkpoint_writer`]: canonical, streaming, sharded, atomic safetensors writing.
 //! - [`weights`]: load a folder into a model (trainable or not), fresh initialisation, save a folder.
 //! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
@@ -34,6 +35,7 @@ pub mod generation;
 pub mod in_place_writer;
 pub mod llama;
 pub mod lora;
+pub mod safetensors_header;
 pub mod softmax;
 pub mod tensor_store;
 pub mod tokenizer;
@@ -54,5 +56,6 @@ pub use llama::{
 pub use tensor_store::{TensorMeta, TensorStore};
 pub use tokenizer::Tokenizer;
 pub use weights::{
-    init_trainable, load_model, load_trainable, save_model, save_tensors, save_varmap, SaveOptions,
+    check_weights, init_trainable, load_model, load_trainable, save_model, save_tensors,
+    save_varmap, SaveOptions,
 };

@@ -293,10 +293,10 @@ pub fn plugin_filters<'a>(
             .get(name)
             .cloned()
             .unwrap_or_else(|| serde_json::json!({}));
-        Ok(Box::new(crate::data::PluginFilter::load(
-            &ctx.plugin_host()?,
+        let plugin = ctx.load_plugin(name, spec)?;
+        Ok(Box::new(crate::data::PluginFilter::start(
+            &plugin,
             name,
-            spec,
             &params.to_string(),
         )?))
     }

@@ -205,6 +205,7 @@ output = "out"
 
 [plugins.len]
 path = "{}"
+build = true
 
 [datasets.rephrased]
 path = "rephrased.jsonl"
