@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attention;
 pub mod checkpoint_writer;
 pub mod config;
 pub mod device;
@@ -34,6 +35,7 @@ pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
 
+pub use attention::{attention, AttentionMask};
 pub use checkpoint_writer::{
     write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
 };
