@@ -5,6 +5,7 @@
 //! - [`checkpoint_writer`]: canonical, streaming, sharded, atomic safetensors writing.
 //! - [`weights`]: load a folder into a model (trainable or not), fresh initialisation, save a folder.
 //! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
+//! - [`attention`]: the fused attention op (forward and backward, CPU and CUDA) every forward calls.
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
 //! - [`generation`]: batched generation and log-likelihood scoring.
 //! - [`device`]: the workflow's `device` and `dtype` choices as candle devices and dtypes.
@@ -30,7 +31,6 @@ pub mod device;
 pub mod generation;
 pub mod in_place_writer;
 pub mod llama;
-pub mod softmax;
 pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
@@ -43,10 +43,7 @@ pub use config::LlamaConfig;
 pub use generation::{
     generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling,
 };
-pub use llama::{
-    block_causal_bias, causal_bias, packed_position_ids, padded_causal_bias, ForwardOptions,
-    KvCache, Llama,
-};
+pub use llama::{document_ids, key_mask, packed_position_ids, ForwardOptions, KvCache, Llama};
 pub use tensor_store::{TensorMeta, TensorStore};
 pub use tokenizer::Tokenizer;
 pub use weights::{

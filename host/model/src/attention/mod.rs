@@ -88,6 +88,16 @@ pub fn attention(
         scale,
         lse: Mutex::new(None),
     };
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        let (q, k, v, head_dim) = cuda::kernel_inputs(q, k, v)?;
+        let out = q.apply_op3(&k, &v, op)?;
+        return Ok(if out.dim(3)? == head_dim {
+            out
+        } else {
+            out.narrow(3, 0, head_dim)?.contiguous()?
+        });
+    }
     Ok(unit_last_stride(q)?.apply_op3(&unit_last_stride(k)?, &unit_last_stride(v)?, op)?)
 }
 
