@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Sub};
 
 /// Keys per tile.
-const KEY_TILE: usize = 64;
+const KEY_TILE: usize = 128;
 /// Query rows (positions × heads of a group) a task aims for: larger blocks feed the matrix products
 /// better, smaller ones make more tasks.
 const TARGET_ROWS: usize = 64;
@@ -112,10 +112,17 @@ fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer in any SIMD width.
+    // 1.5 · 2^23: adding it rounds to the nearest integer n, held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let xc = if x < -87.0 {
+        -87.0
+    } else if x > 88.0 {
+        88.0
+    } else {
+        x
+    };
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -124,7 +131,9 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n built from those bits: the low bits of n + 127 land in the exponent field (no float-to-int
+    // conversion, which would not vectorise).
+    let pow2 = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {

@@ -76,6 +76,10 @@ impl StepKind for DpoStep {
         "dpo"
     }
 
+    fn version(&self) -> u32 {
+        2 // 2: attention through the fused op (issue 17): the same values up to float rounding
+    }
+
     fn inputs(&self) -> InputSlots {
         InputSlots::Fixed(DPO_INPUTS)
     }
