@@ -121,16 +121,17 @@ fn exp_f32(x: f32) -> f32 {
     } else {
         x
     };
-    let shifted = xc * LOG2E + ROUND;
+    // Fused multiply-adds: single instructions in the AVX2 + FMA build (and on aarch64).
+    let shifted = xc.mul_add(LOG2E, ROUND);
     let n = shifted - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let y = p * r * r + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5.000_000_1e-1);
+    let y = (p * r).mul_add(r, r + 1.0);
     // 2^n built from those bits: the low bits of n + 127 land in the exponent field (no float-to-int
     // conversion, which would not vectorise).
     let pow2 = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
@@ -314,6 +315,14 @@ fn mm_abt<C: Real>(
     if m == 0 || n == 0 {
         return;
     }
+    if lda == k && ldb == k && ldc == n && n <= KEY_TILE {
+        match k {
+            8 => return small::abt::<C, 8>(m, n, a, b, c, accumulate),
+            16 => return small::abt::<C, 16>(m, n, a, b, c, accumulate),
+
+            _ => {}
+        }
+    }
     assert!(a.len() >= (m - 1) * lda + k && b.len() >= (n - 1) * ldb + k);
     assert!(c.len() >= (m - 1) * ldc + n);
     // SAFETY: the bounds above cover every element gemm reads or writes.
@@ -429,6 +438,49 @@ fn mm_atb_acc<C: Real>(
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// The score tile for small head dims `D`, where gemm's micro-kernels (built for long inner dimensions)
+/// spend their time loading and storing the output block. Written on fixed-size arrays so the compiler
+/// keeps the accumulators in registers and vectorises over the keys.
+mod small {
+    use super::{Real, KEY_TILE};
+
+    /// `c (m×n) = [c +] a·bᵀ`, `a` m×D, `b` n×D (n ≤ KEY_TILE), all contiguous.
+    #[inline(always)]
+    pub(super) fn abt<C: Real, const D: usize>(
+        m: usize,
+        n: usize,
+        a: &[C],
+        b: &[C],
+        c: &mut [C],
+        accumulate: bool,
+    ) {
+        // bᵀ, padded with zero keys to a full tile, so each query row is D broadcast-multiply-adds over
+        // KEY_TILE contiguous keys.
+        let mut bt = [[C::ZERO; KEY_TILE]; D];
+        for (j, row) in b.chunks_exact(D).take(n).enumerate() {
+            for d in 0..D {
+                bt[d][j] = row[d];
+            }
+        }
+        for (ar, dst) in a.chunks_exact(D).zip(c.chunks_exact_mut(n)).take(m) {
+            let mut acc = [C::ZERO; KEY_TILE];
+            for d in 0..D {
+                let x = ar[d];
+                for (s, &y) in acc.iter_mut().zip(&bt[d]) {
+                    *s += x * y;
+                }
+            }
+            if accumulate {
+                for (o, &s) in dst.iter_mut().zip(&acc) {
+                    *o += s;
+                }
+            } else {
+                dst.copy_from_slice(&acc[..n]);
+            }
+        }
     }
 }
 
