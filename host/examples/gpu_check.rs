@@ -448,12 +448,14 @@ fn attention_speed(batch: usize, seq: usize, gpu: &Device) -> Result<()> {
         gpu.synchronize()?;
         Ok(started.elapsed().as_secs_f64() / runs as f64)
     };
-    let fused = |t: &Tensor| -> Result<Tensor> {
-        Ok(attention(t, k.as_tensor(), v.as_tensor(), &mask, scale)?)
-    };
+    let fused =
+        |t: &Tensor| -> Result<Tensor> { attention(t, k.as_tensor(), v.as_tensor(), &mask, scale) };
     let backward = |out: Tensor| -> Result<()> {
         let grads = (out * &d_out)?.sum_all()?.backward()?;
-        ensure!(grads.get(k.as_tensor()).is_some(), "no gradient reached the keys");
+        ensure!(
+            grads.get(k.as_tensor()).is_some(),
+            "no gradient reached the keys"
+        );
         Ok(())
     };
     let forward_s = time(&|| {

@@ -530,7 +530,8 @@ checkpoint_every = 4
 "#;
 
 const CHILD_ENV: &str = "DUSFLOW_DPO_TEST_CHILD";
-const THIS_TEST: &str = "dpo::sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights";
+const THIS_TEST: &str =
+    "dpo::sdpo_killed_in_stage_two_resumes_there_and_ends_with_the_same_weights";
 
 /// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set.
 fn dus_run(dir: &Path) -> std::process::Child {

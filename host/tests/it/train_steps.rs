@@ -177,7 +177,8 @@ checkpoint_every = 4
 "#;
 
 const CHILD_ENV: &str = "DUSFLOW_TRAIN_TEST_CHILD";
-const THIS_TEST: &str = "train_steps::a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights";
+const THIS_TEST: &str =
+    "train_steps::a_run_killed_with_sigkill_resumes_and_ends_with_the_same_weights";
 
 /// Runs the workflow of `dir` in a child process: this test binary re-run with [`CHILD_ENV`] set (the
 /// shared `dus` binary of the target folder may belong to another build, so the test does not use it).

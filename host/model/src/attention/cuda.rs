@@ -8,7 +8,7 @@ use super::mask::AttentionMask;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
@@ -88,8 +88,15 @@ pub(super) fn kernel_inputs(
         let aligned = l.stride()[3] == 1
             && l.stride()[..3].iter().all(|s| s % 16 == 0)
             && (l.start_offset() * x.dtype().size_in_bytes()) % 16 == 0;
-        let fits = l.stride().iter().zip(l.dims()).all(|(s, d)| s * d < i32::MAX as usize);
-        anyhow::ensure!(fits, "attention on CUDA: tensor too large for 32-bit indexing");
+        let fits = l
+            .stride()
+            .iter()
+            .zip(l.dims())
+            .all(|(s, d)| s * d < i32::MAX as usize);
+        anyhow::ensure!(
+            fits,
+            "attention on CUDA: tensor too large for 32-bit indexing"
+        );
         Ok(if aligned { x } else { x.contiguous()? })
     };
     Ok((prepare(q)?, prepare(k)?, prepare(v)?, hd))
@@ -134,9 +141,11 @@ impl MaskArgs {
 
 /// Loads (once per device) and returns the kernel, with its shared-memory limit raised when it needs
 /// more than the default 48 KiB.
-fn load(dev: &CudaDevice, k: &TritonKernel) -> Result<candle_core::cuda_backend::CudaFunc> {
+fn load(dev: &CudaDevice, k: &TritonKernel) -> Result<CudaFunction> {
     let module = format!("dusflow_{}_{}_d{}", k.kernel, k.dtype, k.block_d);
-    let func = dev.get_or_load_custom_func(k.entry, &module, k.ptx)?;
+    let func = dev
+        .get_or_load_custom_func(k.entry, &module, k.ptx)?
+        .into_cuda_function();
     if k.shared > 48 * 1024 {
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -217,6 +226,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     lv: &Layout,
 ) -> Result<(CudaStorage, Tensor)> {
     let dev = q.device().clone();
+    let stream = dev.cuda_stream();
     let kern = find("attn_fwd", q.dtype(), p.head_dim)?;
     let func = load(&dev, kern)?;
     let m = MaskArgs::of(mask)?;
@@ -254,7 +264,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let (sq, sk, sv) = (strides(lq), strides(lk), strides(lv));
     let scale = p.scale as f32;
     let scratch = 0u64;
-    let mut b = func.builder();
+    let mut b = stream.launch_builder(&func);
     b.arg(&qv).arg(&kv).arg(&vv).arg(&mut out).arg(&mut lse);
     b.arg(&km).arg(&dc);
     for s in sq.iter().chain(&sk).chain(&sv) {
@@ -267,8 +277,13 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     debug_assert_eq!(kern.args, 27);
     // SAFETY: the arguments match the kernel's signature (kernels.rs, generated with the PTX), every
     // pointer covers the elements the kernel addresses (from the layouts checked by `kernel_inputs`).
-    unsafe { b.launch(launch_config(kern, (p.seq.div_ceil(kern.block_m), p.batch * p.heads))) }
-        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    unsafe {
+        b.launch(launch_config(
+            kern,
+            (p.seq.div_ceil(kern.block_m), p.batch * p.heads),
+        ))
+    }
+    .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
     drop(b);
     let lse = tensor(lse, &dev, &[p.batch, p.heads, p.seq]);
     Ok((CudaStorage::wrap_cuda_slice(out, dev), lse))
@@ -323,6 +338,7 @@ fn backward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         as_cuda(&sl),
     );
     let dev = sq.device().clone();
+    let stream = dev.cuda_stream();
     let (qv, kv, vv, ov, dov) = (
         view::<T>(sq, lq.start_offset())?,
         view::<T>(sk, lk.start_offset())?,
@@ -365,12 +381,17 @@ fn backward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let kern = find("attn_bwd_delta", q.dtype(), p.head_dim)?;
     let func = load(&dev, kern)?;
     let (seq, heads, hd) = (p.seq as i32, p.heads as i32, p.head_dim as i32);
-    let mut b = func.builder();
+    let mut b = stream.launch_builder(&func);
     b.arg(&ov).arg(&dov).arg(&mut delta);
     b.arg(&seq).arg(&heads).arg(&hd).arg(&scratch).arg(&scratch);
     // SAFETY: as in `forward_typed`; O and dO are contiguous (batch, seq, heads, head_dim).
-    unsafe { b.launch(launch_config(kern, (p.seq.div_ceil(kern.block_m), p.batch * p.heads))) }
-        .map_err(cuda_err)?;
+    unsafe {
+        b.launch(launch_config(
+            kern,
+            (p.seq.div_ceil(kern.block_m), p.batch * p.heads),
+        ))
+    }
+    .map_err(cuda_err)?;
     drop(b);
 
     // dK, dV: one program per key tile and KV head, summing over the group's query heads.
@@ -378,8 +399,13 @@ fn backward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let mut dv = dev.alloc_zeros::<T>(p.batch * p.keys * p.kv_heads * p.head_dim)?;
     let kern = find("attn_bwd_dkdv", q.dtype(), p.head_dim)?;
     let func = load(&dev, kern)?;
-    let mut b = func.builder();
-    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&delta);
+    let mut b = stream.launch_builder(&func);
+    b.arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&dov)
+        .arg(&lsev)
+        .arg(&delta);
     b.arg(&mut dk).arg(&mut dv).arg(&km).arg(&dc);
     for s in all_strides.iter().flatten() {
         b.arg(s);
@@ -402,8 +428,13 @@ fn backward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let mut dq = dev.alloc_zeros::<T>(p.batch * p.seq * p.heads * p.head_dim)?;
     let kern = find("attn_bwd_dq", q.dtype(), p.head_dim)?;
     let func = load(&dev, kern)?;
-    let mut b = func.builder();
-    b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lsev).arg(&delta);
+    let mut b = stream.launch_builder(&func);
+    b.arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&dov)
+        .arg(&lsev)
+        .arg(&delta);
     b.arg(&mut dq).arg(&km).arg(&dc);
     for s in all_strides.iter().flatten() {
         b.arg(s);
@@ -413,8 +444,13 @@ fn backward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     }
     b.arg(&scale).arg(&scratch).arg(&scratch);
     // SAFETY: as in `forward_typed`.
-    unsafe { b.launch(launch_config(kern, (p.seq.div_ceil(kern.block_m), p.batch * p.heads))) }
-        .map_err(cuda_err)?;
+    unsafe {
+        b.launch(launch_config(
+            kern,
+            (p.seq.div_ceil(kern.block_m), p.batch * p.heads),
+        ))
+    }
+    .map_err(cuda_err)?;
     drop(b);
 
     Ok((

@@ -53,7 +53,10 @@ impl AttentionMask {
         );
         if let Some(w) = self.sliding_window {
             ensure!(w > 0, "attention: sliding_window must be at least 1");
-            ensure!(self.causal, "attention: a sliding window needs the causal mask");
+            ensure!(
+                self.causal,
+                "attention: a sliding window needs the causal mask"
+            );
         }
         for (name, t, dtype) in [
             ("key_mask", &self.key_mask, DType::U8),
@@ -173,7 +176,14 @@ impl HostMask<'_> {
     }
 
     /// Classifies queries `i0..i1` against keys `j0..j1` of row `b`.
-    pub(crate) fn classify(&self, b: usize, i0: usize, i1: usize, j0: usize, j1: usize) -> TileMask {
+    pub(crate) fn classify(
+        &self,
+        b: usize,
+        i0: usize,
+        i1: usize,
+        j0: usize,
+        j1: usize,
+    ) -> TileMask {
         let (q_first, q_last) = (self.offset + i0, self.offset + i1 - 1);
         let mut full = true;
         if self.causal {
@@ -263,7 +273,10 @@ mod tests {
                                     for j in j0..j1 {
                                         let any = (i0..i1).any(|i| m.visible(r, i, j));
                                         if any {
-                                            assert!(lo <= j && j < hi, "key {j} outside {lo}..{hi}");
+                                            assert!(
+                                                lo <= j && j < hi,
+                                                "key {j} outside {lo}..{hi}"
+                                            );
                                             let (qlo, qhi) = m.query_range(j, j + 1, seq);
                                             for i in i0..i1 {
                                                 if m.visible(r, i, j) {

@@ -74,7 +74,10 @@ pub fn attention(
         v.dtype()
     );
     ensure!(
-        matches!(q.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16),
+        matches!(
+            q.dtype(),
+            DType::F32 | DType::F64 | DType::BF16 | DType::F16
+        ),
         "attention: unsupported dtype {:?}",
         q.dtype()
     );

@@ -293,7 +293,12 @@ fn strided_views_are_read_in_place() {
     )
     .unwrap();
     assert_eq!(diff(&got, &want), 0.0);
-    assert!(diff(&got, &attention_materialised(&q, &k, &v, &mask, 0.25).unwrap()) < 1e-12);
+    assert!(
+        diff(
+            &got,
+            &attention_materialised(&q, &k, &v, &mask, 0.25).unwrap()
+        ) < 1e-12
+    );
 }
 
 /// A query that sees no key (a padding row) gets zeros and passes no gradient; bad inputs are refused
