@@ -1,15 +1,13 @@
 //! The Llama/Mistral decoder: a training forward built only from differentiable candle ops, and an
-//! inference forward with a KV cache that uses candle's fused kernels (which have no backward).
+//! inference forward with a KV cache that uses candle's fused kernels (which have no backward). Both run
+//! attention through the fused op of [`crate::attention`] (it has a backward).
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::attention::{attention, AttentionMask};
 use super::config::LlamaConfig;
-
-/// Value added to attention scores of masked keys. Finite (like transformers' `finfo.min`) so that a fully
-/// masked row (a padding query) gives a uniform distribution instead of NaN.
-pub const MASKED: f32 = f32::MIN;
 
 /// Which op set a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,19 +18,25 @@ enum Path {
     Fast,
 }
 
-/// Optional inputs of a forward pass beyond the token ids.
+/// Optional inputs of a forward pass beyond the token ids. Attention is always causal (with Mistral's
+/// sliding window when configured); these narrow it further.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardOptions {
     /// Per-token positions, shape `(batch, seq)`, dtype u32. Default: `past_len + 0..seq` for every row.
     /// Packed documents reset positions per document; left-padded prompts start counting at the first token.
     pub position_ids: Option<Tensor>,
-    /// Additive attention bias, shape `(batch or 1, 1, seq, past_len + seq)`, f32: 0 where a query may
-    /// attend a key, [`MASKED`] where not. It replaces the default causal (and sliding-window) mask, so it
-    /// must encode causality itself; see [`causal_bias`], [`padded_causal_bias`], [`block_causal_bias`].
-    pub attention_bias: Option<Tensor>,
+    /// `(batch, past_len + seq)` u8 over every key position, cached ones included: 1 for a real token, 0 for
+    /// padding that no query may attend. A query that sees no key at all (itself padding) gets a zero
+    /// attention output. See [`key_mask`].
+    pub key_mask: Option<Tensor>,
+    /// `(batch, past_len + seq)` u32: the document of every position; a token attends only to earlier
+    /// tokens of its own document (packed rows; use with [`packed_position_ids`]).
+    pub document_ids: Option<Tensor>,
 }
 
-/// Per-layer keys and values of the tokens seen so far, for incremental decoding. Buffers are preallocated
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding, as
+/// `(batch, positions, kv_heads, head_dim)` (the layout the projections produce and the attention reads in
+/// place). Buffers are preallocated
 /// and written in place (growing by the first chunk's length + `headroom` when full), so a decoding step
 /// does not copy the whole cache. Not `Clone`: clones would share and overwrite the same buffers.
 #[derive(Debug)]
@@ -80,7 +84,7 @@ impl KvCache {
                         v.repeat((n, 1, 1, 1))?.contiguous()?,
                     );
                     let mut repeated =
-                        candle_nn::kv_cache::KvCache::new(2, k.dim(2)? + self.headroom);
+                        candle_nn::kv_cache::KvCache::new(1, k.dim(1)? + self.headroom);
                     repeated.append(&k, &v)?;
                     *slot = Some(repeated);
                 }
@@ -91,9 +95,9 @@ impl KvCache {
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let seq = k.dim(2)?;
+        let seq = k.dim(1)?;
         let cache = self.layers[layer]
-            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, seq + self.headroom));
+            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(1, seq + self.headroom));
         let out = cache.append(&k, &v)?;
         if layer + 1 == self.layers.len() {
             self.len += seq;
@@ -356,23 +360,13 @@ impl Llama {
                 .repeat((b, 1))?,
         };
         let (cos, sin) = self.rope_tables(&positions, path)?;
-        let bias = match &opts.attention_bias {
-            Some(m) => {
-                let d = m.dims();
-                ensure!(
-                    d.len() == 4
-                        && (d[0] == b || d[0] == 1)
-                        && d[1] == 1
-                        && d[2] == s
-                        && d[3] == past + s,
-                    "attention_bias must have shape ({b} or 1, 1, {s}, {}), got {d:?}",
-                    past + s
-                );
-                Some(m.to_dtype(DType::F32)?)
-            }
-            None if s == 1 && self.cfg.sliding_window.is_none_or(|w| past < w) => None,
-            None => Some(causal_bias(s, past, self.cfg.sliding_window, dev)?),
+        let mask = AttentionMask {
+            key_mask: opts.key_mask.clone(),
+            document_ids: opts.document_ids.clone(),
+            ..AttentionMask::causal(self.cfg.sliding_window, past)
         };
+        mask.check(b, s, past + s, dev)
+            .context("ForwardOptions (key_mask / document_ids cover past + seq positions)")?;
         let mut x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
@@ -380,16 +374,7 @@ impl Llama {
             .to_dtype(self.compute)?;
         for (l, w) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &self.cw(&w.input_norm)?, self.cfg.rms_norm_eps, path)?;
-            let a = self.attention(
-                l,
-                w,
-                &h,
-                &cos,
-                &sin,
-                bias.as_ref(),
-                cache.as_deref_mut(),
-                path,
-            )?;
+            let a = self.attention(l, w, &h, &cos, &sin, &mask, cache.as_deref_mut(), path)?;
             x = (x + a)?;
             let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.cfg.rms_norm_eps, path)?;
             let gate = linear(&h, &self.cw(&w.gate)?)?;
@@ -427,7 +412,7 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: Option<&mut KvCache>,
         path: Path,
     ) -> Result<Tensor> {
@@ -437,76 +422,30 @@ impl Llama {
             self.cfg.num_kv_heads(),
             self.cfg.head_dim(),
         );
-        let q = linear(x, &self.cw(&w.q)?)?
-            .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = linear(x, &self.cw(&w.k)?)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = linear(x, &self.cw(&w.v)?)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        // (batch, seq, heads, head_dim) straight from the projections: no transposes anywhere.
+        let q = linear(x, &self.cw(&w.q)?)?.reshape((b, s, nh, hd))?;
+        let k = linear(x, &self.cw(&w.k)?)?.reshape((b, s, nkv, hd))?;
+        let v = linear(x, &self.cw(&w.v)?)?.reshape((b, s, nkv, hd))?;
         let (q, k) = match path {
             Path::Differentiable => (
                 rope_differentiable(&q, cos, sin)?,
                 rope_differentiable(&k, cos, sin)?,
             ),
             Path::Fast => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+                candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?,
+                candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?,
             ),
         };
         let (k, v) = match cache {
             Some(c) => c.append(layer, k, v)?,
             None => (k, v),
         };
-        let t = k.dim(2)?;
-        // Grouped-query attention without copying keys/values: query heads of one group become extra rows.
-        let rep = nh / nkv;
-        let qg = q.reshape((b, nkv, rep * s, hd))?;
-        let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, s, t))?;
-        // On a GPU half-precision scores stay as they are: the fused softmax kernel accumulates in f32 itself,
-        // as transformers' eager attention does (bf16 scores + mask, softmax in f32, bf16 probabilities), and
-        // the (batch, heads, seq, seq) f32 copies were a training step's largest cost. On the CPU the scores
-        // are upcast first (candle's CPU softmax computes in its input's type).
-        let keep_half = scores.device().is_cuda();
-        let mut scores = if keep_half {
-            scores
-        } else {
-            scores.to_dtype(upcast(scores.dtype()))?
-        };
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(&bias_in(bias, scores.dtype())?)?;
-        }
-        let probs = match path {
-            Path::Differentiable => super::softmax::softmax_last_dim(&scores)?,
-            Path::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
-        };
-        let probs = probs.to_dtype(v.dtype())?.reshape((b, nkv, rep * s, t))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, s, hd))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
-        linear(&out, &self.cw(&w.o)?)
+        let out = attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
+        linear(&out.reshape((b, s, nh * hd))?, &self.cw(&w.o)?)
     }
 }
 
-/// `bias` in `dtype`. [`MASKED`] would become −∞ in half precision (and a fully masked row NaN), so it is
-/// clamped to a finite value far below any score first.
-fn bias_in(bias: &Tensor, dtype: DType) -> Result<Tensor> {
-    let floor = match dtype {
-        DType::F16 => -6.0e4,
-        DType::BF16 => -1.0e30,
-        _ => return Ok(bias.to_dtype(dtype)?),
-    };
-    Ok(bias.clamp(floor, f32::MAX)?.to_dtype(dtype)?)
-}
-
-/// The dtype softmax and normalisation run in: f32 for half types, else the input's own.
+/// The dtype normalisation runs in: f32 for half types, else the input's own.
 fn upcast(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,
@@ -537,14 +476,15 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor>
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` with `cos`/`sin` of shape `(batch, seq, head_dim)`.
+/// `x * cos + rotate_half(x) * sin` for `x` of shape `(batch, seq, heads, head_dim)` and `cos`/`sin` of
+/// shape `(batch, seq, head_dim)`.
 fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let cos = cos.unsqueeze(1)?;
-    let sin = sin.unsqueeze(1)?;
+    let cos = cos.unsqueeze(2)?;
+    let sin = sin.unsqueeze(2)?;
     Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
@@ -559,79 +499,29 @@ fn rope_inv_freq(cfg: &LlamaConfig, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(inv, d / 2, dev)?)
 }
 
-/// Causal attention bias `(1, 1, seq, past + seq)`: query `i` (absolute `past + i`) sees keys `j <= past + i`,
-/// and with a sliding window only keys with `past + i - j < window`.
-pub fn causal_bias(
-    seq: usize,
-    past: usize,
-    sliding_window: Option<usize>,
-    dev: &Device,
-) -> Result<Tensor> {
-    let t = past + seq;
-    let mut data = vec![MASKED; seq * t];
-    for i in 0..seq {
-        let qi = past + i;
-        let lo = sliding_window
-            .map(|w| (qi + 1).saturating_sub(w))
-            .unwrap_or(0);
-        for j in lo..=qi {
-            data[i * t + j] = 0.0;
-        }
-    }
-    Ok(Tensor::from_vec(data, (1, 1, seq, t), dev)?)
-}
-
-/// Causal bias `(batch, 1, seq, past + seq)` that also hides padding keys. `key_valid[b][j]` tells whether
-/// key `j` (over all `past + seq` positions) of row `b` is a real token.
-pub fn padded_causal_bias(
-    key_valid: &[Vec<bool>],
-    seq: usize,
-    sliding_window: Option<usize>,
-    dev: &Device,
-) -> Result<Tensor> {
+/// The `(batch, keys)` u8 key mask of [`ForwardOptions::key_mask`] from per-row flags (true = real token).
+pub fn key_mask(key_valid: &[Vec<bool>], dev: &Device) -> Result<Tensor> {
     let b = key_valid.len();
     ensure!(b > 0, "empty batch");
     let t = key_valid[0].len();
-    ensure!(t >= seq, "key_valid rows must cover past + seq positions");
-    let past = t - seq;
-    let mut data = vec![MASKED; b * seq * t];
-    for (r, valid) in key_valid.iter().enumerate() {
-        ensure!(valid.len() == t, "key_valid rows must all have length {t}");
-        for i in 0..seq {
-            let qi = past + i;
-            let lo = sliding_window
-                .map(|w| (qi + 1).saturating_sub(w))
-                .unwrap_or(0);
-            for j in lo..=qi {
-                if valid[j] {
-                    data[(r * seq + i) * t + j] = 0.0;
-                }
-            }
-        }
+    let mut data = Vec::with_capacity(b * t);
+    for row in key_valid {
+        ensure!(row.len() == t, "key_valid rows must all have length {t}");
+        data.extend(row.iter().map(|&v| v as u8));
     }
-    Ok(Tensor::from_vec(data, (b, 1, seq, t), dev)?)
+    Ok(Tensor::from_vec(data, (b, t), dev)?)
 }
 
-/// Block-diagonal causal bias `(batch, 1, seq, seq)` for packed sequences: a query sees earlier keys of the
-/// same document only. `doc_ids[b][i]` names the document of token `i` in row `b`.
-pub fn block_causal_bias(doc_ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+/// The `(batch, seq)` u32 document ids of [`ForwardOptions::document_ids`] from per-row ids.
+pub fn document_ids(doc_ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
     let b = doc_ids.len();
     ensure!(b > 0, "empty batch");
     let s = doc_ids[0].len();
-    let mut data = vec![MASKED; b * s * s];
-    for (r, docs) in doc_ids.iter().enumerate() {
-        if docs.len() != s {
-            bail!("doc_ids rows must all have length {s}");
-        }
-        for i in 0..s {
-            for j in 0..=i {
-                if docs[j] == docs[i] {
-                    data[(r * s + i) * s + j] = 0.0;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(data, (b, 1, s, s), dev)?)
+    ensure!(
+        doc_ids.iter().all(|d| d.len() == s),
+        "doc_ids rows must all have length {s}"
+    );
+    Ok(Tensor::from_vec(doc_ids.concat(), (b, s), dev)?)
 }
 
 /// Position ids `(batch, seq)` that restart at 0 at every document boundary of packed rows.

@@ -38,6 +38,7 @@ mod scale_mergekit;
 mod scale_plugin;
 mod scale_step;
 mod train_loop;
+mod train_memory;
 mod train_steps;
 mod watch;
 mod workflows;
