@@ -667,6 +667,13 @@ impl LayerStep {
     /// the weights' gradients found there go to `training.recomputed`.
     fn checkpointed(self, x: &Tensor, training: Arc<TrainingState>) -> Result<Tensor> {
         let out = self.forward(&x.detach(), None)?.detach().contiguous()?;
+        // candle records (and later runs the backward of) an op only when an argument is tracked; with a
+        // frozen base the first layer's input is not, so make it a variable (its gradient is not used).
+        let x = if x.track_op() {
+            x.clone()
+        } else {
+            Var::from_tensor(x)?.as_tensor().clone()
+        };
         Ok(x.apply_op2_arc(
             &out,
             Arc::new(Box::new(RecomputedLayer {

@@ -250,16 +250,32 @@ fn gradients(
     adapter: Option<&Adapter>,
     dropout_seed: Option<u64>,
 ) -> Vec<(String, Tensor)> {
+    gradients_of(checkpointing, adapter, dropout_seed, false)
+}
+
+/// As [`gradients`]; with `frozen_base` the base weights are plain tensors (a LoRA run) and only the
+/// adapter's factors get gradients.
+fn gradients_of(
+    checkpointing: bool,
+    adapter: Option<&Adapter>,
+    dropout_seed: Option<u64>,
+    frozen_base: bool,
+) -> Vec<(String, Tensor)> {
     let (varmap, model) =
         dusflow::model::load_trainable(&base_dir(), DType::F32, &Device::Cpu).unwrap();
-    let mut model = model.with_checkpointing(checkpointing);
-    let mut named: Vec<(String, Tensor)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let (mut model, mut named) = if frozen_base {
+        let plain = load_model(&base_dir(), DType::F32, &Device::Cpu).unwrap();
+        (plain.with_checkpointing(checkpointing), Vec::new())
+    } else {
+        let named: Vec<(String, Tensor)> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        (model.with_checkpointing(checkpointing), named)
+    };
     if let Some(a) = adapter {
         // Trainable factors, as a LoRA step makes them.
         let mut trainable = a.clone();
@@ -325,6 +341,21 @@ fn checkpointed_gradients_equal_plain_ones() {
                 "{name}: checkpointed gradient off by {d} (scale {scale})"
             );
         }
+    }
+    // A frozen base (a LoRA run): only the factors are variables, the checkpointed layers still backpropagate.
+    let plain = gradients_of(false, Some(&adapter), Some(3), true);
+    let checkpointed = gradients_of(true, Some(&adapter), Some(3), true);
+    assert_eq!(plain.len(), 2 * adapter.layers.len());
+    for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-12);
+        assert!(max_abs_diff(a, b) <= 1e-6 * scale, "{name} (frozen base)");
     }
     // Dropout changes the gradients (the masks are applied), deterministically per seed.
     let (a, b) = (
