@@ -46,6 +46,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
+        /// Apply the workflow's `[variants.NAME]` over its tables.
+        #[arg(long, value_name = "NAME")]
+        variant: Option<String>,
     },
     /// Run, then rerun the affected steps whenever a file the workflow reads changes.
     Watch {
@@ -136,6 +139,9 @@ struct Common {
     /// Artifact directory (overrides `[workflow] output`).
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Apply the workflow's `[variants.NAME]` (e.g. `single-gpu`) over its tables.
+    #[arg(long, value_name = "NAME")]
+    variant: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -157,6 +163,7 @@ impl Common {
             force: self.force.into_iter().collect::<HashSet<_>>(),
             jobs: self.jobs,
             output: self.output,
+            variant: self.variant,
             progress,
             ..RunOptions::default()
         }
@@ -226,8 +233,16 @@ async fn dispatch(
             print!("{}", summary::render_plan(&plan));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Graph { file, format } => {
-            let workflow = engine::load(&file, registry, &RunOptions::default())?;
+        Command::Graph {
+            file,
+            format,
+            variant,
+        } => {
+            let options = RunOptions {
+                variant,
+                ..RunOptions::default()
+            };
+            let workflow = engine::load(&file, registry, &options)?;
             match format {
                 GraphFormat::Dot => print!("{}", render::dot(&workflow)),
                 GraphFormat::Mermaid => print!("{}", render::mermaid(&workflow)),

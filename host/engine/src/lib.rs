@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub jobs: Option<usize>,
     /// Artifact directory overriding the workflow's.
     pub output: Option<PathBuf>,
+    /// The workflow's `[variants.NAME]` to apply.
+    pub variant: Option<String>,
     /// Where events go (a JSONL log in `<out>/.dus/events.jsonl` is always added).
     pub events: EventSink,
     /// Progress display.
@@ -53,6 +55,7 @@ impl Default for RunOptions {
             force: HashSet::new(),
             jobs: None,
             output: None,
+            variant: None,
             events: EventSink::default(),
             progress: Progress::hidden(),
             services: default_services(),
@@ -62,7 +65,7 @@ impl Default for RunOptions {
 
 /// Loads and validates a workflow, applying the output override.
 pub fn load(path: &Path, registry: &Registry, options: &RunOptions) -> Result<Arc<Workflow>> {
-    let mut workflow = Workflow::load(path, registry)?;
+    let mut workflow = Workflow::load_variant(path, registry, options.variant.as_deref())?;
     if let Some(out) = &options.output {
         workflow.output_dir = std::path::absolute(out)?;
     }

@@ -47,6 +47,11 @@ pub struct InitConfig {
     /// Seed offset, combined with the workflow seed.
     #[serde(default)]
     pub seed: u64,
+    /// Embedding rows; default the byte-level tokenizer's 259. A larger value gives a model the size of one
+    /// with a real vocabulary (e.g. 32000 for a Mistral-shaped memory or speed test); the rows past the
+    /// tokenizer's are never produced by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
 }
 
 impl InitConfig {
@@ -60,7 +65,7 @@ impl InitConfig {
     /// The model config: byte-level vocabulary and special-token ids.
     pub fn llama_config(&self) -> LlamaConfig {
         let mut cfg = LlamaConfig::tiny(
-            BYTE_VOCAB,
+            self.vocab_size.unwrap_or(BYTE_VOCAB),
             self.hidden_size,
             self.intermediate_size,
             self.num_hidden_layers,
@@ -96,6 +101,12 @@ impl StepKind for InitStep {
     }
 
     fn check(&self, c: &InitConfig, _: &dyn CheckContext) -> Vec<ConfigIssue> {
+        if c.vocab_size.is_some_and(|v| v < BYTE_VOCAB) {
+            return vec![ConfigIssue::new(
+                "vocab_size",
+                format!("must be at least the byte-level tokenizer's {BYTE_VOCAB}"),
+            )];
+        }
         match c.llama_config().validate() {
             Ok(()) => Vec::new(),
             Err(e) => vec![ConfigIssue::new("", format!("{e:#}"))],

@@ -549,3 +549,94 @@ fn graph_renders_dot_and_mermaid() {
         "{mermaid}"
     );
 }
+
+const VARIANTS: &str = r#"[workflow]
+name = "variants"
+
+[defaults.text]
+repeat = 1
+
+[steps.a]
+kind = "text"
+text = "a"
+
+[steps.b]
+kind = "text"
+text = "b"
+inputs = { from = "a" }
+
+[variants.loud.defaults.text]
+repeat = 3
+
+[variants.loud.steps.b]
+text = "B"
+
+[variants.broken.steps.a]
+rpeat = 2
+
+[variants.broken.stepz.a]
+text = "x"
+"#;
+
+#[test]
+fn a_variant_overlays_its_tables_and_the_file_stays_as_written_without_it() {
+    let k = test_kinds();
+    // `broken`'s misspelt section is reported even when another variant (or none) is chosen.
+    let text = VARIANTS.replace("[variants.broken.stepz.a]\ntext = \"x\"\n", "");
+    let p = Project::new(&text);
+    let plain = Workflow::load(&p.workflow(), &k.registry).unwrap();
+    assert_eq!(plain.variant, None);
+    assert_eq!(plain.step("b").unwrap().config_json["text"], "b");
+    assert_eq!(plain.step("b").unwrap().config_json["repeat"], 1);
+    let loud = Workflow::load_variant(&p.workflow(), &k.registry, Some("loud")).unwrap();
+    assert_eq!(loud.variant.as_deref(), Some("loud"));
+    let (a, b) = (loud.step("a").unwrap(), loud.step("b").unwrap());
+    // Tables merge key by key: `b` keeps its inputs and gets the variant's text and defaults.
+    assert_eq!(b.config_json["text"], "B");
+    assert_eq!(b.config_json["repeat"], 3);
+    assert_eq!(a.config_json["text"], "a");
+    assert_eq!(a.config_json["repeat"], 3);
+    assert_eq!(b.upstream().collect::<Vec<_>>(), ["a"]);
+}
+
+#[test]
+fn variant_problems_are_reported_at_the_variants_lines() {
+    let k = test_kinds();
+    let p = Project::new(VARIANTS);
+    let errors =
+        |variant: Option<&str>| match Workflow::load_variant(&p.workflow(), &k.registry, variant) {
+            Ok(_) => panic!("{variant:?} should not load"),
+            Err(e) => e,
+        };
+    // A misspelt section in any variant, whichever is chosen.
+    for chosen in [None, Some("loud")] {
+        let e = errors(chosen);
+        assert_eq!(e.diagnostics.len(), 1, "{e}");
+        let d = &e.diagnostics[0];
+        assert_eq!(
+            (d.key.as_str(), d.line),
+            ("variants.broken.stepz", 25),
+            "{d}"
+        );
+        assert!(d.message.contains("did you mean `steps`"), "{d}");
+    }
+    let text = VARIANTS.replace("[variants.broken.stepz.a]\ntext = \"x\"\n", "");
+    let p = Project::new(&text);
+    let load = |variant| Workflow::load_variant(&p.workflow(), &k.registry, Some(variant));
+    // A bad key inside the chosen variant: at its own line in the [variants] section.
+    let e = load("broken").err().unwrap();
+    let d = &e.diagnostics[0];
+    assert_eq!((d.key.as_str(), d.line), ("steps.a.rpeat", 23), "{e}");
+    // An unknown variant names the ones there are.
+    let e = load("lound").err().unwrap();
+    assert!(
+        e.diagnostics[0].message.contains("did you mean `loud`")
+            && e.diagnostics[0].message.contains("loud, broken"),
+        "{e}"
+    );
+    let p = Project::new("[workflow]\nname = \"plain\"\n");
+    let e = Workflow::load_variant(&p.workflow(), &k.registry, Some("loud"))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("has no [variants] table"), "{e}");
+}

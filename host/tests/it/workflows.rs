@@ -12,13 +12,29 @@ fn workflows_dir() -> PathBuf {
 
 /// Plans a workflow file with an output folder in a temp dir.
 fn plan_of(path: &Path, out: &Path) -> engine::plan::Plan {
+    plan_variant(path, None, out)
+}
+
+/// Plans a workflow file, with one of its `[variants]` applied, into `out`.
+fn plan_variant(path: &Path, variant: Option<&str>, out: &Path) -> engine::plan::Plan {
     let options = RunOptions {
         output: Some(out.to_path_buf()),
+        variant: variant.map(str::to_string),
         ..RunOptions::default()
     };
     let workflow = engine::load(path, &dusflow::steps::builtin_registry(), &options)
-        .unwrap_or_else(|e| panic!("{} does not load: {e:#}", path.display()));
+        .unwrap_or_else(|e| panic!("{} ({variant:?}) does not load: {e:#}", path.display()));
     engine::plan_workflow(workflow, &options).unwrap()
+}
+
+/// The names of a workflow file's `[variants.NAME]`.
+fn variants_of(path: &Path) -> Vec<String> {
+    let value: toml::Value = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    value
+        .get("variants")
+        .and_then(toml::Value::as_table)
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -30,6 +46,10 @@ fn every_ready_workflow_loads_and_plans() {
             let out = tempfile::tempdir().unwrap();
             let plan = plan_of(&path, out.path());
             assert!(!plan.steps.is_empty(), "{}", path.display());
+            for variant in variants_of(&path) {
+                let plan = plan_variant(&path, Some(&variant), out.path());
+                assert_eq!(plan.workflow.variant.as_deref(), Some(variant.as_str()));
+            }
             seen.push(path.file_name().unwrap().to_string_lossy().to_string());
         }
     }
@@ -79,6 +99,61 @@ fn the_solar_recipe_is_the_papers_dag_and_waits_only_for_its_downloads() {
     assert_eq!(step("merge-v4").config_json["method"], "slerp");
     // Nothing fails validation; every step is blocked by a missing download (or a blocked input).
     for s in &plan.steps {
+        match &s.status {
+            PlanStatus::Blocked(why) => assert!(
+                why.contains("does not exist") || why.contains("is blocked"),
+                "{}: {why}",
+                s.name
+            ),
+            other => panic!("{} should wait for its downloads, is {other:?}", s.name),
+        }
+    }
+}
+
+#[test]
+fn the_solar_recipe_has_a_single_gpu_variant_with_lora_and_a_memory_lean_full_fine_tune() {
+    let file = workflows_dir().join("solar-10.7b.toml");
+    assert!(variants_of(&file).contains(&"single-gpu".to_string()));
+    let out = tempfile::tempdir().unwrap();
+    let full = plan_of(&file, out.path());
+    let lean = plan_variant(&file, Some("single-gpu"), out.path());
+    let step = |plan: &engine::plan::Plan, name: &str| {
+        let i = plan.workflow.step_index(name).unwrap();
+        (
+            plan.workflow.steps[i].config_json.clone(),
+            plan.steps[i].key.clone(),
+        )
+    };
+    // Same DAG, same data.
+    let names = |plan: &engine::plan::Plan| -> Vec<String> {
+        plan.workflow.steps.iter().map(|s| s.name.clone()).collect()
+    };
+    assert_eq!(names(&full), names(&lean));
+    // The scaled model is shared through the cache; the training steps are not (the steps after them, such
+    // as the merges, get new keys from their inputs' once those exist).
+    assert_eq!(step(&full, "scaled").1, step(&lean, "scaled").1);
+    for trained in ["base", "sft-v3", "sft-v4", "cand-1", "cand-2"] {
+        assert_ne!(step(&full, trained).1, step(&lean, trained).1, "{trained}");
+    }
+    let (base, _) = step(&lean, "base");
+    assert_eq!(base["optimizer"], "adamw_8bit");
+    assert_eq!(base["master_weights"], false);
+    assert_eq!(base["gradient_checkpointing"], true);
+    assert!(
+        base["lora"].is_null(),
+        "continued pretraining stays full: {base}"
+    );
+    for tuned in ["sft-v3", "sft-v4", "cand-1", "cand-2"] {
+        let (config, _) = step(&lean, tuned);
+        assert_eq!(config["lora"]["r"], 16, "{tuned}");
+        assert_eq!(config["lora"]["targets"], "all-linear", "{tuned}");
+        assert_eq!(config["gradient_checkpointing"], true, "{tuned}");
+    }
+    // Per-step settings the variant does not touch survive: Cand. 1's own beta, sDPO's three chunks.
+    assert_eq!(step(&lean, "cand-1").0["beta"], 0.05);
+    assert_eq!(step(&lean, "cand-2").0["chunks"], 3);
+    // The variant only waits for the downloads, like the file as written.
+    for s in &lean.steps {
         match &s.status {
             PlanStatus::Blocked(why) => assert!(
                 why.contains("does not exist") || why.contains("is blocked"),

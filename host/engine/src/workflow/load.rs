@@ -34,7 +34,11 @@ const MAX_SWEEP_POINTS: usize = 1000;
 /// Most steps a workflow may have after sweeps are expanded.
 const MAX_STEPS: usize = 10_000;
 
-pub(super) fn load(path: &Path, registry: &Registry) -> Result<Workflow, WorkflowError> {
+pub(super) fn load(
+    path: &Path,
+    registry: &Registry,
+    variant: Option<&str>,
+) -> Result<Workflow, WorkflowError> {
     let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let source = match std::fs::read_to_string(&file) {
         Ok(s) => s,
@@ -57,12 +61,20 @@ pub(super) fn load(path: &Path, registry: &Registry) -> Result<Workflow, Workflo
     if sink.has_errors() {
         return Err(sink.finish().unwrap_err());
     }
+    let mut root = root.into_inner();
+    apply_variant(&mut root, variant, &mut sink);
+    if sink.has_errors() {
+        return Err(sink.finish().unwrap_err());
+    }
     let loader = Loader {
         registry,
         dir: &dir,
         source: &source,
     };
-    let workflow = loader.load(&file, root.get_ref(), &mut sink);
+    let mut workflow = loader.load(&file, &root, &mut sink);
+    if let Some(w) = workflow.as_mut() {
+        w.variant = variant.map(str::to_string);
+    }
     sink.finish()?;
     Ok(workflow.expect("a workflow without diagnostics is complete"))
 }
@@ -162,6 +174,7 @@ impl<'a> Loader<'a> {
             datasets,
             plugins,
             steps: steps?,
+            variant: None,
         })
     }
 
@@ -885,6 +898,90 @@ impl<'a> Loader<'a> {
 }
 
 /// One cycle among the steps left with unmet inputs after a topological sort.
+/// Replaces `root` by the variant `name` of it: `[variants.NAME]` holds tables shaped like the file's own
+/// (`[variants.NAME.steps.sft]`, `[variants.NAME.defaults.dpo]`, ...) whose keys replace the file's, tables
+/// merged key by key. Without a name the variants are only checked for shape. Merged values keep their spans,
+/// so a problem in a variant's key is reported at its line in the `[variants]` section.
+fn apply_variant<'i>(root: &mut DeTable<'i>, name: Option<&str>, sink: &mut DiagnosticSink) {
+    let Some((variants_key, variants)) = root.remove_entry("variants") else {
+        if let Some(name) = name {
+            sink.error(
+                0..0,
+                "variants",
+                format!("no variant `{name}`: this workflow has no [variants] table"),
+            );
+        }
+        return;
+    };
+    let DeValue::Table(variants) = variants.into_inner() else {
+        sink.error(
+            variants_key.span(),
+            "variants",
+            "expected a table of variants",
+        );
+        return;
+    };
+    let mut chosen = None;
+    let mut names = Vec::new();
+    for (variant_name, body) in variants {
+        names.push(variant_name.get_ref().to_string());
+        let label = format!("variants.{}", variant_name.get_ref());
+        let DeValue::Table(body) = body.get_ref() else {
+            sink.error(body.span(), label, "expected a table");
+            continue;
+        };
+        for (section, _) in body.iter() {
+            let section_name = section.get_ref().as_ref();
+            if section_name == "variants" || !SECTIONS.contains(&section_name) {
+                sink.error(
+                    section.span(),
+                    format!("{label}.{section_name}"),
+                    format!(
+                        "a variant changes the file's own sections{}; expected one of {}",
+                        hint(section_name, SECTIONS),
+                        SECTIONS.join(", ")
+                    ),
+                );
+            }
+        }
+        if Some(variant_name.get_ref().as_ref()) == name {
+            chosen = Some(body.clone());
+        }
+    }
+    let Some(name) = name else { return };
+    match chosen {
+        Some(body) => merge_tables(root, body),
+        None => sink.error(
+            variants_key.span(),
+            "variants",
+            format!(
+                "no variant `{name}`{}; this workflow has: {}",
+                hint(name, names.iter().map(String::as_str)),
+                names.join(", ")
+            ),
+        ),
+    }
+}
+
+/// Overlays `over` on `base`: tables merge key by key, anything else replaces.
+fn merge_tables<'i>(base: &mut DeTable<'i>, over: DeTable<'i>) {
+    for (key, value) in over {
+        let (span, value) = (value.span(), value.into_inner());
+        match (base.get_mut(key.get_ref().as_ref()), value) {
+            (Some(existing), DeValue::Table(over_table))
+                if matches!(existing.get_ref(), DeValue::Table(_)) =>
+            {
+                if let DeValue::Table(base_table) = existing.get_mut() {
+                    merge_tables(base_table, over_table);
+                }
+            }
+            (_, value) => {
+                base.insert(key, Spanned::new(span, value));
+            }
+        }
+    }
+}
+
 fn find_cycle(steps: &[Step], index: &HashMap<&str, usize>, indegree: &[usize]) -> Vec<usize> {
     let start = (0..steps.len())
         .find(|&i| indegree[i] > 0)

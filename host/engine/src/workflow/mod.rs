@@ -3,7 +3,8 @@
 //! A workflow file has six kinds of tables:
 //! `[workflow]` (name, device, dtype, seed, output), `[defaults.KIND]` (parameters shared by every step of a
 //! kind), `[models.NAME]`, `[datasets.NAME]`, `[plugins.NAME]`, and `[steps.NAME]` (`kind`, `inputs`,
-//! optional `sweep` and `description`, and the kind's own parameters). [`Workflow::load`] reports every
+//! optional `sweep` and `description`, and the kind's own parameters); `[variants.NAME]` tables overlay the
+//! others when a run names the variant. [`Workflow::load`] reports every
 //! problem at once with file, line, column and key.
 
 mod diagnostics;
@@ -41,6 +42,8 @@ pub struct Workflow {
     pub plugins: IndexMap<String, PluginSpec>,
     /// Steps (sweeps expanded), in a dependency order that keeps the file's order where it can.
     pub steps: Vec<Step>,
+    /// The `[variants.NAME]` applied, if any.
+    pub variant: Option<String>,
 }
 
 /// What a step input names.
@@ -107,7 +110,16 @@ impl Step {
 impl Workflow {
     /// Reads, validates and expands the workflow at `path` against the step kinds in `registry`.
     pub fn load(path: &Path, registry: &Registry) -> Result<Workflow, WorkflowError> {
-        load::load(path, registry)
+        load::load(path, registry, None)
+    }
+
+    /// As [`Workflow::load`], with the file's `[variants.NAME]` overlaid on it (`None`: the file as written).
+    pub fn load_variant(
+        path: &Path,
+        registry: &Registry,
+        variant: Option<&str>,
+    ) -> Result<Workflow, WorkflowError> {
+        load::load(path, registry, variant)
     }
 
     /// The step called `name` (an expanded name).
