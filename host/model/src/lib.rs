@@ -33,6 +33,7 @@ pub mod chat_template;
 pub mod checkpoint_writer;
 pub mod config;
 pub mod device;
+pub mod fused;
 pub mod generation;
 pub mod in_place_writer;
 pub mod llama;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::attention::{attention, AttentionMask};
 use super::config::LlamaConfig;
+use super::fused;
 use super::lora::{Adapter, LoraPair, LINEAR_MODULES};
 
 /// Which op set a forward pass uses.
@@ -462,6 +463,20 @@ impl Llama {
         linear(&hidden.to_dtype(self.compute)?, &self.cw(&self.lm_head)?)
     }
 
+    /// The language-modelling loss `−Σᵢ wᵢ log p(tᵢ)` (f32 scalar) from final hidden states `(batch, seq,
+    /// hidden)` and flattened `targets` (u32) and `weights` (f32): the head and the cross-entropy fused, a
+    /// chunk of rows at a time, so the batch's f32 logits are never held at once.
+    pub fn nll_sum(&self, hidden: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = hidden.dims3()?;
+        let rows = hidden.reshape((b * s, h))?.to_dtype(self.compute)?;
+        Ok(fused::linear_cross_entropy_sum(
+            &rows,
+            &self.cw(&self.lm_head)?,
+            targets,
+            weights,
+        )?)
+    }
+
     /// Final hidden states (after the last norm).
     fn run(
         &self,
@@ -555,9 +570,12 @@ impl Llama {
         let freqs = positions
             .unsqueeze(2)?
             .broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
-        let freqs = match path {
-            Path::Differentiable => Tensor::cat(&[&freqs, &freqs], 2)?,
-            Path::Fast => freqs,
+        let composed =
+            path == Path::Differentiable && !fused::fused_on(self.device(), self.compute);
+        let freqs = if composed {
+            Tensor::cat(&[&freqs, &freqs], 2)?
+        } else {
+            freqs
         };
         let dtype = self.compute;
         Ok((
@@ -605,7 +623,7 @@ impl LayerStep {
         let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.eps, self.path)?;
         let gate = self.project(4, &h, &w.gate)?;
         let up = self.project(5, &h, &w.up)?;
-        let m = self.project(6, &(candle_nn::ops::silu(&gate)? * up)?, &w.down)?;
+        let m = self.project(6, &swiglu(&gate, &up)?, &w.down)?;
         Ok((x + m)?)
     }
 
@@ -619,6 +637,9 @@ impl LayerStep {
         let v = self.project(2, x, &w.v)?.reshape((b, s, nkv, hd))?;
         let (cos, sin) = (&self.cos, &self.sin);
         let (q, k) = match self.path {
+            Path::Differentiable if fused::fused_on(q.device(), q.dtype()) => {
+                (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?)
+            }
             Path::Differentiable => (
                 rope_differentiable(&q, cos, sin)?,
                 rope_differentiable(&k, cos, sin)?,
@@ -796,6 +817,9 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor>
             weight,
             eps as f32,
         )?),
+        Path::Differentiable if fused::fused_on(x.device(), x.dtype()) => {
+            Ok(fused::rms_norm(x, weight, eps)?)
+        }
         Path::Differentiable => {
             let dtype = x.dtype();
             let xf = x.to_dtype(upcast(dtype))?;
@@ -804,6 +828,15 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor>
             Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
         }
     }
+}
+
+/// `silu(gate) · up`: one fused pass where [`fused::fused_on`] says so.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(if fused::fused_on(gate.device(), gate.dtype()) {
+        fused::swiglu(gate, up)?
+    } else {
+        (candle_nn::ops::silu(gate)? * up)?
+    })
 }
 
 /// `x * cos + rotate_half(x) * sin` for `x` of shape `(batch, seq, heads, head_dim)` and `cos`/`sin` of

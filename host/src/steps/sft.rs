@@ -40,7 +40,9 @@ impl LmRows for Sft {
     // 2: chat records rendered with the `template` choice (the model's own chat template when it has one)
     // and tokenised whole, the loss on the assistant turns found by incremental rendering.
     // 3: attention through the fused op (issue 17): the same values up to float rounding.
-    const VERSION: u32 = 3;
+    // 4: fused RMSNorm / SwiGLU / RoPE and the chunked cross-entropy on the CPU (issue 18): the same values
+    // up to float rounding.
+    const VERSION: u32 = 4;
     const FORMATS: &'static [RecordFormat] = SFT_FORMATS;
 
     fn check(c: &TrainStepConfig) -> Vec<ConfigIssue> {

@@ -63,7 +63,8 @@ impl StepKind for DpoStep {
         // 2: orca-dpo / ultrafeedback pairs rendered with the `template` choice (the model's own chat
         // template when it has one), the split at the prompt as TRL makes it.
         // 3: attention through the fused op (issue 17): the same values up to float rounding.
-        3
+        // 4: fused RMSNorm / SwiGLU / RoPE on the CPU (issue 18): the same values up to float rounding.
+        4
     }
 
     fn inputs(&self) -> InputSlots {
