@@ -24,6 +24,7 @@ pub mod trainer;
 
 pub use batch::{build_micro_batch, MicroBatch};
 pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
+pub use distributed::{Collective, Parallel};
 pub use loss::weighted_nll_sum;
 pub use metrics::{plot_loss, MetricsLog, StepMetrics};
 pub use optimizer::{
@@ -35,6 +36,5 @@ pub use trainer::{
     checkpoint_dir, clip_gradients, global_norm, train, train_objective, train_objective_on,
     train_on, LmObjective, MicroLoss, Objective, TrainObserver, TrainOptions, TrainSummary,
 };
-pub use distributed::{Collective, Parallel};
 pub mod model_io;
 pub use model_io::{load_for_training, move_contents, save_trained, sorted_vars, ComputeDType};

@@ -613,7 +613,13 @@ impl candle_core::InplaceOp3 for WeightUpdate {
         let range = l1
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("adamw: weights must be contiguous".into()))?;
-        self.apply(s1, range, self.offset, f32_slice(s2, l2)?, f32_slice(s3, l3)?)
+        self.apply(
+            s1,
+            range,
+            self.offset,
+            f32_slice(s2, l2)?,
+            f32_slice(s3, l3)?,
+        )
     }
 }
 
@@ -689,7 +695,8 @@ impl candle_core::InplaceOp2 for Blockwise8Update<'_> {
                 vq.encode(&roots[..nv.len()]);
             });
         debug_assert_eq!(blocks, m.absmax.len());
-        self.weight.apply(s1, (w0, w1), self.weight.offset, &new_m, &new_v)
+        self.weight
+            .apply(s1, (w0, w1), self.weight.offset, &new_m, &new_v)
     }
 }
 

@@ -174,7 +174,15 @@ pub fn train(
     work_dir: &Path,
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary> {
-    train_on(model, opt, rows, opts, work_dir, observer, &Parallel::single())
+    train_on(
+        model,
+        opt,
+        rows,
+        opts,
+        work_dir,
+        observer,
+        &Parallel::single(),
+    )
 }
 
 /// [`train`] as one rank of `parallel`.
@@ -323,7 +331,11 @@ fn train_loop(
                 bail!("the objective reported metric {unknown:?}, not among its metric_names()");
             }
             let all = dp.sum(local)?;
-            let metric_sums = names.iter().copied().zip(all[2..].iter().copied()).collect();
+            let metric_sums = names
+                .iter()
+                .copied()
+                .zip(all[2..].iter().copied())
+                .collect();
             (all[0], all[1] as usize, metric_sums)
         };
         let loss = loss_sum / targets as f64;

@@ -355,7 +355,8 @@ impl DataParallel {
             // Whole parameters up to the bucket size (a larger parameter is a bucket of its own).
             let mut j = i;
             let mut n = 0;
-            while j < grads.len() && (j == i || n + grads[j].elem_count() <= self.par.bucket_elems) {
+            while j < grads.len() && (j == i || n + grads[j].elem_count() <= self.par.bucket_elems)
+            {
                 n += grads[j].elem_count();
                 j += 1;
             }
@@ -401,9 +402,8 @@ impl DataParallel {
     /// The L2 norm of the summed gradients: squares summed per shard segment (f32), segments in order
     /// within a rank's shard (f64), shards in rank order.
     pub(crate) fn grad_norm(&self, grads: &Reduced) -> Result<f64> {
-        let seg_sum = |t: Tensor| -> Result<f64> {
-            Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
-        };
+        let seg_sum =
+            |t: Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64) };
         let total = match grads {
             Reduced::Full(g) => {
                 let mut total = 0f64;
@@ -527,7 +527,10 @@ impl DataParallel {
         into: &mut Vec<Vec<(usize, Tensor)>>,
     ) -> Result<()> {
         let n = part.elem_count();
-        let (flat_lo, flat_hi) = (rank * self.layout.shard / unit + lo, rank * self.layout.shard / unit + lo + n);
+        let (flat_lo, flat_hi) = (
+            rank * self.layout.shard / unit + lo,
+            rank * self.layout.shard / unit + lo + n,
+        );
         for (param, &(off, len)) in self.layout.spans.iter().enumerate() {
             let (a, b) = (off / unit, (off + len).div_ceil(unit));
             let (s, e) = (a.max(flat_lo), b.min(flat_hi));
@@ -546,9 +549,7 @@ impl DataParallel {
         self.all_gather_shards(
             1,
             &|lo, hi| {
-                self.shard_piece(lo, hi, 1, dtype, &|i| {
-                    Ok(zero.opt.params[i].master.clone())
-                })
+                self.shard_piece(lo, hi, 1, dtype, &|i| Ok(zero.opt.params[i].master.clone()))
             },
             &mut |r, lo, part| self.split_part(r, lo, &part, 1, &mut parts),
         )?;
@@ -639,11 +640,19 @@ impl DataParallel {
                     };
                     let codes = self.gather_to_root(1, DType::U8, &|i| {
                         let q = q8(i)?;
-                        Ok(Tensor::from_vec(q.codes.clone(), q.codes.len(), &self.device)?)
+                        Ok(Tensor::from_vec(
+                            q.codes.clone(),
+                            q.codes.len(),
+                            &self.device,
+                        )?)
                     })?;
                     let scales = self.gather_to_root(ALIGN, DType::F32, &|i| {
                         let q = q8(i)?;
-                        Ok(Tensor::from_vec(q.absmax.clone(), q.absmax.len(), &self.device)?)
+                        Ok(Tensor::from_vec(
+                            q.absmax.clone(),
+                            q.absmax.len(),
+                            &self.device,
+                        )?)
                     })?;
                     codes
                         .into_iter()
@@ -739,7 +748,10 @@ fn check_fingerprint(dir: &Path, state: &TrainState, fingerprint: &str) -> Resul
 }
 
 /// Pieces `(first element, values)` of one tensor, in any order, concatenated and shaped as `shape`.
-fn assemble(mut pieces: Vec<(usize, Tensor)>, shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+fn assemble(
+    mut pieces: Vec<(usize, Tensor)>,
+    shape: impl Into<candle_core::Shape>,
+) -> Result<Tensor> {
     pieces.sort_by_key(|(start, _)| *start);
     let tensors: Vec<Tensor> = pieces.into_iter().map(|(_, t)| t).collect();
     let flat = if tensors.len() == 1 {
@@ -772,7 +784,9 @@ fn host_like(opt: &AdamW) -> Result<AdamW> {
         let n = p.var.elem_count();
         let moment = |first: bool| -> Result<Moment> {
             Ok(match opt.config.moments {
-                MomentPrecision::F32 => Moment::F32(Tensor::zeros(p.var.shape(), DType::F32, &cpu)?),
+                MomentPrecision::F32 => {
+                    Moment::F32(Tensor::zeros(p.var.shape(), DType::F32, &cpu)?)
+                }
                 MomentPrecision::Blockwise8 if first => {
                     Moment::Blockwise8(Quantized8::first_moment(n))
                 }
@@ -818,7 +832,10 @@ mod tests {
     fn rows_are_split_contiguously_and_unevenly_when_they_must() {
         let batch: Vec<usize> = (10..17).collect();
         let shares: Vec<&[usize]> = (0..3).map(|r| rank_rows(&batch, r, 3)).collect();
-        assert_eq!(shares, vec![&[10, 11][..], &[12, 13][..], &[14, 15, 16][..]]);
+        assert_eq!(
+            shares,
+            vec![&[10, 11][..], &[12, 13][..], &[14, 15, 16][..]]
+        );
         // Fewer rows than ranks: some ranks get none, no row is lost or repeated.
         let short = [7, 8];
         let shares: Vec<&[usize]> = (0..4).map(|r| rank_rows(&short, r, 4)).collect();
@@ -848,7 +865,13 @@ mod tests {
             .map(|&n| Tensor::ones(n, DType::F32, &Device::Cpu).unwrap())
             .collect();
         let all = layout
-            .flat_range(&tensors, 0, 2 * layout.shard_len(), DType::F32, &Device::Cpu)
+            .flat_range(
+                &tensors,
+                0,
+                2 * layout.shard_len(),
+                DType::F32,
+                &Device::Cpu,
+            )
             .unwrap();
         let total: f32 = all.sum_all().unwrap().to_scalar().unwrap();
         assert_eq!(total as usize, sizes.iter().sum::<usize>());

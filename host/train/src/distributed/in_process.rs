@@ -110,7 +110,9 @@ impl InProcess {
             bail!("collective aborted: {reason}");
         }
         // A peer that left without depositing this round's input will never do so.
-        if let Some(gone) = (0..self.shared.world).find(|&r| round.left[r] && round.inputs[r].is_none()) {
+        if let Some(gone) =
+            (0..self.shared.world).find(|&r| round.left[r] && round.inputs[r].is_none())
+        {
             bail!("collective aborted: rank {gone} left the group (its thread ended or panicked)");
         }
         Ok(())

@@ -13,3 +13,6 @@ pub use collective::{Collective, HostData, Op, Solo};
 pub use data_parallel::{rank_rows, FlatLayout, Parallel, Segment, ALIGN, DEFAULT_BUCKET_ELEMS};
 pub use in_process::{run_ranks, InProcess};
 pub use tcp::{Hub, HubHandle, TcpCollective};
+
+#[cfg(test)]
+mod tests;

@@ -64,8 +64,12 @@ fn put_data(out: &mut Vec<u8>, d: &HostData) {
     out.push(tag);
     out.extend_from_slice(&(n as u64).to_le_bytes());
     match d {
-        HostData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        HostData::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        HostData::F32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        HostData::F64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         HostData::Bf16(v) => v
             .iter()
             .for_each(|x| out.extend_from_slice(&x.to_bits().to_le_bytes())),
@@ -286,7 +290,9 @@ impl TcpCollective {
             match attempt {
                 Some(s) => break s,
                 None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-                None => bail!("rank {rank}: could not reach the hub at {addr} within {timeout:.0?}"),
+                None => {
+                    bail!("rank {rank}: could not reach the hub at {addr} within {timeout:.0?}")
+                }
             }
         };
         stream.set_nodelay(true)?;
@@ -324,7 +330,12 @@ impl TcpCollective {
     }
 
     fn exchange(&self, op: Op, data: HostData) -> Result<HostData> {
-        if let Some(reason) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(reason) = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             bail!("collective aborted: {reason}");
         }
         let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -508,7 +519,9 @@ impl HubHandle {
     /// Waits for the hub to stop: `Ok` when every rank said it was done, else why the group failed.
     pub fn finish(mut self) -> Result<()> {
         match self.join.take() {
-            Some(j) => j.join().unwrap_or_else(|_| Err(anyhow!("the hub panicked"))),
+            Some(j) => j
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the hub panicked"))),
             None => Ok(()),
         }
     }
@@ -607,7 +620,10 @@ impl Serving {
 
     /// The error when the open round has waited `timeout` for some rank.
     fn check_round_time(&mut self) -> Result<()> {
-        if !self.round_started.is_some_and(|t| t.elapsed() >= self.timeout) {
+        if !self
+            .round_started
+            .is_some_and(|t| t.elapsed() >= self.timeout)
+        {
             return Ok(());
         }
         let missing: Vec<String> = (0..self.world)
@@ -680,7 +696,11 @@ fn serve(
                         rank,
                         world: w,
                         token: t,
-                    })) if t == token && w == world && rank < world && hub.writers[rank].is_none() => {
+                    })) if t == token
+                        && w == world
+                        && rank < world
+                        && hub.writers[rank].is_none() =>
+                    {
                         stream.set_read_timeout(None)?;
                         stream.set_nodelay(true)?;
                         spawn_reader(rank, stream.try_clone()?, to_self.clone());
@@ -810,7 +830,8 @@ mod tests {
         let err = std::thread::scope(|s| {
             let a = addr.clone();
             s.spawn(move || {
-                let c = TcpCollective::connect(&a, 1, 2, "secret", Duration::from_secs(30)).unwrap();
+                let c =
+                    TcpCollective::connect(&a, 1, 2, "secret", Duration::from_secs(30)).unwrap();
                 drop(c); // dies without saying done
             });
             let c = TcpCollective::connect(&addr, 0, 2, "secret", Duration::from_secs(30)).unwrap();
@@ -824,18 +845,26 @@ mod tests {
         let err = std::thread::scope(|s| {
             let a = addr.clone();
             let sleeper = s.spawn(move || {
-                let c = TcpCollective::connect(&a, 1, 2, "secret", Duration::from_secs(30)).unwrap();
+                let c =
+                    TcpCollective::connect(&a, 1, 2, "secret", Duration::from_secs(30)).unwrap();
                 std::thread::sleep(Duration::from_secs(2));
                 c
             });
             let c = TcpCollective::connect(&addr, 0, 2, "secret", Duration::from_secs(30)).unwrap();
             let t0 = Instant::now();
             let e = format!("{:#}", c.all_reduce_sum(&t(vec![1.0])).unwrap_err());
-            assert!(t0.elapsed() < Duration::from_millis(1900), "{:?}", t0.elapsed());
+            assert!(
+                t0.elapsed() < Duration::from_millis(1900),
+                "{:?}",
+                t0.elapsed()
+            );
             drop(sleeper.join().unwrap());
             e
         });
-        assert!(err.contains("rank(s) 1 did not join the all-reduce"), "{err}");
+        assert!(
+            err.contains("rank(s) 1 did not join the all-reduce"),
+            "{err}"
+        );
         let _ = hub.finish();
     }
 
@@ -843,7 +872,8 @@ mod tests {
     fn an_outside_abort_and_a_wrong_token_are_handled() {
         let (hub, addr) = start(1, Duration::from_secs(2));
         // A stranger with the wrong token is refused; the rank never arrives: the join times out.
-        let stranger = TcpCollective::connect(&addr, 0, 1, "guess", Duration::from_secs(5)).unwrap();
+        let stranger =
+            TcpCollective::connect(&addr, 0, 1, "guess", Duration::from_secs(5)).unwrap();
         let err = format!("{:#}", hub.finish().unwrap_err());
         assert!(err.contains("rank(s) 0 did not connect"), "{err}");
         drop(stranger);
