@@ -524,7 +524,7 @@ impl DataParallel {
         lo: usize,
         part: &Tensor,
         unit: usize,
-        into: &mut Vec<Vec<(usize, Tensor)>>,
+        into: &mut [Vec<(usize, Tensor)>],
     ) -> Result<()> {
         let n = part.elem_count();
         let (flat_lo, flat_hi) = (

@@ -17,9 +17,9 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::Tensor;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -266,6 +266,8 @@ pub struct TcpCollective {
     writer: Mutex<TcpStream>,
     seq: AtomicU64,
     failed: Mutex<Option<String>>,
+    /// Set once this rank said it is done or aborted: the hub closing is then expected.
+    closing: Arc<AtomicBool>,
     /// The longest a rank waits for an answer: beyond the hub's own timeout, in case the hub itself hangs.
     patience: Duration,
 }
@@ -314,6 +316,7 @@ impl TcpCollective {
             writer: Mutex::new(writer),
             seq: AtomicU64::new(0),
             failed: Mutex::new(None),
+            closing: Arc::new(AtomicBool::new(false)),
             patience,
         })
     }
@@ -382,12 +385,14 @@ impl TcpCollective {
 
     /// Tells the hub that this rank finished normally (its connection closing next is not a failure).
     pub fn done(&self) -> Result<()> {
+        self.closing.store(true, Ordering::SeqCst);
         self.send(&Frame::Done)
     }
 
     /// From now on this connection only watches for failure: a thread reads from the hub and calls
-    /// `on_abort` with the reason when the hub sends an abort or goes away. Used by NCCL ranks after the
-    /// rendezvous, so that a dead peer aborts their communicator. No collective may follow on this link.
+    /// `on_abort` with the reason when the hub sends an abort or goes away (unless this rank has said it
+    /// is done or aborted itself). Used by NCCL ranks after the rendezvous, so that a dead peer stops them.
+    /// No collective may follow on this link.
     pub fn watch(&self, on_abort: Box<dyn FnOnce(String) + Send>) -> Result<()> {
         let stream = self
             .reader
@@ -398,6 +403,7 @@ impl TcpCollective {
         stream.set_read_timeout(None)?;
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
             Some("the hub link is only watched now".into());
+        let closing = self.closing.clone();
         std::thread::spawn(move || {
             let mut r = BufReader::new(stream);
             let reason = loop {
@@ -408,7 +414,9 @@ impl TcpCollective {
                     Err(e) => break format!("lost the hub: {e}"),
                 }
             };
-            on_abort(reason);
+            if !closing.load(Ordering::SeqCst) {
+                on_abort(reason);
+            }
         });
         Ok(())
     }
@@ -439,6 +447,7 @@ impl Collective for TcpCollective {
     }
     fn abort(&self, reason: &str) {
         let reason = format!("rank {}: {reason}", self.rank);
+        self.closing.store(true, Ordering::SeqCst);
         let _ = self.send(&Frame::Abort(reason.clone()));
         let _ = self.fail(reason);
     }
@@ -620,9 +629,9 @@ impl Serving {
 
     /// The error when the open round has waited `timeout` for some rank.
     fn check_round_time(&mut self) -> Result<()> {
-        if !self
+        if self
             .round_started
-            .is_some_and(|t| t.elapsed() >= self.timeout)
+            .is_none_or(|t| t.elapsed() < self.timeout)
         {
             return Ok(());
         }
