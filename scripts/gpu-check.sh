@@ -3,16 +3,25 @@
 # scripts/build-cuda.sh) present:
 #   1. the GPU and the binaries' libraries (ldd),
 #   2. model parity on the GPU (gpu_check parity): f32/bf16 logits vs transformers and the CPU, f32
-#      gradients vs the CPU, a bf16 optimizer step with f32 masters,
-#   3. the whole recipe on the GPU: the quickstart workflow (scale → pretrain → SFT → sDPO → merge → eval →
+#      gradients vs the CPU, a bf16 optimizer step with f32 masters, and the fused attention op (Triton
+#      kernels) against the CPU op: output and gradients for every mask kind, head dims 64/80/128,
+#   3. the attention op alone at 4 x 1024 (32 heads, 4 KV heads, head dim 128, bf16, causal): forward +
+#      backward time and TFLOP/s, next to PyTorch's scaled_dot_product_attention on the same card and shapes,
+#   4. the whole recipe on the GPU: the quickstart workflow (scale → pretrain → SFT → sDPO → merge → eval →
 #      report) with `device = "cuda"` and smaller budgets,
-#   4. training speed of a ~0.84B-parameter Llama in bf16 (tokens/s, MFU), and where a step's time goes.
+#   5. training speed of a ~0.84B-parameter Llama in bf16 (tokens/s, MFU, peak GPU memory) at 4 x 1024,
+#      1 x 4096 and 1 x 8192 tokens per step, and where a 4 x 1024 step's time goes (with the inference
+#      forward).
 # Logs and results go to $OUT (default ./gpu-check-out); a summary table is printed last.
-#   STAGE_TIMEOUT (default 200 s) bounds stages 3 and 4 each; SPEED="LAYERS BATCH SEQ STEPS" (default 16 4 1024 6).
+#   STAGE_TIMEOUT (default 200 s) bounds each stage after parity; SPEEDS (default
+#   "16 4 1024 6;16 1 4096 4;16 1 8192 3": LAYERS BATCH SEQ STEPS per run) and PROFILE (default
+#   "16 4 1024 4"); TORCH_PY: a Python with CUDA torch (default /opt/torch/.venv/bin/python, else python3).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-check-out}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-200}
-SPEED=${SPEED:-16 4 1024 6}
+SPEEDS=${SPEEDS:-16 4 1024 6;16 1 4096 4;16 1 8192 3}
+PROFILE=${PROFILE:-16 4 1024 4}
+TORCH_PY=${TORCH_PY:-$( [ -x /opt/torch/.venv/bin/python ] && echo /opt/torch/.venv/bin/python || echo python3 )}
 mkdir -p "$OUT"
 BIN=$(mktemp -d)
 for b in dus gpu_check; do
@@ -43,6 +52,41 @@ echo "== parity" >&2
 PARITY_RC=$?
 cat "$OUT/parity.jsonl"
 
+echo "== attention op" >&2
+timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" attention 4 1024 > "$OUT/attention.jsonl" 2> "$OUT/attention.log"
+ATTN_RC=$?
+# PyTorch's fused attention on the same card and shapes (FLOPs counted the same way).
+timeout "$STAGE_TIMEOUT" "$TORCH_PY" - 4 1024 >> "$OUT/attention.jsonl" 2>> "$OUT/attention.log" <<'EOF'
+import json, sys, time
+import torch
+import torch.nn.functional as F
+b, s = int(sys.argv[1]), int(sys.argv[2])
+nh, nkv, hd = 32, 4, 128
+x = lambda h: torch.randn(b, h, s, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+q, k, v = x(nh), x(nkv), x(nkv)
+d_out = torch.randn(b, nh, s, hd, device="cuda", dtype=torch.bfloat16)
+fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+def both():
+    fwd().backward(d_out)
+def timed(f, runs=10):
+    f(); torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(runs):
+        f()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / runs
+with torch.no_grad():
+    f_s = timed(fwd)
+fb_s = timed(both)
+flops = 4.0 * b * nh * s * s * hd / 2
+print(json.dumps({"check": "attention", "impl": f"torch {torch.__version__} scaled_dot_product_attention",
+                  "batch": b, "seq": s, "heads": nh, "kv_heads": nkv, "head_dim": hd, "dtype": "bf16",
+                  "causal": True, "forward_ms": f_s * 1e3, "forward_backward_ms": fb_s * 1e3,
+                  "forward_tflops": flops / f_s / 1e12, "forward_backward_tflops": 3.5 * flops / fb_s / 1e12}))
+EOF
+TORCH_RC=$?
+cat "$OUT/attention.jsonl"
+
 echo "== workflow on the GPU" >&2
 WF=$(mktemp -d)
 python3 - "$WF/quickstart-gpu.toml" <<'EOF'
@@ -63,13 +107,17 @@ find "$WF/runs" -name report.md -exec cp {} "$OUT/report.md" \; 2>/dev/null
 tail -n 25 "$OUT/workflow.log"
 
 echo "== training speed" >&2
-# shellcheck disable=SC2086
-timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" train-speed $SPEED > "$OUT/speed.jsonl" 2> "$OUT/speed.log"
-SPEED_RC=$?
+SPEED_RC=0
+: > "$OUT/speed.jsonl"
+IFS=';' read -ra RUNS <<< "$SPEEDS"
+for run in "${RUNS[@]}"; do
+    # shellcheck disable=SC2086
+    timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" train-speed $run >> "$OUT/speed.jsonl" 2>> "$OUT/speed.log" || SPEED_RC=$?
+done
 cat "$OUT/speed.jsonl"; tail -n 5 "$OUT/speed.log"
 echo "== where a training step's time goes" >&2
 # shellcheck disable=SC2086
-timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" train-profile $SPEED > "$OUT/profile.jsonl" 2>> "$OUT/speed.log"
+timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" train-profile $PROFILE > "$OUT/profile.jsonl" 2>> "$OUT/speed.log"
 PROFILE_RC=$?
 cat "$OUT/profile.jsonl"
 
@@ -82,20 +130,31 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"  {r['check'][:70]:<72} {r['value']:.2e} (limit {r['limit']:.0e}) {'ok' if r['ok'] else 'FAIL'}")
 EOF
+python3 - "$OUT/attention.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    extra = f", materialised {r['materialised_forward_backward_ms']:.1f} ms" if "materialised_forward_backward_ms" in r else ""
+    print(f"attention {r['batch']}x{r['seq']} {r['impl']}: forward {r['forward_ms']:.2f} ms ({r['forward_tflops']:.0f} TFLOP/s), "
+          f"forward+backward {r['forward_backward_ms']:.2f} ms ({r['forward_backward_tflops']:.0f} TFLOP/s){extra}")
+EOF
+[ $ATTN_RC = 0 ] || echo "attention failed ($ATTN_RC): see attention.log"
+[ $TORCH_RC = 0 ] || echo "torch scaled_dot_product_attention failed ($TORCH_RC): see attention.log"
 printf '%-60s %s\n' "quickstart on cuda (exit $WF_RC)" "${WF_SECONDS} s"
 python3 - "$OUT/speed.jsonl" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"train-speed: {r['parameters']/1e9:.2f}B params, batch {r['batch']}x{r['seq']}, {r['tokens_per_s']:.0f} tokens/s, "
-          f"{r['model_tflops']:.1f} TFLOP/s, MFU {100*r['mfu']:.1f} %, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+          f"{r['model_tflops']:.1f} TFLOP/s, MFU {100*r['mfu']:.1f} %, peak {r['peak_gpu_memory_gib']:.1f} GiB, "
+          f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
 EOF
 [ $SPEED_RC = 0 ] || echo "train-speed failed ($SPEED_RC): see speed.log"
 python3 - "$OUT/profile.jsonl" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"train step {r['train_step_seconds']*1000:.0f} ms:", ", ".join(f"{k} {v*1000:.0f} ms" for k, v in r["seconds_per_phase"].items()))
+    print(f"train step {r['batch']}x{r['seq']} {r['train_step_seconds']*1000:.0f} ms:", ", ".join(f"{k} {v*1000:.0f} ms" for k, v in r["seconds_per_phase"].items()))
 EOF
 [ $PROFILE_RC = 0 ] || echo "train-profile failed ($PROFILE_RC): see speed.log"
-exit $(( PARITY_RC | WF_RC | SPEED_RC | PROFILE_RC ))
+exit $(( PARITY_RC | ATTN_RC | TORCH_RC | WF_RC | SPEED_RC | PROFILE_RC ))

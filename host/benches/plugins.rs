@@ -34,7 +34,7 @@ fn plugin_dir(name: &str) -> PathBuf {
 }
 
 fn load(host: &PluginHost, name: &str) -> Option<Plugin> {
-    match host.load(
+    match host.load_or_build(
         &plugin_dir(name),
         &PluginGrants::default(),
         &PluginLimits::default(),

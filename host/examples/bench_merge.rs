@@ -170,7 +170,7 @@ fn compare(x: &Path, y: &Path) -> Result<()> {
                 .with_context(|| PathBuf::from(y).display().to_string())?;
             let mut v = vec![0f32; meta.numel()];
             Source {
-                bytes: s.bytes(name)?,
+                bytes: &s.bytes(name)?,
                 dtype: meta.dtype,
             }
             .decode(0, &mut v);

@@ -11,6 +11,15 @@
 //! take part in matrix products, i.e. without the embedding lookup; peak 989 TFLOP/s, the H100/H200 dense
 //! bf16 figure).
 //!
+//! `gpu_check attention BATCH SEQ` — the fused attention op alone (32 heads, 4 KV heads, head dim 128, bf16,
+//! causal, as in one layer of that model): forward and forward + backward times and TFLOP/s (FLOPs: forward
+//! 4·b·h·s²·d / 2 for the causal half, backward 2.5 × that, as FlashAttention reports them), next to the
+//! materialised computation the tests use as the oracle. `scripts/gpu-check.sh` times PyTorch's
+//! `scaled_dot_product_attention` on the same shapes in the same call.
+//!
+//! `train-speed` also reports the peak GPU memory of the run (the CUDA memory pool's high-water mark: candle
+//! allocates through it).
+//!
 //! Prints one JSON object per check on stdout.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -47,12 +56,12 @@ fn main() -> Result<()> {
                 train_profile(layers, batch, seq, steps, &gpu)
             }
         }
-        Some("attention-profile") if args.len() == 3 => {
-            attention_profile(args[1].parse()?, args[2].parse()?, &gpu)
+        Some("attention") if args.len() == 3 => {
+            attention_speed(args[1].parse()?, args[2].parse()?, &gpu)
         }
         _ => bail!(
             "usage: gpu_check parity FIXTURES | gpu_check train-speed|train-profile LAYERS BATCH SEQ STEPS \
-             | gpu_check attention-profile BATCH SEQ"
+             | gpu_check attention BATCH SEQ"
         ),
     }
 }
@@ -181,7 +190,120 @@ fn parity(fixtures: &Path, gpu: &Device) -> Result<()> {
             0.999,
         );
     }
+    attention_parity(gpu, &mut check)?;
     ensure!(failed.is_empty(), "failed checks: {failed:?}");
+    Ok(())
+}
+
+/// The fused attention op on the GPU against the same op on the CPU (f32, from the same rounded inputs):
+/// output and the three gradients, for each mask kind, grouped-query attention and head dims 64/80/128.
+fn attention_parity(gpu: &Device, check: &mut dyn FnMut(String, f32, f32)) -> Result<()> {
+    use candle_core::Var;
+    use dusflow::model::attention::{attention, AttentionMask};
+    let (b, s, nh, nkv) = (2usize, 300usize, 8usize, 2usize);
+    for hd in [64usize, 80, 128] {
+        let cpu = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (b, s, nh, hd), &cpu)?;
+        let k = Tensor::randn(0f32, 1.0, (b, s, nkv, hd), &cpu)?;
+        let v = Tensor::randn(0f32, 1.0, (b, s, nkv, hd), &cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (b, s, nh, hd), &cpu)?;
+        let key_mask: Vec<u8> = (0..b * s).map(|x| (x % s >= 5 || x >= s) as u8).collect();
+        let docs: Vec<u32> = (0..b * s).map(|x| ((x % s) / 37) as u32).collect();
+        let masks = [
+            ("causal", AttentionMask::causal(None, 0)),
+            ("causal + window 50", AttentionMask::causal(Some(50), 0)),
+            ("query offset 200 (cache)", AttentionMask::causal(None, 200)),
+            (
+                "causal + key mask",
+                AttentionMask {
+                    key_mask: Some(Tensor::from_vec(key_mask, (b, s), &cpu)?),
+                    ..AttentionMask::causal(None, 0)
+                },
+            ),
+            (
+                "causal + documents",
+                AttentionMask {
+                    document_ids: Some(Tensor::from_vec(docs, (b, s), &cpu)?),
+                    ..AttentionMask::causal(None, 0)
+                },
+            ),
+        ];
+        for (name, mask) in masks {
+            // With an offset the queries are the last s - offset positions.
+            let seq = s - mask.query_offset;
+            let q = q.narrow(1, 0, seq)?;
+            let w = w.narrow(1, 0, seq)?;
+            let on = |m: &AttentionMask, dev: &Device| -> Result<AttentionMask> {
+                let to = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                    Ok(t.as_ref().map(|t| t.to_device(dev)).transpose()?)
+                };
+                Ok(AttentionMask {
+                    key_mask: to(&m.key_mask)?,
+                    document_ids: to(&m.document_ids)?,
+                    ..m.clone()
+                })
+            };
+            let run = |dev: &Device, dtype: DType| -> Result<Vec<Tensor>> {
+                let var = |t: &Tensor| -> Result<Var> {
+                    Ok(Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?)
+                };
+                let (qv, kv, vv) = (var(&q)?, var(&k)?, var(&v)?);
+                let out = attention(
+                    qv.as_tensor(),
+                    kv.as_tensor(),
+                    vv.as_tensor(),
+                    &on(&mask, dev)?,
+                    1.0 / (hd as f64).sqrt(),
+                )?;
+                let loss = (out.to_dtype(DType::F32)? * w.to_device(dev)?)?.sum_all()?;
+                let grads = loss.backward()?;
+                let mut all = vec![out];
+                for x in [&qv, &kv, &vv] {
+                    all.push(grads.get(x.as_tensor()).context("no gradient")?.clone());
+                }
+                Ok(all)
+            };
+            // The CPU reference sees the inputs rounded to bf16 when the GPU computes in bf16.
+            for (dtype, limit) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
+                let want = {
+                    let rounded = |t: &Tensor| -> Result<Tensor> {
+                        Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?)
+                    };
+                    let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&rounded(t)?)?) };
+                    let (qv, kv, vv) = (var(&q)?, var(&k)?, var(&v)?);
+                    let out = attention(
+                        qv.as_tensor(),
+                        kv.as_tensor(),
+                        vv.as_tensor(),
+                        &mask,
+                        1.0 / (hd as f64).sqrt(),
+                    )?;
+                    let grads = (&out * &w)?.sum_all()?.backward()?;
+                    let mut all = vec![out];
+                    for x in [&qv, &kv, &vv] {
+                        all.push(grads.get(x.as_tensor()).context("no gradient")?.clone());
+                    }
+                    all
+                };
+                let got = run(gpu, dtype)?;
+                let worst = ["output", "dq", "dk", "dv"]
+                    .iter()
+                    .zip(got.iter().zip(&want))
+                    .map(|(n, (g, w))| Ok((rel_err(g, w)?, *n)))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .fold((0f32, ""), |a, b| if b.0 > a.0 { b } else { a });
+                check(
+                    format!(
+                        "attention op {dtype:?} hd {hd} {name}: GPU vs CPU (worst rel, {})",
+                        worst.1
+                    ),
+                    worst.0,
+                    limit,
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -213,7 +335,11 @@ fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Devi
     let total = steps + warmup;
     let rows = random_rows(batch * total, seq);
     let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw(), gpu)?;
+    gpu.synchronize()?;
+    peak_gpu_memory(true)?;
     let run = timed_training(&model, &mut opt, &rows, batch, warmup)?;
+    gpu.synchronize()?;
+    let peak = peak_gpu_memory(false)?;
     let seconds = run.timed_seconds.context("no timed steps")?;
     let tokens = (batch * seq * steps) as f64;
     let matmul_params = (params - embed) as f64;
@@ -226,6 +352,7 @@ fn train_speed(layers: usize, batch: usize, seq: usize, steps: usize, gpu: &Devi
             "timed_steps": steps, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
             "first_loss": run.losses.first(), "last_loss": run.losses.last(),
+            "peak_gpu_memory_gib": peak as f64 / (1u64 << 30) as f64,
         })
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -296,87 +423,109 @@ fn train_profile(
     Ok(())
 }
 
-/// The cost of each operation of one attention layer's scores on the GPU (32 heads, 4 KV heads, head dim
-/// 128, bf16 with f32 softmax), mean of 5 runs each between synchronisations, and a whole attention forward +
-/// backward with candle's differentiable softmax and with ours.
-fn attention_profile(batch: usize, seq: usize, gpu: &Device) -> Result<()> {
-    use candle_core::{Var, D};
+/// The fused attention op on one layer's shapes: mean time of forward and of forward + backward over 10
+/// runs each (after one warm-up), TFLOP/s, and the materialised oracle's forward + backward for scale.
+fn attention_speed(batch: usize, seq: usize, gpu: &Device) -> Result<()> {
+    use candle_core::Var;
+    use dusflow::model::attention::{attention, reference::attention_materialised, AttentionMask};
     let (nh, nkv, hd) = (32usize, 4usize, 128usize);
-    let rep = nh / nkv;
-    let q = Var::from_tensor(
-        &Tensor::randn(0f32, 1.0, (batch, nkv, rep * seq, hd), gpu)?.to_dtype(DType::BF16)?,
-    )?;
-    let k = Var::from_tensor(
-        &Tensor::randn(0f32, 1.0, (batch, nkv, seq, hd), gpu)?.to_dtype(DType::BF16)?,
-    )?;
-    let v = Var::from_tensor(
-        &Tensor::randn(0f32, 1.0, (batch, nkv, seq, hd), gpu)?.to_dtype(DType::BF16)?,
-    )?;
-    let bias = dusflow::model::causal_bias(seq, 0, None, gpu)?;
-    let time = |name: &str, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
-        drop(f()?);
+    let var = |heads: usize| -> Result<Var> {
+        Ok(Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (batch, seq, heads, hd), gpu)?.to_dtype(DType::BF16)?,
+        )?)
+    };
+    let (q, k, v) = (var(nh)?, var(nkv)?, var(nkv)?);
+    let d_out = Tensor::randn(0f32, 1.0, (batch, seq, nh, hd), gpu)?.to_dtype(DType::BF16)?;
+    let mask = AttentionMask::causal(None, 0);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let forward_flops = 4.0 * (batch * nh * seq * seq * hd) as f64 / 2.0;
+    let runs = 10;
+    let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?;
         gpu.synchronize()?;
         let started = Instant::now();
-        for _ in 0..5 {
-            drop(f()?);
+        for _ in 0..runs {
+            f()?;
         }
         gpu.synchronize()?;
-        println!(
-            "{}",
-            json!({"op": name, "ms": started.elapsed().as_secs_f64() * 1000.0 / 5.0})
+        Ok(started.elapsed().as_secs_f64() / runs as f64)
+    };
+    let fused =
+        |t: &Tensor| -> Result<Tensor> { attention(t, k.as_tensor(), v.as_tensor(), &mask, scale) };
+    let backward = |out: Tensor| -> Result<()> {
+        let grads = (out * &d_out)?.sum_all()?.backward()?;
+        ensure!(
+            grads.get(k.as_tensor()).is_some(),
+            "no gradient reached the keys"
         );
         Ok(())
     };
-    let scores = q.matmul(&k.t()?)?.reshape((batch, nh, seq, seq))?;
-    let scores32 = scores.to_dtype(DType::F32)?;
-    let masked = scores32.broadcast_add(&bias)?;
-    let probs = candle_nn::ops::softmax(&masked, D::Minus1)?;
-    time("q·kᵀ (bf16 matmul)", &|| Ok(q.matmul(&k.t()?)?))?;
-    time("scale", &|| Ok((&scores * 0.088)?))?;
-    time("to f32", &|| Ok(scores.to_dtype(DType::F32)?))?;
-    time("+ causal bias (broadcast)", &|| {
-        Ok(scores32.broadcast_add(&bias)?)
+    let forward_s = time(&|| {
+        drop(fused(q.as_tensor())?);
+        Ok(())
     })?;
-    time("max over keys", &|| Ok(masked.max_keepdim(D::Minus1)?))?;
-    time("exp", &|| Ok(masked.exp()?))?;
-    time("softmax (candle_nn::ops::softmax)", &|| {
-        Ok(candle_nn::ops::softmax(&masked, D::Minus1)?)
+    let both_s = time(&|| backward(fused(q.as_tensor())?))?;
+    let materialised_s = time(&|| {
+        backward(attention_materialised(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &mask,
+            scale,
+        )?)
     })?;
-    time("softmax_last_dim (fused, no backward)", &|| {
-        Ok(candle_nn::ops::softmax_last_dim(&masked)?)
-    })?;
-    time("to bf16", &|| Ok(probs.to_dtype(DType::BF16)?))?;
-    let probs16 = probs
-        .to_dtype(DType::BF16)?
-        .reshape((batch, nkv, rep * seq, seq))?;
-    time("p·v (bf16 matmul)", &|| Ok(probs16.matmul(v.as_tensor())?))?;
-    time(
-        "softmax (dusflow: fused forward, closed-form backward)",
-        &|| Ok(dusflow::model::softmax::softmax_last_dim(&masked)?),
-    )?;
-    for fused in [false, true] {
-        let name = if fused {
-            "attention forward + backward, dusflow softmax"
-        } else {
-            "attention forward + backward, candle_nn::ops::softmax"
-        };
-        time(name, &|| {
-            let scores = (q.matmul(&k.t()?)? * 0.088)?.reshape((batch, nh, seq, seq))?;
-            let x = scores.to_dtype(DType::F32)?.broadcast_add(&bias)?;
-            let probs = if fused {
-                dusflow::model::softmax::softmax_last_dim(&x)?
-            } else {
-                candle_nn::ops::softmax(&x, D::Minus1)?
-            };
-            let out = probs
-                .to_dtype(DType::BF16)?
-                .reshape((batch, nkv, rep * seq, seq))?
-                .matmul(v.as_tensor())?;
-            let grads = out.to_dtype(DType::F32)?.sum_all()?.backward()?;
-            Ok(grads.get(q.as_tensor()).context("no gradient")?.clone())
-        })?;
-    }
+    println!(
+        "{}",
+        json!({
+            "check": "attention", "impl": "dusflow fused (Triton PTX)", "batch": batch, "seq": seq,
+            "heads": nh, "kv_heads": nkv, "head_dim": hd, "dtype": "bf16", "causal": true,
+            "forward_ms": forward_s * 1e3, "forward_backward_ms": both_s * 1e3,
+            "forward_tflops": forward_flops / forward_s / 1e12,
+            "forward_backward_tflops": 3.5 * forward_flops / both_s / 1e12,
+            "materialised_forward_backward_ms": materialised_s * 1e3,
+        })
+    );
     Ok(())
+}
+
+/// The CUDA memory pool's high-water mark since the last reset (bytes). candle allocates with
+/// `cuMemAllocAsync` from the device's default pool, so this is the peak of everything candle held.
+#[cfg(feature = "cuda")]
+fn peak_gpu_memory(reset: bool) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut value = 0u64;
+    // SAFETY: plain driver queries on device 0 with out-pointers to locals; the context exists (the
+    // caller opened the device).
+    unsafe {
+        let mut dev: sys::CUdevice = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let check = |r: sys::CUresult, what: &str| -> Result<()> {
+            ensure!(r == sys::CUresult::CUDA_SUCCESS, "{what}: {r:?}");
+            Ok(())
+        };
+        check(sys::cuDeviceGet(&mut dev, 0), "cuDeviceGet")?;
+        check(
+            sys::cuDeviceGetDefaultMemPool(&mut pool, dev),
+            "cuDeviceGetDefaultMemPool",
+        )?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        if reset {
+            check(
+                sys::cuMemPoolSetAttribute(pool, attr, (&mut value as *mut u64).cast()),
+                "cuMemPoolSetAttribute",
+            )?;
+        }
+        check(
+            sys::cuMemPoolGetAttribute(pool, attr, (&mut value as *mut u64).cast()),
+            "cuMemPoolGetAttribute",
+        )?;
+    }
+    Ok(value)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn peak_gpu_memory(_reset: bool) -> Result<u64> {
+    bail!("built without CUDA")
 }
 
 /// A random Llama (hidden 2048, MLP 5632, 32 heads, 4 KV heads, vocab 32000) saved in bf16 to a temporary

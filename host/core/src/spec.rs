@@ -87,6 +87,10 @@ fn durable_by_default() -> bool {
 pub struct ModelSpec {
     /// The folder with `config.json` and safetensors weights (relative to the workflow file).
     pub path: PathBuf,
+    /// A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) for this base: steps
+    /// read the base with the adapter merged in (as mergekit's `base+adapter`), made once per content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,
@@ -154,8 +158,14 @@ pub struct DatasetSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSpec {
-    /// A `.wasm` component or a source folder (built on demand), relative to the workflow file.
+    /// A `.wasm` component or a source folder, relative to the workflow file.
     pub path: PathBuf,
+    /// Whether a source folder may be built when its current sources have no cached build. Building
+    /// runs the folder's build command (`plugin.toml` `[build] command`, or cargo with the crate's build
+    /// scripts) on this machine, outside the sandbox, so it happens only when the workflow says so here
+    /// (or after an explicit `dus plugin build`). A `.wasm` component never builds anything.
+    #[serde(default)]
+    pub build: bool,
     /// Capabilities granted to the plugin (none by default).
     #[serde(default)]
     pub grants: PluginGrants,
@@ -189,15 +199,24 @@ pub struct PluginGrants {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginLimits {
-    /// Time budget of a single call, in milliseconds of wall-clock time (enforced with epoch interruption).
+    /// Time budget of a single call, in milliseconds of wall-clock time, whatever the plugin does: guest code
+    /// is interrupted at an epoch tick, a wait in WASI (sleep, poll, read) is abandoned.
     #[serde(default = "PluginLimits::default_timeout_ms")]
     pub timeout_ms: u64,
     /// Maximum linear memory of the plugin instance, in MiB.
     #[serde(default = "PluginLimits::default_memory_mb")]
     pub memory_mb: u64,
+    /// What the host keeps for a data filter: the rewritten records of one batch may total at most this
+    /// many times the batch's input bytes (plus 64 KiB), so a plugin cannot make the host hold more than
+    /// a multiple of the dataset, whatever its own memory limit.
+    #[serde(default = "PluginLimits::default_output_ratio")]
+    pub output_ratio: u64,
 }
 
 impl PluginLimits {
+    fn default_output_ratio() -> u64 {
+        4
+    }
     fn default_timeout_ms() -> u64 {
         10_000
     }
@@ -211,6 +230,7 @@ impl Default for PluginLimits {
         Self {
             timeout_ms: Self::default_timeout_ms(),
             memory_mb: Self::default_memory_mb(),
+            output_ratio: Self::default_output_ratio(),
         }
     }
 }

@@ -115,6 +115,7 @@ pub fn apply_filters(
                                 )
                             })?;
                         record.value = value;
+                        record.rewritten_by = Some(count.filter.clone());
                         count.rewritten += 1;
                         kept.push(record);
                     }

@@ -97,9 +97,19 @@ pub fn load_dataset(
     };
     let mut examples = Vec::with_capacity(records.len());
     for r in &records {
-        match Example::parse(&r.value, format, &source.fields) {
-            Ok(e) => examples.push(e),
-            Err(e) => skip_or_fail(source.on_error, &mut stats, &r.origin, &e.to_string())?,
+        match (Example::parse(&r.value, format, &source.fields), &r.rewritten_by) {
+            (Ok(e), _) => examples.push(e),
+            // The input record was fine: the plugin's answer is wrong, whatever `on_error` says.
+            (Err(e), Some(filter)) => bail!(
+                "{}: filter plugin {filter:?} rewrote this record into one that is not a valid {} record of \
+                 dataset {:?}: {e}",
+                r.origin,
+                format.name(),
+                source.name
+            ),
+            (Err(e), None) => {
+                skip_or_fail(source.on_error, &mut stats, &r.origin, &e.to_string())?
+            }
         }
     }
     let available = examples.len();

@@ -3,8 +3,7 @@
 
 use super::filter::{RecordFilter, Verdict};
 use anyhow::{Context, Result};
-use dusflow_core::spec::PluginSpec;
-use dusflow_plugin_host::{DataFilterPlugin, PluginHost, Verdict as PluginVerdict};
+use dusflow_plugin_host::{DataFilterPlugin, Plugin, Verdict as PluginVerdict};
 
 /// A loaded, configured data-filter plugin.
 pub struct PluginFilter {
@@ -13,22 +12,8 @@ pub struct PluginFilter {
 }
 
 impl PluginFilter {
-    /// Loads `[plugins.NAME]` (`spec`, path absolute) with its grants and limits, and configures it with
-    /// `params_json`.
-    pub fn load(
-        host: &PluginHost,
-        name: &str,
-        spec: &PluginSpec,
-        params_json: &str,
-    ) -> Result<Self> {
-        let plugin = host
-            .load(&spec.path, &spec.grants, &spec.limits)
-            .with_context(|| {
-                format!(
-                    "loading data-filter plugin {name:?} from {}",
-                    spec.path.display()
-                )
-            })?;
+    /// Starts a filtering job of the loaded `[plugins.NAME]` `plugin`, configured with `params_json`.
+    pub fn start(plugin: &Plugin, name: &str, params_json: &str) -> Result<Self> {
         let handle = plugin
             .data_filter(params_json)
             .with_context(|| format!("configuring plugin {name:?}"))?;

@@ -33,6 +33,8 @@ pub struct RawRecord {
     pub origin: Origin,
     /// The record.
     pub value: Value,
+    /// The filter that last rewrote it, if any: a rewrite that does not parse is that filter's fault.
+    pub rewritten_by: Option<String>,
 }
 
 /// Everything needed to load one dataset: files, layout, caps, filters and error policy.
@@ -178,7 +180,8 @@ pub struct ReadStats {
 }
 
 /// Reads every record of `files`. A line that is not a JSON object fails with its file and line, or is
-/// skipped and counted when `on_error` is `Skip`. Blank lines are ignored.
+/// skipped and counted when `on_error` is `Skip`. Blank lines are ignored. A file without a single line
+/// or row is an error naming it: an empty dataset file is a mistake, whatever a later step would say.
 pub fn read_records(
     files: &[PathBuf],
     on_error: OnError,
@@ -186,9 +189,13 @@ pub fn read_records(
 ) -> Result<Vec<RawRecord>> {
     let mut out = Vec::new();
     for file in files {
+        let (before, skipped) = (out.len(), stats.skipped);
         match file_kind(file) {
             Some(FileKind::Parquet) => read_parquet(file, &mut out)?,
             _ => read_jsonl(file, on_error, stats, &mut out)?,
+        }
+        if out.len() == before && stats.skipped == skipped {
+            bail!("{}: the dataset file is empty (no records)", file.display());
         }
     }
     Ok(out)
@@ -220,7 +227,11 @@ fn read_jsonl(
                 }
             });
         match parsed {
-            Ok(value) => out.push(RawRecord { origin, value }),
+            Ok(value) => out.push(RawRecord {
+                origin,
+                value,
+                rewritten_by: None,
+            }),
             Err(msg) => skip_or_fail(on_error, stats, &origin, &msg)?,
         }
     }
@@ -265,6 +276,7 @@ fn read_parquet(file: &Path, out: &mut Vec<RawRecord>) -> Result<()> {
         out.push(RawRecord {
             origin,
             value: row.to_json_value(),
+            rewritten_by: None,
         });
     }
     Ok(())

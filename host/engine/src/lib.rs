@@ -74,8 +74,11 @@ pub fn plan_workflow(workflow: Arc<Workflow>, options: &RunOptions) -> Result<Pl
     let store = ArtifactStore::new(&workflow.output_dir);
     let hasher = hashing::FileHasher::persistent(store.state_dir().join("file-hashes.json"));
     let plan = plan::plan(workflow, &store, &hasher, &options.force);
-    if store.root().exists() {
-        hasher.save()?;
+    // Kept from the first plan on, output folder or not: without it every `dus plan` of a workflow that
+    // has not run yet would read its inputs again (minutes for a large model). A cache that cannot be
+    // written only costs that time.
+    if let Err(e) = hasher.save() {
+        tracing::warn!("cannot keep the file-hash cache: {e:#}");
     }
     Ok(plan)
 }

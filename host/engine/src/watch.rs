@@ -7,41 +7,58 @@
 
 use super::events::Event;
 use super::executor::Executor;
-use super::hashing::IGNORED_DIRS;
+use super::hashing::{FileHasher, IGNORED_DIRS};
 use super::store::{ArtifactStore, RunLock};
 use super::summary::{render_headlines, render_summary};
 use super::{executor_options, load, plan_workflow, RunOptions};
 use anyhow::Result;
 use dusflow_core::step::Registry;
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-type Debouncer = notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>;
+/// Whether a file-system event can mean new content. Opening, reading and closing a file without writing
+/// cannot, and watch mode itself opens every file it watches when it re-plans (the workflow, inputs being
+/// hashed): counting those would re-plan forever.
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
 
-fn new_watcher() -> Result<(Debouncer, mpsc::UnboundedReceiver<Vec<PathBuf>>)> {
+fn new_watcher() -> Result<(
+    notify::RecommendedWatcher,
+    mpsc::UnboundedReceiver<Vec<PathBuf>>,
+)> {
     let (tx, rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let config = notify_debouncer_mini::Config::default()
-        .with_timeout(DEBOUNCE)
-        .with_batch_mode(false);
-    let debouncer = notify_debouncer_mini::new_debouncer_opt::<_, notify::RecommendedWatcher>(
-        config,
-        move |res| {
-            if let Ok(events) = res {
-                let events: Vec<notify_debouncer_mini::DebouncedEvent> = events;
-                let _ = tx.send(events.into_iter().map(|e| e.path).collect());
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res {
+            if may_change_content(&event.kind) {
+                let _ = tx.send(event.paths);
             }
-        },
-    )?;
-    Ok((debouncer, rx))
+        }
+    })?;
+    Ok((watcher, rx))
 }
 
 /// How long file events are debounced before a rerun.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The content of every path a plan read: file hashes (cached by size, mtime and inode, so unchanged
+/// files cost a `stat`), `None` for a path that is missing. Two equal fingerprints mean nothing to redo.
+fn fingerprint(watched: &[PathBuf], hasher: &FileHasher) -> HashMap<PathBuf, Option<String>> {
+    watched
+        .iter()
+        .map(|p| (p.clone(), hasher.hash_path(p).ok()))
+        .collect()
+}
 
 /// The paths a workflow reads, and how to tell whether a changed path is one of them.
 #[derive(Default, PartialEq)]
@@ -117,12 +134,21 @@ pub async fn watch(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let file = std::path::absolute(path)?;
-    let mut os_watch: Option<(Debouncer, mpsc::UnboundedReceiver<Vec<PathBuf>>)> = None;
+    let mut os_watch: Option<(
+        notify::RecommendedWatcher,
+        mpsc::UnboundedReceiver<Vec<PathBuf>>,
+    )> = None;
     let mut executor: Option<(Executor, RunLock)> = None;
     let mut current: Option<CancellationToken> = None;
     let mut watch_set = WatchSet::default();
     let mut force = options.force.clone();
+    // Content hashes for telling real edits from touches, kept in memory for the whole session.
+    let hasher = FileHasher::in_memory();
+    let mut last_watched = vec![file.clone()];
     loop {
+        // What the plan below will read, at least this new: hashed before planning, so an edit made while
+        // planning shows as a difference afterwards instead of being taken for the planned content.
+        let mut planned_content = fingerprint(&last_watched, &hasher);
         let mut watched = vec![file.clone()];
         let mut output_dir = None;
         match load(&file, registry, &options).and_then(|wf| {
@@ -191,24 +217,45 @@ pub async fn watch(
         if new_set != watch_set || os_watch.is_none() {
             // Re-create watches from scratch: the simplest way to drop paths no longer read.
             drop(os_watch.take());
-            let (mut debouncer, rx) = new_watcher()?;
-            new_set.install(debouncer.watcher());
-            os_watch = Some((debouncer, rx));
+            let (mut watcher, rx) = new_watcher()?;
+            new_set.install(&mut watcher);
+            os_watch = Some((watcher, rx));
             watch_set = new_set;
         }
+        let added: Vec<PathBuf> = watched
+            .iter()
+            .filter(|p| !planned_content.contains_key(*p))
+            .cloned()
+            .collect();
+        planned_content.extend(fingerprint(&added, &hasher));
+        planned_content.retain(|p, _| watched.binary_search(p).is_ok());
+        last_watched = watched.clone();
         let changes = &mut os_watch.as_mut().expect("watcher").1;
 
-        // Wait for a change that matters.
+        // Wait for a change of content that matters.
         loop {
             tokio::select! {
                 batch = changes.recv() => {
-                    let Some(paths) = batch else { return Ok(()) };
-                    let relevant: Vec<PathBuf> = paths.into_iter().filter(|p| watch_set.is_relevant(p)).collect();
-                    if !relevant.is_empty() {
-                        tracing::info!("changed: {}", relevant.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
-                        options.events.emit(Event::FilesChanged { paths: relevant });
-                        break;
+                    let Some(mut paths) = batch else { return Ok(()) };
+                    // Debounce: an editor's save is several events; take them all.
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while let Ok(more) = changes.try_recv() {
+                        paths.extend(more);
                     }
+                    let mut relevant: Vec<PathBuf> = paths.into_iter().filter(|p| watch_set.is_relevant(p)).collect();
+                    if relevant.is_empty() {
+                        continue;
+                    }
+                    let content = fingerprint(&watched, &hasher);
+                    if content == planned_content {
+                        tracing::debug!("touched but unchanged: {}", relevant[0].display());
+                        continue;
+                    }
+                    relevant.sort();
+                    relevant.dedup();
+                    tracing::info!("changed: {}", relevant.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+                    options.events.emit(Event::FilesChanged { paths: relevant });
+                    break;
                 }
                 _ = shutdown.cancelled() => {
                     if let Some(token) = current.take() {

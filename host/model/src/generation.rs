@@ -4,7 +4,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::llama::{padded_causal_bias, ForwardOptions, KvCache, Llama};
+use super::llama::{key_mask, ForwardOptions, KvCache, Llama};
 use super::tokenizer::Tokenizer;
 
 /// How the next token is chosen.
@@ -108,12 +108,12 @@ pub fn generate(
         );
         next_pos.push(p.len() as u32);
     }
-    let window = model.config().sliding_window;
     let mut cache = KvCache::with_headroom(model.config().num_hidden_layers, opts.max_new_tokens);
     let mut input = Tensor::from_vec(ids, (b, max_len), &dev)?;
     let mut fwd = ForwardOptions {
         position_ids: Some(Tensor::from_vec(positions, (b, max_len), &dev)?),
-        attention_bias: Some(padded_causal_bias(&key_valid, max_len, window, &dev)?),
+        key_mask: Some(key_mask(&key_valid, &dev)?),
+        document_ids: None,
     };
     let mut rngs: Vec<StdRng> = (0..b)
         .map(|i| match opts.sampling {
@@ -170,7 +170,8 @@ pub fn generate(
         input = Tensor::from_vec(next, (b, 1), &dev)?;
         fwd = ForwardOptions {
             position_ids: Some(Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?),
-            attention_bias: Some(padded_causal_bias(&key_valid, 1, window, &dev)?),
+            key_mask: Some(key_mask(&key_valid, &dev)?),
+            document_ids: None,
         };
         for p in next_pos.iter_mut() {
             *p += 1;

@@ -1,10 +1,12 @@
 //! The Llama/Mistral model family in candle: configs, checkpoints, tokenizers, forward passes (issue 3).
 //!
 //! - [`config`]: `config.json` ([`LlamaConfig`]), validated.
-//! - [`tensor_store`]: memory-mapped reading of one safetensors file or a sharded folder.
+//! - [`tensor_store`]: reading one safetensors file or a sharded folder (positioned reads, checked headers);
+//!   [`safetensors_header`]: the header reader.
 //! - [`checkpoint_writer`]: canonical, streaming, sharded, atomic safetensors writing.
 //! - [`weights`]: load a folder into a model (trainable or not), fresh initialisation, save a folder.
 //! - [`llama`]: the network, with a differentiable training forward and a cached inference forward.
+//! - [`attention`]: the fused attention op (forward and backward, CPU and CUDA) every forward calls.
 //! - [`tokenizer`]: `tokenizer.json` via the `tokenizers` crate and a built-in byte-level tokenizer.
 //! - [`chat_template`]: the folder's chat template (`chat_template.jinja` / `tokenizer_config.json`) and
 //!   special-token strings, as transformers reads them.
@@ -26,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attention;
 pub mod chat_template;
 pub mod checkpoint_writer;
 pub mod config;
@@ -34,11 +37,12 @@ pub mod generation;
 pub mod in_place_writer;
 pub mod llama;
 pub mod lora;
-pub mod softmax;
+pub mod safetensors_header;
 pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
 
+pub use attention::{attention, AttentionMask};
 pub use chat_template::{read_chat_template, special_tokens_map, ModelChatTemplate};
 pub use checkpoint_writer::{
     write_checkpoint, write_safetensors, ShardOptions, StagingDir, TensorSpec, WrittenCheckpoint,
@@ -47,12 +51,10 @@ pub use config::LlamaConfig;
 pub use generation::{
     generate, loglikelihood, FinishReason, GenerateOptions, Generation, LogLikelihood, Sampling,
 };
-pub use llama::{
-    block_causal_bias, causal_bias, packed_position_ids, padded_causal_bias, ForwardOptions,
-    KvCache, Llama,
-};
+pub use llama::{document_ids, key_mask, packed_position_ids, ForwardOptions, KvCache, Llama};
 pub use tensor_store::{TensorMeta, TensorStore};
 pub use tokenizer::Tokenizer;
 pub use weights::{
-    init_trainable, load_model, load_trainable, save_model, save_tensors, save_varmap, SaveOptions,
+    check_weights, init_trainable, load_model, load_trainable, save_model, save_tensors,
+    save_varmap, SaveOptions,
 };

@@ -1,15 +1,16 @@
 //! The Llama/Mistral decoder: a training forward built only from differentiable candle ops, and an
-//! inference forward with a KV cache that uses candle's fused kernels (which have no backward).
+//! inference forward with a KV cache that uses candle's fused kernels (which have no backward). Both run
+//! attention through the fused op of [`crate::attention`] (it has a backward).
 
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use anyhow::{ensure, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::VarBuilder;
+use std::sync::{Arc, Mutex};
 
+use super::attention::{attention, AttentionMask};
 use super::config::LlamaConfig;
-
-/// Value added to attention scores of masked keys. Finite (like transformers' `finfo.min`) so that a fully
-/// masked row (a padding query) gives a uniform distribution instead of NaN.
-pub const MASKED: f32 = f32::MIN;
+use super::lora::{Adapter, LoraPair, LINEAR_MODULES};
 
 /// Which op set a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,19 +21,25 @@ enum Path {
     Fast,
 }
 
-/// Optional inputs of a forward pass beyond the token ids.
+/// Optional inputs of a forward pass beyond the token ids. Attention is always causal (with Mistral's
+/// sliding window when configured); these narrow it further.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardOptions {
     /// Per-token positions, shape `(batch, seq)`, dtype u32. Default: `past_len + 0..seq` for every row.
     /// Packed documents reset positions per document; left-padded prompts start counting at the first token.
     pub position_ids: Option<Tensor>,
-    /// Additive attention bias, shape `(batch or 1, 1, seq, past_len + seq)`, f32: 0 where a query may
-    /// attend a key, [`MASKED`] where not. It replaces the default causal (and sliding-window) mask, so it
-    /// must encode causality itself; see [`causal_bias`], [`padded_causal_bias`], [`block_causal_bias`].
-    pub attention_bias: Option<Tensor>,
+    /// `(batch, past_len + seq)` u8 over every key position, cached ones included: 1 for a real token, 0 for
+    /// padding that no query may attend. A query that sees no key at all (itself padding) gets a zero
+    /// attention output. See [`key_mask`].
+    pub key_mask: Option<Tensor>,
+    /// `(batch, past_len + seq)` u32: the document of every position; a token attends only to earlier
+    /// tokens of its own document (packed rows; use with [`packed_position_ids`]).
+    pub document_ids: Option<Tensor>,
 }
 
-/// Per-layer keys and values of the tokens seen so far, for incremental decoding. Buffers are preallocated
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding, as
+/// `(batch, positions, kv_heads, head_dim)` (the layout the projections produce and the attention reads in
+/// place). Buffers are preallocated
 /// and written in place (growing by the first chunk's length + `headroom` when full), so a decoding step
 /// does not copy the whole cache. Not `Clone`: clones would share and overwrite the same buffers.
 #[derive(Debug)]
@@ -80,7 +87,7 @@ impl KvCache {
                         v.repeat((n, 1, 1, 1))?.contiguous()?,
                     );
                     let mut repeated =
-                        candle_nn::kv_cache::KvCache::new(2, k.dim(2)? + self.headroom);
+                        candle_nn::kv_cache::KvCache::new(1, k.dim(1)? + self.headroom);
                     repeated.append(&k, &v)?;
                     *slot = Some(repeated);
                 }
@@ -91,9 +98,9 @@ impl KvCache {
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let seq = k.dim(2)?;
+        let seq = k.dim(1)?;
         let cache = self.layers[layer]
-            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, seq + self.headroom));
+            .get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(1, seq + self.headroom));
         let out = cache.append(&k, &v)?;
         if layer + 1 == self.layers.len() {
             self.len += seq;
@@ -128,6 +135,30 @@ pub struct Llama {
     inv_freq: Tensor,
     /// Dtype the forward computes in; weights of another dtype are cast at use (differentiably).
     compute: DType,
+    /// LoRA factors applied beside the linear layers (`x Wᵀ + scaling · dropout(x) Aᵀ Bᵀ`), if any.
+    adapters: Option<Arc<ModelAdapters>>,
+    /// Training-time settings of the differentiable forward: dropout seed, activation checkpointing.
+    training: Arc<TrainingState>,
+}
+
+/// The LoRA factors of every decoder layer and how they apply.
+#[derive(Debug)]
+struct ModelAdapters {
+    /// Per layer, per linear module in [`LINEAR_MODULES`] order.
+    layers: Vec<[Option<LoraPair>; 7]>,
+    scaling: f64,
+    dropout: f64,
+}
+
+/// What the differentiable forward does beyond the maths: set by the trainer, shared by clones.
+#[derive(Debug, Default)]
+struct TrainingState {
+    /// Seed of the adapters' dropout masks for the next micro-batch (none: no dropout).
+    dropout_seed: Mutex<Option<u64>>,
+    /// Whether each decoder layer keeps only its input and recomputes itself in the backward pass.
+    checkpointing: std::sync::atomic::AtomicBool,
+    /// Gradients of the checkpointed layers' weights, found while recomputing them in the backward pass.
+    recomputed: Mutex<GradStore>,
 }
 
 impl Llama {
@@ -177,7 +208,81 @@ impl Llama {
             lm_head,
             inv_freq,
             compute,
+            adapters: None,
+            training: Arc::default(),
         })
+    }
+
+    /// The same model with LoRA `adapter` applied beside its linear layers. The adapter's tensors are used
+    /// as they are: variables when training the adapter (the base weights then stay frozen), plain tensors
+    /// for inference. Every adapted module must be a linear layer of this model.
+    pub fn with_adapter(mut self, adapter: &Adapter) -> Result<Self> {
+        let mut layers: Vec<[Option<LoraPair>; 7]> =
+            (0..self.layers.len()).map(|_| Default::default()).collect();
+        for (module, pair) in &adapter.layers {
+            let rest = module
+                .strip_prefix("model.layers.")
+                .with_context(|| format!("adapter module {module:?} is not in a decoder layer"))?;
+            let (index, name) = rest
+                .split_once('.')
+                .with_context(|| format!("adapter module {module:?}"))?;
+            let index: usize = index
+                .parse()
+                .with_context(|| format!("adapter module {module:?}: layer index"))?;
+            let last = name.rsplit('.').next().unwrap_or(name);
+            let slot = LINEAR_MODULES
+                .iter()
+                .position(|m| *m == last)
+                .with_context(|| format!("adapter module {module:?} is not a linear layer"))?;
+            ensure!(
+                index < layers.len(),
+                "adapter module {module:?}: the model has {} layers",
+                layers.len()
+            );
+            layers[index][slot] = Some(pair.clone());
+        }
+        self.adapters = Some(Arc::new(ModelAdapters {
+            layers,
+            scaling: adapter.settings.scaling(),
+            dropout: adapter.settings.dropout,
+        }));
+        Ok(self)
+    }
+
+    /// Whether training forwards keep only each decoder layer's input and recompute the layer in the
+    /// backward pass (activation checkpointing): activation memory falls from every intermediate of every
+    /// layer to one hidden state per layer, for one more forward pass of compute. Collect the weights'
+    /// gradients after `backward()` with [`Llama::merge_recomputed_grads`].
+    pub fn with_checkpointing(self, on: bool) -> Self {
+        self.training
+            .checkpointing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// The seed of the adapters' dropout masks in the following training forwards (`None`: no dropout).
+    /// Masks are a function of the seed, the layer and the module, so a resumed run and a recomputed
+    /// (checkpointed) layer draw the same ones.
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        *self
+            .training
+            .dropout_seed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = seed;
+    }
+
+    /// Adds the gradients found while recomputing checkpointed layers in the last backward pass to `grads`
+    /// (they are not in the store `backward()` returns) and forgets them.
+    pub fn merge_recomputed_grads(&self, grads: &mut GradStore) -> Result<()> {
+        let recomputed = std::mem::take(
+            &mut *self
+                .training
+                .recomputed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        grads.extend(recomputed)?;
+        Ok(())
     }
 
     /// The configuration.
@@ -224,6 +329,34 @@ impl Llama {
         } else {
             conv(&self.lm_head)?
         };
+        let adapters = match &self.adapters {
+            None => None,
+            Some(a) => {
+                let copy =
+                    |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.detach().copy()?) };
+                let layers = a
+                    .layers
+                    .iter()
+                    .map(|pairs| {
+                        let mut out: [Option<LoraPair>; 7] = Default::default();
+                        for (slot, pair) in pairs.iter().enumerate() {
+                            if let Some(p) = pair {
+                                out[slot] = Some(LoraPair {
+                                    a: copy(&p.a)?,
+                                    b: copy(&p.b)?,
+                                });
+                            }
+                        }
+                        Ok(out)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Arc::new(ModelAdapters {
+                    layers,
+                    scaling: a.scaling,
+                    dropout: a.dropout,
+                }))
+            }
+        };
         Ok(Llama {
             cfg: self.cfg.clone(),
             norm: conv(&self.norm)?,
@@ -232,6 +365,8 @@ impl Llama {
             layers,
             lm_head,
             compute: dtype,
+            adapters,
+            training: Arc::default(),
         })
     }
 
@@ -356,46 +491,58 @@ impl Llama {
                 .repeat((b, 1))?,
         };
         let (cos, sin) = self.rope_tables(&positions, path)?;
-        let bias = match &opts.attention_bias {
-            Some(m) => {
-                let d = m.dims();
-                ensure!(
-                    d.len() == 4
-                        && (d[0] == b || d[0] == 1)
-                        && d[1] == 1
-                        && d[2] == s
-                        && d[3] == past + s,
-                    "attention_bias must have shape ({b} or 1, 1, {s}, {}), got {d:?}",
-                    past + s
-                );
-                Some(m.to_dtype(DType::F32)?)
-            }
-            None if s == 1 && self.cfg.sliding_window.is_none_or(|w| past < w) => None,
-            None => Some(causal_bias(s, past, self.cfg.sliding_window, dev)?),
+        let mask = AttentionMask {
+            key_mask: opts.key_mask.clone(),
+            document_ids: opts.document_ids.clone(),
+            ..AttentionMask::causal(self.cfg.sliding_window, past)
         };
+        mask.check(b, s, past + s, dev)
+            .context("ForwardOptions (key_mask / document_ids cover past + seq positions)")?;
         let mut x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, s, self.cfg.hidden_size))?
             .to_dtype(self.compute)?;
+        let checkpointing = path == Path::Differentiable
+            && cache.is_none()
+            && self
+                .training
+                .checkpointing
+                .load(std::sync::atomic::Ordering::Relaxed);
+        let dropout_seed = match path {
+            Path::Differentiable => *self
+                .training
+                .dropout_seed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            Path::Fast => None,
+        };
         for (l, w) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &self.cw(&w.input_norm)?, self.cfg.rms_norm_eps, path)?;
-            let a = self.attention(
-                l,
-                w,
-                &h,
-                &cos,
-                &sin,
-                bias.as_ref(),
-                cache.as_deref_mut(),
+            let step = LayerStep {
+                index: l,
+                weights: w.clone(),
+                adapters: self
+                    .adapters
+                    .as_ref()
+                    .map(|a| (a.layers[l].clone(), a.scaling, a.dropout)),
+                dropout_seed,
+                compute: self.compute,
+                eps: self.cfg.rms_norm_eps,
+                heads: (
+                    self.cfg.num_attention_heads,
+                    self.cfg.num_kv_heads(),
+                    self.cfg.head_dim(),
+                ),
+                cos: cos.clone(),
+                sin: sin.clone(),
+                mask: mask.clone(),
                 path,
-            )?;
-            x = (x + a)?;
-            let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.cfg.rms_norm_eps, path)?;
-            let gate = linear(&h, &self.cw(&w.gate)?)?;
-            let up = linear(&h, &self.cw(&w.up)?)?;
-            let m = linear(&(candle_nn::ops::silu(&gate)? * up)?, &self.cw(&w.down)?)?;
-            x = (x + m)?;
+            };
+            x = if checkpointing {
+                step.checkpointed(&x, self.training.clone())?
+            } else {
+                step.forward(&x, cache.as_deref_mut())?
+            };
         }
         if last_only {
             x = x.narrow(1, s - 1, 1)?;
@@ -418,95 +565,217 @@ impl Llama {
             freqs.sin()?.to_dtype(dtype)?.contiguous()?,
         ))
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: usize,
-        w: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-        path: Path,
-    ) -> Result<Tensor> {
+/// One decoder layer's forward with everything it needs owned (cheap tensor clones), so that a checkpointed
+/// layer can run itself again in the backward pass.
+#[derive(Clone)]
+struct LayerStep {
+    index: usize,
+    weights: Layer,
+    /// The layer's LoRA factors by module, the scaling and the dropout probability.
+    adapters: Option<([Option<LoraPair>; 7], f64, f64)>,
+    dropout_seed: Option<u64>,
+    compute: DType,
+    eps: f64,
+    /// (query heads, key/value heads, head dim).
+    heads: (usize, usize, usize),
+    cos: Tensor,
+    sin: Tensor,
+    mask: AttentionMask,
+    path: Path,
+}
+
+impl LayerStep {
+    /// A weight in the compute dtype.
+    fn cw(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dtype() == self.compute {
+            t.clone()
+        } else {
+            t.to_dtype(self.compute)?
+        })
+    }
+
+    /// `x` through the decoder layer: attention and MLP blocks with their residuals.
+    fn forward(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let w = &self.weights;
+        let h = rms_norm(x, &self.cw(&w.input_norm)?, self.eps, self.path)?;
+        let a = self.attention(&h, cache)?;
+        let x = (x + a)?;
+        let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.eps, self.path)?;
+        let gate = self.project(4, &h, &w.gate)?;
+        let up = self.project(5, &h, &w.up)?;
+        let m = self.project(6, &(candle_nn::ops::silu(&gate)? * up)?, &w.down)?;
+        Ok((x + m)?)
+    }
+
+    fn attention(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let w = &self.weights;
         let (b, s, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_kv_heads(),
-            self.cfg.head_dim(),
-        );
-        let q = linear(x, &self.cw(&w.q)?)?
-            .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = linear(x, &self.cw(&w.k)?)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = linear(x, &self.cw(&w.v)?)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let (q, k) = match path {
+        let (nh, nkv, hd) = self.heads;
+        // (batch, seq, heads, head_dim) straight from the projections: no transposes anywhere.
+        let q = self.project(0, x, &w.q)?.reshape((b, s, nh, hd))?;
+        let k = self.project(1, x, &w.k)?.reshape((b, s, nkv, hd))?;
+        let v = self.project(2, x, &w.v)?.reshape((b, s, nkv, hd))?;
+        let (cos, sin) = (&self.cos, &self.sin);
+        let (q, k) = match self.path {
             Path::Differentiable => (
                 rope_differentiable(&q, cos, sin)?,
                 rope_differentiable(&k, cos, sin)?,
             ),
             Path::Fast => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+                candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?,
+                candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?,
             ),
         };
         let (k, v) = match cache {
-            Some(c) => c.append(layer, k, v)?,
+            Some(c) => c.append(self.index, k, v)?,
             None => (k, v),
         };
-        let t = k.dim(2)?;
-        // Grouped-query attention without copying keys/values: query heads of one group become extra rows.
-        let rep = nh / nkv;
-        let qg = q.reshape((b, nkv, rep * s, hd))?;
-        let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nh, s, t))?;
-        // On a GPU half-precision scores stay as they are: the fused softmax kernel accumulates in f32 itself,
-        // as transformers' eager attention does (bf16 scores + mask, softmax in f32, bf16 probabilities), and
-        // the (batch, heads, seq, seq) f32 copies were a training step's largest cost. On the CPU the scores
-        // are upcast first (candle's CPU softmax computes in its input's type).
-        let keep_half = scores.device().is_cuda();
-        let mut scores = if keep_half {
-            scores
-        } else {
-            scores.to_dtype(upcast(scores.dtype()))?
+        let out = attention(&q, &k, &v, &self.mask, 1.0 / (hd as f64).sqrt())?;
+        self.project(3, &out.reshape((b, s, nh * hd))?, &w.o)
+    }
+
+    /// Linear module `slot` (of [`LINEAR_MODULES`]) applied to `x`: `x Wᵀ`, plus the adapter's
+    /// `scaling · dropout(x) Aᵀ Bᵀ` when the module has one — computed in f32 (the adapter's dtype, as PEFT
+    /// does) and added in the compute dtype.
+    fn project(&self, slot: usize, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let base = linear(x, &self.cw(w)?)?;
+        let Some((pairs, scaling, dropout)) = &self.adapters else {
+            return Ok(base);
         };
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(&bias_in(bias, scores.dtype())?)?;
+        let Some(pair) = &pairs[slot] else {
+            return Ok(base);
+        };
+        let mut xa = x.to_dtype(pair.a.dtype())?;
+        if let (Some(seed), true) = (self.dropout_seed, *dropout > 0.0) {
+            let mask_seed = splitmix64(seed ^ ((self.index as u64) << 8) ^ slot as u64);
+            xa = xa.broadcast_mul(&dropout_keep_mask(
+                xa.dims(),
+                *dropout,
+                mask_seed,
+                xa.device(),
+            )?)?;
         }
-        let probs = match path {
-            Path::Differentiable => super::softmax::softmax_last_dim(&scores)?,
-            Path::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+        let delta =
+            (linear(&linear(&xa, &pair.a)?, &pair.b)? * *scaling)?.to_dtype(base.dtype())?;
+        Ok((base + delta)?)
+    }
+
+    /// The layer as one node of the training graph that keeps only its input: the forward runs without a
+    /// graph, and the backward pass runs the layer again (same dropout masks) to get the input's gradient;
+    /// the weights' gradients found there go to `training.recomputed`.
+    fn checkpointed(self, x: &Tensor, training: Arc<TrainingState>) -> Result<Tensor> {
+        let out = self.forward(&x.detach(), None)?.detach().contiguous()?;
+        // candle records (and later runs the backward of) an op only when an argument is tracked; with a
+        // frozen base the first layer's input is not, so make it a variable (its gradient is not used).
+        let x = if x.track_op() {
+            x.clone()
+        } else {
+            Var::from_tensor(x)?.as_tensor().clone()
         };
-        let probs = probs.to_dtype(v.dtype())?.reshape((b, nkv, rep * s, t))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, s, hd))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
-        linear(&out, &self.cw(&w.o)?)
+        Ok(x.apply_op2_arc(
+            &out,
+            Arc::new(Box::new(RecomputedLayer {
+                step: self,
+                training,
+            })),
+        )?)
     }
 }
 
-/// `bias` in `dtype`. [`MASKED`] would become −∞ in half precision (and a fully masked row NaN), so it is
-/// clamped to a finite value far below any score first.
-fn bias_in(bias: &Tensor, dtype: DType) -> Result<Tensor> {
-    let floor = match dtype {
-        DType::F16 => -6.0e4,
-        DType::BF16 => -1.0e30,
-        _ => return Ok(bias.to_dtype(dtype)?),
-    };
-    Ok(bias.clamp(floor, f32::MAX)?.to_dtype(dtype)?)
+/// The graph node of a checkpointed layer: forward = the output computed without a graph; backward = the
+/// layer recomputed with one.
+struct RecomputedLayer {
+    step: LayerStep,
+    training: Arc<TrainingState>,
 }
 
-/// The dtype softmax and normalisation run in: f32 for half types, else the input's own.
+impl candle_core::CustomOp2 for RecomputedLayer {
+    fn name(&self) -> &'static str {
+        "checkpointed-decoder-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        out: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((out.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        out: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((out.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _out: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let input = Var::from_tensor(&x.detach())?;
+        let y = self
+            .step
+            .forward(input.as_tensor(), None)
+            .map_err(candle_core::Error::wrap)?;
+        let surrogate = (y * grad_res.detach())?.sum_all()?;
+        let mut grads = surrogate.backward()?;
+        let dx = grads.remove(input.as_tensor());
+        self.training
+            .recomputed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(grads)?;
+        Ok((dx, None))
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// An f32 dropout mask of `dims` (kept entries `1 / (1 − p)`, dropped ones 0), a function of `seed` only:
+/// drawn from a counter-based hash on the CPU, from the device's generator seeded with `seed` elsewhere.
+fn dropout_keep_mask(dims: &[usize], p: f64, seed: u64, device: &Device) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    if device.is_cpu() {
+        use rayon::prelude::*;
+        let n: usize = dims.iter().product();
+        let threshold = (keep * u32::MAX as f64) as u32;
+        let mut mask = vec![0f32; n];
+        mask.par_chunks_mut(4096)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (i, m) in chunk.iter_mut().enumerate() {
+                    let r = (splitmix64(seed ^ (c * 4096 + i) as u64) >> 32) as u32;
+                    *m = if r < threshold { scale } else { 0.0 };
+                }
+            });
+        return Ok(Tensor::from_vec(mask, dims, device)?);
+    }
+    device.set_seed(seed)?;
+    let u = Tensor::rand(0f32, 1f32, dims, device)?;
+    Ok((u.ge(p)?.to_dtype(DType::F32)? * scale as f64)?)
+}
+
+/// The dtype normalisation runs in: f32 for half types, else the input's own.
 fn upcast(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,
@@ -537,14 +806,15 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor>
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` with `cos`/`sin` of shape `(batch, seq, head_dim)`.
+/// `x * cos + rotate_half(x) * sin` for `x` of shape `(batch, seq, heads, head_dim)` and `cos`/`sin` of
+/// shape `(batch, seq, head_dim)`.
 fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let cos = cos.unsqueeze(1)?;
-    let sin = sin.unsqueeze(1)?;
+    let cos = cos.unsqueeze(2)?;
+    let sin = sin.unsqueeze(2)?;
     Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
@@ -559,79 +829,29 @@ fn rope_inv_freq(cfg: &LlamaConfig, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(inv, d / 2, dev)?)
 }
 
-/// Causal attention bias `(1, 1, seq, past + seq)`: query `i` (absolute `past + i`) sees keys `j <= past + i`,
-/// and with a sliding window only keys with `past + i - j < window`.
-pub fn causal_bias(
-    seq: usize,
-    past: usize,
-    sliding_window: Option<usize>,
-    dev: &Device,
-) -> Result<Tensor> {
-    let t = past + seq;
-    let mut data = vec![MASKED; seq * t];
-    for i in 0..seq {
-        let qi = past + i;
-        let lo = sliding_window
-            .map(|w| (qi + 1).saturating_sub(w))
-            .unwrap_or(0);
-        for j in lo..=qi {
-            data[i * t + j] = 0.0;
-        }
-    }
-    Ok(Tensor::from_vec(data, (1, 1, seq, t), dev)?)
-}
-
-/// Causal bias `(batch, 1, seq, past + seq)` that also hides padding keys. `key_valid[b][j]` tells whether
-/// key `j` (over all `past + seq` positions) of row `b` is a real token.
-pub fn padded_causal_bias(
-    key_valid: &[Vec<bool>],
-    seq: usize,
-    sliding_window: Option<usize>,
-    dev: &Device,
-) -> Result<Tensor> {
+/// The `(batch, keys)` u8 key mask of [`ForwardOptions::key_mask`] from per-row flags (true = real token).
+pub fn key_mask(key_valid: &[Vec<bool>], dev: &Device) -> Result<Tensor> {
     let b = key_valid.len();
     ensure!(b > 0, "empty batch");
     let t = key_valid[0].len();
-    ensure!(t >= seq, "key_valid rows must cover past + seq positions");
-    let past = t - seq;
-    let mut data = vec![MASKED; b * seq * t];
-    for (r, valid) in key_valid.iter().enumerate() {
-        ensure!(valid.len() == t, "key_valid rows must all have length {t}");
-        for i in 0..seq {
-            let qi = past + i;
-            let lo = sliding_window
-                .map(|w| (qi + 1).saturating_sub(w))
-                .unwrap_or(0);
-            for j in lo..=qi {
-                if valid[j] {
-                    data[(r * seq + i) * t + j] = 0.0;
-                }
-            }
-        }
+    let mut data = Vec::with_capacity(b * t);
+    for row in key_valid {
+        ensure!(row.len() == t, "key_valid rows must all have length {t}");
+        data.extend(row.iter().map(|&v| v as u8));
     }
-    Ok(Tensor::from_vec(data, (b, 1, seq, t), dev)?)
+    Ok(Tensor::from_vec(data, (b, t), dev)?)
 }
 
-/// Block-diagonal causal bias `(batch, 1, seq, seq)` for packed sequences: a query sees earlier keys of the
-/// same document only. `doc_ids[b][i]` names the document of token `i` in row `b`.
-pub fn block_causal_bias(doc_ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+/// The `(batch, seq)` u32 document ids of [`ForwardOptions::document_ids`] from per-row ids.
+pub fn document_ids(doc_ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
     let b = doc_ids.len();
     ensure!(b > 0, "empty batch");
     let s = doc_ids[0].len();
-    let mut data = vec![MASKED; b * s * s];
-    for (r, docs) in doc_ids.iter().enumerate() {
-        if docs.len() != s {
-            bail!("doc_ids rows must all have length {s}");
-        }
-        for i in 0..s {
-            for j in 0..=i {
-                if docs[j] == docs[i] {
-                    data[(r * s + i) * s + j] = 0.0;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(data, (b, 1, s, s), dev)?)
+    ensure!(
+        doc_ids.iter().all(|d| d.len() == s),
+        "doc_ids rows must all have length {s}"
+    );
+    Ok(Tensor::from_vec(doc_ids.concat(), (b, s), dev)?)
 }
 
 /// Position ids `(batch, seq)` that restart at 0 at every document boundary of packed rows.

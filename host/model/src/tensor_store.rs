@@ -1,28 +1,60 @@
-//! Read-only access to safetensors checkpoints (one file or a sharded folder) through memory maps.
+//! Read-only access to safetensors checkpoints (one file or a sharded folder), read with positioned reads.
 //!
-//! Nothing is copied until a caller asks for a candle [`Tensor`]: [`TensorStore::bytes`] borrows the raw
-//! little-endian bytes straight from the map, which is what streaming steps (scale, merge) need.
+//! Headers are read and checked when the store opens ([`crate::safetensors_header`]); a tensor's bytes are
+//! read when a caller asks for them ([`TensorStore::bytes`]). The files are not memory-mapped: a mapped
+//! file that another process truncates kills the reader with SIGBUS at the first touch of a lost page,
+//! whereas a short read is an error that names the tensor. Every read also checks that the file still has
+//! the size and modification time it had when the store opened it, so an input rewritten in place while a
+//! step reads it fails that step with a message instead of mixing old and new bytes.
 
+use super::safetensors_header::{header_length, parse_header};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
-use safetensors::tensor::TensorInfo;
-use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// Name of the single-file checkpoint inside a model folder.
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// Name of the shard index inside a sharded model folder.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// One memory-mapped safetensors file.
-struct MappedFile {
+/// One open safetensors file and what it looked like when it was opened.
+struct StoredFile {
     path: PathBuf,
-    map: Mmap,
-    /// Offset of the data section (8 + header length).
-    data_start: usize,
+    file: File,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl StoredFile {
+    /// An error when the file no longer has the size and modification time it had when opened.
+    fn check_unchanged(&self) -> Result<()> {
+        let meta = self
+            .file
+            .metadata()
+            .with_context(|| format!("reading metadata of {}", self.path.display()))?;
+        let modified = meta.modified().ok();
+        if meta.len() != self.len || modified != self.modified {
+            bail!(
+                "{} changed while this step was reading it ({} bytes when opened, {} now{}); an input must not \
+                 be rewritten while a step reads it: rerun once it is stable",
+                self.path.display(),
+                self.len,
+                meta.len(),
+                if meta.len() == self.len {
+                    ", modified since"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Where a tensor lives and what it is.
@@ -31,9 +63,9 @@ struct Entry {
     file: usize,
     dtype: Dtype,
     shape: Vec<usize>,
-    /// Byte range relative to the file's data section.
-    start: usize,
-    end: usize,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
 }
 
 /// Name, dtype, shape and file of one stored tensor.
@@ -56,10 +88,10 @@ impl TensorMeta<'_> {
     }
 }
 
-/// A set of memory-mapped safetensors files seen as one name → tensor map.
+/// A set of safetensors files seen as one name → tensor map.
 pub struct TensorStore {
     root: PathBuf,
-    files: Vec<MappedFile>,
+    files: Vec<StoredFile>,
     entries: BTreeMap<String, Entry>,
 }
 
@@ -102,11 +134,11 @@ impl TensorStore {
 
     /// Opens one safetensors file.
     pub fn open_file(path: &Path) -> Result<Self> {
-        let (file, infos) = map_file(path)?;
-        let mut entries = BTreeMap::new();
-        for (name, info) in infos {
-            entries.insert(name, entry(0, &info));
-        }
+        let (file, infos) = open_checked(path)?;
+        let entries = infos
+            .into_iter()
+            .map(|(name, info)| (name, Entry { file: 0, ..info }))
+            .collect();
         Ok(TensorStore {
             root: path.to_path_buf(),
             files: vec![file],
@@ -115,7 +147,7 @@ impl TensorStore {
     }
 
     /// Opens a sharded checkpoint from its `model.safetensors.index.json`: every shard named in the
-    /// `weight_map` is mapped, and every mapped name must be in the shard that the index names.
+    /// `weight_map` is opened, and every mapped name must be in the shard that the index names.
     pub fn open_sharded(index_path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index_path)
             .with_context(|| format!("reading {}", index_path.display()))?;
@@ -141,11 +173,11 @@ impl TensorStore {
         shard_names.sort();
         let mut files = Vec::new();
         let mut entries = BTreeMap::new();
-        let mut per_shard: Vec<BTreeMap<String, TensorInfo>> = Vec::new();
+        let mut per_shard: Vec<BTreeMap<String, Entry>> = Vec::new();
         for shard in &shard_names {
-            let (file, infos) = map_file(&dir.join(shard))?;
+            let (file, infos) = open_checked(&dir.join(shard))?;
             files.push(file);
-            per_shard.push(infos.into_iter().collect());
+            per_shard.push(infos);
         }
         for (name, file) in weight_map {
             let file = file.as_str().unwrap_or_default();
@@ -159,7 +191,13 @@ impl TensorStore {
                     index_path.display()
                 )
             })?;
-            entries.insert(name.clone(), entry(i, info));
+            entries.insert(
+                name.clone(),
+                Entry {
+                    file: i,
+                    ..info.clone()
+                },
+            );
         }
         Ok(TensorStore {
             root: dir.to_path_buf(),
@@ -173,7 +211,7 @@ impl TensorStore {
         &self.root
     }
 
-    /// Paths of the mapped files, in shard order.
+    /// Paths of the files, in shard order.
     pub fn files(&self) -> Vec<&Path> {
         self.files.iter().map(|f| f.path.as_path()).collect()
     }
@@ -225,22 +263,52 @@ impl TensorStore {
         })
     }
 
-    /// The raw little-endian bytes of a tensor, borrowed from the memory map (no copy).
-    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
-        let e = self
-            .entries
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
             .get(name)
-            .ok_or_else(|| anyhow!("tensor {name:?} not found in {}", self.describe()))?;
+            .ok_or_else(|| anyhow!("tensor {name:?} not found in {}", self.describe()))
+    }
+
+    /// The raw little-endian bytes of a tensor, read from its file. A file that got shorter, or was
+    /// modified, since the store opened it is an error naming the tensor and the file.
+    pub fn bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let e = self.entry(name)?;
         let f = &self.files[e.file];
-        Ok(&f.map[f.data_start + e.start..f.data_start + e.end])
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        if let Err(err) = f.file.read_exact_at(&mut bytes, e.start) {
+            let now = f.file.metadata().map(|m| m.len()).unwrap_or(0);
+            return Err(anyhow!(err)).with_context(|| {
+                format!(
+                    "reading tensor {name:?} from {}: expected {} bytes at offset {}, but the file has {now} bytes \
+                     now ({} when the step opened it)",
+                    f.path.display(),
+                    e.end - e.start,
+                    e.start,
+                    f.len
+                )
+            });
+        }
+        f.check_unchanged()
+            .with_context(|| format!("reading tensor {name:?}"))?;
+        Ok(bytes)
+    }
+
+    /// The open file holding a tensor and the absolute offset of its bytes there (for kernel-side
+    /// copies, which must check [`TensorStore::check_unchanged`] when done).
+    pub fn location(&self, name: &str) -> Result<(&File, u64)> {
+        let e = self.entry(name)?;
+        Ok((&self.files[e.file].file, e.start))
+    }
+
+    /// An error naming the file when any file of the store no longer has the size and modification time
+    /// it had when opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.files.iter().try_for_each(StoredFile::check_unchanged)
     }
 
     /// Sum of the byte sizes of all tensors.
     pub fn total_bytes(&self) -> u64 {
-        self.entries
-            .values()
-            .map(|e| (e.end - e.start) as u64)
-            .sum()
+        self.entries.values().map(|e| e.end - e.start).sum()
     }
 
     /// Copies a tensor into a candle [`Tensor`] of its stored dtype on `device`.
@@ -248,7 +316,7 @@ impl TensorStore {
         let meta = self.meta(name)?;
         let dtype = candle_dtype(meta.dtype)
             .with_context(|| format!("tensor {name:?} in {}", meta.file.display()))?;
-        Tensor::from_raw_buffer(self.bytes(name)?, dtype, meta.shape, device)
+        Tensor::from_raw_buffer(&self.bytes(name)?, dtype, meta.shape, device)
             .with_context(|| format!("loading tensor {name:?} from {}", meta.file.display()))
     }
 
@@ -277,7 +345,8 @@ impl TensorStore {
         })
     }
 
-    fn describe(&self) -> String {
+    /// The file (or the folder and its shard count) for messages.
+    pub fn describe(&self) -> String {
         if self.files.len() == 1 {
             self.files[0].path.display().to_string()
         } else {
@@ -314,66 +383,49 @@ pub fn safetensors_dtype(dtype: DType) -> Result<Dtype> {
     })
 }
 
-fn entry(file: usize, info: &TensorInfo) -> Entry {
-    Entry {
-        file,
-        dtype: info.dtype,
-        shape: info.shape.clone(),
-        start: info.data_offsets.0,
-        end: info.data_offsets.1,
-    }
-}
-
-fn map_file(path: &Path) -> Result<(MappedFile, Vec<(String, TensorInfo)>)> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = file
+/// Opens `path`, reads and checks its header, and returns its tensors (file index 0).
+fn open_checked(path: &Path) -> Result<(StoredFile, BTreeMap<String, Entry>)> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file
         .metadata()
-        .with_context(|| format!("reading metadata of {}", path.display()))?
-        .len();
+        .with_context(|| format!("reading metadata of {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    let len = meta.len();
     if len < 8 {
         bail!(
             "{}: truncated safetensors file ({len} bytes, too short for the 8-byte header length)",
             path.display()
         );
     }
-    // SAFETY: the map is read-only; checkpoints are not modified while a step reads them.
-    let map = unsafe { Mmap::map(&file) }
-        .with_context(|| format!("memory-mapping {}", path.display()))?;
-    let (header_len, metadata) =
-        SafeTensors::read_metadata(&map).map_err(|e| header_error(path, &map, e))?;
-    let mut infos: Vec<(String, TensorInfo)> = metadata
-        .tensors()
+    let mut first8 = [0u8; 8];
+    file.read_exact(&mut first8)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let n = header_length(path, first8, len)?;
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .with_context(|| format!("reading the header of {}", path.display()))?;
+    let parsed = parse_header(path, &header, len)?;
+    let entries = parsed
+        .tensors
         .into_iter()
-        .map(|(name, info)| (name, info.clone()))
+        .map(|(name, t)| {
+            let entry = Entry {
+                file: 0,
+                dtype: t.dtype,
+                shape: t.shape,
+                start: parsed.data_start + t.start,
+                end: parsed.data_start + t.end,
+            };
+            (name, entry)
+        })
         .collect();
-    infos.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((
-        MappedFile {
-            path: path.to_path_buf(),
-            map,
-            data_start: 8 + header_len,
-        },
-        infos,
-    ))
-}
-
-fn header_error(path: &Path, map: &[u8], e: SafeTensorError) -> anyhow::Error {
-    let declared = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
-    let what = match e {
-        SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooLarge => format!(
-            "corrupt or truncated header: it declares {declared} header bytes but the file has {} bytes",
-            map.len()
-        ),
-        SafeTensorError::MetadataIncompleteBuffer => {
-            "truncated or padded data: the tensors in the header do not end where the file ends".to_string()
-        }
-        SafeTensorError::InvalidOffset(name) => {
-            format!("corrupt header: tensor {name:?} has offsets that do not follow the previous tensor")
-        }
-        SafeTensorError::TensorInvalidInfo => {
-            "corrupt header: a tensor's byte range does not match its dtype and shape".to_string()
-        }
-        other => format!("corrupt header: {other}"),
+    let stored = StoredFile {
+        path: path.to_path_buf(),
+        file,
+        len,
+        modified: meta.modified().ok(),
     };
-    anyhow!("{}: {what}", path.display())
+    Ok((stored, entries))
 }

@@ -28,7 +28,57 @@ pub const AUX_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
-/// Reads every weight that `cfg` requires from `store`, checking presence and shape, converted to `dtype`.
+/// Checks a checkpoint against its config before any tensor data is read: every weight the config requires
+/// is present with the shape it implies, and no layer tensor lies beyond `num_hidden_layers`. Errors name
+/// the tensor and the file (or index) that should hold it. Extra tensors outside the layers are allowed.
+pub fn check_weights(store: &TensorStore, cfg: &LlamaConfig) -> Result<()> {
+    for (name, shape) in cfg.weight_shapes() {
+        let Some(meta) = store.get(&name) else {
+            let why = if name == "lm_head.weight" {
+                " (config.json has tie_word_embeddings = false, so the model needs its own head)"
+                    .to_string()
+            } else {
+                format!(
+                    " (config.json: {} layers of hidden size {})",
+                    cfg.num_hidden_layers, cfg.hidden_size
+                )
+            };
+            bail!("{}: missing tensor {name:?}{why}", store.describe());
+        };
+        if meta.shape != shape.as_slice() {
+            bail!(
+                "tensor {name:?} in {} has shape {:?}, but config.json implies {:?}",
+                meta.file.display(),
+                meta.shape,
+                shape
+            );
+        }
+    }
+    for meta in store.metas() {
+        if let Some(layer) = layer_of(meta.name) {
+            if layer >= cfg.num_hidden_layers {
+                bail!(
+                    "tensor {:?} in {} belongs to layer {layer}, but config.json says num_hidden_layers = {}",
+                    meta.name,
+                    meta.file.display(),
+                    cfg.num_hidden_layers
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The layer index of `model.layers.<i>.…`.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Reads every weight that `cfg` requires from `store` ([`check_weights`] first), converted to `dtype`.
 /// Extra tensors are ignored except a redundant `lm_head.weight` of a tied model.
 pub fn load_tensors(
     store: &TensorStore,
@@ -36,14 +86,9 @@ pub fn load_tensors(
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    check_weights(store, cfg)?;
     let mut out = HashMap::new();
     for (name, shape) in cfg.weight_shapes() {
-        if !store.contains(&name) {
-            bail!(
-                "{}: missing tensor {name:?} (required by config.json)",
-                describe(store)
-            );
-        }
         out.insert(name.clone(), store.tensor_as(&name, &shape, dtype, device)?);
     }
     Ok(out)
@@ -248,13 +293,4 @@ fn torch_dtype_name(dtype: DType) -> &'static str {
         DType::F64 => "float64",
         _ => "float32",
     }
-}
-
-fn describe(store: &TensorStore) -> String {
-    store
-        .files()
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

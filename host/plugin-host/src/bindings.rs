@@ -13,6 +13,7 @@ pub(crate) mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../../sdk/wit/0.1.0",
             world: "layer-policy-plugin",
+            exports: { default: async },
         });
     }
 
@@ -21,6 +22,7 @@ pub(crate) mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../../sdk/wit/0.1.0",
             world: "data-filter-plugin",
+            exports: { default: async },
         });
     }
 
@@ -29,6 +31,7 @@ pub(crate) mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../../sdk/wit/0.1.0",
             world: "merge-rule-plugin",
+            exports: { default: async },
         });
     }
 }

@@ -252,10 +252,11 @@ pub fn ensure_built(path: &Path) -> Result<PathBuf> {
     ensure_built_in(path, &default_cache_dir())
 }
 
-/// [`ensure_built`] with an explicit cache folder.
-pub fn ensure_built_in(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
+/// The component for `path` without building anything: `path` itself if it is a `.wasm` file, the
+/// cached build of a source folder's current sources, or `None` when that folder has none.
+pub fn cached_build_in(path: &Path, cache_dir: &Path) -> Result<Option<PathBuf>> {
     if path.is_file() {
-        return Ok(path.to_path_buf());
+        return Ok(Some(path.to_path_buf()));
     }
     if !path.is_dir() {
         bail!(
@@ -263,12 +264,31 @@ pub fn ensure_built_in(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
             path.display()
         );
     }
+    let cached = cache_dir
+        .join("builds")
+        .join(format!("{}.wasm", content_hash(path)?.to_hex()));
+    Ok(cached.exists().then_some(cached))
+}
+
+/// What building the source folder `dir` runs, in words, for messages.
+pub fn describe_recipe(dir: &Path) -> String {
+    match recipe(dir) {
+        Ok(Recipe::Cargo) => {
+            "`cargo build` (which runs the crate's build scripts and procedural macros)".to_string()
+        }
+        Ok(Recipe::Command(r)) => format!("the plugin.toml build command `{}`", r.command),
+        Err(_) => "its build command".to_string(),
+    }
+}
+
+/// [`ensure_built`] with an explicit cache folder.
+pub fn ensure_built_in(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
+    if let Some(wasm) = cached_build_in(path, cache_dir)? {
+        return Ok(wasm);
+    }
     let builds = cache_dir.join("builds");
     let cached = |hash: blake3::Hash| builds.join(format!("{}.wasm", hash.to_hex()));
     let before = content_hash(path)?;
-    if cached(before).exists() {
-        return Ok(cached(before));
-    }
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(&builds)
         .with_context(|| format!("cannot create {}", builds.display()))?;
@@ -277,6 +297,11 @@ pub fn ensure_built_in(path: &Path, cache_dir: &Path) -> Result<PathBuf> {
         return Ok(cached(before));
     }
     let tmp = builds.join(format!("{}.tmp{}", before.to_hex(), std::process::id()));
+    tracing::warn!(
+        "building plugin {} from source: running {} on this machine, outside the sandbox",
+        path.display(),
+        describe_recipe(path)
+    );
     build(path, &tmp, cache_dir)?;
     std::fs::rename(&tmp, cached(before))?;
     // A first build may write files that belong to the sources (Cargo.lock): cache under the new

@@ -142,7 +142,15 @@ fn check(
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let plugin = host.load(file, &grants, &limits)?;
+    if build::cached_build_in(file, host.cache_dir())?.is_none() {
+        writeln!(
+            out,
+            "building {} from source: running {} (outside the sandbox)",
+            file.display(),
+            build::describe_recipe(file)
+        )?;
+    }
+    let plugin = host.load_or_build(file, &grants, &limits)?;
     let info = plugin.info();
     writeln!(out, "plugin:      {} {}", info.name, info.version)?;
     writeln!(out, "description: {}", info.description)?;

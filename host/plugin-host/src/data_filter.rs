@@ -9,6 +9,9 @@ use wit::exports::dus::plugin::data_filter as api;
 /// Records per `filter-batch` call that amortise the call overhead without holding much memory.
 pub const DEFAULT_BATCH: usize = 1000;
 
+/// Rewrites may exceed `output_ratio` times their batch's input by this much (small batches).
+const REWRITE_SLACK: u64 = 64 << 10;
+
 /// One filtering job: a fresh sandboxed instance, configured once, then fed batches.
 pub struct DataFilterPlugin {
     job: Job,
@@ -21,10 +24,11 @@ impl Plugin {
         self.expect_kind(PluginKind::DataFilter)?;
         let mut job = Job::start(self)?;
         let bindings = wit::DataFilterPlugin::new(&mut job.sandbox.store, &job.instance)?;
-        job.call("data-filter.configure", |store, _| {
+        job.call("data-filter.configure", async |store, _| {
             bindings
                 .dus_plugin_data_filter()
                 .call_configure(store, params_json)
+                .await
         })?;
         Ok(DataFilterPlugin { job, bindings })
     }
@@ -36,13 +40,39 @@ impl DataFilterPlugin {
     pub fn filter_batch(&mut self, records: &[String]) -> Result<Vec<Verdict>> {
         const FUNCTION: &str = "data-filter.filter-batch";
         let bindings = &self.bindings;
-        let verdicts = self.job.call(FUNCTION, |store, _| {
+        let verdicts = self.job.call(FUNCTION, async |store, _| {
             bindings
                 .dus_plugin_data_filter()
                 .call_filter_batch(store, records)
+                .await
         })?;
         if verdicts.len() != records.len() {
             let msg = format!("{} verdicts for {} records", verdicts.len(), records.len());
+            return Err(self.job.malformed(FUNCTION, msg));
+        }
+        // The guest's memory limit bounds one answer, not what the host accumulates over a dataset:
+        // rewrites are held by the host, so their size is bounded relative to the input.
+        let given: usize = records.iter().map(String::len).sum();
+        let returned: usize = verdicts
+            .iter()
+            .map(|v| match v {
+                api::Verdict::Rewrite(json) => json.len(),
+                _ => 0,
+            })
+            .sum();
+        let ratio = self.job.limits().output_ratio;
+        let allowed = (given as u64)
+            .saturating_mul(ratio)
+            .saturating_add(REWRITE_SLACK);
+        if returned as u64 > allowed {
+            let msg = format!(
+                "its rewrites of {} records total {returned} bytes, more than limits.output_ratio = {ratio} times \
+                 the {given} bytes it was given (plus {} KiB); the host keeps rewritten records in memory \
+                 (raise [plugins.{}] limits.output_ratio if the growth is legitimate)",
+                records.len(),
+                REWRITE_SLACK >> 10,
+                self.job.name()
+            );
             return Err(self.job.malformed(FUNCTION, msg));
         }
         verdicts

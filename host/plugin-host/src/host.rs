@@ -3,17 +3,24 @@
 
 use super::bindings::{v0_1_0, SUPPORTED_VERSIONS};
 use super::build;
-use super::sandbox::{plugin_error, Failure, Sandbox, StoreState, EPOCH_TICK};
+use super::runtime::PluginRuntime;
+use super::sandbox::{plugin_error, CallCancelled, Failure, Sandbox, StoreState, EPOCH_TICK};
 use super::types::{PluginInfo, PluginKind};
 use anyhow::{bail, Context, Result};
-use dusflow_core::spec::{PluginGrants, PluginLimits};
+use dusflow_core::spec::{PluginGrants, PluginLimits, PluginSpec};
+use dusflow_core::step::Cancelled;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use wasmtime::component::{Component, ComponentExportIndex, Instance, InstancePre, Linker};
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::{
+    Component, ComponentExportIndex, Instance, InstancePre, Linker, Resource,
+};
 use wasmtime::{Cache, CacheConfig, Config, Engine, Store};
+use wasmtime_wasi::filesystem::Descriptor;
+use wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode;
 
 /// The plugin runtime of a process: one engine with epoch interruption and wasmtime's
 /// compilation cache, a ticker thread that advances the epoch, and an in-memory table of
@@ -25,6 +32,7 @@ pub struct PluginHost {
 
 struct HostInner {
     engine: Engine,
+    runtime: Arc<PluginRuntime>,
     linker: Linker<StoreState>,
     cache_dir: PathBuf,
     compiled: Mutex<HashMap<blake3::Hash, Arc<Compiled>>>,
@@ -64,7 +72,9 @@ impl PluginHost {
         config.cache(Some(Cache::new(cache)?));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        refuse_links(&mut linker)?;
+        let runtime = PluginRuntime::new().context("starting the plugin runtime")?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (ticker_engine, stop) = (engine.clone(), stop_ticker.clone());
@@ -78,6 +88,7 @@ impl PluginHost {
             })?;
         let inner = HostInner {
             engine,
+            runtime,
             linker,
             cache_dir,
             compiled: Mutex::default(),
@@ -93,15 +104,61 @@ impl PluginHost {
         &self.inner.cache_dir
     }
 
-    /// Loads a plugin: a `.wasm` component, or a source folder that is built first (cached by
-    /// content hash). Instantiates it once, under `limits`, to read its `info`.
+    /// Loads a plugin: a `.wasm` component, or a source folder that has already been built (by
+    /// `dus plugin build` or an earlier allowed build; found in the build cache by content hash).
+    /// Building runs the folder's build command outside the sandbox, so this never builds: a source
+    /// folder with no cached build is an error saying how to build it. Instantiates the plugin once,
+    /// under `limits`, to read its `info`.
     pub fn load(
         &self,
         path: &Path,
         grants: &PluginGrants,
         limits: &PluginLimits,
     ) -> Result<Plugin> {
+        let wasm = match build::cached_build_in(path, &self.inner.cache_dir)? {
+            Some(wasm) => wasm,
+            None => bail!(
+                "plugin {} is a source folder with no build of its current sources; building runs {} on \
+                 this machine, outside the sandbox, so dusflow builds only when asked: run `dus plugin build \
+                 {}`, or set `build = true` in the workflow's [plugins.<name>] table",
+                path.display(),
+                build::describe_recipe(path),
+                path.display()
+            ),
+        };
+        self.load_component(path, &wasm, grants, limits)
+    }
+
+    /// Like [`load`](Self::load), but a source folder without a cached build is built first (its
+    /// build command runs on this machine, outside the sandbox; the build is logged).
+    pub fn load_or_build(
+        &self,
+        path: &Path,
+        grants: &PluginGrants,
+        limits: &PluginLimits,
+    ) -> Result<Plugin> {
         let wasm = build::ensure_built_in(path, &self.inner.cache_dir)?;
+        self.load_component(path, &wasm, grants, limits)
+    }
+
+    /// Loads a workflow's `[plugins.NAME]` (path absolute): builds a source folder only when the
+    /// table says `build = true`.
+    pub fn load_spec(&self, spec: &PluginSpec) -> Result<Plugin> {
+        if spec.build {
+            self.load_or_build(&spec.path, &spec.grants, &spec.limits)
+        } else {
+            self.load(&spec.path, &spec.grants, &spec.limits)
+        }
+    }
+
+    fn load_component(
+        &self,
+        path: &Path,
+        wasm: &Path,
+        grants: &PluginGrants,
+        limits: &PluginLimits,
+    ) -> Result<Plugin> {
+        let wasm = wasm.to_path_buf();
         let bytes = std::fs::read(&wasm)
             .with_context(|| format!("cannot read plugin {}", wasm.display()))?;
         let compiled = self
@@ -110,6 +167,7 @@ impl PluginHost {
         let mut plugin = Plugin {
             inner: Arc::new(PluginInner {
                 engine: self.inner.engine.clone(),
+                runtime: self.inner.runtime.clone(),
                 compiled,
                 info: PluginInfo {
                     name: plugin_label(path),
@@ -119,6 +177,7 @@ impl PluginHost {
                 grants: grants.clone(),
                 limits: limits.clone(),
                 wasm,
+                cancel: None,
             }),
         };
         let info = plugin.read_info()?;
@@ -178,11 +237,42 @@ impl PluginHost {
             .map_err(anyhow::Error::from)
             .context("not a valid WebAssembly component")?;
         std::fs::create_dir_all(&dir)?;
-        let tmp = artifact.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, component.serialize()?)?;
-        std::fs::rename(&tmp, &artifact)?;
+        // A temp file of its own: threads and processes may compile the same component at once.
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+        std::io::Write::write_all(&mut tmp, &component.serialize()?)?;
+        tmp.persist(&artifact).map_err(|e| e.error)?;
         Ok(component)
     }
+}
+
+/// Replaces WASI's `symlink-at` and `link-at` with functions that refuse: a link made under a write
+/// grant could point outside it (a symlink) or give a read-only file a writable name (a hard link),
+/// and the host or a later step would follow it.
+fn refuse_links(linker: &mut Linker<StoreState>) -> Result<()> {
+    // The interface version wasmtime-wasi 48 registers; guests built against older 0.2.x
+    // versions resolve to it (the linker matches semver-compatible imports).
+    const FILESYSTEM: &str = "wasi:filesystem/types@0.2.12";
+    linker.allow_shadowing(true);
+    let mut types = linker.instance(FILESYSTEM)?;
+    types.func_wrap_async(
+        "[method]descriptor.symlink-at",
+        |_store, (_dir, _target, _link): (Resource<Descriptor>, String, String)| {
+            Box::new(async { Ok((Err::<(), _>(ErrorCode::NotPermitted),)) })
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]descriptor.link-at",
+        |_store,
+         (_dir, _flags, _old, _new_dir, _new): (
+            Resource<Descriptor>,
+            wasmtime_wasi::p2::bindings::filesystem::types::PathFlags,
+            String,
+            Resource<Descriptor>,
+            String,
+        )| { Box::new(async { Ok((Err::<(), _>(ErrorCode::NotPermitted),)) }) },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 fn plugin_label(path: &Path) -> String {
@@ -243,13 +333,16 @@ pub struct Plugin {
     pub(crate) inner: Arc<PluginInner>,
 }
 
+#[derive(Clone)]
 pub(crate) struct PluginInner {
     engine: Engine,
+    runtime: Arc<PluginRuntime>,
     compiled: Arc<Compiled>,
     info: PluginInfo,
     pub(crate) grants: PluginGrants,
     pub(crate) limits: PluginLimits,
     wasm: PathBuf,
+    cancel: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -309,6 +402,17 @@ impl Plugin {
         &self.inner.limits
     }
 
+    /// This plugin with its calls stopped when `token` is cancelled: a call in progress (running
+    /// guest code or waiting in WASI) ends within a tick with an error that is a
+    /// [`Cancelled`](dusflow_core::step::Cancelled), and jobs started later refuse to run.
+    pub fn cancelled_by(&self, token: CancellationToken) -> Plugin {
+        let mut inner = (*self.inner).clone();
+        inner.cancel = Some(token);
+        Plugin {
+            inner: Arc::new(inner),
+        }
+    }
+
     pub(crate) fn expect_kind(&self, kind: PluginKind) -> Result<()> {
         if self.kind() != kind {
             bail!(
@@ -340,11 +444,11 @@ impl Plugin {
         let info = match self.wit_version() {
             "0.1.0" => {
                 let index = self.export_index("info", "describe")?;
-                job.call("info.describe", |store, instance| {
+                job.call("info.describe", async |store, instance| {
                     let f = instance.get_typed_func::<(), (
                         v0_1_0::data_filter::exports::dus::plugin::info::PluginInfo,
                     )>(&mut *store, &index)?;
-                    Ok(Ok(f.call(store, ())?.0))
+                    Ok(Ok(f.call_async(store, ()).await?.0))
                 })?
             }
             other => unreachable!("classify accepted unsupported version {other}"),
@@ -363,48 +467,100 @@ impl Plugin {
     }
 }
 
-/// One job of a plugin: a fresh sandboxed store and instance. After a trap or time-out the
-/// instance refuses further calls; start a new job.
+/// One job of a plugin: a fresh sandboxed store and instance. After a trap, time-out or
+/// cancellation the instance refuses further calls; start a new job.
 pub(crate) struct Job {
     pub(crate) sandbox: Sandbox,
     pub(crate) instance: Instance,
+    runtime: Arc<PluginRuntime>,
     name: String,
     limits: PluginLimits,
     broken: Option<String>,
 }
 
+/// How a bounded call into the guest ended.
+enum Ended<T> {
+    Returned(wasmtime::Result<T>),
+    TimedOut,
+    Cancelled,
+}
+
+/// Runs `call` (a future driving the guest) until it finishes, `deadline` passes or `cancel` fires,
+/// whichever is first; dropping the unfinished future abandons what the guest was waiting for.
+fn bounded<T>(
+    runtime: &PluginRuntime,
+    deadline: std::time::Instant,
+    cancel: Option<CancellationToken>,
+    call: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> Ended<T> {
+    runtime.block_on(async {
+        let cancelled = async {
+            match &cancel {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = call => Ended::Returned(result),
+            _ = tokio::time::sleep_until(deadline.into()) => Ended::TimedOut,
+            _ = cancelled => Ended::Cancelled,
+        }
+    })
+}
+
+fn is_cancellation(e: &wasmtime::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<CallCancelled>().is_some())
+}
+
 impl Job {
-    /// Creates the store and instantiates the plugin in it.
+    /// Creates the store and instantiates the plugin in it (under the call deadline: a start
+    /// function runs guest code).
     pub(crate) fn start(plugin: &Plugin) -> Result<Job> {
         let p = &plugin.inner;
-        let mut sandbox = Sandbox::new(&p.engine, &p.grants, &p.limits)
-            .with_context(|| format!("cannot set up the sandbox of plugin '{}'", p.info.name))?;
-        match p.compiled.pre.instantiate(&mut sandbox.store) {
-            Ok(instance) => Ok(Job {
-                sandbox,
-                instance,
-                name: p.info.name.clone(),
-                limits: p.limits.clone(),
-                broken: None,
-            }),
-            Err(e) => {
-                let output = sandbox.output_tail();
-                Err(plugin_error(
-                    &p.info.name,
-                    "instantiation",
-                    Failure::Trapped(e.into()),
-                    &p.limits,
-                    &output,
-                ))
-            }
+        if p.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            return Err(Cancelled.into());
         }
+        let mut sandbox = Sandbox::new(&p.engine, &p.grants, &p.limits, p.cancel.clone())
+            .with_context(|| format!("cannot set up the sandbox of plugin '{}'", p.info.name))?;
+        let deadline = sandbox.arm_deadline();
+        let ended = bounded(
+            &p.runtime,
+            deadline,
+            p.cancel.clone(),
+            p.compiled.pre.instantiate_async(&mut sandbox.store),
+        );
+        let failure = match ended {
+            Ended::Returned(Ok(instance)) => {
+                return Ok(Job {
+                    sandbox,
+                    instance,
+                    runtime: p.runtime.clone(),
+                    name: p.info.name.clone(),
+                    limits: p.limits.clone(),
+                    broken: None,
+                })
+            }
+            Ended::Cancelled => return Err(Cancelled.into()),
+            Ended::Returned(Err(e)) if is_cancellation(&e) => return Err(Cancelled.into()),
+            Ended::Returned(Err(e)) => Failure::Trapped(e.into()),
+            Ended::TimedOut => Failure::TimedOut,
+        };
+        Err(plugin_error(
+            &p.info.name,
+            "instantiation",
+            failure,
+            &p.limits,
+            &sandbox.output_tail(),
+        ))
     }
 
-    /// Calls into the plugin under the deadline; `f` returns the plugin's own `result`.
+    /// Calls into the plugin under the deadline and the cancellation token; `f` drives the call and
+    /// returns the plugin's own `result`.
     pub(crate) fn call<R>(
         &mut self,
         function: &str,
-        f: impl FnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<Result<R, String>>,
+        f: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<R> {
         if let Some(why) = &self.broken {
             bail!(
@@ -412,13 +568,36 @@ impl Job {
                 self.name
             );
         }
-        self.sandbox.arm_deadline();
-        let failure = match f(&mut self.sandbox.store, &self.instance) {
-            Ok(Ok(r)) => return Ok(r),
-            Ok(Err(msg)) => Failure::Returned(msg),
-            Err(trap) => {
+        let cancel = self.sandbox.cancel_token();
+        if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            self.broken = Some("cancelled".into());
+            return Err(Cancelled.into());
+        }
+        let deadline = self.sandbox.arm_deadline();
+        let ended = bounded(
+            &self.runtime,
+            deadline,
+            cancel,
+            f(&mut self.sandbox.store, &self.instance),
+        );
+        let failure = match ended {
+            Ended::Returned(Ok(Ok(r))) => return Ok(r),
+            Ended::Returned(Ok(Err(msg))) => Failure::Returned(msg),
+            Ended::Cancelled => {
+                self.broken = Some("cancelled".into());
+                return Err(Cancelled.into());
+            }
+            Ended::Returned(Err(trap)) if is_cancellation(&trap) => {
+                self.broken = Some("cancelled".into());
+                return Err(Cancelled.into());
+            }
+            Ended::Returned(Err(trap)) => {
                 self.broken = Some(format!("failed in {function}"));
                 Failure::Trapped(trap.into())
+            }
+            Ended::TimedOut => {
+                self.broken = Some(format!("timed out in {function}"));
+                Failure::TimedOut
             }
         };
         Err(plugin_error(
@@ -428,6 +607,16 @@ impl Job {
             &self.limits,
             &self.sandbox.output_tail(),
         ))
+    }
+
+    /// The plugin's name (as it reports it).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The limits of this job's calls.
+    pub(crate) fn limits(&self) -> &PluginLimits {
+        &self.limits
     }
 
     /// The error for an answer the host cannot accept.

@@ -31,10 +31,11 @@ impl LayerPolicyPlugin {
         let mut job = Job::start(&self.plugin)?;
         let bindings = wit::LayerPolicyPlugin::new(&mut job.sandbox.store, &job.instance)?;
         let configs: Vec<api::ModelConfig> = models.iter().map(to_wit).collect();
-        let plan = job.call("layer-policy.plan", |store, _| {
+        let plan = job.call("layer-policy.plan", async |store, _| {
             bindings
                 .dus_plugin_layer_policy()
                 .call_plan(store, &configs, params_json)
+                .await
         })?;
         let plan = from_wit(plan);
         plan.validate(models)

@@ -15,8 +15,9 @@
 //! // `[plugins.dedup]` of the workflow deserialises into grants and limits.
 //! let grants = PluginGrants { read: vec!["benchmarks".into()], ..Default::default() };
 //! let limits = PluginLimits::default();
-//! // A `.wasm` component, or a source folder built on demand and cached by content hash.
-//! let plugin = host.load("plugins/decontaminate".as_ref(), &grants, &limits)?;
+//! // A `.wasm` component, or a source folder: `load` takes its cached build, `load_or_build` builds it
+//! // if needed (running its build outside the sandbox).
+//! let plugin = host.load_or_build("plugins/decontaminate".as_ref(), &grants, &limits)?;
 //! println!("{} {} is a {}", plugin.info().name, plugin.info().version, plugin.kind());
 //!
 //! // Each typed handle is one job: a fresh sandboxed instance.
@@ -41,14 +42,19 @@
 //!
 //! Every job gets a fresh store: WASI with nothing preopened, no env, no sockets, frozen clocks,
 //! unless [`PluginGrants`] says otherwise (`read` dirs are preopened read-only at the same
-//! path); a memory cap and a per-call deadline from [`PluginLimits`] (epoch interruption, 10 ms
-//! ticks). A trap, time-out, memory exhaustion or malformed answer becomes an `anyhow` error
-//! naming the plugin, the function, the message and the plugin's captured stdout/stderr; the
-//! failed job refuses further calls, the host and other jobs are unaffected.
+//! path); links cannot be created; a memory cap and a per-call deadline from [`PluginLimits`] that
+//! holds whatever the guest does (guest code is interrupted at a 10 ms epoch tick; a call waiting in
+//! WASI is abandoned: calls are futures raced against the deadline), and [`Plugin::cancelled_by`] stops
+//! calls on cancellation the same way. A data filter's rewrites are bounded relative to its input
+//! (`limits.output_ratio`). A trap, time-out, memory exhaustion or malformed answer becomes an
+//! `anyhow` error naming the plugin, the function, the message and the plugin's captured
+//! stdout/stderr; the failed job refuses further calls, the host and other jobs are unaffected.
 //!
 //! # Building and caching
 //!
-//! [`build::ensure_built`] turns a source folder into a component, cached under
+//! Building runs a folder's build command on the host, outside the sandbox, so it happens only when
+//! asked: [`PluginHost::load_or_build`], [`PluginHost::load_spec`] of a `build = true` table, or
+//! `dus plugin build`. [`build::ensure_built`] turns a source folder into a component, cached under
 //! `<cache>/builds/<content-hash>.wasm` ([`build::source_files`] lists what is hashed and
 //! watched). [`PluginHost`] keeps precompiled artifacts under `<cache>/precompiled/` and an
 //! in-memory instance-pre per component. The cache is [`build::default_cache_dir`]
@@ -67,6 +73,7 @@ mod host;
 mod layer_policy;
 mod merge_rule;
 mod output;
+mod runtime;
 mod sandbox;
 mod scaffold;
 mod shared;

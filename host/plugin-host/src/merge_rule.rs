@@ -26,10 +26,11 @@ impl Plugin {
         let merge_chunk = self.export_index("merge-rule", "merge-chunk")?;
         let mut job = Job::start(self)?;
         let bindings = wit::MergeRulePlugin::new(&mut job.sandbox.store, &job.instance)?;
-        job.call("merge-rule.configure", |store, _| {
+        job.call("merge-rule.configure", async |store, _| {
             bindings
                 .dus_plugin_merge_rule()
                 .call_configure(store, params_json)
+                .await
         })?;
         // Per element the guest holds each input, its f32 copy, the output and its f32 copy: keep
         // a chunk well under a quarter of the memory limit.
@@ -75,10 +76,11 @@ impl MergeRulePlugin {
         const FUNCTION: &str = "merge-rule.plan-tensor";
         let info = to_wit(tensor);
         let bindings = &self.bindings;
-        let plan = self.job.call(FUNCTION, |store, _| {
+        let plan = self.job.call(FUNCTION, async |store, _| {
             bindings
                 .dus_plugin_merge_rule()
                 .call_plan_tensor(store, &info)
+                .await
         })?;
         let plan = match plan {
             api::MergePlan::Linear(c) => MergePlan::Linear(c),
@@ -115,13 +117,13 @@ impl MergeRulePlugin {
         // lowered straight from the borrowed slices and the result is copied straight out of
         // guest memory, with no intermediate Vecs.
         let mut wrong_len = None;
-        self.job.call(FUNCTION, |store, instance| {
+        self.job.call(FUNCTION, async |store, instance| {
             let f = instance
                 .get_typed_func::<(&api::TensorInfo, u64, &[&[u8]]), (Result<WasmList<u8>, String>,)>(
                     &mut *store,
                     &index,
                 )?;
-            let (result,) = f.call(&mut *store, (&info, offset, inputs))?;
+            let (result,) = f.call_async(&mut *store, (&info, offset, inputs)).await?;
             Ok(result.map(|list| {
                 let bytes = list.as_le_slice(&*store);
                 if bytes.len() == out.len() {

@@ -1,7 +1,8 @@
 //! The process's one plugin host, owned by the engine and handed to steps through their context.
 
-use crate::host::PluginHost;
+use crate::host::{Plugin, PluginHost};
 use anyhow::{anyhow, Context, Result};
+use dusflow_core::spec::PluginSpec;
 use dusflow_core::step::StepContext;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -48,6 +49,10 @@ impl SharedPluginHost {
 pub trait StepPluginHost {
     /// The engine's plugin host (one per process, shared by every step).
     fn plugin_host(&self) -> Result<PluginHost>;
+
+    /// Loads `[plugins.NAME]` (`spec`, path absolute) for this step: built only if the table says
+    /// `build = true`, its calls stopped when the step is cancelled. Errors name the plugin.
+    fn load_plugin(&self, name: &str, spec: &PluginSpec) -> Result<Plugin>;
 }
 
 impl StepPluginHost for StepContext {
@@ -61,5 +66,13 @@ impl StepPluginHost for StepContext {
                 )
             })?
             .get()
+    }
+
+    fn load_plugin(&self, name: &str, spec: &PluginSpec) -> Result<Plugin> {
+        let plugin = self
+            .plugin_host()?
+            .load_spec(spec)
+            .with_context(|| format!("loading plugin `{name}` ({})", spec.path.display()))?;
+        Ok(plugin.cancelled_by(self.cancel.clone()))
     }
 }

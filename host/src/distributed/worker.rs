@@ -159,6 +159,8 @@ pub fn run_rank(
                         kind: a.kind,
                         path: a.path.clone(),
                         dataset: a.dataset.clone(),
+                        // The launching process's engine merged any adapter into `path` already.
+                        merge: None,
                     })
                     .collect();
                 (slot.clone(), list)

@@ -259,10 +259,17 @@ fn kept<'a>(kept: &'a Kept, record: &'a RawRecord) -> Option<&'a RawRecord> {
 
 /// The string in field `name` of a record, or an error naming the record.
 fn text_field<'a>(r: &'a RawRecord, name: &str) -> Result<&'a str> {
+    let by = match &r.rewritten_by {
+        Some(filter) => format!(" (in the rewrite of this record by filter plugin {filter:?})"),
+        None => String::new(),
+    };
     match r.value.get(name) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => bail!("{}: field {name:?} must be a string, got {other}", r.origin),
-        None => bail!("{}: missing field {name:?}", r.origin),
+        Some(other) => bail!(
+            "{}: field {name:?} must be a string, got {other}{by}",
+            r.origin
+        ),
+        None => bail!("{}: missing field {name:?}{by}", r.origin),
     }
 }
 

@@ -248,3 +248,46 @@ fn caps_and_mixtures_are_seeded_and_deterministic() {
         "{err}"
     );
 }
+
+#[test]
+fn a_rewrite_of_the_wrong_shape_names_the_filter_and_the_record_even_when_skipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "a.jsonl",
+        "{\"instruction\": \"i\", \"output\": \"o\"}\n{\"instruction\": \"j\", \"output\": \"p\"}\n",
+    );
+    let mut s = source(vec![f.clone()], Some(RecordFormat::Alpaca));
+    s.filters = vec!["numbers".into()];
+    // `on_error = "skip"` is about malformed input lines; a plugin's wrong answer is never skipped.
+    s.on_error = OnError::Skip;
+    let mut make = |_: &str| -> anyhow::Result<Box<dyn RecordFilter>> {
+        Ok(Box::new(FnFilter::new("numbers", |recs: &[String]| {
+            Ok(recs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| match i {
+                    1 => Verdict::Rewrite(r.replace("\"p\"", "5")),
+                    _ => Verdict::Keep,
+                })
+                .collect())
+        })))
+    };
+    let err = format!("{:#}", load_dataset(&s, &mut make, 0).unwrap_err());
+    assert!(err.contains(&format!("{}:2", f.display())), "{err}");
+    assert!(
+        err.contains("filter plugin \"numbers\" rewrote this record into one that is not a valid alpaca record"),
+        "{err}"
+    );
+    assert!(!err.contains("malformed"), "{err}");
+
+    let empty = write(dir.path(), "empty.jsonl", "");
+    let err = format!(
+        "{:#}",
+        load_dataset(&source(vec![empty.clone()], None), &mut no_filters, 0).unwrap_err()
+    );
+    assert!(
+        err.contains(&format!("{}: the dataset file is empty", empty.display())),
+        "{err}"
+    );
+}

@@ -179,6 +179,89 @@ async fn pretrain_on_three_devices_trains_like_one_and_zero_1_like_plain() {
     assert!(!b.join("checkpoints").exists());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn lora_on_three_devices_all_reduces_the_adapter_and_trains_like_one() {
+    // LoRA with data parallelism: the optimizer holds only the adapter's factors, so those are the gradients
+    // summed across ranks (and, with ZeRO-1, the state sharded); the frozen base is loaded on every rank.
+    let dir = tempfile::tempdir().unwrap();
+    let lora =
+        "lora = { r = 4, alpha = 8, targets = \"all-linear\" }\ngradient_checkpointing = true";
+    let one = dir.path().join("one");
+    let s = run_in_process(
+        &one,
+        &pretrain_flow(&format!("max_steps = 5\n{lora}")),
+        None,
+    )
+    .await;
+    assert!(s.succeeded(), "{s:?}");
+    let three = dir.path().join("three");
+    let flow = pretrain_flow(&format!("max_steps = 5\n{lora}\ndevices = 3\nzero = 1"));
+    let s = run_in_process(&three, &flow, Some(threads())).await;
+    assert!(s.succeeded(), "{s:?}");
+    let adapter = |d: &Path| {
+        let file = artifact(&d.join("out"), "pretrain")
+            .join("adapter")
+            .join(dusflow::model::lora::ADAPTER_WEIGHTS);
+        candle_core::safetensors::load(file, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                (
+                    k,
+                    t.to_dtype(candle_core::DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                )
+            })
+            .collect::<HashMap<String, Vec<f32>>>()
+    };
+    let (a1, a3) = (adapter(&one), adapter(&three));
+    assert_eq!(a1.len(), 28, "A and B of 7 projections in 2 layers");
+    // B starts at zero, A at its seeded draw (the same on every rank): the largest B is how far training moved.
+    let moved = a1
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .flat_map(|(_, v)| v.iter().map(|x| x.abs() as f64))
+        .fold(0.0, f64::max);
+    let gap = max_difference(&a1, &a3);
+    eprintln!("LoRA, 3 devices vs 1: adapter gap {gap:.2e}, B moved up to {moved:.2e}");
+    assert!(moved > 0.0 && gap < 1e-3 * moved, "{gap:e} vs {moved:e}");
+    // The merged model every later step reads agrees the same way.
+    let (m1, m3) = (
+        weights(&artifact(&one.join("out"), "pretrain")),
+        weights(&artifact(&three.join("out"), "pretrain")),
+    );
+    let base = weights(&artifact(&one.join("out"), "tiny"));
+    assert!(max_difference(&m1, &m3) < 1e-3 * max_difference(&m1, &base));
+    assert_eq!(
+        report(&artifact(&three.join("out"), "pretrain"))["devices"],
+        3
+    );
+
+    // With adapter dropout each rank draws its own masks (a seed per rank): it trains, and not like one
+    // device with the same seed, whose masks are drawn over whole micro-batches.
+    let drop = "lora = { r = 4, alpha = 8, dropout = 0.2, targets = \"all-linear\" }";
+    let (d1, d2) = (dir.path().join("drop-one"), dir.path().join("drop-two"));
+    let s = run_in_process(&d1, &pretrain_flow(&format!("max_steps = 3\n{drop}")), None).await;
+    assert!(s.succeeded(), "{s:?}");
+    let flow = pretrain_flow(&format!("max_steps = 3\n{drop}\ndevices = 2"));
+    let s = run_in_process(&d2, &flow, Some(threads())).await;
+    assert!(s.succeeded(), "{s:?}");
+    let (b1, b2) = (adapter(&d1), adapter(&d2));
+    let moved = b1
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .flat_map(|(_, v)| v.iter().map(|x| x.abs() as f64))
+        .fold(0.0, f64::max);
+    let gap = max_difference(&b1, &b2);
+    eprintln!("LoRA with dropout, 2 devices vs 1: {gap:.2e}, B moved up to {moved:.2e}");
+    // Far beyond the rounding gap above: other masks, not the same ones summed in another order.
+    assert!(gap > 1e-2 * moved, "{gap:e} vs {moved:e}");
+}
+
 #[test]
 fn devices_and_zero_are_not_part_of_the_cache_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -297,16 +380,17 @@ async fn sdpo_on_two_devices_trains_like_one() {
             })
             .collect()
     };
-    // Measured (2026-12-06): 3.30e-5 of an 8.0e-3 move for M_2 (0.41 %), already 3.29e-5 of a 4.0e-3 move
-    // for M_1 (0.82 %). That is more than pretraining's (< 0.1 %) because the DPO gradient is the LM
-    // gradient times beta * sigmoid(-margin) (here ~0.05): many entries of a weight's gradient are sums of larger per-pair terms
-    // that cancel to near AdamW's eps (1e-8), where the reduction-order noise of those terms is a sizeable
-    // part of g / (sqrt(v) + eps) — an update of up to lr per step. The same runs with a larger eps show it:
-    // eps 1e-7 / 1e-6 / 1e-5 give gaps of 2.7e-5 / 6.4e-6 / 1.3e-6 of the same ~8e-3 move. So the bound is
-    // 2 % of the update at the default eps (2.4x the worst measured), and pretraining's 0.1 % where a larger
-    // eps takes the noise out (measured 0.026 % with eps = 1e-5).
+    // Measured (2026-12-06, fused attention kernel): M_1 8.06e-5 of a 4.0e-3 move (2.0 %), M_2 8.06e-5 of
+    // 8.0e-3 (1.0 %) — far more than pretraining's (< 0.1 %). The DPO gradient is the LM gradient times
+    // beta * sigmoid(-margin) (here ~0.05), so many entries of a weight's gradient are sums of larger
+    // per-pair terms that cancel to near AdamW's eps (1e-8); there the reduction-order noise of those terms
+    // is a sizeable part of g / (sqrt(v) + eps), an update of up to lr per step. A larger eps takes the
+    // noise out, as the same runs show (gap / move for M_2, M_1): eps 1e-7: 2.2 % / 0.55 %; 1e-6: 0.086 % /
+    // 0.091 %; 1e-5: 0.012 % / 0.012 %; 1e-4: 0.007 % / 0.003 %. So: at the default eps the bound is 5 % of
+    // the update (2.5x the worst measured; it still catches a rank's gradients missing or counted twice,
+    // which move weights by the update's order), and with eps = 1e-5 pretraining's 0.1 % (8x the measured).
     for ratio in gaps(&a, &b) {
-        assert!(ratio < 2e-2, "{ratio:e} of the update");
+        assert!(ratio < 5e-2, "{ratio:e} of the update");
     }
     let flow = SDPO.replace("micro_batch = 4", "micro_batch = 4\neps = 1e-5");
     let (e1, e2) = (dir.path().join("eps-one"), dir.path().join("eps-two"));

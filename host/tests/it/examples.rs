@@ -217,12 +217,13 @@ fn the_solar_recipe_on_real_downloads_plans_and_names_what_is_missing() {
 async fn the_python_data_filter_example_filters_an_sft_steps_data() {
     let plugin = repo().join("examples/python-data-filter/keep-answered");
     let host = dusflow::plugins::PluginHost::new().unwrap();
-    match host.load(
+    match host.load_or_build(
         &plugin,
         &Default::default(),
         &dusflow::spec::PluginLimits {
             timeout_ms: 60_000,
             memory_mb: 512,
+            ..Default::default()
         },
     ) {
         Ok(_) => {}

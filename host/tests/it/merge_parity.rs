@@ -68,8 +68,9 @@ fn run_case(name: &str) -> (TensorStore, TensorStore, tempfile::TempDir) {
 
 fn values(store: &TensorStore, name: &str) -> Vec<f32> {
     let meta = store.meta(name).unwrap();
+    let bytes = store.bytes(name).unwrap();
     let src = Source {
-        bytes: store.bytes(name).unwrap(),
+        bytes: &bytes,
         dtype: meta.dtype,
     };
     let mut out = vec![0f32; meta.numel()];
@@ -116,6 +117,54 @@ fn assert_bit_identical(name: &str) {
 #[test]
 fn linear_is_bit_identical_to_mergekit() {
     assert_bit_identical("linear");
+}
+
+#[test]
+fn linear_with_rounding_products_is_bit_identical_to_mergekit() {
+    // Weights 0.3, 0.7 (and 0.1), f32 output: mergekit's `addcmul_` rounds once per accumulation step.
+    assert_bit_identical("linear_fma");
+    assert_bit_identical("linear_fma_f32");
+    assert_bit_identical("linear_fma_bf16");
+}
+
+#[test]
+fn the_rounding_fixtures_tell_a_fused_accumulation_from_separate_roundings() {
+    // The cases above can fail: accumulating with a rounded product (acc + round(x·w)) instead of a fused
+    // multiply-add gives different f32 results from mergekit's on these weights.
+    for (case, weights) in [
+        ("linear_fma", &[0.3f32, 0.7][..]),
+        ("linear_fma_f32", &[0.3, 0.7, 0.1]),
+    ] {
+        let c = case_models(case);
+        let theirs = TensorStore::open(&fixtures().join("outputs").join(case)).unwrap();
+        let denominator: f32 = weights.iter().sum();
+        let (mut total, mut differing) = (0usize, 0usize);
+        for t in theirs.names() {
+            let inputs: Vec<Vec<f32>> = c.iter().map(|m| values(m, t)).collect();
+            let expected = values(&theirs, t);
+            for (i, e) in expected.iter().enumerate() {
+                let separate = inputs
+                    .iter()
+                    .zip(weights)
+                    .fold(0f32, |acc, (x, w)| acc + x[i] * w)
+                    / denominator;
+                total += 1;
+                differing += (separate.to_bits() != e.to_bits()) as usize;
+            }
+        }
+        assert!(
+            differing * 20 > total,
+            "{case}: only {differing} of {total} elements would differ without fused multiply-adds"
+        );
+    }
+}
+
+fn case_models(name: &str) -> Vec<TensorStore> {
+    case(name)
+        .models
+        .iter()
+        .map(|m| TensorStore::open(&model(m).path).unwrap())
+        .collect()
 }
 
 #[test]

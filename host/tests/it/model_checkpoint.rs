@@ -64,7 +64,7 @@ fn writer_is_byte_identical_to_transformers_output() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("copy.safetensors");
         write_safetensors(&out, &specs_of(&store), |s| {
-            Ok(Cow::Borrowed(store.bytes(&s.name)?))
+            Ok(Cow::Owned(store.bytes(&s.name)?))
         })
         .unwrap();
         assert!(
@@ -101,7 +101,7 @@ fn sharded_write_reads_back_identically() {
     let expected_shards = plan_shards(&specs, opts).len();
     assert!(expected_shards >= 3);
     let written = write_checkpoint(staging.path(), &specs, opts, |s| {
-        Ok(Cow::Borrowed(store.bytes(&s.name)?))
+        Ok(Cow::Owned(store.bytes(&s.name)?))
     })
     .unwrap();
     assert!(!target.exists(), "nothing visible before commit");
@@ -280,7 +280,7 @@ fn missing_tensor_and_shape_mismatch_name_the_tensor() {
     let mut specs = specs_of(&store);
     specs.retain(|s| s.name != "model.layers.1.self_attn.k_proj.weight");
     write_safetensors(&dir.path().join("model.safetensors"), &specs, |s| {
-        Ok(Cow::Borrowed(store.bytes(&s.name)?))
+        Ok(Cow::Owned(store.bytes(&s.name)?))
     })
     .unwrap();
     let e = err_text(load_model(dir.path(), DType::F32, &Device::Cpu).unwrap_err());
@@ -320,7 +320,7 @@ fn sharded_index_pointing_to_wrong_file_is_an_error() {
             max_shard_bytes: Some(60_000),
             ..Default::default()
         },
-        |s| Ok(Cow::Borrowed(store.bytes(&s.name)?)),
+        |s| Ok(Cow::Owned(store.bytes(&s.name)?)),
     )
     .unwrap();
     let path = dir.path().join("model.safetensors.index.json");

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use dusflow::model::{
-    block_causal_bias, init_trainable, packed_position_ids, ForwardOptions, Llama, LlamaConfig,
+    document_ids, init_trainable, packed_position_ids, ForwardOptions, Llama, LlamaConfig,
 };
 
 fn tiny(tied: bool, kv_heads: usize) -> LlamaConfig {
@@ -33,10 +33,14 @@ fn loss(model: &Llama, ids: &Tensor, opts: &ForwardOptions) -> Tensor {
                     .position_ids
                     .as_ref()
                     .map(|p| p.narrow(1, 0, s - 1).unwrap()),
-                attention_bias: opts
-                    .attention_bias
+                key_mask: opts
+                    .key_mask
                     .as_ref()
-                    .map(|m| m.narrow(2, 0, s - 1).unwrap().narrow(3, 0, s - 1).unwrap()),
+                    .map(|m| m.narrow(1, 0, s - 1).unwrap()),
+                document_ids: opts
+                    .document_ids
+                    .as_ref()
+                    .map(|m| m.narrow(1, 0, s - 1).unwrap()),
             },
         )
         .unwrap();
@@ -103,7 +107,8 @@ fn every_weight_gets_a_gradient_with_packed_documents() {
     ];
     let opts = ForwardOptions {
         position_ids: Some(packed_position_ids(&docs, &dev).unwrap()),
-        attention_bias: Some(block_causal_bias(&docs, &dev).unwrap()),
+        key_mask: None,
+        document_ids: Some(document_ids(&docs, &dev).unwrap()),
     };
     assert_all_grads_nonzero(&tiny(false, 2), &opts);
 }
@@ -119,7 +124,8 @@ fn packed_documents_match_separate_forwards() {
     let docs = vec![vec![0u32, 0, 0, 1, 1, 1, 1, 1]];
     let opts = ForwardOptions {
         position_ids: Some(packed_position_ids(&docs, &dev).unwrap()),
-        attention_bias: Some(block_causal_bias(&docs, &dev).unwrap()),
+        key_mask: None,
+        document_ids: Some(document_ids(&docs, &dev).unwrap()),
     };
     let got = model.forward_train(&packed, &opts).unwrap();
     let la = model

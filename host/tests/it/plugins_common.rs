@@ -24,7 +24,7 @@ pub(crate) fn plugin_dir(name: &str) -> PathBuf {
 /// Loads `plugins/NAME` with the given grants and limits, building it if needed.
 pub(crate) fn load_with(name: &str, grants: &PluginGrants, limits: &PluginLimits) -> Plugin {
     host()
-        .load(&plugin_dir(name), grants, limits)
+        .load_or_build(&plugin_dir(name), grants, limits)
         .unwrap_or_else(|e| panic!("loading plugin {name}: {e:#}"))
 }
 
@@ -35,7 +35,7 @@ pub(crate) fn load(name: &str) -> Plugin {
 
 /// Loads `plugins/NAME`, or prints a notice and returns None when its toolchain is missing.
 pub(crate) fn load_or_skip(name: &str) -> Option<Plugin> {
-    match host().load(
+    match host().load_or_build(
         &plugin_dir(name),
         &PluginGrants::default(),
         &PluginLimits::default(),

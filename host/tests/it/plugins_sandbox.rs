@@ -276,3 +276,174 @@ fn a_file_that_is_not_a_component_fails_to_load_cleanly() {
     );
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn a_plugin_blocked_in_a_wasi_sleep_is_stopped_at_its_deadline() {
+    // A sleep runs no guest code, so epoch interruption alone never fires: the call itself must end.
+    let limits = PluginLimits {
+        timeout_ms: 1000,
+        ..Default::default()
+    };
+    let plugin = misbehave(&PluginGrants::default(), &limits);
+    for ms in [20_000, 0] {
+        let started = Instant::now();
+        let err = format!(
+            "{:#}",
+            run(&plugin, serde_json::json!({"mode": "sleep", "ms": ms})).unwrap_err()
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1000) && took < Duration::from_millis(3000),
+            "a {ms} ms sleep under a 1000 ms limit stopped after {took:?}"
+        );
+        assert!(err.contains("exceeded its time limit of 1000 ms"), "{err}");
+    }
+    assert_still_works(&plugin);
+}
+
+#[test]
+fn cancellation_stops_a_call_whether_it_sleeps_or_computes() {
+    for mode in ["sleep", "loop"] {
+        let token = tokio_util::sync::CancellationToken::new();
+        let plugin = misbehave(
+            &PluginGrants::default(),
+            &PluginLimits {
+                timeout_ms: 600_000,
+                ..Default::default()
+            },
+        )
+        .cancelled_by(token.clone());
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let at = Instant::now();
+            token.cancel();
+            at
+        });
+        let err = run(&plugin, serde_json::json!({"mode": mode, "ms": 0})).unwrap_err();
+        let stopped = Instant::now();
+        let cancelled_at = canceller.join().unwrap();
+        assert!(
+            stopped.duration_since(cancelled_at) < Duration::from_secs(1),
+            "{mode}: stopped {:?} after the cancellation",
+            stopped.duration_since(cancelled_at)
+        );
+        assert!(
+            err.is::<dusflow::step::Cancelled>(),
+            "{mode}: a cancellation, not a failure: {err:#}"
+        );
+    }
+}
+
+#[test]
+fn links_that_leave_a_write_grant_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (readable, writable) = (dir.path().join("read"), dir.path().join("write"));
+    std::fs::create_dir_all(&readable).unwrap();
+    std::fs::create_dir_all(&writable).unwrap();
+    std::fs::write(readable.join("bench.txt"), "read-only data").unwrap();
+    let grants = PluginGrants {
+        read: vec![readable.clone()],
+        write: vec![writable.clone()],
+        ..Default::default()
+    };
+    let plugin = misbehave(&grants, &PluginLimits::default());
+    let link = writable.join("escape");
+    for (mode, target) in [
+        ("symlink", "/etc/passwd".to_string()),
+        ("symlink", "../read/bench.txt".to_string()),
+        ("symlink", "inside.txt".to_string()),
+        (
+            "hardlink",
+            readable.join("bench.txt").to_string_lossy().into_owned(),
+        ),
+    ] {
+        let err = format!(
+            "{:#}",
+            run(
+                &plugin,
+                serde_json::json!({"mode": mode, "path": link, "target": target})
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains(&format!(
+                "cannot create {}",
+                mode.replace("hardlink", "hard link")
+            )),
+            "{err}"
+        );
+        assert!(
+            std::fs::symlink_metadata(&link).is_err(),
+            "{mode} to {target} was created"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(readable.join("bench.txt")).unwrap(),
+        "read-only data"
+    );
+    assert_still_works(&plugin);
+}
+
+#[test]
+fn a_filter_cannot_make_the_host_keep_more_than_its_output_ratio() {
+    let plugin = misbehave(&PluginGrants::default(), &PluginLimits::default());
+    let records: Vec<String> = (0..10).map(|i| format!(r#"{{"text": "r{i}"}}"#)).collect();
+    let mut job = plugin
+        .data_filter(r#"{"mode": "inflate", "size": 100000}"#)
+        .unwrap();
+    let err = format!("{:#}", job.filter_batch(&records).unwrap_err());
+    assert!(err.contains("plugin 'misbehaving-filter'"), "{err}");
+    assert!(
+        err.contains("more than limits.output_ratio = 4 times the 140 bytes it was given"),
+        "{err}"
+    );
+    // Growth within the ratio is fine.
+    let mut job = plugin
+        .data_filter(r#"{"mode": "inflate", "size": 20}"#)
+        .unwrap();
+    assert_eq!(job.filter_batch(&records).unwrap().len(), 10);
+}
+
+#[test]
+fn source_folders_are_built_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, cache) = (dir.path().join("probe"), dir.path().join("cache"));
+    std::fs::create_dir_all(&source).unwrap();
+    let component = load("length-filter").wasm_path().to_path_buf();
+    let marker = dir.path().join("build-ran");
+    std::fs::write(
+        source.join("plugin.toml"),
+        format!(
+            "[build]\ncommand = 'touch {} && cp {} \"$DUS_OUT\"'\n",
+            marker.display(),
+            component.display()
+        ),
+    )
+    .unwrap();
+    let host = dusflow::plugins::PluginHost::with_cache_dir(&cache).unwrap();
+    let (grants, limits) = (PluginGrants::default(), PluginLimits::default());
+    let err = format!("{:#}", host.load(&source, &grants, &limits).unwrap_err());
+    assert!(!marker.exists(), "loading ran the build command");
+    assert!(err.contains("dus plugin build"), "{err}");
+    assert!(err.contains("build = true"), "{err}");
+    assert!(
+        err.contains("the plugin.toml build command `touch"),
+        "{err}"
+    );
+
+    let spec = |build: bool| dusflow::workflow::PluginSpec {
+        path: source.clone(),
+        build,
+        grants: grants.clone(),
+        limits: limits.clone(),
+        description: None,
+    };
+    assert!(host.load_spec(&spec(false)).is_err());
+    assert!(!marker.exists());
+    host.load_spec(&spec(true)).unwrap();
+    assert!(marker.exists(), "build = true builds");
+    // Once built, the cached component of these exact sources loads without building again.
+    std::fs::remove_file(&marker).unwrap();
+    host.load(&source, &grants, &limits).unwrap();
+    assert!(!marker.exists());
+}

@@ -83,6 +83,7 @@ async fn aligned_by_key_with_the_gsm8k_template() {
         kind: dusflow::steps::ArtifactKind::Dataset,
         path: a.clone(),
         dataset: None,
+        merge: None,
     })
     .unwrap();
     assert_eq!(source.format, Some(dusflow::data::RecordFormat::Preference));
@@ -205,6 +206,7 @@ output = "out"
 
 [plugins.len]
 path = "{}"
+build = true
 
 [datasets.rephrased]
 path = "rephrased.jsonl"

@@ -29,9 +29,10 @@ async fn run(steps: &str) -> (tempfile::TempDir, RunSummary) {
     let text = format!(
         "[workflow]\nname = \"scale-plugin\"\noutput = \"out\"\n\n\
          [models.base]\npath = {:?}\n\n[models.tied]\npath = {:?}\n\n\
-         [plugins.solar]\npath = {:?}\n\n[plugins.pro]\npath = {:?}\n\n[plugins.filter]\npath = {:?}\n\n\
-         [plugins.repeat]\npath = {:?}\n\n[plugins.interleave]\npath = {:?}\n\n\
-         [plugins.bad]\npath = {:?}\nlimits = {{ timeout_ms = 500 }}\n\n{steps}",
+         [plugins.solar]\npath = {:?}\nbuild = true\n\n[plugins.pro]\npath = {:?}\nbuild = true\n\n\
+         [plugins.filter]\npath = {:?}\nbuild = true\n\n\
+         [plugins.repeat]\npath = {:?}\nbuild = true\n\n[plugins.interleave]\npath = {:?}\nbuild = true\n\n\
+         [plugins.bad]\npath = {:?}\nbuild = true\nlimits = {{ timeout_ms = 500 }}\n\n{steps}",
         fixture("models/base").display().to_string(),
         fixture("models/tied").display().to_string(),
         plugin_dir("solar-dus"),

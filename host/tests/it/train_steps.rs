@@ -302,6 +302,7 @@ path = "tiny"
 
 [plugins.short]
 path = "{}"
+build = true
 
 [datasets.docs]
 path = "docs.jsonl"
@@ -389,6 +390,7 @@ path = "tiny"
 
 [plugins.decon]
 path = "{plugin}"
+build = true
 grants.read = ["{bench}"]
 
 [datasets.orca]

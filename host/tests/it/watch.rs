@@ -192,3 +192,89 @@ async fn an_edit_cancels_the_running_step_it_affects_and_restarts_it() {
         .unwrap()
         .unwrap();
 }
+
+/// User + system CPU time of process `pid` so far, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+#[test]
+fn dus_watch_rests_after_an_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(dir.path().join("data.txt"), "one\n").unwrap();
+    std::fs::write(
+        &flow,
+        "[workflow]\nname = \"resting\"\noutput = \"out\"\n\n\
+         [steps.copy]\nkind = \"command\"\nrun = \"cat data.txt > $DUS_OUT/out.txt; echo v1 >> $DUS_OUT/out.txt\"\n\
+         files = [\"data.txt\"]\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dus"))
+        .args(["watch", "flow.toml"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = dir.path().join("out/.dus/events.jsonl");
+    let runs = || {
+        std::fs::read_to_string(&log)
+            .map(|t| t.matches("\"event\":\"run_finished\"").count())
+            .unwrap_or(0)
+    };
+    let wait_runs = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while runs() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "run {n} never finished"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_runs(1);
+    // One edit of the workflow and one of a data file it reads.
+    std::fs::write(
+        &flow,
+        std::fs::read_to_string(&flow).unwrap().replace("v1", "v2"),
+    )
+    .unwrap();
+    wait_runs(2);
+    std::fs::write(dir.path().join("data.txt"), "two\n").unwrap();
+    wait_runs(3);
+    // A touch without new content re-plans nothing.
+    std::fs::File::options()
+        .append(true)
+        .open(dir.path().join("data.txt"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // let the edits' events settle
+    let before = cpu_ticks(child.id());
+    let window = Duration::from_secs(5);
+    std::thread::sleep(window);
+    let used = cpu_ticks(child.id()) - before;
+    let share = used as f64 / ticks_per_second() as f64 / window.as_secs_f64();
+    eprintln!(
+        "dus watch after edits: {used} ticks of CPU in {window:?} ({:.2} % of a core)",
+        share * 100.0
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(runs(), 3, "re-planned without a content change");
+    assert!(
+        share < 0.02,
+        "dus watch used {:.1} % of a core while idle",
+        share * 100.0
+    );
+}

@@ -1,10 +1,10 @@
 //! Micro-batch tensors from token rows: right-padded ids, next-token targets with per-token weights, and
-//! for packed rows the block-diagonal mask and restarting positions.
+//! for packed rows the document ids (the attention keeps documents apart) and restarting positions.
 
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 use dusflow_data::TrainSequence;
-use dusflow_model::{block_causal_bias, packed_position_ids, ForwardOptions};
+use dusflow_model::{document_ids, packed_position_ids, ForwardOptions};
 
 /// One micro-batch ready for the model.
 #[derive(Debug, Clone)]
@@ -24,8 +24,8 @@ pub struct MicroBatch {
 }
 
 /// Builds a micro-batch from `rows`, padding on the right with `pad` to the longest row. Right padding
-/// needs no mask for causal rows (real tokens never attend to later pads); packed rows get a block-diagonal
-/// mask in which padding forms its own document.
+/// needs no mask for causal rows (real tokens never attend to later pads); packed rows get document ids,
+/// padding forming its own document.
 pub fn build_micro_batch(rows: &[&TrainSequence], pad: u32, device: &Device) -> Result<MicroBatch> {
     ensure!(!rows.is_empty(), "empty micro-batch");
     let seq = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
@@ -57,7 +57,8 @@ pub fn build_micro_batch(rows: &[&TrainSequence], pad: u32, device: &Device) -> 
     let forward = if packed {
         ForwardOptions {
             position_ids: Some(packed_position_ids(&docs, device)?),
-            attention_bias: Some(block_causal_bias(&docs, device)?),
+            key_mask: None,
+            document_ids: Some(document_ids(&docs, device)?),
         }
     } else {
         ForwardOptions::default()

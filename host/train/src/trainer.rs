@@ -301,7 +301,8 @@ fn train_loop(
             .map(|b| dp.rows(b))
             .filter(|b| !b.is_empty())
             .collect();
-        let acc = accumulate_gradients(model, opt, objective, &mine, targets, step)?;
+        let rank = (parallel.world_size() > 1).then(|| parallel.rank());
+        let acc = accumulate_gradients(model, opt, objective, &mine, targets, step, rank)?;
         let mut grads = dp.reduce(opt, acc.grads)?;
         let grad_norm = dp.grad_norm(&grads)?;
         check_finite(step, "gradient norm", grad_norm)?;
@@ -403,7 +404,7 @@ struct Accumulated {
 /// Forward and backward over every micro-batch, each loss divided by the step's total unit count, so the
 /// summed gradients are those of the mean loss over all units of the step. Returns the summed
 /// (un-normalised) loss, f32 gradients in `opt.params` order (none without micro-batches), tokens and
-/// metric sums.
+/// metric sums. `rank`: this rank's number when there are several (its dropout masks are its own).
 fn accumulate_gradients(
     model: &Llama,
     opt: &AdamW,
@@ -411,12 +412,15 @@ fn accumulate_gradients(
     batches: &[Vec<usize>],
     units: usize,
     step: usize,
+    rank: Option<usize>,
 ) -> Result<Accumulated> {
     let mut acc: Option<Vec<Tensor>> = None;
     let mut loss_sum = 0.0;
     let mut tokens = 0;
     let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
     for (k, idx) in batches.iter().enumerate() {
+        // Adapter dropout masks follow the step and micro-batch, so a resumed run draws the same ones.
+        model.set_dropout_seed(Some(dropout_seed(step, k, rank)));
         let micro = objective.micro_batch_loss(model, idx)?;
         let value = micro.loss_sum.to_scalar::<f32>()? as f64;
         check_finite(step, &format!("loss (micro-batch {})", k + 1), value)?;
@@ -428,7 +432,8 @@ fn accumulate_gradients(
                 None => metric_sums.push((name, v)),
             }
         }
-        let grads = (micro.loss_sum / units as f64)?.backward()?;
+        let mut grads = (micro.loss_sum / units as f64)?.backward()?;
+        model.merge_recomputed_grads(&mut grads)?;
         let these = opt.f32_gradients(&grads)?;
         acc = Some(match acc {
             None => these,
@@ -445,6 +450,22 @@ fn accumulate_gradients(
         tokens,
         metric_sums,
     })
+}
+
+/// The dropout seed of micro-batch `k` of optimizer step `step`, on `rank` of several. Ranks draw apart:
+/// their shares of a micro-batch have the same shape, and one seed would give every share the same masks.
+/// (So dropout with several ranks draws other masks than one rank does: equal in distribution, not in
+/// value.)
+fn dropout_seed(step: usize, k: usize, rank: Option<usize>) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dropout");
+    h.update(&(step as u64).to_le_bytes());
+    h.update(&(k as u64).to_le_bytes());
+    if let Some(rank) = rank {
+        h.update(b"rank");
+        h.update(&(rank as u64).to_le_bytes());
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// Stops with a clear error when a loss or gradient value is NaN or infinite.

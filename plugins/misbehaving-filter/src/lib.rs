@@ -3,7 +3,11 @@
 //! (allocates without bound), "read-file" (reads `path`), "write-file"
 //! (writes `path`), "connect" (opens a TCP socket to
 //! `addr`), "env" (reads `var`), "clock" (reports the wall clock), "panic", "bad-json" (rewrites records to
-//! invalid JSON), "stderr" (writes a line to stderr, then fails), "chatty" (writes ~5 MB to stderr, then keeps).
+//! invalid JSON), "stderr" (writes a line to stderr, then fails), "chatty" (writes ~5 MB to stderr, then keeps),
+//! "sleep" (sleeps `ms` milliseconds, forever when 0, blocked in WASI rather than running code), "inflate"
+//! (rewrites every record to one with a `text` of `size` bytes), "symlink" (creates a symbolic link `path`
+//! pointing to `target`), "hardlink" (creates a hard link `path` to the file `target`), "wrong-type"
+//! (rewrites records with their `text` set to a number).
 
 use dusflow_sdk::data_filter::{DataFilter, Verdict};
 use serde::Deserialize;
@@ -20,6 +24,12 @@ struct Params {
     addr: String,
     #[serde(default)]
     var: String,
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    size: usize,
+    #[serde(default)]
+    target: String,
 }
 
 struct Misbehave(Params);
@@ -86,12 +96,55 @@ impl DataFilter for Misbehave {
                 }
                 Ok(Verdict::Keep)
             }
+            "sleep" => {
+                if p.ms == 0 {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(p.ms));
+                Ok(Verdict::Keep)
+            }
+            "inflate" => Ok(Verdict::rewrite(
+                &serde_json::json!({ "text": "x".repeat(p.size) }),
+            )),
+            "symlink" => {
+                symlink(&p.target, &p.path)
+                    .map_err(|e| format!("cannot create symlink {}: {e}", p.path))?;
+                Ok(Verdict::Keep)
+            }
+            "hardlink" => {
+                std::fs::hard_link(&p.target, &p.path)
+                    .map_err(|e| format!("cannot create hard link {}: {e}", p.path))?;
+                Ok(Verdict::Keep)
+            }
+            "wrong-type" => {
+                let mut record = record;
+                record["text"] = serde_json::json!(5);
+                Ok(Verdict::rewrite(&record))
+            }
             "stderr" => {
                 eprintln!("misbehaving-filter: about to fail");
                 Err("failed after writing to stderr".into())
             }
             other => Err(format!("unknown mode {other}")),
         }
+    }
+}
+
+/// `symlink(2)` of wasi-libc (std's wrapper for WASI is unstable): resolves `link` through the preopened
+/// directories like every other file operation.
+fn symlink(target: &str, link: &str) -> std::io::Result<()> {
+    unsafe extern "C" {
+        fn symlink(target: *const std::ffi::c_char, link: *const std::ffi::c_char) -> i32;
+    }
+    let target = std::ffi::CString::new(target)?;
+    let link = std::ffi::CString::new(link)?;
+    // SAFETY: two NUL-terminated strings that outlive the call.
+    if unsafe { symlink(target.as_ptr(), link.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

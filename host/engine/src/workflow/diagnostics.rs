@@ -32,13 +32,29 @@ impl fmt::Display for Diagnostic {
 /// All problems found in one workflow; a workflow with any problem does not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkflowError {
-    /// The problems, in file order.
+    /// The problems, in file order (the first 100 found).
     pub diagnostics: Vec<Diagnostic>,
+    /// Problems found beyond those, not listed.
+    pub omitted: usize,
+}
+
+/// Problems listed per workflow: a mangled file can have thousands, and the first ones say enough.
+const MAX_DIAGNOSTICS: usize = 100;
+
+/// Longest key or message shown; longer ones (a name pasted by accident) are cut.
+const MAX_SHOWN: usize = 300;
+
+fn clip(text: String) -> String {
+    if text.len() <= MAX_SHOWN {
+        return text;
+    }
+    let cut = floor_char_boundary(&text, MAX_SHOWN / 2);
+    format!("{}… ({} bytes more)", &text[..cut], text.len() - cut)
 }
 
 impl fmt::Display for WorkflowError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.diagnostics.len();
+        let n = self.diagnostics.len() + self.omitted;
         writeln!(
             f,
             "workflow is invalid ({n} error{}):",
@@ -46,6 +62,9 @@ impl fmt::Display for WorkflowError {
         )?;
         for d in &self.diagnostics {
             writeln!(f, "  {d}")?;
+        }
+        if self.omitted > 0 {
+            writeln!(f, "  … and {} more", self.omitted)?;
         }
         Ok(())
     }
@@ -58,6 +77,7 @@ pub(crate) struct DiagnosticSink<'s> {
     file: PathBuf,
     source: &'s str,
     diagnostics: Vec<(usize, Diagnostic)>,
+    omitted: usize,
 }
 
 impl<'s> DiagnosticSink<'s> {
@@ -66,6 +86,7 @@ impl<'s> DiagnosticSink<'s> {
             file: file.to_path_buf(),
             source,
             diagnostics: Vec::new(),
+            omitted: 0,
         }
     }
 
@@ -76,13 +97,17 @@ impl<'s> DiagnosticSink<'s> {
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
+        if self.diagnostics.len() >= MAX_DIAGNOSTICS {
+            self.omitted += 1;
+            return;
+        }
         let (line, column) = line_column(self.source, span.start);
         let diagnostic = Diagnostic {
             file: self.file.clone(),
             line,
             column,
-            key: key.into(),
-            message: message.into(),
+            key: clip(key.into()),
+            message: clip(message.into()),
         };
         if !self.diagnostics.iter().any(|(_, d)| d == &diagnostic) {
             self.diagnostics.push((span.start, diagnostic));
@@ -101,6 +126,7 @@ impl<'s> DiagnosticSink<'s> {
         self.diagnostics.sort_by_key(|(pos, _)| *pos);
         Err(WorkflowError {
             diagnostics: self.diagnostics.into_iter().map(|(_, d)| d).collect(),
+            omitted: self.omitted,
         })
     }
 }
@@ -126,13 +152,23 @@ pub(crate) fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
+    // A name this long is no typo of a key; the distance is quadratic in the lengths.
+    if word.len() > MAX_SUGGESTED_LEN {
+        return None;
+    }
+    let allowed = |c: &str| c.len().max(word.len()).div_ceil(3).max(1);
     candidates
         .into_iter()
+        // The distance is at least the difference of the lengths: most candidates need no table.
+        .filter(|c| c.len() <= MAX_SUGGESTED_LEN && c.len().abs_diff(word.len()) <= allowed(c))
         .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, c)| *d <= c.len().max(word.len()).div_ceil(3).max(1))
+        .filter(|(d, c)| *d <= allowed(c))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
 }
+
+/// Names longer than this get no "did you mean".
+const MAX_SUGGESTED_LEN: usize = 128;
 
 /// Optimal-string-alignment distance: insertions, deletions, substitutions and adjacent swaps cost 1.
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -186,5 +222,20 @@ mod tests {
             Some("pretrain")
         );
         assert_eq!(did_you_mean("zzz", ["pretrain", "sft"]), None);
+    }
+
+    #[test]
+    fn suggestions_for_huge_names_cost_nothing() {
+        let huge = "x".repeat(1 << 20);
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            assert_eq!(
+                did_you_mean(&huge, ["pretrain", "sft", huge.as_str()]),
+                None
+            );
+            assert_eq!(did_you_mean("pretrain", [huge.as_str()]), None);
+        }
+        // Quadratic in 1 MB would be ~10^12 steps: anything near a second means the bound is gone.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 }

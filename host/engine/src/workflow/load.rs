@@ -29,6 +29,10 @@ const SECTIONS: [&str; 6] = [
     "workflow", "defaults", "models", "datasets", "plugins", "steps",
 ];
 const STEP_RESERVED: [&str; 4] = ["kind", "inputs", "sweep", "description"];
+/// Most points one step's sweep may expand to: each point is a step with its own artifact.
+const MAX_SWEEP_POINTS: usize = 1000;
+/// Most steps a workflow may have after sweeps are expanded.
+const MAX_STEPS: usize = 10_000;
 
 pub(super) fn load(path: &Path, registry: &Registry) -> Result<Workflow, WorkflowError> {
     let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -119,6 +123,7 @@ impl<'a> Loader<'a> {
         let mut plugins: IndexMap<String, PluginSpec> = self.named_section(root, "plugins", sink);
         for m in models.values_mut() {
             m.path = self.dir.join(&m.path);
+            m.adapter = m.adapter.as_ref().map(|a| self.dir.join(a));
         }
         for d in datasets.values_mut() {
             d.path = match &d.path {
@@ -133,6 +138,7 @@ impl<'a> Loader<'a> {
             }
         }
         self.check_datasets(root, &datasets, &plugins, sink);
+        self.check_special_files(root, &models, &datasets, &plugins, sink);
         self.check_unique_names(root, sink);
 
         let defaults = self.defaults(root, sink);
@@ -247,6 +253,52 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// Inputs must be regular files or folders: reading a device (`/dev/zero`) or a FIFO never ends.
+    /// Missing paths are fine here (the steps that need them are blocked when planned).
+    fn check_special_files(
+        &self,
+        root: &DeTable<'_>,
+        models: &IndexMap<String, ModelSpec>,
+        datasets: &IndexMap<String, DatasetSpec>,
+        plugins: &IndexMap<String, PluginSpec>,
+        sink: &mut DiagnosticSink,
+    ) {
+        // (where the path is written, the key to report, the path)
+        let mut paths: Vec<(String, String, &Path)> = Vec::new();
+        for (name, m) in models {
+            let key = format!("models.{name}.path");
+            paths.push((key.clone(), key, &m.path));
+        }
+        for (name, d) in datasets {
+            let key = format!("datasets.{name}.path");
+            match &d.path {
+                PathList::One(p) => paths.push((key.clone(), key, p)),
+                PathList::Many(v) => paths.extend(
+                    v.iter()
+                        .enumerate()
+                        .map(|(i, p)| (format!("{key}[{i}]"), key.clone(), p.as_path())),
+                ),
+            }
+        }
+        for (name, p) in plugins {
+            let key = format!("plugins.{name}.path");
+            paths.push((key.clone(), key, &p.path));
+        }
+        for (at, key, path) in paths {
+            if let Some(what) = special_file_kind(path) {
+                sink.error(
+                    lookup(root, &at).unwrap_or(0..0),
+                    key,
+                    format!(
+                        "{} is a {what}, not a file or folder: dusflow reads inputs to their end, which a {what} \
+                         does not have",
+                        path.display()
+                    ),
+                );
+            }
+        }
+    }
+
     /// Models, datasets and steps share one namespace, since `inputs` refer to all three by name.
     fn check_unique_names(&self, root: &DeTable<'_>, sink: &mut DiagnosticSink) {
         let mut seen: HashMap<String, &str> = HashMap::new();
@@ -319,7 +371,19 @@ impl<'a> Loader<'a> {
             let Some(step) = expect_table(value, &key, sink) else {
                 continue;
             };
-            out.extend(self.raw_step(name, value.span(), step, defaults, sink));
+            let expanded = self.raw_step(name, value.span(), step, defaults, sink);
+            if out.len() + expanded.len() > MAX_STEPS {
+                sink.error(
+                    name.span(),
+                    key,
+                    format!(
+                        "the workflow expands to more than {MAX_STEPS} steps here (sweeps included); split it into \
+                         several workflows"
+                    ),
+                );
+                break;
+            }
+            out.extend(expanded);
         }
         out
     }
@@ -400,6 +464,25 @@ impl<'a> Loader<'a> {
             .filter(|s| !s.is_empty())
             .unwrap_or(name.span());
         let mut out = Vec::new();
+        // Counted before expanding: a grid is the product of its axes, and expanding a huge one is what
+        // must not happen.
+        let points = sweep
+            .iter()
+            .try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()))
+            .filter(|&n| n <= MAX_SWEEP_POINTS);
+        if points.is_none() {
+            let sizes: Vec<String> = sweep.iter().map(|(_, v)| v.len().to_string()).collect();
+            sink.error(
+                step.get("sweep").map_or(name.span(), Spanned::span),
+                format!("{key}.sweep"),
+                format!(
+                    "the sweep has {} points, more than the {MAX_SWEEP_POINTS} a step may have (each point is a step \
+                     with its own artifact); sweep fewer values",
+                    sizes.join(" × ")
+                ),
+            );
+            return out;
+        }
         for point in grid(&sweep) {
             let mut params = params.clone();
             let mut inputs = inputs.clone();
@@ -1103,6 +1186,26 @@ fn set_path<'i>(params: &mut DeTable<'i>, key: &Key<'i>, value: Value<'i>) {
         Spanned::new(key.span(), Cow::Owned(parts[parts.len() - 1].to_string())),
         value,
     );
+}
+
+/// What kind of special file `path` is (following symbolic links), or `None` for a regular file, a
+/// folder, or a path that does not exist.
+fn special_file_kind(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path).ok()?.file_type();
+    if t.is_file() || t.is_dir() {
+        None
+    } else if t.is_fifo() {
+        Some("FIFO (named pipe)")
+    } else if t.is_char_device() {
+        Some("character device")
+    } else if t.is_block_device() {
+        Some("block device")
+    } else if t.is_socket() {
+        Some("socket")
+    } else {
+        Some("special file")
+    }
 }
 
 /// The cartesian product of the axes' indices, first axis outermost; one empty point without axes.

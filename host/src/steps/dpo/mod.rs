@@ -62,7 +62,8 @@ impl StepKind for DpoStep {
     fn version(&self) -> u32 {
         // 2: orca-dpo / ultrafeedback pairs rendered with the `template` choice (the model's own chat
         // template when it has one), the split at the prompt as TRL makes it.
-        2
+        // 3: attention through the fused op (issue 17): the same values up to float rounding.
+        3
     }
 
     fn inputs(&self) -> InputSlots {
@@ -75,13 +76,15 @@ impl StepKind for DpoStep {
 
     /// `stage-<t>` for t < T: the intermediate sDPO models M_t.
     fn parts(&self, c: &DpoStepConfig) -> Vec<ArtifactPart> {
-        (1..c.chunks)
+        let mut parts: Vec<ArtifactPart> = (1..c.chunks)
             .map(|t| ArtifactPart {
                 name: format!("stage-{t}"),
                 path: format!("stage-{t}").into(),
                 kind: ArtifactKind::Model,
             })
-            .collect()
+            .collect();
+        parts.extend(crate::steps::training::adapter_parts(&c.train_config()));
+        parts
     }
 
     fn check(&self, c: &DpoStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {

@@ -121,10 +121,12 @@ macro_rules! with_wide_vectors {
     ($f:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            #[target_feature(enable = "avx2")]
+            // FMA lets `mul_add` be one instruction (without it, a correct but slow library call); Rust
+            // never fuses a separate multiply and add on its own, so other kernels compute the same.
+            #[target_feature(enable = "avx2,fma")]
             unsafe fn wide($($arg: $ty),*) $(-> $ret)? { $f($($arg),*) }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2 (checked just above).
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
                 unsafe { wide($($arg),*) }
             } else {
                 $f($($arg),*)

@@ -122,7 +122,8 @@ pub fn merge_tensor_to(
     match plan {
         TensorPlan::Linear { weights, normalize } => {
             check_count(name, "linear", weights.len(), inputs.len())?;
-            // mergekit: result = 0; result += xᵢ·wᵢ (in order); result /= Σ wᵢ.
+            // mergekit: result = 0; result.addcmul_(xᵢ, wᵢ) in order (torch computes each step as one fused
+            // multiply-add, rounding once); result /= Σ wᵢ.
             let denominator: f32 = weights.iter().fold(0.0f32, |a, w| a + w);
             out.for_each_chunk(inputs.len(), 0, inputs, |_, _, x, acc| {
                 acc.fill(0.0);
@@ -363,11 +364,12 @@ fn interpolate_bf16(ca: f32, a: &[u16], cb: f32, b: &[u16], out: &mut [u16]) {
     }
 }
 
-/// `acc += x·w`, element by element.
+/// `acc = fma(x, w, acc)`, element by element: the product is not rounded before the sum, as in torch's
+/// `addcmul_` (a fused multiply-add on CPUs that have one, which is what mergekit's linear merge runs).
 #[inline(always)]
 fn add_scaled(acc: &mut [f32], x: &[f32], w: f32) {
     for (a, v) in acc.iter_mut().zip(x) {
-        *a += v * w;
+        *a = v.mul_add(w, *a);
     }
 }
 

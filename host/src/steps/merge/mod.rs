@@ -291,6 +291,10 @@ pub struct MergeConfig {
     /// Largest shard (default: one `model.safetensors`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_size: Option<ShardSize>,
+    /// Write NaN and infinite values instead of failing the step (default false: a merge that produces
+    /// them, from a plugin or from broken inputs, is an error naming the tensor).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_non_finite: bool,
 }
 
 impl MergeConfig {
@@ -322,6 +326,10 @@ impl StepKind for MergeStep {
 
     fn name(&self) -> &'static str {
         "merge"
+    }
+
+    fn version(&self) -> u32 {
+        2 // 2: linear accumulates with fused multiply-adds, as mergekit's `addcmul_`
     }
 
     fn inputs(&self) -> InputSlots {

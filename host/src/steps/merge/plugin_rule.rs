@@ -6,7 +6,7 @@ use super::elements::{encode, Source};
 use super::methods::TensorPlan;
 use super::plan::{TensorDescription, TensorPlanner};
 use crate::plugins::{
-    DType as PluginDType, MergePlan, MergeRulePlugin, PluginHost, TensorInfo, TensorStats,
+    DType as PluginDType, MergePlan, MergeRulePlugin, Plugin, TensorInfo, TensorStats,
 };
 use crate::workflow::PluginSpec;
 use anyhow::{anyhow, bail, Context, Result};
@@ -21,17 +21,15 @@ pub struct PluginPlanner {
 }
 
 impl PluginPlanner {
-    /// Loads plugin `name` (declared as `spec`) and configures it with `params_json`.
+    /// Starts a merge job of the loaded plugin `name` (declared as `spec`), configured with
+    /// `params_json`.
     pub fn start(
-        host: &PluginHost,
+        plugin: &Plugin,
         name: &str,
         spec: &PluginSpec,
         params_json: &str,
     ) -> Result<Self> {
         let describe = || format!("merge-rule plugin `{name}` ({})", spec.path.display());
-        let plugin = host
-            .load(&spec.path, &spec.grants, &spec.limits)
-            .with_context(describe)?;
         let rule = plugin.merge_rule(params_json).with_context(describe)?;
         Ok(PluginPlanner {
             name: name.to_string(),

@@ -1,6 +1,7 @@
-//! Running a merge: open the inputs as memory maps, check they fit together (names, shapes), then compute
-//! the tensors in output order, each one spread over the cores in chunks that are written into the output
-//! file as soon as they are computed. Memory holds a few chunks per core, never a tensor.
+//! Running a merge: open the inputs, check each one against its config.json and that they fit together
+//! (architecture, names, shapes) before anything is written, then compute the tensors in output order, each
+//! one spread over the cores in chunks that are written into the output file as soon as they are computed.
+//! Memory holds the input tensors being merged and a few chunks per core.
 
 use super::elements::{element_size, is_float, Source};
 use super::methods::{merge_tensor_to, TensorOut};
@@ -10,12 +11,13 @@ use super::plugin_rule::PluginPlanner;
 use super::MergeConfig;
 use crate::byte_size::ShardSize;
 use crate::model::in_place_writer::{write_checkpoint_in_place, TensorSlot};
-use crate::model::{ShardOptions, TensorSpec, TensorStore};
+use crate::model::{check_weights, LlamaConfig, ShardOptions, TensorSpec, TensorStore};
 use crate::plugins::StepPluginHost;
 use crate::steps::{Cancelled, StepContext};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Files copied from the donor model (the base, else the first listed model) when present.
 pub const SIDE_FILES: &[&str] = &[
@@ -74,8 +76,8 @@ pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
             .plugin_params
             .clone()
             .unwrap_or(serde_json::Value::Object(Default::default()));
-        let mut planner =
-            PluginPlanner::start(&ctx.plugin_host()?, name, spec, &params.to_string())?;
+        let plugin = ctx.load_plugin(name, spec)?;
+        let mut planner = PluginPlanner::start(&plugin, name, spec, &params.to_string())?;
         // The plugin sees every input, base first.
         let order: Vec<usize> = (0..models.len() + base.is_some() as usize).collect();
         merge_with(
@@ -158,6 +160,7 @@ pub fn merge_with(
         .iter()
         .map(|m| TensorStore::open(&m.path).with_context(|| format!("opening model `{}`", m.name)))
         .collect::<Result<Vec<_>>>()?;
+    check_configs(&inputs, &stores)?;
     let names = check_compatible(&inputs, &stores)?;
     let reference = &stores[0];
     let num_layers = names
@@ -188,24 +191,29 @@ pub fn merge_with(
         let name = spec.name.as_str();
         let meta = reference.meta(name)?;
         if !is_float(meta.dtype) {
-            let bytes = reference.bytes(name)?;
-            slot.write_at(0, bytes)?;
-            release_pages(bytes);
+            slot.write_at(0, &reference.bytes(name)?)?;
             progress.inc(1);
             return Ok(());
         }
-        let sources = order
+        let read = order
             .iter()
             .map(|&i| {
                 let meta = stores[i].meta(name)?;
                 element_size(meta.dtype)
                     .with_context(|| format!("tensor {name:?} in model `{}`", inputs[i].name))?;
-                Ok(Source {
-                    bytes: stores[i].bytes(name)?,
-                    dtype: meta.dtype,
-                })
+                let bytes = stores[i]
+                    .bytes(name)
+                    .with_context(|| format!("model `{}`", inputs[i].name))?;
+                Ok((bytes, meta.dtype))
             })
             .collect::<Result<Vec<_>>>()?;
+        let sources: Vec<Source<'_>> = read
+            .iter()
+            .map(|(bytes, dtype)| Source {
+                bytes,
+                dtype: *dtype,
+            })
+            .collect();
         let tensor = TensorDescription {
             name,
             shape: meta.shape,
@@ -214,22 +222,43 @@ pub fn merge_with(
             num_layers,
             position: TensorPosition::of(name, num_layers),
         };
-        let merged = match planner.plan(&tensor, &sources)? {
-            Some(plan) => {
-                let sink = |offset: usize, bytes: &[u8]| slot.write_at(offset, bytes);
-                merge_tensor_to(&plan, name, &sources, spec.dtype, TensorOut::Sink(&sink))
+        // The first non-finite element written, checked on each chunk while it is in cache.
+        let first_non_finite = AtomicUsize::new(usize::MAX);
+        let element = spec.dtype.bitsize() / 8;
+        let write = |offset: usize, bytes: &[u8]| {
+            if !config.allow_non_finite {
+                if let Some(i) = non_finite_at(bytes, spec.dtype) {
+                    first_non_finite.fetch_min(offset / element + i, Ordering::Relaxed);
+                }
             }
+            slot.write_at(offset, bytes)
+        };
+        let merged = match planner.plan(&tensor, &sources)? {
+            Some(plan) => merge_tensor_to(&plan, name, &sources, spec.dtype, TensorOut::Sink(&write)),
             None => planner
                 .merge_values(&tensor, &sources, spec.dtype)
-                .and_then(|values| slot.write_at(0, &values)),
+                .and_then(|values| write(0, &values)),
         }
+        .and_then(|()| match first_non_finite.load(Ordering::Relaxed) {
+            usize::MAX => Ok(()),
+            at => Err(anyhow!(
+                "{} produced a non-finite value (NaN or infinity) at element {at} of tensor {name:?}; a model with \
+                 non-finite weights is broken, so the merge stops (set `allow_non_finite = true` on the step to \
+                 write such values anyway)",
+                planner.describe()
+            )),
+        })
         .with_context(|| format!("merging tensor {name:?} ({})", planner.describe()));
-        sources.iter().for_each(|s| release_pages(s.bytes));
         progress.inc(1);
         merged
     };
     progress.set_length(specs.len() as u64);
     let written = write_checkpoint_in_place(out_dir, &specs, shard, &mut fill)?;
+    for (store, model) in stores.iter().zip(&inputs) {
+        store
+            .check_unchanged()
+            .with_context(|| format!("model `{}`", model.name))?;
+    }
 
     copy_side_files(&inputs[0].path, out_dir, config)?;
     Ok(MergeSummary {
@@ -237,6 +266,67 @@ pub fn merge_with(
         bytes: written.total_size,
         files: written.files,
     })
+}
+
+/// Checks every input folder the way loading a model for evaluation does — config.json valid and of an
+/// architecture dusflow runs, every weight it implies present with its shape, no layers beyond it — and
+/// that all inputs share one architecture, so the config copied into the output describes its tensors.
+/// A bare `.safetensors` file (no folder, no config) is checked by [`check_compatible`] only.
+pub fn check_configs(inputs: &[&NamedModel], stores: &[TensorStore]) -> Result<()> {
+    let mut first: Option<(&NamedModel, LlamaConfig)> = None;
+    for (model, store) in inputs.iter().zip(stores) {
+        if !model.path.is_dir() {
+            continue;
+        }
+        let what = || format!("model `{}` ({})", model.name, model.path.display());
+        let config_path = model.path.join("config.json");
+        if !config_path.is_file() {
+            bail!("{}: no config.json in the folder", what());
+        }
+        let cfg = LlamaConfig::from_path(&config_path).with_context(what)?;
+        check_weights(store, &cfg).with_context(what)?;
+        match &first {
+            None => first = Some((model, cfg)),
+            Some((reference, expected)) => {
+                let architecture =
+                    |c: &LlamaConfig| (c.architectures.clone(), c.model_type.clone());
+                if architecture(&cfg) != architecture(expected) {
+                    bail!(
+                        "model `{}` is {:?} ({}) but model `{}` is {:?} ({}): merge models of one architecture",
+                        model.name,
+                        cfg.architectures.clone().unwrap_or_default(),
+                        cfg.model_type,
+                        reference.name,
+                        expected.architectures.clone().unwrap_or_default(),
+                        expected.model_type
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The index of the first element of `bytes` (little-endian `dtype`) that is NaN or infinite.
+fn non_finite_at(bytes: &[u8], dtype: safetensors::Dtype) -> Option<usize> {
+    use safetensors::Dtype;
+    // An all-ones exponent is NaN or infinity in every IEEE format.
+    match dtype {
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        Dtype::F32 => bytes.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        Dtype::F64 => bytes.chunks_exact(8).position(|b| {
+            u64::from_le_bytes(b.try_into().expect("8 bytes")) & 0x7ff0_0000_0000_0000
+                == 0x7ff0_0000_0000_0000
+        }),
+        _ => None,
+    }
 }
 
 /// Checks that every input has the same tensor names and shapes as the first; returns the names in model
@@ -334,25 +424,4 @@ fn copy_side_files(donor: &Path, out_dir: &Path, config: &MergeConfig) -> Result
             .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     }
     Ok(())
-}
-
-/// Drops the pages of `bytes` — a slice of a read-only file mapping, no longer needed — from this process's
-/// resident set, so reading whole models does not grow the RSS by their size. The data stays in the page
-/// cache (a later read faults it back in). Only whole pages inside the slice are dropped.
-fn release_pages(bytes: &[u8]) {
-    #[cfg(unix)]
-    {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-        let start = (bytes.as_ptr() as usize).next_multiple_of(page);
-        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
-        if end > start {
-            // SAFETY: [start, end) lies inside a live read-only shared file mapping (TensorStore's); for such
-            // a mapping MADV_DONTNEED only unmaps the pages from this process, and a later access reads the
-            // same file contents again. Nothing is freed or modified.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
-            }
-        }
-    }
 }

@@ -318,7 +318,13 @@ impl StepKind for ScaleStep {
                 })?;
                 let params =
                     serde_json::to_string(c.params.as_ref().unwrap_or(&serde_json::json!({})))?;
-                plugin_policy::plugin_plan(&ctx.plugin_host()?, name, spec, &models, &params)?
+                plugin_policy::plugin_plan(
+                    &ctx.load_plugin(name, spec)?,
+                    name,
+                    spec,
+                    &models,
+                    &params,
+                )?
             }
         };
         plan.validate(policy.name(), &names, &counts, c.max_layers)?;

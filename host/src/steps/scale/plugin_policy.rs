@@ -3,7 +3,7 @@
 
 use super::plan::{LayerSource, ScalePlan, TensorTransform, TransformOp};
 use super::source::SourceModel;
-use crate::plugins::{self, ModelDescription, PluginHost};
+use crate::plugins::{self, ModelDescription, Plugin};
 use crate::workflow::PluginSpec;
 use anyhow::{Context, Result};
 
@@ -11,16 +11,13 @@ use anyhow::{Context, Result};
 /// `params` as JSON. Traps, time-outs, malformed answers and out-of-range indices are errors naming the
 /// plugin.
 pub fn plugin_plan(
-    host: &PluginHost,
+    plugin: &Plugin,
     name: &str,
     spec: &PluginSpec,
     models: &[SourceModel],
     params_json: &str,
 ) -> Result<ScalePlan> {
     let describe = || format!("layer-policy plugin `{name}` ({})", spec.path.display());
-    let plugin = host
-        .load(&spec.path, &spec.grants, &spec.limits)
-        .with_context(describe)?;
     let policy = plugin.layer_policy().with_context(describe)?;
     let descriptions = models
         .iter()

@@ -1,12 +1,11 @@
 //! An input model of a `scale` step: its config.json, its memory-mapped tensors, and those tensors sorted
 //! into per-layer tensors (`<prefix>layers.<i>.<suffix>`) and the rest (embeddings, final norm, head).
 
-use crate::model::TensorStore;
+use crate::model::{check_weights, LlamaConfig, TensorStore};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::Dtype;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Config keys that must agree between models whose layers are stacked together.
@@ -30,7 +29,7 @@ pub struct SourceModel {
     pub config_text: String,
     /// config.json parsed.
     pub config: serde_json::Value,
-    /// Its tensors, memory-mapped.
+    /// Its tensors.
     pub store: TensorStore,
     /// What comes before the layer index in layer tensor names, e.g. `model.layers.`.
     pub layer_prefix: String,
@@ -40,14 +39,7 @@ pub struct SourceModel {
     pub num_layers: usize,
     /// Tensors outside the layers, by name.
     pub other_tensors: Vec<String>,
-    /// The checkpoint files, open for kernel-side copies.
-    pub files: Vec<File>,
-    /// Tensor name → (index into `files`, absolute byte offset of its data).
-    pub locations: Locations,
 }
-
-/// Tensor name → (index of its file, absolute byte offset of its data).
-pub type Locations = HashMap<String, (usize, u64)>;
 
 impl std::fmt::Debug for SourceModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,8 +72,13 @@ impl SourceModel {
                     config_path.display()
                 )
             })? as usize;
+        // The architecture must be one dusflow runs (heads that divide, known model type), and the
+        // checkpoint must hold what the config says, before anything is written.
+        let llama = LlamaConfig::from_json_str(&config_text)
+            .with_context(|| format!("model `{name}`: {}", config_path.display()))?;
         let store = TensorStore::open(path)
             .with_context(|| format!("model `{name}`: opening its tensors"))?;
+        check_weights(&store, &llama).with_context(|| format!("model `{name}`"))?;
 
         let mut prefix: Option<String> = None;
         let mut per_layer: BTreeMap<usize, Vec<String>> = BTreeMap::new();
@@ -124,7 +121,21 @@ impl SourceModel {
                     .iter()
                     .filter(|s| !layer_suffixes.contains(s))
                     .collect();
-                bail!("model `{name}`: layer {layer} differs from layer 0 (missing {missing:?}, extra {extra:?})");
+                if let Some(missing) = missing.first() {
+                    bail!(
+                        "model `{name}`: missing tensor {:?} in {} (layer 0 has {:?})",
+                        format!("{layer_prefix}{layer}.{missing}"),
+                        store.describe(),
+                        format!("{layer_prefix}0.{missing}")
+                    );
+                }
+                bail!(
+                    "model `{name}`: tensor {:?} in {} has no counterpart {:?} in layer 0 (every layer must hold \
+                     the same tensors)",
+                    format!("{layer_prefix}{layer}.{}", extra[0]),
+                    store.describe(),
+                    format!("{layer_prefix}0.{}", extra[0])
+                );
             }
             for s in suffixes.iter() {
                 let t0 = store.meta(&format!("{layer_prefix}0.{s}"))?;
@@ -141,8 +152,6 @@ impl SourceModel {
                 }
             }
         }
-        let (files, locations) =
-            locate(&store).with_context(|| format!("model `{name}`: reading tensor offsets"))?;
         Ok(SourceModel {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -153,18 +162,14 @@ impl SourceModel {
             layer_suffixes,
             num_layers: declared,
             other_tensors,
-            files,
-            locations,
         })
     }
 
     /// The file holding tensor `name` and the absolute offset of its data there.
     pub fn location(&self, name: &str) -> Result<(&File, u64)> {
-        let (file, offset) = self
-            .locations
-            .get(name)
-            .ok_or_else(|| anyhow!("model `{}`: no tensor {name:?}", self.name))?;
-        Ok((&self.files[*file], *offset))
+        self.store
+            .location(name)
+            .with_context(|| format!("model `{}`", self.name))
     }
 
     /// Full name of a layer tensor.
@@ -185,29 +190,6 @@ impl SourceModel {
             .ok_or_else(|| anyhow!("model `{}` has empty layers", self.name))?;
         Ok(self.store.meta(&self.layer_tensor(0, s))?.dtype)
     }
-}
-
-/// Opens the store's files and finds where each tensor's data starts (8 + header length + its offset).
-fn locate(store: &TensorStore) -> Result<(Vec<File>, Locations)> {
-    let mut files = Vec::new();
-    let mut locations = HashMap::new();
-    for (i, path) in store.files().into_iter().enumerate() {
-        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len)?;
-        let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
-        file.read_exact(&mut header)?;
-        let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
-            .with_context(|| format!("header of {}", path.display()))?;
-        let data_start = 8 + header.len() as u64;
-        for (name, info) in meta.tensors() {
-            if store.get(&name).is_some_and(|m| m.file == path) {
-                locations.insert(name, (i, data_start + info.data_offsets.0 as u64));
-            }
-        }
-        files.push(file);
-    }
-    Ok((files, locations))
 }
 
 /// Splits `model.layers.12.mlp.up_proj.weight` into (`model.layers.`, 12, `mlp.up_proj.weight`).

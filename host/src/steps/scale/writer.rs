@@ -1,6 +1,6 @@
 //! Executes a [`ScalePlan`]: streams tensors into canonical safetensors shards — unchanged tensors are
 //! copied kernel-side from the input files, transformed or cast ones computed one at a time from the
-//! memory maps — copies the tokenizer files and writes config.json, into a folder the caller makes atomic.
+//! input files — copies the tokenizer files and writes config.json, into a folder the caller makes atomic.
 
 use super::config_json;
 use super::copy_writer::{write_checkpoint_copying, TensorData};
@@ -185,15 +185,20 @@ pub fn write_scaled(
             TensorData::FileRange { file, offset }
         } else {
             let bytes = model.store.bytes(&job.source)?;
-            page_cache::will_need(bytes);
-            let out = transform(bytes, meta.dtype, spec.dtype, &job.ops)
+            let out = transform(&bytes, meta.dtype, spec.dtype, &job.ops)
                 .with_context(|| format!("tensor {:?} of model `{}`", job.source, model.name))?;
-            page_cache::release(bytes);
             TensorData::Bytes(out)
         };
         on_tensor(spec.byte_len() as u64, total)?;
         Ok(out)
     })?;
+    // Kernel-side copies read the input files without looking: an input rewritten meanwhile fails here.
+    for model in models {
+        model
+            .store
+            .check_unchanged()
+            .with_context(|| format!("model `{}`", model.name))?;
+    }
 
     let mut copied = Vec::new();
     for file in TOKENIZER_FILES {
@@ -316,40 +321,6 @@ fn encode(values: &[f32], d: Dtype) -> Result<Vec<u8>> {
             .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
     }
     Ok(out)
-}
-
-/// Hints to the kernel about mapped input ranges, so that streaming a model keeps only the tensor in
-/// flight resident in this process (the pages stay in the page cache; only our mapping of them goes).
-mod page_cache {
-    #[cfg(unix)]
-    fn advise(bytes: &[u8], advice: libc::c_int) {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let start = bytes.as_ptr() as usize;
-        let aligned = start & !(page - 1);
-        let len = start + bytes.len() - aligned;
-        if bytes.is_empty() {
-            return;
-        }
-        // SAFETY: the range lies within a live read-only file mapping (rounded out to whole pages of that
-        // same mapping); WILLNEED and DONTNEED only change residency, and a later read refaults the pages
-        // from the file, so no borrowed slice observes different contents.
-        unsafe {
-            libc::madvise(aligned as *mut libc::c_void, len, advice);
-        }
-    }
-
-    /// Starts reading `bytes` ahead of use.
-    pub(super) fn will_need(bytes: &[u8]) {
-        #[cfg(unix)]
-        advise(bytes, libc::MADV_WILLNEED);
-    }
-
-    /// Drops `bytes` from this process's resident set once written.
-    pub(super) fn release(bytes: &[u8]) {
-        #[cfg(unix)]
-        advise(bytes, libc::MADV_DONTNEED);
-    }
 }
 
 #[cfg(test)]
