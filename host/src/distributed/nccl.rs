@@ -349,38 +349,55 @@ impl candle_core::InplaceOp2 for Call {
     }
 }
 
-/// The world-size-1 NCCL path end to end on this machine's first GPU, for `gpu_check`: NCCL initialised
-/// through a hub, an all-reduce, reduce-scatter, all-gather and broadcast that must return their inputs.
-pub fn self_check(device: &Device, timeout: Duration) -> Result<serde_json::Value> {
+/// Runs `f` with a world-size-1 NCCL group on `device` (this machine's hub, then NCCL initialised through
+/// it), and closes the group after. One GPU cannot hold two ranks (NCCL refuses a duplicate GPU), so this is
+/// the NCCL path a one-GPU machine can exercise.
+pub fn with_world_one<T>(
+    device: &Device,
+    timeout: Duration,
+    f: impl FnOnce(Arc<NcclCollective>) -> Result<T>,
+) -> Result<T> {
     use crate::train::distributed::Hub;
     let hub = Hub::bind("127.0.0.1:0")?;
     let addr = hub.local_addr()?.to_string();
-    let handle = hub.serve(1, "self-check".into(), timeout);
-    let link = TcpCollective::connect(&addr, 0, 1, "self-check", timeout)?;
+    let token = super::launch::new_token();
+    let handle = hub.serve(1, token.clone(), timeout);
+    let link = TcpCollective::connect(&addr, 0, 1, &token, timeout)?;
+    let comm = Arc::new(NcclCollective::join(&link, 0, 1, device, timeout).context("NCCL init")?);
+    let out = f(comm.clone());
+    drop(comm);
+    match &out {
+        Ok(_) => link.done()?,
+        Err(e) => link.abort(&format!("{e:#}")),
+    }
+    handle.finish()?;
+    out
+}
+
+/// The world-size-1 NCCL path on `device`, for `gpu_check nccl`: NCCL initialised through a hub, then an
+/// all-reduce, reduce-scatter, all-gather and broadcast, each of which must return its input.
+pub fn self_check(device: &Device, timeout: Duration) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let comm = NcclCollective::join(&link, 0, 1, device, timeout).context("NCCL init")?;
-    let init_s = t0.elapsed().as_secs_f64();
-    let x = Tensor::arange(0f32, 1024f32, device)?;
-    let same =
-        |a: &Tensor, b: &Tensor| -> Result<bool> {
+    with_world_one(device, timeout, |comm| {
+        let init_s = t0.elapsed().as_secs_f64();
+        let x = Tensor::arange(0f32, 1024f32, device)?;
+        let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
             Ok(a.to_dtype(DType::F32)?.to_vec1::<f32>()?
                 == b.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         };
-    let reduced = comm.all_reduce_sum(&x)?;
-    let scattered = comm.reduce_scatter_sum(&x)?;
-    let gathered = comm.all_gather(&x.to_dtype(DType::BF16)?)?;
-    let broadcast = comm.broadcast(&x, 0)?;
-    comm.barrier()?;
-    let ok = same(&reduced, &x)?
-        && same(&scattered, &x)?
-        && same(&gathered, &x)?
-        && same(&broadcast, &x)?;
-    drop(comm);
-    link.done()?;
-    handle.finish()?;
-    Ok(serde_json::json!({
-        "nccl_version": nccl_version()?,
-        "init_seconds": init_s,
-        "collectives_return_their_input": ok,
-    }))
+        let reduced = comm.all_reduce_sum(&x)?;
+        let scattered = comm.reduce_scatter_sum(&x)?;
+        let gathered = comm.all_gather(&x.to_dtype(DType::BF16)?)?;
+        let broadcast = comm.broadcast(&x, 0)?;
+        comm.barrier()?;
+        let ok = same(&reduced, &x)?
+            && same(&scattered, &x)?
+            && same(&gathered, &x)?
+            && same(&broadcast, &x)?;
+        Ok(serde_json::json!({
+            "nccl_version": nccl_version()?,
+            "init_seconds": init_s,
+            "collectives_return_their_input": ok,
+        }))
+    })
 }
