@@ -92,7 +92,13 @@ impl Cluster {
     pub fn start(env: LaunchEnv, timeout: Duration) -> Result<Arc<Cluster>> {
         ensure!(env.rank == 0, "only rank 0 drives the run");
         let listener = TcpListener::bind(("0.0.0.0", env.master_port))
-            .with_context(|| format!("rank 0: listening on MASTER_PORT {}", env.master_port))?;
+            .with_context(|| {
+                format!(
+                    "rank 0: listening on port {} for the other ranks (MASTER_PORT, + 1 under torchrun's \
+                     agent store; DUS_MASTER_PORT chooses another)",
+                    env.master_port
+                )
+            })?;
         let followers: Arc<Mutex<BTreeMap<usize, Arc<Follower>>>> = Arc::default();
         let table = followers.clone();
         let world = env.world_size;

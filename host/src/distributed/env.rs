@@ -6,6 +6,10 @@
 //!   launch): `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_NTASKS`, and rank 0's host — `MASTER_ADDR` when the
 //!   script exports it, else the first host of `SLURM_JOB_NODELIST` (`gpu[01-04],gpu07` → `gpu01`) —
 //!   with `MASTER_PORT` or 29500 (torch's default).
+//!
+//! The port rank 0 listens on is `MASTER_PORT`, except under a torchrun whose agent serves its own store
+//! there (`TORCHELASTIC_USE_AGENT_STORE=True`, torchrun's default in torch 2): then `MASTER_PORT + 1`.
+//! `DUS_MASTER_PORT` overrides both.
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -34,7 +38,7 @@ pub struct LaunchEnv {
     pub world_size: usize,
     /// Host of rank 0.
     pub master_addr: String,
-    /// Port rank 0 listens on for the others.
+    /// Port rank 0 listens on for the others (see the module).
     pub master_port: u16,
 }
 
@@ -56,13 +60,25 @@ impl LaunchEnv {
                 .transpose()
         };
         let port = |default: Option<u16>| -> Result<u16> {
-            match var("MASTER_PORT") {
-                Some(v) => v
-                    .trim()
+            let parse = |key: &str, v: String| {
+                v.trim()
                     .parse::<u16>()
-                    .with_context(|| format!("MASTER_PORT={v:?} is not a port number")),
-                None => default.context("MASTER_PORT is not set"),
+                    .with_context(|| format!("{key}={v:?} is not a port number"))
+            };
+            if let Some(v) = var("DUS_MASTER_PORT") {
+                return parse("DUS_MASTER_PORT", v);
             }
+            let port = match var("MASTER_PORT") {
+                Some(v) => parse("MASTER_PORT", v)?,
+                None => default.context("MASTER_PORT is not set")?,
+            };
+            // torchrun's agent on the first node listens on MASTER_PORT itself (its TCP store).
+            if var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True") {
+                return port.checked_add(1).context(
+                    "MASTER_PORT is 65535 and torchrun's agent holds it: set DUS_MASTER_PORT to a free port",
+                );
+            }
+            Ok(port)
         };
         let env = if let Some(world) = number("WORLD_SIZE")? {
             let rank = number("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
@@ -263,6 +279,25 @@ mod tests {
         ])
         .contains("MASTER_PORT"));
         assert_eq!(env(&[]).unwrap(), None);
+        // torchrun's agent serves its store on MASTER_PORT: rank 0 listens on the next port, or where told.
+        let torchrun = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ];
+        assert_eq!(env(&torchrun).unwrap().unwrap().master_port, 29401);
+        let told = [&torchrun[..], &[("DUS_MASTER_PORT", "31000")]].concat();
+        assert_eq!(env(&told).unwrap().unwrap().master_port, 31000);
+        let last = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "65535"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ];
+        assert!(format!("{:#}", env(&last).unwrap_err()).contains("DUS_MASTER_PORT"));
     }
 
     #[test]

@@ -338,6 +338,7 @@ impl candle_core::InplaceOp2 for Call {
         input: &CudaStorage,
         in_l: &Layout,
     ) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
         use sys::ncclDataType_t as N;
         match input.dtype() {
             DType::F32 => self.launch::<f32>(N::ncclFloat32, out, out_l, input, in_l),

@@ -586,6 +586,17 @@ fn a_worker_that_dies_fails_the_step_and_the_rerun_resumes_on_fewer_devices() {
     assert_eq!(r["devices"], 2);
 }
 
+/// A port held by the returned listener whose next port is free.
+fn port_pair() -> (std::net::TcpListener, u16) {
+    loop {
+        let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("0.0.0.0", port + 1)).is_ok() {
+            return (held, port);
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -634,7 +645,10 @@ async fn torchrun_and_slurm_style_launches_train_like_local_devices() {
 
     let torchrun = dir.path().join("torchrun");
     let path = write_flow(&torchrun, &pretrain_flow(train));
-    let port = free_port().to_string();
+    // torchrun's agent holds MASTER_PORT (its TCP store; TORCHELASTIC_USE_AGENT_STORE=True): a listener
+    // stands in for it, so rank 0 must take the next port.
+    let (agent, port) = port_pair();
+    let port = port.to_string();
     let outs = launch(
         &path,
         (0..2)
@@ -645,10 +659,12 @@ async fn torchrun_and_slurm_style_launches_train_like_local_devices() {
                     ("WORLD_SIZE", "2".to_string()),
                     ("MASTER_ADDR", "127.0.0.1".to_string()),
                     ("MASTER_PORT", port.clone()),
+                    ("TORCHELASTIC_USE_AGENT_STORE", "True".to_string()),
                 ]
             })
             .collect(),
     );
+    drop(agent);
     for (r, o) in outs.iter().enumerate() {
         assert!(
             o.status.success(),
