@@ -208,7 +208,8 @@ fn init_logging(verbose: u8, progress: Option<&Progress>) {
         .with_target(false);
     match progress {
         Some(p) => fmt.with_writer(p.log_writer()).init(),
-        None => fmt.with_writer(std::io::stderr).init(),
+        // A worker's standard error is read by its launcher, which logs each line again: no colour codes.
+        None => fmt.with_writer(std::io::stderr).with_ansi(false).init(),
     }
 }
 
