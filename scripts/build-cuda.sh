@@ -19,6 +19,12 @@ if [ ! -x "$TOOLKIT/venv/bin/python" ]; then
     "$TOOLKIT/venv/bin/pip" install -q \
         "cuda-toolkit[nvcc,crt,nvvm,cudart,cublas,curand,nvrtc,cccl]==13.0.2"
 fi
+# NCCL for training on several GPUs (cudarc links libnccl.so): 2.28.9, the NCCL of torch 2.11's wheels.
+if ! ls "$TOOLKIT"/venv/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2 > /dev/null 2>&1; then
+    "$TOOLKIT/venv/bin/pip" install -q "nvidia-nccl-cu13==2.28.9"
+fi
+NCCL_LIB=$(echo "$TOOLKIT"/venv/lib/python3*/site-packages/nvidia/nccl/lib)
+[ -e "$NCCL_LIB/libnccl.so" ] || ln -s libnccl.so.2 "$NCCL_LIB/libnccl.so"
 CUDA_HOME=$(echo "$TOOLKIT"/venv/lib/python3*/site-packages/nvidia/cu13)
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "no nvcc under $CUDA_HOME" >&2; exit 1; }
 
@@ -41,7 +47,7 @@ if [ ! -e "$STUBS/libcuda.so" ]; then
 fi
 
 export CUDA_HOME CUDA_PATH=$CUDA_HOME PATH=$CUDA_HOME/bin:$PATH
-export LIBRARY_PATH=$CUDA_HOME/lib:$STUBS${LIBRARY_PATH:+:$LIBRARY_PATH}
+export LIBRARY_PATH=$CUDA_HOME/lib:$NCCL_LIB:$STUBS${LIBRARY_PATH:+:$LIBRARY_PATH}
 cd "$ROOT"
 cargo build --release -p dusflow --features cuda --bin dus --example gpu_check
 

@@ -5,6 +5,10 @@
 #   2. model parity on the GPU (gpu_check parity): f32/bf16 logits vs transformers and the CPU, f32
 #      gradients vs the CPU, a bf16 optimizer step with f32 masters, and the fused attention op (Triton
 #      kernels) against the CPU op: output and gradients for every mask kind, head dims 64/80/128,
+#   2b. the world-size-1 NCCL path (gpu_check nccl; one GPU holds one rank): NCCL initialised through
+#      dusflow's rendezvous hub, all-reduce / reduce-scatter / all-gather / broadcast returning their input,
+#      and 4 training steps (bf16, f32 masters) on the NCCL group of one, plain and ZeRO-1, equal bit for bit
+#      to the same steps without a group,
 #   3. the attention op alone at 4 x 1024 (32 heads, 4 KV heads, head dim 128, bf16, causal): forward +
 #      backward time and TFLOP/s, next to PyTorch's scaled_dot_product_attention on the same card and shapes,
 #   4. the whole recipe on the GPU: the quickstart workflow (scale → pretrain → SFT → sDPO → merge → eval →
@@ -34,12 +38,17 @@ CU13=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/
 if [ -z "$CU13" ]; then
     CU13=$(dirname "$(find / -name 'libcublas.so.13' -not -path '*/proc/*' 2>/dev/null | head -n 1)")
 fi
-export LD_LIBRARY_PATH=$CU13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# NCCL (libnccl.so.2, linked by the cuda build for training on several GPUs): torch's wheels carry it too.
+NCCL_LIB=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib 2>/dev/null | head -n 1)
+if [ -z "$NCCL_LIB" ]; then
+    NCCL_LIB=$(dirname "$(find / -name 'libnccl.so.2' -not -path '*/proc/*' 2>/dev/null | head -n 1)")
+fi
+export LD_LIBRARY_PATH=$CU13:$NCCL_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    ldd "$BIN/dus" | grep -E 'cuda|cublas|curand|nvrtc|not found'
+    ldd "$BIN/dus" | grep -E 'cuda|cublas|curand|nvrtc|nccl|not found'
 } 2>&1 | tee "$OUT/env.txt"
 if ldd "$BIN/dus" "$BIN/gpu_check" | grep -q 'not found'; then
     echo "missing libraries, stopping" >&2
@@ -51,6 +60,11 @@ echo "== parity" >&2
 "$BIN/gpu_check" parity host/tests/fixtures/model > "$OUT/parity.jsonl" 2> "$OUT/parity.log"
 PARITY_RC=$?
 cat "$OUT/parity.jsonl"
+
+echo "== NCCL, world size 1" >&2
+timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" nccl > "$OUT/nccl.jsonl" 2> "$OUT/nccl.log"
+NCCL_RC=$?
+cat "$OUT/nccl.jsonl"; tail -n 5 "$OUT/nccl.log"
 
 echo "== attention op" >&2
 timeout "$STAGE_TIMEOUT" "$BIN/gpu_check" attention 4 1024 > "$OUT/attention.jsonl" 2> "$OUT/attention.log"
@@ -130,6 +144,13 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"  {r['check'][:70]:<72} {r['value']:.2e} (limit {r['limit']:.0e}) {'ok' if r['ok'] else 'FAIL'}")
 EOF
+printf '%-60s %s\n' "NCCL world size 1 (gpu_check nccl)" "$([ $NCCL_RC = 0 ] && echo pass || echo "FAIL ($NCCL_RC): see nccl.log")"
+python3 - "$OUT/nccl.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"  {r['check'][:76]:<78} {'ok' if r['ok'] else 'FAIL'}  {json.dumps(r['value'])}")
+EOF
 python3 - "$OUT/attention.jsonl" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
@@ -157,4 +178,4 @@ for line in open(sys.argv[1]):
     print(f"train step {r['batch']}x{r['seq']} {r['train_step_seconds']*1000:.0f} ms:", ", ".join(f"{k} {v*1000:.0f} ms" for k, v in r["seconds_per_phase"].items()))
 EOF
 [ $PROFILE_RC = 0 ] || echo "train-profile failed ($PROFILE_RC): see speed.log"
-exit $(( PARITY_RC | ATTN_RC | TORCH_RC | WF_RC | SPEED_RC | PROFILE_RC ))
+exit $(( PARITY_RC | NCCL_RC | ATTN_RC | TORCH_RC | WF_RC | SPEED_RC | PROFILE_RC ))

@@ -20,6 +20,12 @@
 //! `train-speed` also reports the peak GPU memory of the run (the CUDA memory pool's high-water mark: candle
 //! allocates through it).
 //!
+//! `gpu_check nccl` — the world-size-1 NCCL path (a one-GPU machine can hold no more ranks: NCCL refuses
+//! a duplicate GPU): NCCL initialised through dusflow's rendezvous hub, the four collectives returning their
+//! input, and a training run (a 2-layer Llama of the speed check's width, bf16 with f32 masters, 4 steps of
+//! 2 micro-batches) on the NCCL group of one — plain and ZeRO-1 (which goes through reduce-scatter and
+//! all-gather) — giving the weights of the run without a group, bit for bit.
+//!
 //! Prints one JSON object per check on stdout.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -56,12 +62,13 @@ fn main() -> Result<()> {
                 train_profile(layers, batch, seq, steps, &gpu)
             }
         }
+        Some("nccl") if args.len() == 1 => nccl_check(&gpu),
         Some("attention") if args.len() == 3 => {
             attention_speed(args[1].parse()?, args[2].parse()?, &gpu)
         }
         _ => bail!(
             "usage: gpu_check parity FIXTURES | gpu_check train-speed|train-profile LAYERS BATCH SEQ STEPS \
-             | gpu_check attention BATCH SEQ"
+             | gpu_check attention BATCH SEQ | gpu_check nccl"
         ),
     }
 }
@@ -587,4 +594,94 @@ fn model_params(dir: &Path) -> Result<usize> {
         .metas()
         .map(|m| m.shape.iter().product::<usize>())
         .sum())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_check(_: &Device) -> Result<()> {
+    bail!("gpu_check was built without the cuda feature, so without NCCL")
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_check(gpu: &Device) -> Result<()> {
+    use dusflow::distributed::nccl;
+    use dusflow::train::{train_on, Collective, Parallel, ScheduleKind, StepMetrics, TrainOptions};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let timeout = Duration::from_secs(120);
+    let mut failed = Vec::new();
+    let mut check = |what: &str, value: serde_json::Value, ok: bool| {
+        println!("{}", json!({"check": what, "value": value, "ok": ok}));
+        if !ok {
+            failed.push(what.to_string());
+        }
+    };
+    let collectives = nccl::self_check(gpu, timeout)?;
+    let ok = collectives["collectives_return_their_input"] == json!(true);
+    check(
+        "nccl world size 1: init, all-reduce, reduce-scatter, all-gather, broadcast",
+        collectives,
+        ok,
+    );
+
+    let (dir, _) = random_model(2, 256, gpu)?;
+    let rows = random_rows(16, 256);
+    let opts = TrainOptions {
+        lr: 1e-3,
+        schedule: ScheduleKind::Cosine,
+        warmup_steps: 1,
+        total_steps: 4,
+        micro_batch: 2,
+        grad_accum: 2,
+        clip: Some(1.0),
+        seed: 3,
+        shuffle: true,
+        checkpoint_every: 0,
+        pad_id: 0,
+    };
+    let train = |parallel: &Parallel, name: &str| -> Result<(Vec<Vec<f32>>, f64)> {
+        let work = std::env::temp_dir().join(format!("gpu-check-nccl-{name}"));
+        let _ = std::fs::remove_dir_all(&work);
+        let (model, mut opt) = load_for_training(&dir, ComputeDType::Bf16, adamw(), gpu)?;
+        let mut observer = |_: &StepMetrics, _: usize| Ok(());
+        let summary = train_on(
+            &model,
+            &mut opt,
+            &rows,
+            &opts,
+            &work,
+            &mut observer,
+            parallel,
+        )?;
+        let weights = opt
+            .params
+            .iter()
+            .map(|p| {
+                Ok(p.master
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((weights, summary.final_loss))
+    };
+    let (alone, loss) = train(&Parallel::single(), "alone")?;
+    for zero in [false, true] {
+        let name = if zero { "zero-1" } else { "plain" };
+        let (grouped, grouped_loss) = nccl::with_world_one(gpu, timeout, |comm| {
+            let comm: Arc<dyn Collective> = comm;
+            train(&Parallel::new(comm, zero), name)
+        })?;
+        let diff = alone
+            .iter()
+            .zip(&grouped)
+            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+            .fold(0f32, f32::max);
+        check(
+            &format!("nccl world size 1, {name}: 4 training steps vs no group (max |weight diff|)"),
+            json!({"max_abs_diff": diff, "final_loss": grouped_loss, "final_loss_alone": loss}),
+            diff == 0.0 && grouped_loss == loss,
+        );
+    }
+    ensure!(failed.is_empty(), "failed checks: {failed:?}");
+    Ok(())
 }

@@ -126,6 +126,9 @@ enum Command {
         #[command(subcommand)]
         command: crate::plugins::cli::PluginCommand,
     },
+    /// One rank of a training step on several devices (started by `dus run`; the job on standard input).
+    #[command(name = "__worker", hide = true)]
+    Worker,
 }
 
 #[derive(clap::Args, Debug)]
@@ -173,19 +176,12 @@ impl Common {
 /// Entry point of the `dus` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Worker) {
+        init_logging(cli.verbose, None);
+        return crate::distributed::worker_main();
+    }
     let progress = Progress::stderr();
-    let level = match cli.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("DUS_LOG").unwrap_or_else(|_| level.into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(progress.log_writer())
-        .init();
+    init_logging(cli.verbose, Some(&progress));
     let registry = crate::steps::builtin_registry();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -206,6 +202,24 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn init_logging(verbose: u8, progress: Option<&Progress>) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DUS_LOG").unwrap_or_else(|_| level.into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match progress {
+        Some(p) => fmt.with_writer(p.log_writer()).init(),
+        // A worker's standard error is read by its launcher, which logs each line again: no colour codes.
+        None => fmt.with_writer(std::io::stderr).with_ansi(false).init(),
+    }
+}
+
 async fn dispatch(
     command: Command,
     registry: &Registry,
@@ -213,9 +227,35 @@ async fn dispatch(
 ) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { file, common } => {
+            let mut options = common.options(progress);
+            // Started by torchrun or Slurm: rank 0 runs the workflow, the others serve its training steps.
+            let launch =
+                crate::distributed::LaunchEnv::from_process_env()?.filter(|e| e.world_size > 1);
+            let cluster = match &launch {
+                Some(env) if env.rank > 0 => {
+                    let env = env.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::distributed::follow(&env, &Default::default())
+                    })
+                    .await??;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Some(env) => {
+                    let cluster = crate::distributed::Cluster::start(
+                        env.clone(),
+                        crate::distributed::collective_timeout(),
+                    )?;
+                    options.services.insert(cluster.clone());
+                    Some(cluster)
+                }
+                None => None,
+            };
             let shutdown = ctrl_c_token();
-            let summary =
-                engine::run(&file, registry, common.options(progress), shutdown.clone()).await?;
+            let summary = engine::run(&file, registry, options, shutdown.clone()).await;
+            if let Some(cluster) = cluster {
+                cluster.shutdown();
+            }
+            let summary = summary?;
             eprint!("{}", summary::render_summary(&summary));
             print!("{}", summary::render_headlines(&summary));
             Ok(if shutdown.is_cancelled() {
@@ -368,6 +408,7 @@ async fn dispatch(
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Worker => unreachable!("handled before the runtime starts"),
     }
 }
 

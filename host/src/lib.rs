@@ -1,7 +1,8 @@
 //! dusflow: the depth up-scaling recipe as a reproducible DAG of steps, with WebAssembly policy plugins.
 //!
-//! This crate holds the step kinds ([`steps`]) and the `dus` command line ([`cli`]); everything they stand
-//! on lives in the crates below, re-exported here under the names the rest of the code uses:
+//! This crate holds the step kinds ([`steps`]), training on several devices ([`distributed`]) and the `dus`
+//! command line ([`cli`]); everything they stand on lives in the crates below, re-exported here under the
+//! names the rest of the code uses:
 //!
 //! | here | crate | what |
 //! |---|---|---|
@@ -14,6 +15,7 @@
 //! | [`engine`], [`workflow`] | `dusflow-engine` | TOML workflows, plans, the artifact store, the scheduler |
 
 pub mod cli;
+pub mod distributed;
 pub mod one_step;
 pub mod steps;
 

@@ -16,8 +16,8 @@ use crate::steps::{
 };
 use crate::train::{
     checkpoint_dir, load_for_lora_training, load_for_training, move_contents, plot_loss,
-    save_lora_trained, save_trained, train, AdamWConfig, ComputeDType, ScheduleKind, TrainOptions,
-    TrainSummary, ADAPTER_PART,
+    save_lora_trained, save_trained, train_on, AdamWConfig, ComputeDType, Parallel, ScheduleKind,
+    TrainOptions, TrainSummary, ADAPTER_PART,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -108,6 +108,16 @@ pub struct TrainStepConfig {
     /// else ChatML; Alpaca records with the Stanford prompt), `model`, `chatml` or `alpaca`.
     #[serde(default, skip_serializing_if = "TemplateChoice::is_auto")]
     pub template: TemplateChoice,
+    /// Devices to train on: a number, or `"all"` (every GPU of the machine; every rank under torchrun or
+    /// Slurm). Each device takes its share of every micro-batch (`micro_batch` counts rows over all
+    /// devices), so the result equals one device's up to the order of f32 sums. An execution setting: not
+    /// part of the cache key, so a run stopped on 4 devices resumes on 2.
+    #[serde(default, skip_serializing)]
+    pub devices: Option<crate::distributed::Devices>,
+    /// ZeRO stage: 0 (each device holds the whole optimizer state) or 1 (f32 masters and moments sharded
+    /// across devices). Same weights either way; not part of the cache key.
+    #[serde(default, skip_serializing)]
+    pub zero: u8,
 }
 
 impl TrainStepConfig {
@@ -187,6 +197,11 @@ impl TrainStepConfig {
             self.warmup_ratio.is_none_or(|r| (0.0..1.0).contains(&r)),
             "warmup_ratio",
             "must be in [0, 1)",
+        );
+        need(
+            self.zero <= 1,
+            "zero",
+            "must be 0 or 1 (ZeRO-1 shards the optimizer state; stages 2 and 3 are not implemented)",
         );
         out.extend(self.lora_issues());
         out
@@ -376,6 +391,7 @@ pub fn train_model(
     device: &candle_core::Device,
     out_dir: &Path,
     observer: &mut dyn crate::train::TrainObserver,
+    parallel: &Parallel,
 ) -> Result<TrainSummary> {
     let mut trainee = Trainee::load(cfg, model_dir, None, seed, device)?;
     let total = cfg.total_steps(rows.len());
@@ -392,20 +408,24 @@ pub fn train_model(
         checkpoint_every: cfg.checkpoint_every,
         pad_id,
     };
-    let summary = train(
+    let summary = train_on(
         &trainee.model,
         &mut trainee.opt,
         rows,
         &opts,
         out_dir,
         observer,
+        parallel,
     )?;
+    if !parallel.is_root() {
+        return Ok(summary);
+    }
 
     let staging = out_dir.join(".model");
     trainee.save(&staging, save_dtype)?;
     move_contents(&staging, out_dir)?;
     plot_loss(&summary.history, title, &out_dir.join("loss.svg"))?;
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "datasets": datasets,
         "rows": rows.len(),
         "options": opts,
@@ -415,6 +435,10 @@ pub fn train_model(
         "tokens_seen": summary.tokens_seen,
         "tokens_per_s": summary.tokens_per_s,
     });
+    if parallel.world_size() > 1 {
+        report["devices"] = parallel.world_size().into();
+        report["zero"] = (parallel.zero as u8).into();
+    }
     std::fs::write(
         out_dir.join("train_report.json"),
         serde_json::to_vec_pretty(&report)?,
@@ -507,6 +531,10 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
     }
 
     fn run(&self, c: &TrainStepConfig, ctx: &StepContext) -> Result<()> {
+        if crate::distributed::launch_step(ctx, R::NAME, c, c.devices, c.zero)? {
+            return Ok(());
+        }
+        let parallel = crate::distributed::parallel(ctx);
         let inputs = resolve_inputs(c, ctx)?;
         let mut filters = plugin_filters(&c.filter_params, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, R::FORMATS)?;
@@ -516,7 +544,7 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
             .pad_id()
             .or(inputs.tokenizer.eos_id())
             .unwrap_or(0);
-        let device = crate::device::select_device(ctx.settings.device)?;
+        let device = crate::distributed::device(ctx)?;
         let mut observer = progress_observer(ctx);
         train_model(
             c,
@@ -530,6 +558,7 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
             &device,
             &ctx.out_dir,
             &mut observer,
+            &parallel,
         )?;
         Ok(())
     }

@@ -6,6 +6,7 @@ mod chat_templates;
 mod cli;
 mod common;
 mod data_sources;
+mod distributed;
 mod dpo;
 mod engine;
 mod eval_metrics;

@@ -369,6 +369,10 @@ impl Objective for DpoObjective<'_> {
         })
     }
 
+    fn metric_names(&self) -> &'static [&'static str] {
+        &DPO_METRICS
+    }
+
     fn digest(&self, h: &mut blake3::Hasher) {
         h.update(format!("{:?}", self.loss).as_bytes());
         for (i, p) in self.pairs.iter().enumerate() {

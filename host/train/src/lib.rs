@@ -9,10 +9,12 @@
 //! - [`metrics`]: `metrics.jsonl` and the loss-curve SVG;
 //! - [`trainer`]: the loop, over an [`Objective`] (language modelling or DPO);
 //! - [`model_io`]: a Hugging Face folder loaded for training (f32 masters) and saved back;
-//! - [`dpo`]: DPO tokenisation, concatenated log-probs, losses, reference pass, metrics (TRL semantics).
+//! - [`dpo`]: DPO tokenisation, concatenated log-probs, losses, reference pass, metrics (TRL semantics);
+//! - [`distributed`]: collectives (in-process, TCP hub) and data parallelism with ZeRO-1 over them.
 
 pub mod batch;
 pub mod checkpoint;
+pub mod distributed;
 pub mod dpo;
 pub mod loss;
 pub mod metrics;
@@ -22,6 +24,7 @@ pub mod trainer;
 
 pub use batch::{build_micro_batch, MicroBatch};
 pub use checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
+pub use distributed::{Collective, Parallel};
 pub use loss::weighted_nll_sum;
 pub use metrics::{plot_loss, MetricsLog, StepMetrics};
 pub use optimizer::{
@@ -30,8 +33,8 @@ pub use optimizer::{
 };
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
-    checkpoint_dir, clip_gradients, global_norm, train, train_objective, LmObjective, MicroLoss,
-    Objective, TrainObserver, TrainOptions, TrainSummary,
+    checkpoint_dir, clip_gradients, global_norm, train, train_objective, train_objective_on,
+    train_on, LmObjective, MicroLoss, Objective, TrainObserver, TrainOptions, TrainSummary,
 };
 pub mod model_io;
 pub use model_io::{

@@ -259,6 +259,10 @@ pub struct AdamW {
     pub steps: usize,
     /// Use the in-place single-pass update where possible (CPU, contiguous f32); `false` forces tensor ops.
     pub fused: bool,
+    /// For an optimizer over slices of other parameters (ZeRO-1 shards): per parameter, the index of the
+    /// whole parameter and the slice's first element in it, so stochastic rounding draws the same noise for
+    /// an element as the optimizer over whole parameters. `None`: parameter `i` is whole parameter `i`.
+    pub noise_origins: Option<Vec<(usize, usize)>>,
 }
 
 impl AdamW {
@@ -305,6 +309,7 @@ impl AdamW {
             params,
             steps: 0,
             fused: true,
+            noise_origins: None,
         })
     }
 
@@ -341,12 +346,17 @@ impl AdamW {
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (index, (p, g)) in self.params.iter_mut().zip(grads).enumerate() {
             let decay = if p.decay { c.weight_decay } else { 0.0 };
+            let (whole, offset) = match &self.noise_origins {
+                Some(origins) => origins[index],
+                None => (index, 0),
+            };
             let update = WeightUpdate {
                 decay: (1.0 - lr * decay) as f32,
                 step_size: lr / bias1,
                 bias2_sqrt,
                 eps: c.eps,
-                rounding_seed: rounding_seed(index, self.steps),
+                rounding_seed: rounding_seed(whole, self.steps),
+                offset,
             };
             let moments = Moments {
                 beta1: c.beta1,
@@ -530,6 +540,8 @@ struct WeightUpdate {
     bias2_sqrt: f64,
     eps: f64,
     rounding_seed: u64,
+    /// Position of the updated tensor's first element in its whole parameter (for the rounding noise).
+    offset: usize,
 }
 
 impl WeightUpdate {
@@ -601,7 +613,13 @@ impl candle_core::InplaceOp3 for WeightUpdate {
         let range = l1
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("adamw: weights must be contiguous".into()))?;
-        self.apply(s1, range, 0, f32_slice(s2, l2)?, f32_slice(s3, l3)?)
+        self.apply(
+            s1,
+            range,
+            self.offset,
+            f32_slice(s2, l2)?,
+            f32_slice(s3, l3)?,
+        )
     }
 }
 
@@ -677,7 +695,8 @@ impl candle_core::InplaceOp2 for Blockwise8Update<'_> {
                 vq.encode(&roots[..nv.len()]);
             });
         debug_assert_eq!(blocks, m.absmax.len());
-        self.weight.apply(s1, (w0, w1), 0, &new_m, &new_v)
+        self.weight
+            .apply(s1, (w0, w1), self.weight.offset, &new_m, &new_v)
     }
 }
 

@@ -5,9 +5,17 @@
 //! What is optimised is an [`Objective`]: language modelling on token rows ([`LmObjective`], pretrain and
 //! SFT) or a preference loss on pairs (DPO, in [`super::dpo`]). The loop only sees units, summed losses and
 //! named metric sums.
+//!
+//! With several ranks ([`train_objective_on`] and a [`Parallel`] group) every micro-batch's rows are shared
+//! out among the ranks, each step's units are counted over all of them (every rank holds all the data, so
+//! this needs no exchange), gradients and logged sums are summed across ranks, and all ranks take the same
+//! step: the run equals one rank taking whole micro-batches, up to the order of f32 sums. Only rank 0 writes
+//! (metrics, checkpoints); an error on any rank aborts the group so that every rank stops.
 
 use super::batch::build_micro_batch;
-use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainState};
+use super::checkpoint::TrainState;
+use super::distributed::data_parallel::DataParallel;
+use super::distributed::Parallel;
 use super::metrics::{MetricsLog, StepMetrics};
 use super::optimizer::AdamW;
 use super::schedule::{LrSchedule, ScheduleKind};
@@ -101,6 +109,11 @@ pub trait Objective {
     fn micro_batch_loss(&self, model: &Llama, idx: &[usize]) -> Result<MicroLoss>;
     /// Feeds everything about the data that decides the result into a checkpoint fingerprint.
     fn digest(&self, h: &mut blake3::Hasher);
+    /// The names of the metric sums [`Objective::micro_batch_loss`] reports, in a fixed order (ranks sum
+    /// them together even when one of them had no rows in a step).
+    fn metric_names(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// Next-token language modelling on token rows (pretrain, SFT): units are target tokens.
@@ -160,12 +173,36 @@ pub fn train(
     work_dir: &Path,
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary> {
-    ensure!(!rows.is_empty(), "no training rows");
+    train_on(
+        model,
+        opt,
+        rows,
+        opts,
+        work_dir,
+        observer,
+        &Parallel::single(),
+    )
+}
+
+/// [`train`] as one rank of `parallel`.
+pub fn train_on(
+    model: &Llama,
+    opt: &mut AdamW,
+    rows: &[TrainSequence],
+    opts: &TrainOptions,
+    work_dir: &Path,
+    observer: &mut dyn TrainObserver,
+    parallel: &Parallel,
+) -> Result<TrainSummary> {
+    if rows.is_empty() {
+        parallel.comm.abort("no training rows");
+        bail!("no training rows");
+    }
     let objective = LmObjective {
         rows,
         pad_id: opts.pad_id,
     };
-    train_objective(model, opt, &objective, opts, work_dir, observer)
+    train_objective_on(model, opt, &objective, opts, work_dir, observer, parallel)
 }
 
 /// Trains `model` on any [`Objective`]; see [`train`].
@@ -176,6 +213,44 @@ pub fn train_objective(
     opts: &TrainOptions,
     work_dir: &Path,
     observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary> {
+    train_objective_on(
+        model,
+        opt,
+        objective,
+        opts,
+        work_dir,
+        observer,
+        &Parallel::single(),
+    )
+}
+
+/// [`train_objective`] as one rank of `parallel` (every rank calls it with the same objective and
+/// options). An error here aborts the group, so the other ranks fail too instead of waiting.
+pub fn train_objective_on(
+    model: &Llama,
+    opt: &mut AdamW,
+    objective: &dyn Objective,
+    opts: &TrainOptions,
+    work_dir: &Path,
+    observer: &mut dyn TrainObserver,
+    parallel: &Parallel,
+) -> Result<TrainSummary> {
+    let result = train_loop(model, opt, objective, opts, work_dir, observer, parallel);
+    if let Err(e) = &result {
+        parallel.comm.abort(&format!("{e:#}"));
+    }
+    result
+}
+
+fn train_loop(
+    model: &Llama,
+    opt: &mut AdamW,
+    objective: &dyn Objective,
+    opts: &TrainOptions,
+    work_dir: &Path,
+    observer: &mut dyn TrainObserver,
+    parallel: &Parallel,
 ) -> Result<TrainSummary> {
     ensure!(!objective.is_empty(), "nothing to train on");
     ensure!(
@@ -191,12 +266,22 @@ pub fn train_objective(
         total: opts.total_steps,
     };
     let fingerprint = fingerprint(opts, opt, objective)?;
-    std::fs::create_dir_all(work_dir)
-        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let root = parallel.is_root();
+    if root {
+        std::fs::create_dir_all(work_dir)
+            .with_context(|| format!("creating {}", work_dir.display()))?;
+    }
     let checkpoints = checkpoint_dir(work_dir);
-
-    let (start, mut tokens_seen) = resume(&checkpoints, opt, &fingerprint, &device)?;
-    let mut metrics = MetricsLog::open(&work_dir.join("metrics.jsonl"), start)?;
+    let mut dp = DataParallel::new(parallel, opt, &device);
+    let (start, mut tokens_seen) = dp.resume(&checkpoints, opt, &fingerprint)?;
+    // Rank 0 keeps metrics.jsonl; the others only remember this run's steps.
+    let mut metrics = if root {
+        Some(MetricsLog::open(&work_dir.join("metrics.jsonl"), start)?)
+    } else {
+        None
+    };
+    let mut history: Vec<StepMetrics> = Vec::new();
+    let names = objective.metric_names();
     let began = Instant::now();
     let mut tokens_this_run = 0u64;
     for step in start..opts.total_steps {
@@ -210,18 +295,50 @@ pub fn train_objective(
             "step {}: no target tokens in this step's micro-batches",
             step + 1
         );
-        let acc = accumulate_gradients(model, opt, objective, &batches, targets, step)?;
-        let mut grads = acc.grads;
-        let loss = acc.loss_sum / targets as f64;
-        let grad_norm = global_norm(&grads)?;
+        let mine: Vec<Vec<usize>> = batches
+            .iter()
+            .map(|b| dp.rows(b))
+            .filter(|b| !b.is_empty())
+            .collect();
+        let rank = (parallel.world_size() > 1).then(|| parallel.rank());
+        let acc = accumulate_gradients(model, opt, objective, &mine, targets, step, rank)?;
+        let mut grads = dp.reduce(opt, acc.grads)?;
+        let grad_norm = dp.grad_norm(&grads)?;
         check_finite(step, "gradient norm", grad_norm)?;
         if let Some(max) = opts.clip {
-            clip_gradients(&mut grads, grad_norm, max)?;
+            let coef = max / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                dp.scale(&mut grads, coef)?;
+            }
         }
         let lr = schedule.at(step);
-        opt.step(&grads, lr)?;
+        dp.step(opt, grads, lr)?;
 
-        let tokens = acc.tokens;
+        let (loss_sum, tokens, metric_sums) = if parallel.world_size() == 1 {
+            (acc.loss_sum, acc.tokens, acc.metric_sums)
+        } else {
+            // Loss, tokens and the metric sums of every rank, in a fixed order.
+            let mut local = vec![acc.loss_sum, acc.tokens as f64];
+            for name in names {
+                local.push(
+                    acc.metric_sums
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map_or(0.0, |(_, v)| *v),
+                );
+            }
+            if let Some((unknown, _)) = acc.metric_sums.iter().find(|(n, _)| !names.contains(n)) {
+                bail!("the objective reported metric {unknown:?}, not among its metric_names()");
+            }
+            let all = dp.sum(local)?;
+            let metric_sums = names
+                .iter()
+                .copied()
+                .zip(all[2..].iter().copied())
+                .collect();
+            (all[0], all[1] as usize, metric_sums)
+        };
+        let loss = loss_sum / targets as f64;
         tokens_seen += tokens as u64;
         tokens_this_run += tokens as u64;
         let m = StepMetrics {
@@ -232,13 +349,15 @@ pub fn train_objective(
             targets,
             tokens,
             tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-            extra: acc
-                .metric_sums
+            extra: metric_sums
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v / targets as f64))
                 .collect(),
         };
-        metrics.log(&m)?;
+        match metrics.as_mut() {
+            Some(log) => log.log(&m)?,
+            None => history.push(m.clone()),
+        }
         if opts.checkpoint_every > 0
             && (step + 1) % opts.checkpoint_every == 0
             && step + 1 < opts.total_steps
@@ -248,11 +367,15 @@ pub fn train_objective(
                 tokens_seen,
                 fingerprint: fingerprint.clone(),
             };
-            save_checkpoint(&checkpoints, opt, &state)?;
+            dp.save(&checkpoints, opt, &state)?;
         }
         observer.on_step(&m, opts.total_steps)?;
     }
-    let history = metrics.history.clone();
+    dp.finish(opt)?;
+    let history = match metrics {
+        Some(log) => log.history,
+        None => history,
+    };
     Ok(TrainSummary {
         steps: opts.total_steps,
         resumed_from: start,
@@ -268,38 +391,19 @@ pub fn checkpoint_dir(work_dir: &Path) -> PathBuf {
     work_dir.join("checkpoints")
 }
 
-/// Restores the newest checkpoint, if any: returns the step to continue from and tokens seen.
-fn resume(
-    checkpoints: &Path,
-    opt: &mut AdamW,
-    fingerprint: &str,
-    device: &candle_core::Device,
-) -> Result<(usize, u64)> {
-    let Some(dir) = latest_checkpoint(checkpoints)? else {
-        return Ok((0, 0));
-    };
-    let state = load_checkpoint(&dir, opt, device)?;
-    if state.fingerprint != fingerprint {
-        bail!(
-            "checkpoint {} belongs to a run with other options or data; delete it to start over",
-            dir.display()
-        );
-    }
-    tracing::info!(step = state.step, "resuming from {}", dir.display());
-    Ok((state.step, state.tokens_seen))
-}
-
 /// Summed results of one optimizer step's micro-batches.
 struct Accumulated {
     loss_sum: f64,
-    grads: Vec<Tensor>,
+    /// `None` when this rank had no rows in the step.
+    grads: Option<Vec<Tensor>>,
     tokens: usize,
     metric_sums: Vec<(&'static str, f64)>,
 }
 
 /// Forward and backward over every micro-batch, each loss divided by the step's total unit count, so the
 /// summed gradients are those of the mean loss over all units of the step. Returns the summed
-/// (un-normalised) loss, f32 gradients in `opt.params` order, tokens and metric sums.
+/// (un-normalised) loss, f32 gradients in `opt.params` order (none without micro-batches), tokens and
+/// metric sums. `rank`: this rank's number when there are several (its dropout masks are its own).
 fn accumulate_gradients(
     model: &Llama,
     opt: &AdamW,
@@ -307,6 +411,7 @@ fn accumulate_gradients(
     batches: &[Vec<usize>],
     units: usize,
     step: usize,
+    rank: Option<usize>,
 ) -> Result<Accumulated> {
     let mut acc: Option<Vec<Tensor>> = None;
     let mut loss_sum = 0.0;
@@ -314,7 +419,7 @@ fn accumulate_gradients(
     let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
     for (k, idx) in batches.iter().enumerate() {
         // Adapter dropout masks follow the step and micro-batch, so a resumed run draws the same ones.
-        model.set_dropout_seed(Some(dropout_seed(step, k)));
+        model.set_dropout_seed(Some(dropout_seed(step, k, rank)));
         let micro = objective.micro_batch_loss(model, idx)?;
         let value = micro.loss_sum.to_scalar::<f32>()? as f64;
         check_finite(step, &format!("loss (micro-batch {})", k + 1), value)?;
@@ -340,18 +445,25 @@ fn accumulate_gradients(
     }
     Ok(Accumulated {
         loss_sum,
-        grads: acc.unwrap_or_default(),
+        grads: acc,
         tokens,
         metric_sums,
     })
 }
 
-/// The dropout seed of micro-batch `k` of optimizer step `step`.
-fn dropout_seed(step: usize, k: usize) -> u64 {
+/// The dropout seed of micro-batch `k` of optimizer step `step`, on `rank` of several. Ranks draw apart:
+/// their shares of a micro-batch have the same shape, and one seed would give every share the same masks.
+/// (So dropout with several ranks draws other masks than one rank does: equal in distribution, not in
+/// value.)
+fn dropout_seed(step: usize, k: usize, rank: Option<usize>) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(b"dropout");
     h.update(&(step as u64).to_le_bytes());
     h.update(&(k as u64).to_le_bytes());
+    if let Some(rank) = rank {
+        h.update(b"rank");
+        h.update(&(rank as u64).to_le_bytes());
+    }
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 

@@ -114,6 +114,12 @@ pub struct DpoStepConfig {
     /// ChatML), `model`, `chatml` or `alpaca`.
     #[serde(default, skip_serializing_if = "TemplateChoice::is_auto")]
     pub template: TemplateChoice,
+    /// Devices to train on (see the training keys); not part of the cache key.
+    #[serde(default, skip_serializing)]
+    pub devices: Option<crate::distributed::Devices>,
+    /// ZeRO stage, 0 or 1 (see the training keys); not part of the cache key.
+    #[serde(default, skip_serializing)]
+    pub zero: u8,
 }
 
 impl DpoStepConfig {
@@ -158,6 +164,8 @@ impl DpoStepConfig {
             shuffle: self.shuffle,
             filter_params: self.filter_params.clone(),
             template: self.template,
+            devices: self.devices,
+            zero: self.zero,
         }
     }
 
@@ -296,6 +304,17 @@ mod tests {
              warmup_steps = 2\nepochs = 4\nmax_steps = 9\nseed = 3\ndtype = \"bf16\"",
         )
         .unwrap();
+        // The execution keys (devices, zero) are not serialised (not part of the cache key): checked apart.
+        let executed: DpoStepConfig = toml::from_str("devices = \"all\"\nzero = 1").unwrap();
+        let train_exec: TrainStepConfig = toml::from_str("devices = \"all\"\nzero = 1").unwrap();
+        assert_eq!(executed.train_config().devices, train_exec.devices);
+        assert_eq!(executed.train_config().zero, train_exec.zero);
+        let defaults: DpoStepConfig = toml::from_str("").unwrap();
+        let train_defaults: TrainStepConfig = toml::from_str("").unwrap();
+        assert_eq!(
+            (defaults.devices, defaults.zero),
+            (train_defaults.devices, train_defaults.zero)
+        );
         let converted = serde_json::to_value(tuned.train_config()).unwrap();
         let tuned = serde_json::to_value(&tuned).unwrap();
         for (key, value) in tuned.as_object().unwrap() {

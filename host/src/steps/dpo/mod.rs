@@ -109,6 +109,10 @@ impl StepKind for DpoStep {
     }
 
     fn run(&self, c: &DpoStepConfig, ctx: &StepContext) -> Result<()> {
+        if crate::distributed::launch_step(ctx, "dpo", c, c.devices, c.zero)? {
+            return Ok(());
+        }
+        let parallel = crate::distributed::parallel(ctx);
         let model = ctx.input("model")?;
         let tokenizer = Tokenizer::from_model_dir(&model.path)
             .with_context(|| format!("model {:?} needs a tokenizer.json for DPO", model.name))?;
@@ -136,7 +140,7 @@ impl StepKind for DpoStep {
                 c.limits(),
             )?
         };
-        let device = crate::device::select_device(ctx.settings.device)?;
+        let device = crate::distributed::device(ctx)?;
         let setup = StageSetup {
             out_dir: &ctx.out_dir,
             train: &train,
@@ -145,6 +149,7 @@ impl StepKind for DpoStep {
             pad: tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0),
             save_dtype: crate::device::candle_dtype(ctx.settings.dtype),
             device: &device,
+            parallel: &parallel,
         };
         let initial = ModelIdentity {
             source: format!("input model {:?}", model.name),
@@ -182,6 +187,9 @@ impl StepKind for DpoStep {
                 initial_pass: initial_pass.as_ref(),
             },
         )?;
+        if !parallel.is_root() {
+            return Ok(());
+        }
         write_reports(c, ctx, &data, &templates, fixed_reference, reports)
     }
 }
@@ -206,6 +214,7 @@ fn initial_margins(
         setup.train.micro_batch,
         setup.pad,
         setup.device,
+        setup.parallel.is_root(),
         &mut batch_progress(ctx, refs.len()),
     )?;
     Ok(stored)

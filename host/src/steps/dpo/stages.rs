@@ -12,7 +12,8 @@ use crate::train::dpo::{
 };
 use crate::train::ADAPTER_PART;
 use crate::train::{
-    move_contents, train_objective, MetricsLog, StepMetrics, TrainObserver, TrainOptions,
+    move_contents, train_objective_on, MetricsLog, Parallel, StepMetrics, TrainObserver,
+    TrainOptions,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -64,8 +65,8 @@ pub struct StoredReference {
 
 /// Reference log-probs of `pairs` under the model in `dir`: read from `file` when it holds this pass,
 /// otherwise taken from `known` (log-probs of these pairs under this model from an earlier pass, with its
-/// seconds) or computed (one no-grad pass, batches of `batch`), and stored there atomically. Returns the
-/// stored pass and whether it was reused from `file`.
+/// seconds) or computed (one no-grad pass, batches of `batch`), and stored there atomically when `write`
+/// (rank 0 of several). Returns the stored pass and whether it was reused from `file`.
 #[allow(clippy::too_many_arguments)]
 pub fn reference_logps(
     file: &Path,
@@ -76,6 +77,7 @@ pub fn reference_logps(
     batch: usize,
     pad: u32,
     device: &Device,
+    write: bool,
     on_batch: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<(StoredReference, bool)> {
     let mut h = blake3::Hasher::new();
@@ -112,7 +114,9 @@ pub fn reference_logps(
         seconds,
         logps,
     };
-    write_file_atomic(file, &serde_json::to_vec(&stored)?)?;
+    if write {
+        write_file_atomic(file, &serde_json::to_vec(&stored)?)?;
+    }
     Ok((stored, false))
 }
 
@@ -161,6 +165,8 @@ pub struct StageSetup<'a> {
     pub save_dtype: DType,
     /// Compute device.
     pub device: &'a Device,
+    /// This rank's group (rank 0 writes).
+    pub parallel: &'a Parallel,
 }
 
 /// Work folder of stage `t` (checkpoints, metrics, done marker); removed when the step finishes.
@@ -218,23 +224,17 @@ pub fn run_stage(
         pad_id: setup.pad,
     };
     let t0 = Instant::now();
-    let summary = train_objective(
+    let summary = train_objective_on(
         &trainee.model,
         &mut trainee.opt,
         &objective,
         &opts,
         &work,
         observer,
+        setup.parallel,
     )?;
     let trained_pairs = (summary.steps - summary.resumed_from) * opts.micro_batch * opts.grad_accum;
     let pairs_per_s = trained_pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-    if output == "." {
-        let staging = work.join("model");
-        trainee.save(&staging, setup.save_dtype)?;
-        move_contents(&staging, setup.out_dir)?;
-    } else {
-        trainee.save(&setup.out_dir.join(output), setup.save_dtype)?;
-    }
     let report = StageReport {
         stage: t,
         pairs: pairs.len(),
@@ -249,6 +249,16 @@ pub fn run_stage(
         pairs_per_s,
         final_metrics: summary.history.last().cloned(),
     };
+    if !setup.parallel.is_root() {
+        return Ok(report);
+    }
+    if output == "." {
+        let staging = work.join("model");
+        trainee.save(&staging, setup.save_dtype)?;
+        move_contents(&staging, setup.out_dir)?;
+    } else {
+        trainee.save(&setup.out_dir.join(output), setup.save_dtype)?;
+    }
     write_file_atomic(&done, &serde_json::to_vec_pretty(&report)?)?;
     Ok(report)
 }
@@ -336,6 +346,7 @@ pub fn run_stages(
             setup.train.micro_batch,
             setup.pad,
             setup.device,
+            setup.parallel.is_root(),
             &mut batch_progress(ctx, refs.len()),
         )?;
         ctx.progress
@@ -372,6 +383,8 @@ pub fn run_stages(
             &mut observer,
         )?;
         reports.push(report);
+        // Rank 0 has written M_t; the other ranks read it next.
+        setup.parallel.comm.barrier()?;
         if t < count {
             // M_t starts (and, in sDPO, is the reference of) the next stage.
             let written = setup.out_dir.join(&output);
