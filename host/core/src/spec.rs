@@ -87,6 +87,10 @@ fn durable_by_default() -> bool {
 pub struct ModelSpec {
     /// The folder with `config.json` and safetensors weights (relative to the workflow file).
     pub path: PathBuf,
+    /// A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) for this base: steps
+    /// read the base with the adapter merged in (as mergekit's `base+adapter`), made once per content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,

@@ -430,7 +430,11 @@ impl Executor {
                 };
                 let kind = step.kind.clone();
                 let config = step.config.clone();
-                let outcome = tokio::task::spawn_blocking(move || kind.run(&config, &ctx)).await;
+                let outcome = tokio::task::spawn_blocking(move || {
+                    prepare_merged_inputs(&ctx)?;
+                    kind.run(&config, &ctx)
+                })
+                .await;
                 bar.finish_and_clear();
                 let status = match outcome {
                     Ok(Ok(())) if cancel.is_cancelled() => StepStatus::Cancelled,
@@ -528,4 +532,38 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .cloned()
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Makes the merged folder of every model input that has an adapter (`[models.X] adapter = ...`), unless an
+/// earlier step made it: written to a temporary folder and renamed, so concurrent steps and a killed run
+/// never see a partial one.
+fn prepare_merged_inputs(ctx: &StepContext) -> anyhow::Result<()> {
+    for input in ctx.inputs.values().flatten() {
+        let Some((base, adapter)) = &input.merge else {
+            continue;
+        };
+        if input.path.join("config.json").is_file() {
+            continue;
+        }
+        let parent = input
+            .path
+            .parent()
+            .expect("merged inputs live under the state folder");
+        std::fs::create_dir_all(parent)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".merging-")
+            .tempdir_in(parent)?;
+        let staged = tmp.path().join("model");
+        ctx.progress
+            .set_message(format!("merging the adapter of model `{}`", input.name));
+        dusflow_model::lora::merge_adapter_folder(base, adapter, &staged)
+            .map_err(|e| e.context(format!("model `{}`", input.name)))?;
+        match std::fs::rename(&staged, &input.path) {
+            Ok(()) => {}
+            // Another step made it meanwhile.
+            Err(_) if input.path.join("config.json").is_file() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

@@ -94,6 +94,7 @@ pub fn plan(
             .enumerate()
             .map(|(i, s)| (s.name.as_str(), i))
             .collect(),
+        merged_root: store.state_dir().join("merged-inputs"),
     };
     for (index, step) in workflow.steps.iter().enumerate() {
         let planned = planner.plan_step(index, step, store, force);
@@ -121,6 +122,8 @@ struct Planner<'a> {
     plugin_keys: HashMap<String, Result<String, String>>,
     steps: Vec<PlannedStep>,
     index_of: HashMap<&'a str, usize>,
+    /// Where models with an adapter are merged (`<out>/.dus/merged-inputs/<key>`).
+    merged_root: PathBuf,
 }
 
 impl Planner<'_> {
@@ -225,21 +228,43 @@ impl Planner<'_> {
             InputRef::Model(name) => {
                 let spec = &workflow.models[name];
                 self.watched.push(spec.path.clone());
+                self.watched.extend(spec.adapter.clone());
                 let hasher = self.hasher;
                 let key = self
                     .input_keys
                     .entry(r.clone())
                     .or_insert_with(|| {
-                        hasher
+                        let base = hasher
                             .hash_path(&spec.path)
-                            .map_err(|e| format!("model `{name}`: {e:#}"))
+                            .map_err(|e| format!("model `{name}`: {e:#}"))?;
+                        match &spec.adapter {
+                            None => Ok(base),
+                            Some(adapter) => {
+                                let adapter = hasher
+                                    .hash_path(adapter)
+                                    .map_err(|e| format!("model `{name}` adapter: {e:#}"))?;
+                                Ok(hash_json(&serde_json::json!({
+                                    "base": base,
+                                    "adapter": adapter,
+                                })))
+                            }
+                        }
                     })
                     .clone();
+                // A base with an adapter is read merged: from a folder the executor makes once per content.
+                let (path, merge) = match (&spec.adapter, &key) {
+                    (Some(adapter), Ok(k)) => (
+                        self.merged_root.join(&k[..16]),
+                        Some((spec.path.clone(), adapter.clone())),
+                    ),
+                    _ => (spec.path.clone(), None),
+                };
                 let artifact = InputArtifact {
                     name: name.clone(),
                     kind: ArtifactKind::Model,
-                    path: spec.path.clone(),
+                    path,
                     dataset: None,
+                    merge,
                 };
                 (key, artifact)
             }
@@ -259,6 +284,7 @@ impl Planner<'_> {
                     kind: ArtifactKind::Dataset,
                     path,
                     dataset: Some(spec.clone()),
+                    merge: None,
                 };
                 (key, artifact)
             }
@@ -282,6 +308,7 @@ impl Planner<'_> {
                             kind: p.kind,
                             path: planned.dir.join(&p.path),
                             dataset: None,
+                            merge: None,
                         }
                     }
                     _ => InputArtifact {
@@ -289,6 +316,7 @@ impl Planner<'_> {
                         kind: workflow.steps[up].output,
                         path: planned.dir.clone(),
                         dataset: None,
+                        merge: None,
                     },
                 };
                 (key, artifact)

@@ -3,11 +3,14 @@
 //! attention through the fused op of [`crate::attention`] (it has a backward).
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::VarBuilder;
+use std::sync::{Arc, Mutex};
 
 use super::attention::{attention, AttentionMask};
 use super::config::LlamaConfig;
+use super::lora::{Adapter, LoraPair, LINEAR_MODULES};
 
 /// Which op set a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +135,30 @@ pub struct Llama {
     inv_freq: Tensor,
     /// Dtype the forward computes in; weights of another dtype are cast at use (differentiably).
     compute: DType,
+    /// LoRA factors applied beside the linear layers (`x Wᵀ + scaling · dropout(x) Aᵀ Bᵀ`), if any.
+    adapters: Option<Arc<ModelAdapters>>,
+    /// Training-time settings of the differentiable forward: dropout seed, activation checkpointing.
+    training: Arc<TrainingState>,
+}
+
+/// The LoRA factors of every decoder layer and how they apply.
+#[derive(Debug)]
+struct ModelAdapters {
+    /// Per layer, per linear module in [`LINEAR_MODULES`] order.
+    layers: Vec<[Option<LoraPair>; 7]>,
+    scaling: f64,
+    dropout: f64,
+}
+
+/// What the differentiable forward does beyond the maths: set by the trainer, shared by clones.
+#[derive(Debug, Default)]
+struct TrainingState {
+    /// Seed of the adapters' dropout masks for the next micro-batch (none: no dropout).
+    dropout_seed: Mutex<Option<u64>>,
+    /// Whether each decoder layer keeps only its input and recomputes itself in the backward pass.
+    checkpointing: std::sync::atomic::AtomicBool,
+    /// Gradients of the checkpointed layers' weights, found while recomputing them in the backward pass.
+    recomputed: Mutex<GradStore>,
 }
 
 impl Llama {
@@ -181,7 +208,81 @@ impl Llama {
             lm_head,
             inv_freq,
             compute,
+            adapters: None,
+            training: Arc::default(),
         })
+    }
+
+    /// The same model with LoRA `adapter` applied beside its linear layers. The adapter's tensors are used
+    /// as they are: variables when training the adapter (the base weights then stay frozen), plain tensors
+    /// for inference. Every adapted module must be a linear layer of this model.
+    pub fn with_adapter(mut self, adapter: &Adapter) -> Result<Self> {
+        let mut layers: Vec<[Option<LoraPair>; 7]> =
+            (0..self.layers.len()).map(|_| Default::default()).collect();
+        for (module, pair) in &adapter.layers {
+            let rest = module
+                .strip_prefix("model.layers.")
+                .with_context(|| format!("adapter module {module:?} is not in a decoder layer"))?;
+            let (index, name) = rest
+                .split_once('.')
+                .with_context(|| format!("adapter module {module:?}"))?;
+            let index: usize = index
+                .parse()
+                .with_context(|| format!("adapter module {module:?}: layer index"))?;
+            let last = name.rsplit('.').next().unwrap_or(name);
+            let slot = LINEAR_MODULES
+                .iter()
+                .position(|m| *m == last)
+                .with_context(|| format!("adapter module {module:?} is not a linear layer"))?;
+            ensure!(
+                index < layers.len(),
+                "adapter module {module:?}: the model has {} layers",
+                layers.len()
+            );
+            layers[index][slot] = Some(pair.clone());
+        }
+        self.adapters = Some(Arc::new(ModelAdapters {
+            layers,
+            scaling: adapter.settings.scaling(),
+            dropout: adapter.settings.dropout,
+        }));
+        Ok(self)
+    }
+
+    /// Whether training forwards keep only each decoder layer's input and recompute the layer in the
+    /// backward pass (activation checkpointing): activation memory falls from every intermediate of every
+    /// layer to one hidden state per layer, for one more forward pass of compute. Collect the weights'
+    /// gradients after `backward()` with [`Llama::merge_recomputed_grads`].
+    pub fn with_checkpointing(self, on: bool) -> Self {
+        self.training
+            .checkpointing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// The seed of the adapters' dropout masks in the following training forwards (`None`: no dropout).
+    /// Masks are a function of the seed, the layer and the module, so a resumed run and a recomputed
+    /// (checkpointed) layer draw the same ones.
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        *self
+            .training
+            .dropout_seed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = seed;
+    }
+
+    /// Adds the gradients found while recomputing checkpointed layers in the last backward pass to `grads`
+    /// (they are not in the store `backward()` returns) and forgets them.
+    pub fn merge_recomputed_grads(&self, grads: &mut GradStore) -> Result<()> {
+        let recomputed = std::mem::take(
+            &mut *self
+                .training
+                .recomputed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        grads.extend(recomputed)?;
+        Ok(())
     }
 
     /// The configuration.
@@ -228,6 +329,34 @@ impl Llama {
         } else {
             conv(&self.lm_head)?
         };
+        let adapters = match &self.adapters {
+            None => None,
+            Some(a) => {
+                let copy =
+                    |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.detach().copy()?) };
+                let layers = a
+                    .layers
+                    .iter()
+                    .map(|pairs| {
+                        let mut out: [Option<LoraPair>; 7] = Default::default();
+                        for (slot, pair) in pairs.iter().enumerate() {
+                            if let Some(p) = pair {
+                                out[slot] = Some(LoraPair {
+                                    a: copy(&p.a)?,
+                                    b: copy(&p.b)?,
+                                });
+                            }
+                        }
+                        Ok(out)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Arc::new(ModelAdapters {
+                    layers,
+                    scaling: a.scaling,
+                    dropout: a.dropout,
+                }))
+            }
+        };
         Ok(Llama {
             cfg: self.cfg.clone(),
             norm: conv(&self.norm)?,
@@ -236,6 +365,8 @@ impl Llama {
             layers,
             lm_head,
             compute: dtype,
+            adapters,
+            training: Arc::default(),
         })
     }
 
@@ -372,15 +503,46 @@ impl Llama {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, s, self.cfg.hidden_size))?
             .to_dtype(self.compute)?;
+        let checkpointing = path == Path::Differentiable
+            && cache.is_none()
+            && self
+                .training
+                .checkpointing
+                .load(std::sync::atomic::Ordering::Relaxed);
+        let dropout_seed = match path {
+            Path::Differentiable => *self
+                .training
+                .dropout_seed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            Path::Fast => None,
+        };
         for (l, w) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &self.cw(&w.input_norm)?, self.cfg.rms_norm_eps, path)?;
-            let a = self.attention(l, w, &h, &cos, &sin, &mask, cache.as_deref_mut(), path)?;
-            x = (x + a)?;
-            let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.cfg.rms_norm_eps, path)?;
-            let gate = linear(&h, &self.cw(&w.gate)?)?;
-            let up = linear(&h, &self.cw(&w.up)?)?;
-            let m = linear(&(candle_nn::ops::silu(&gate)? * up)?, &self.cw(&w.down)?)?;
-            x = (x + m)?;
+            let step = LayerStep {
+                index: l,
+                weights: w.clone(),
+                adapters: self
+                    .adapters
+                    .as_ref()
+                    .map(|a| (a.layers[l].clone(), a.scaling, a.dropout)),
+                dropout_seed,
+                compute: self.compute,
+                eps: self.cfg.rms_norm_eps,
+                heads: (
+                    self.cfg.num_attention_heads,
+                    self.cfg.num_kv_heads(),
+                    self.cfg.head_dim(),
+                ),
+                cos: cos.clone(),
+                sin: sin.clone(),
+                mask: mask.clone(),
+                path,
+            };
+            x = if checkpointing {
+                step.checkpointed(&x, self.training.clone())?
+            } else {
+                step.forward(&x, cache.as_deref_mut())?
+            };
         }
         if last_only {
             x = x.narrow(1, s - 1, 1)?;
@@ -403,30 +565,60 @@ impl Llama {
             freqs.sin()?.to_dtype(dtype)?.contiguous()?,
         ))
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: usize,
-        w: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<&mut KvCache>,
-        path: Path,
-    ) -> Result<Tensor> {
+/// One decoder layer's forward with everything it needs owned (cheap tensor clones), so that a checkpointed
+/// layer can run itself again in the backward pass.
+#[derive(Clone)]
+struct LayerStep {
+    index: usize,
+    weights: Layer,
+    /// The layer's LoRA factors by module, the scaling and the dropout probability.
+    adapters: Option<([Option<LoraPair>; 7], f64, f64)>,
+    dropout_seed: Option<u64>,
+    compute: DType,
+    eps: f64,
+    /// (query heads, key/value heads, head dim).
+    heads: (usize, usize, usize),
+    cos: Tensor,
+    sin: Tensor,
+    mask: AttentionMask,
+    path: Path,
+}
+
+impl LayerStep {
+    /// A weight in the compute dtype.
+    fn cw(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dtype() == self.compute {
+            t.clone()
+        } else {
+            t.to_dtype(self.compute)?
+        })
+    }
+
+    /// `x` through the decoder layer: attention and MLP blocks with their residuals.
+    fn forward(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let w = &self.weights;
+        let h = rms_norm(x, &self.cw(&w.input_norm)?, self.eps, self.path)?;
+        let a = self.attention(&h, cache)?;
+        let x = (x + a)?;
+        let h = rms_norm(&x, &self.cw(&w.post_norm)?, self.eps, self.path)?;
+        let gate = self.project(4, &h, &w.gate)?;
+        let up = self.project(5, &h, &w.up)?;
+        let m = self.project(6, &(candle_nn::ops::silu(&gate)? * up)?, &w.down)?;
+        Ok((x + m)?)
+    }
+
+    fn attention(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let w = &self.weights;
         let (b, s, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_kv_heads(),
-            self.cfg.head_dim(),
-        );
+        let (nh, nkv, hd) = self.heads;
         // (batch, seq, heads, head_dim) straight from the projections: no transposes anywhere.
-        let q = linear(x, &self.cw(&w.q)?)?.reshape((b, s, nh, hd))?;
-        let k = linear(x, &self.cw(&w.k)?)?.reshape((b, s, nkv, hd))?;
-        let v = linear(x, &self.cw(&w.v)?)?.reshape((b, s, nkv, hd))?;
-        let (q, k) = match path {
+        let q = self.project(0, x, &w.q)?.reshape((b, s, nh, hd))?;
+        let k = self.project(1, x, &w.k)?.reshape((b, s, nkv, hd))?;
+        let v = self.project(2, x, &w.v)?.reshape((b, s, nkv, hd))?;
+        let (cos, sin) = (&self.cos, &self.sin);
+        let (q, k) = match self.path {
             Path::Differentiable => (
                 rope_differentiable(&q, cos, sin)?,
                 rope_differentiable(&k, cos, sin)?,
@@ -437,12 +629,150 @@ impl Llama {
             ),
         };
         let (k, v) = match cache {
-            Some(c) => c.append(layer, k, v)?,
+            Some(c) => c.append(self.index, k, v)?,
             None => (k, v),
         };
-        let out = attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
-        linear(&out.reshape((b, s, nh * hd))?, &self.cw(&w.o)?)
+        let out = attention(&q, &k, &v, &self.mask, 1.0 / (hd as f64).sqrt())?;
+        self.project(3, &out.reshape((b, s, nh * hd))?, &w.o)
     }
+
+    /// Linear module `slot` (of [`LINEAR_MODULES`]) applied to `x`: `x Wᵀ`, plus the adapter's
+    /// `scaling · dropout(x) Aᵀ Bᵀ` when the module has one — computed in f32 (the adapter's dtype, as PEFT
+    /// does) and added in the compute dtype.
+    fn project(&self, slot: usize, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let base = linear(x, &self.cw(w)?)?;
+        let Some((pairs, scaling, dropout)) = &self.adapters else {
+            return Ok(base);
+        };
+        let Some(pair) = &pairs[slot] else {
+            return Ok(base);
+        };
+        let mut xa = x.to_dtype(pair.a.dtype())?;
+        if let (Some(seed), true) = (self.dropout_seed, *dropout > 0.0) {
+            let mask_seed = splitmix64(seed ^ ((self.index as u64) << 8) ^ slot as u64);
+            xa = xa.broadcast_mul(&dropout_keep_mask(
+                xa.dims(),
+                *dropout,
+                mask_seed,
+                xa.device(),
+            )?)?;
+        }
+        let delta =
+            (linear(&linear(&xa, &pair.a)?, &pair.b)? * *scaling)?.to_dtype(base.dtype())?;
+        Ok((base + delta)?)
+    }
+
+    /// The layer as one node of the training graph that keeps only its input: the forward runs without a
+    /// graph, and the backward pass runs the layer again (same dropout masks) to get the input's gradient;
+    /// the weights' gradients found there go to `training.recomputed`.
+    fn checkpointed(self, x: &Tensor, training: Arc<TrainingState>) -> Result<Tensor> {
+        let out = self.forward(&x.detach(), None)?.detach().contiguous()?;
+        // candle records (and later runs the backward of) an op only when an argument is tracked; with a
+        // frozen base the first layer's input is not, so make it a variable (its gradient is not used).
+        let x = if x.track_op() {
+            x.clone()
+        } else {
+            Var::from_tensor(x)?.as_tensor().clone()
+        };
+        Ok(x.apply_op2_arc(
+            &out,
+            Arc::new(Box::new(RecomputedLayer {
+                step: self,
+                training,
+            })),
+        )?)
+    }
+}
+
+/// The graph node of a checkpointed layer: forward = the output computed without a graph; backward = the
+/// layer recomputed with one.
+struct RecomputedLayer {
+    step: LayerStep,
+    training: Arc<TrainingState>,
+}
+
+impl candle_core::CustomOp2 for RecomputedLayer {
+    fn name(&self) -> &'static str {
+        "checkpointed-decoder-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        out: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((out.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        out: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((out.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _out: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let input = Var::from_tensor(&x.detach())?;
+        let y = self
+            .step
+            .forward(input.as_tensor(), None)
+            .map_err(candle_core::Error::wrap)?;
+        let surrogate = (y * grad_res.detach())?.sum_all()?;
+        let mut grads = surrogate.backward()?;
+        let dx = grads.remove(input.as_tensor());
+        self.training
+            .recomputed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(grads)?;
+        Ok((dx, None))
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// An f32 dropout mask of `dims` (kept entries `1 / (1 − p)`, dropped ones 0), a function of `seed` only:
+/// drawn from a counter-based hash on the CPU, from the device's generator seeded with `seed` elsewhere.
+fn dropout_keep_mask(dims: &[usize], p: f64, seed: u64, device: &Device) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    if device.is_cpu() {
+        use rayon::prelude::*;
+        let n: usize = dims.iter().product();
+        let threshold = (keep * u32::MAX as f64) as u32;
+        let mut mask = vec![0f32; n];
+        mask.par_chunks_mut(4096)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (i, m) in chunk.iter_mut().enumerate() {
+                    let r = (splitmix64(seed ^ (c * 4096 + i) as u64) >> 32) as u32;
+                    *m = if r < threshold { scale } else { 0.0 };
+                }
+            });
+        return Ok(Tensor::from_vec(mask, dims, device)?);
+    }
+    device.set_seed(seed)?;
+    let u = Tensor::rand(0f32, 1f32, dims, device)?;
+    Ok((u.ge(p)?.to_dtype(DType::F32)? * scale as f64)?)
 }
 
 /// The dtype normalisation runs in: f32 for half types, else the input's own.

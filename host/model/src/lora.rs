@@ -497,6 +497,50 @@ impl Adapter {
     }
 }
 
+/// Writes `base_dir` with `adapter` merged into it (as `merge_and_unload`, in the base checkpoint's dtype)
+/// as a Hugging Face folder at `dst`, atomically (replacing `dst`), with the base's tokenizer files.
+pub fn write_merged(base_dir: &Path, adapter: &Adapter, dst: &Path) -> Result<()> {
+    let cfg = LlamaConfig::from_path(base_dir)?;
+    let store = crate::TensorStore::open(base_dir)?;
+    let cpu = Device::Cpu;
+    let mut dtype = DType::F32;
+    let mut tensors = Vec::new();
+    for (name, _) in cfg.weight_shapes() {
+        if name == "lm_head.weight" && cfg.tie_word_embeddings {
+            continue;
+        }
+        let w = store.tensor(&name, &cpu)?;
+        if name == "model.embed_tokens.weight" {
+            dtype = w.dtype();
+        }
+        let module = name.strip_suffix(".weight").unwrap_or(&name);
+        let merged = adapter.merge_weight(module, &w)?;
+        tensors.push((name, merged));
+    }
+    let save = crate::SaveOptions {
+        dtype,
+        copy_from: Some(base_dir.to_path_buf()),
+        replace: true,
+        ..Default::default()
+    };
+    crate::save_tensors(dst, &cfg, &tensors, &save)?;
+    Ok(())
+}
+
+/// The model folder `base_dir` with the PEFT adapter in `adapter_dir` merged in, written at `dst` (see
+/// [`write_merged`]); errors name the adapter folder.
+pub fn merge_adapter_folder(base_dir: &Path, adapter_dir: &Path, dst: &Path) -> Result<()> {
+    let cfg = LlamaConfig::from_path(base_dir)?;
+    let adapter = Adapter::read(adapter_dir, &cfg, &Device::Cpu).with_context(|| {
+        format!(
+            "adapter {} for the model in {}",
+            adapter_dir.display(),
+            base_dir.display()
+        )
+    })?;
+    write_merged(base_dir, &adapter, dst)
+}
+
 /// One row of `B A`: `row[j] = Σ_k b[k] a[k, j]`, accumulated in k order with fused multiply-adds starting
 /// from the rounded first product.
 fn fma_row(row: &mut [f32], b: &[f32], a: &[f32], inp: usize) {

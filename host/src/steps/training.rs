@@ -7,6 +7,7 @@ use crate::data::{
     derive_seed, load_mixture, DatasetReport, DatasetSource, Example, RecordFilter, RecordFormat,
     TemplateChoice, TrainSequence,
 };
+use crate::model::lora::LoraSettings;
 use crate::model::Tokenizer;
 use crate::plugins::StepPluginHost;
 use crate::steps::{
@@ -14,8 +15,9 @@ use crate::steps::{
     StepContext, StepKind,
 };
 use crate::train::{
-    checkpoint_dir, load_for_training, move_contents, plot_loss, save_trained, train, AdamWConfig,
-    ComputeDType, ScheduleKind, TrainOptions, TrainSummary,
+    checkpoint_dir, load_for_lora_training, load_for_training, move_contents, plot_loss,
+    save_lora_trained, save_trained, train, AdamWConfig, ComputeDType, ScheduleKind, TrainOptions,
+    TrainSummary, ADAPTER_PART,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -87,6 +89,14 @@ pub struct TrainStepConfig {
     /// `{}`. (The plugins' bytes enter the cache key through the datasets that name them.)
     #[serde(default)]
     pub filter_params: FilterParams,
+    /// Train a LoRA adapter instead of the weights: `{ r, alpha, dropout, targets, rslora }` (PEFT's names:
+    /// `targets` = `target_modules`, names or `"all-linear"`). The base stays frozen; the artifact is the
+    /// merged model, with the adapter in PEFT's format as the part `STEP/adapter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// `adamw` (f32 moments) or `adamw_8bit` (block-wise 8-bit moments: a quarter of the memory).
     #[serde(default)]
     pub optimizer: OptimizerKind,
@@ -178,7 +188,17 @@ impl TrainStepConfig {
             "warmup_ratio",
             "must be in [0, 1)",
         );
+        out.extend(self.lora_issues());
         out
+    }
+
+    /// The `lora` table's problems, keyed `lora.KEY`.
+    fn lora_issues(&self) -> Vec<ConfigIssue> {
+        self.lora
+            .iter()
+            .flat_map(|l| l.issues())
+            .map(|(key, message)| ConfigIssue::new(format!("lora.{key}"), message))
+            .collect()
     }
 
     /// Optimizer steps for `rows` rows.
@@ -357,7 +377,7 @@ pub fn train_model(
     out_dir: &Path,
     observer: &mut dyn crate::train::TrainObserver,
 ) -> Result<TrainSummary> {
-    let (model, mut opt) = load_for_training(model_dir, cfg.dtype, cfg.adamw(), device)?;
+    let mut trainee = Trainee::load(cfg, model_dir, None, seed, device)?;
     let total = cfg.total_steps(rows.len());
     let opts = TrainOptions {
         lr: cfg.lr,
@@ -372,10 +392,17 @@ pub fn train_model(
         checkpoint_every: cfg.checkpoint_every,
         pad_id,
     };
-    let summary = train(&model, &mut opt, rows, &opts, out_dir, observer)?;
+    let summary = train(
+        &trainee.model,
+        &mut trainee.opt,
+        rows,
+        &opts,
+        out_dir,
+        observer,
+    )?;
 
     let staging = out_dir.join(".model");
-    save_trained(&model, &opt, model_dir, &staging, save_dtype)?;
+    trainee.save(&staging, save_dtype)?;
     move_contents(&staging, out_dir)?;
     plot_loss(&summary.history, title, &out_dir.join("loss.svg"))?;
     let report = serde_json::json!({
@@ -454,6 +481,10 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
         ArtifactKind::Model
     }
 
+    fn parts(&self, c: &TrainStepConfig) -> Vec<crate::steps::ArtifactPart> {
+        adapter_parts(c)
+    }
+
     fn check(&self, c: &TrainStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = c.issues();
         issues.extend(check_filter_plugins(&c.filter_params, ctx));
@@ -501,5 +532,83 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
             &mut observer,
         )?;
         Ok(())
+    }
+}
+
+/// A model folder loaded for a training step: every weight trained (f32 masters), or — with `lora` — the
+/// base frozen and an adapter trained.
+pub struct Trainee {
+    /// The model the loop runs (adapter attached for LoRA).
+    pub model: crate::model::Llama,
+    /// Its optimizer: every weight, or the adapter's factors.
+    pub opt: crate::train::AdamW,
+    /// The trained adapter (its factors are the optimizer's variables).
+    pub adapter: Option<crate::model::lora::Adapter>,
+    base_dir: std::path::PathBuf,
+}
+
+impl Trainee {
+    /// Loads `base_dir` as `cfg` says (`dtype`, optimizer, `lora`, `gradient_checkpointing`). A LoRA run
+    /// continues the adapter in `adapter_start` when given (sDPO's later stages), else starts a fresh one
+    /// from `seed`.
+    pub fn load(
+        cfg: &TrainStepConfig,
+        base_dir: &Path,
+        adapter_start: Option<&Path>,
+        seed: u64,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let (model, opt, adapter) = match &cfg.lora {
+            None => {
+                let (model, opt) = load_for_training(base_dir, cfg.dtype, cfg.adamw(), device)?;
+                (model, opt, None)
+            }
+            Some(lora) => {
+                let (model, opt, adapter) = load_for_lora_training(
+                    base_dir,
+                    cfg.dtype,
+                    lora,
+                    adapter_start,
+                    seed,
+                    cfg.adamw(),
+                    device,
+                )?;
+                (model, opt, Some(adapter))
+            }
+        };
+        Ok(Trainee {
+            model: model.with_checkpointing(cfg.gradient_checkpointing),
+            opt,
+            adapter,
+            base_dir: base_dir.to_path_buf(),
+        })
+    }
+
+    /// Writes the trained model as a Hugging Face folder at `dst` (full fine-tuning: in `save_dtype`;
+    /// LoRA: merged in the base's dtype, with the adapter under `dst/adapter/`).
+    pub fn save(&self, dst: &Path, save_dtype: DType) -> Result<()> {
+        match &self.adapter {
+            None => save_trained(&self.model, &self.opt, &self.base_dir, dst, save_dtype),
+            Some(adapter) => {
+                let base_name = self
+                    .base_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                save_lora_trained(&self.base_dir, adapter, &base_name, dst)
+            }
+        }
+    }
+}
+
+/// The artifact parts of a training step: `adapter` (PEFT's files) when it trains a LoRA adapter.
+pub fn adapter_parts(cfg: &TrainStepConfig) -> Vec<crate::steps::ArtifactPart> {
+    match cfg.lora {
+        Some(_) => vec![crate::steps::ArtifactPart {
+            name: ADAPTER_PART.to_string(),
+            path: ADAPTER_PART.into(),
+            kind: ArtifactKind::Files,
+        }],
+        None => Vec::new(),
     }
 }

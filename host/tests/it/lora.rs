@@ -211,3 +211,168 @@ fn adapters_of_another_model_or_with_unsupported_options_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// The unmerged forward (adapter beside the frozen weights) gives PEFT's logits and equals the merged model.
+#[test]
+fn the_adapter_beside_the_weights_equals_peft_and_the_merge() {
+    let cfg = LlamaConfig::from_path(&base_dir()).unwrap();
+    for name in ["qv_down", "all_linear_rslora"] {
+        let adapter =
+            Adapter::read(&fixtures().join(format!("lora/{name}")), &cfg, &Device::Cpu).unwrap();
+        let want = expected(name);
+        let ids = want["input_ids"].to_dtype(DType::U32).unwrap();
+        let base = load_model(&base_dir(), DType::F32, &Device::Cpu).unwrap();
+        let adapted = base.with_adapter(&adapter).unwrap();
+        let ours = adapted.forward(&ids, &ForwardOptions::default()).unwrap();
+        let train = adapted
+            .forward_train(&ids, &ForwardOptions::default())
+            .unwrap();
+        let (merged, _) = merged_model(&adapter, DType::F32);
+        let merged = merged.forward(&ids, &ForwardOptions::default()).unwrap();
+        let d = max_abs_diff(&ours, &want["logits"]);
+        assert!(d < 1e-4, "{name}: unmerged logits off PEFT's by {d}");
+        assert!(
+            max_abs_diff(&ours, &merged) < 1e-4,
+            "{name}: unmerged vs merged"
+        );
+        let base_train = base_for_diff(&ids);
+        let d_train = max_abs_diff(&ours, &train);
+        assert!(
+            d_train <= 2.0 * base_train.max(1e-6),
+            "{name}: training vs inference forward off by {d_train} (without adapter: {base_train})"
+        );
+    }
+}
+
+/// Gradients of a small loss on the fixture model, by parameter name, with or without checkpointing.
+fn gradients(
+    checkpointing: bool,
+    adapter: Option<&Adapter>,
+    dropout_seed: Option<u64>,
+) -> Vec<(String, Tensor)> {
+    gradients_of(checkpointing, adapter, dropout_seed, false)
+}
+
+/// As [`gradients`]; with `frozen_base` the base weights are plain tensors (a LoRA run) and only the
+/// adapter's factors get gradients.
+fn gradients_of(
+    checkpointing: bool,
+    adapter: Option<&Adapter>,
+    dropout_seed: Option<u64>,
+    frozen_base: bool,
+) -> Vec<(String, Tensor)> {
+    let (varmap, model) =
+        dusflow::model::load_trainable(&base_dir(), DType::F32, &Device::Cpu).unwrap();
+    let (mut model, mut named) = if frozen_base {
+        let plain = load_model(&base_dir(), DType::F32, &Device::Cpu).unwrap();
+        (plain.with_checkpointing(checkpointing), Vec::new())
+    } else {
+        let named: Vec<(String, Tensor)> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        (model.with_checkpointing(checkpointing), named)
+    };
+    if let Some(a) = adapter {
+        // Trainable factors, as a LoRA step makes them.
+        let mut trainable = a.clone();
+        for (m, pair) in trainable.layers.iter_mut() {
+            let av = candle_core::Var::from_tensor(&pair.a).unwrap();
+            let bv = candle_core::Var::from_tensor(&pair.b).unwrap();
+            named.push((format!("{m}.lora_A"), av.as_tensor().clone()));
+            named.push((format!("{m}.lora_B"), bv.as_tensor().clone()));
+            pair.a = av.as_tensor().clone();
+            pair.b = bv.as_tensor().clone();
+        }
+        model = model.with_adapter(&trainable).unwrap();
+    }
+    model.set_dropout_seed(dropout_seed);
+    let ids = Tensor::new(&[[256u32, 72, 101, 108, 108, 111, 33, 10]], &Device::Cpu).unwrap();
+    let logits = model
+        .forward_train(&ids.narrow(1, 0, 7).unwrap(), &ForwardOptions::default())
+        .unwrap();
+    let targets = ids.narrow(1, 1, 7).unwrap().flatten_all().unwrap();
+    let weights = Tensor::ones(7, DType::F32, &Device::Cpu).unwrap();
+    let loss = dusflow::train::weighted_nll_sum(&logits, &targets, &weights).unwrap();
+    let mut grads = loss.backward().unwrap();
+    model.merge_recomputed_grads(&mut grads).unwrap();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+        .into_iter()
+        .map(|(n, t)| {
+            let g = grads
+                .get(&t)
+                .unwrap_or_else(|| panic!("{n} received no gradient"))
+                .clone();
+            (n, g)
+        })
+        .collect()
+}
+
+/// Activation checkpointing recomputes each layer in the backward pass: every gradient equals the plain
+/// pass's (f32, 1e-6 of the largest), with and without an adapter and its dropout.
+#[test]
+fn checkpointed_gradients_equal_plain_ones() {
+    let cfg = LlamaConfig::from_path(&base_dir()).unwrap();
+    let adapter = Adapter::read(&fixtures().join("lora/qv_down"), &cfg, &Device::Cpu).unwrap();
+    for (adapter, seed) in [
+        (None, None),
+        (Some(&adapter), Some(7)),
+        (Some(&adapter), None),
+    ] {
+        let plain = gradients(false, adapter, seed);
+        let checkpointed = gradients(true, adapter, seed);
+        assert_eq!(plain.len(), checkpointed.len());
+        for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1e-12);
+            let d = max_abs_diff(a, b);
+            assert!(
+                d <= 1e-6 * scale,
+                "{name}: checkpointed gradient off by {d} (scale {scale})"
+            );
+        }
+    }
+    // A frozen base (a LoRA run): only the factors are variables, the checkpointed layers still backpropagate.
+    let plain = gradients_of(false, Some(&adapter), Some(3), true);
+    let checkpointed = gradients_of(true, Some(&adapter), Some(3), true);
+    assert_eq!(plain.len(), 2 * adapter.layers.len());
+    for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-12);
+        assert!(max_abs_diff(a, b) <= 1e-6 * scale, "{name} (frozen base)");
+    }
+    // Dropout changes the gradients (the masks are applied), deterministically per seed.
+    let (a, b) = (
+        gradients(false, Some(&adapter), Some(7)),
+        gradients(false, Some(&adapter), Some(7)),
+    );
+    let c = gradients(false, Some(&adapter), Some(8));
+    let name = "model.layers.0.self_attn.q_proj.lora_A";
+    let pick = |g: &[(String, Tensor)]| g.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    assert_eq!(max_abs_diff(&pick(&a), &pick(&b)), 0.0);
+    assert!(max_abs_diff(&pick(&a), &pick(&c)) > 0.0);
+}
+
+/// How far the base model's training and inference forwards are apart (fused vs composed norm and rope).
+fn base_for_diff(ids: &Tensor) -> f32 {
+    let base = load_model(&base_dir(), DType::F32, &Device::Cpu).unwrap();
+    let a = base.forward(ids, &ForwardOptions::default()).unwrap();
+    let b = base.forward_train(ids, &ForwardOptions::default()).unwrap();
+    max_abs_diff(&a, &b)
+}

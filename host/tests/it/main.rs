@@ -17,6 +17,7 @@ mod fuzz;
 mod golden;
 mod inputs;
 mod lora;
+mod lora_training;
 mod merge_parity;
 mod merge_step;
 mod model_checkpoint;

@@ -83,6 +83,7 @@ async fn aligned_by_key_with_the_gsm8k_template() {
         kind: dusflow::steps::ArtifactKind::Dataset,
         path: a.clone(),
         dataset: None,
+        merge: None,
     })
     .unwrap();
     assert_eq!(source.format, Some(dusflow::data::RecordFormat::Preference));

@@ -34,4 +34,7 @@ pub use trainer::{
     Objective, TrainObserver, TrainOptions, TrainSummary,
 };
 pub mod model_io;
-pub use model_io::{load_for_training, move_contents, save_trained, sorted_vars, ComputeDType};
+pub use model_io::{
+    load_for_lora_training, load_for_training, move_contents, save_lora_trained, save_trained,
+    sorted_vars, ComputeDType, ADAPTER_PART,
+};

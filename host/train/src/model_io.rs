@@ -5,6 +5,7 @@ use crate::optimizer::{set_master, AdamW, AdamWConfig};
 use anyhow::{Context, Result};
 use candle_core::{DType, Var};
 use candle_nn::{VarBuilder, VarMap};
+use dusflow_model::lora::{Adapter, LoraSettings};
 use dusflow_model::{load_trainable, save_tensors, Llama, LlamaConfig, SaveOptions};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -106,3 +107,97 @@ pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
 }
+
+/// Loads model folder `dir` for LoRA training: the base weights frozen (plain tensors, not variables, so
+/// they get no gradient and no optimizer state) in the compute dtype, and an adapter whose factors are f32
+/// variables — fresh (PEFT's initialisation, from `seed`) or continued from the PEFT adapter folder
+/// `start`. The optimizer holds the factors only, named as in PEFT's file
+/// (`base_model.model.<module>.lora_A.weight`).
+pub fn load_for_lora_training(
+    dir: &Path,
+    compute: ComputeDType,
+    settings: &LoraSettings,
+    start: Option<&Path>,
+    seed: u64,
+    adamw: AdamWConfig,
+    device: &candle_core::Device,
+) -> Result<(Llama, AdamW, Adapter)> {
+    let dtype = match compute {
+        ComputeDType::F32 => DType::F32,
+        ComputeDType::Bf16 => DType::BF16,
+    };
+    let cfg = LlamaConfig::from_path(dir)?;
+    let base = dusflow_model::load_model(dir, dtype, device)?;
+    let mut adapter = match start {
+        None => Adapter::init(&cfg, settings, seed, device)?,
+        Some(folder) => {
+            let a = Adapter::read(folder, &cfg, device)
+                .with_context(|| format!("continuing the adapter in {}", folder.display()))?;
+            anyhow::ensure!(
+                a.settings.r == settings.r && a.layers.keys().eq(adapted_modules_of(&cfg, settings).iter()),
+                "the adapter in {} (r = {}, {} layers) is not the one this step trains (r = {}, {} layers)",
+                folder.display(),
+                a.settings.r,
+                a.layers.len(),
+                settings.r,
+                adapted_modules_of(&cfg, settings).len()
+            );
+            Adapter {
+                settings: settings.clone(),
+                layers: a.layers,
+            }
+        }
+    };
+    let mut vars = Vec::with_capacity(adapter.layers.len() * 2);
+    for (module, pair) in adapter.layers.iter_mut() {
+        let a = Var::from_tensor(&pair.a.to_dtype(DType::F32)?)?;
+        let b = Var::from_tensor(&pair.b.to_dtype(DType::F32)?)?;
+        pair.a = a.as_tensor().clone();
+        pair.b = b.as_tensor().clone();
+        vars.push((format!("base_model.model.{module}.lora_A.weight"), a));
+        vars.push((format!("base_model.model.{module}.lora_B.weight"), b));
+    }
+    vars.sort_by(|x, y| x.0.cmp(&y.0));
+    let model = base.with_adapter(&adapter)?;
+    let opt = AdamW::new(vars, adamw)?;
+    Ok((model, opt, adapter))
+}
+
+fn adapted_modules_of(cfg: &LlamaConfig, settings: &LoraSettings) -> Vec<String> {
+    dusflow_model::lora::adapted_modules(cfg, &settings.targets)
+}
+
+/// Writes a LoRA run's result at `dst` (atomically, replacing it): the merged model (`W + scaling · B A`
+/// as PEFT's `merge_and_unload` computes it, in the base checkpoint's dtype) with the tokenizer files of
+/// `base_dir`, and the adapter itself in PEFT's format under `dst/adapter/` (`base_model` names the base
+/// in its config).
+pub fn save_lora_trained(
+    base_dir: &Path,
+    adapter: &Adapter,
+    base_model: &str,
+    dst: &Path,
+) -> Result<()> {
+    let cpu = candle_core::Device::Cpu;
+    let cpu_adapter = Adapter {
+        settings: adapter.settings.clone(),
+        layers: adapter
+            .layers
+            .iter()
+            .map(|(m, p)| {
+                Ok((
+                    m.clone(),
+                    dusflow_model::lora::LoraPair {
+                        a: p.a.to_device(&cpu)?.detach(),
+                        b: p.b.to_device(&cpu)?.detach(),
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?,
+    };
+    dusflow_model::lora::write_merged(base_dir, &cpu_adapter, dst)?;
+    cpu_adapter.write(&dst.join(ADAPTER_PART), base_model)?;
+    Ok(())
+}
+
+/// Where a LoRA step's adapter goes inside its artifact (the artifact part other steps name `STEP/adapter`).
+pub const ADAPTER_PART: &str = "adapter";

@@ -314,6 +314,8 @@ fn accumulate_gradients(
     let mut tokens = 0;
     let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
     for (k, idx) in batches.iter().enumerate() {
+        // Adapter dropout masks follow the step and micro-batch, so a resumed run draws the same ones.
+        model.set_dropout_seed(Some(dropout_seed(step, k)));
         let micro = objective.micro_batch_loss(model, idx)?;
         let value = micro.loss_sum.to_scalar::<f32>()? as f64;
         check_finite(step, &format!("loss (micro-batch {})", k + 1), value)?;
@@ -325,7 +327,8 @@ fn accumulate_gradients(
                 None => metric_sums.push((name, v)),
             }
         }
-        let grads = (micro.loss_sum / units as f64)?.backward()?;
+        let mut grads = (micro.loss_sum / units as f64)?.backward()?;
+        model.merge_recomputed_grads(&mut grads)?;
         let these = opt.f32_gradients(&grads)?;
         acc = Some(match acc {
             None => these,
@@ -342,6 +345,15 @@ fn accumulate_gradients(
         tokens,
         metric_sums,
     })
+}
+
+/// The dropout seed of micro-batch `k` of optimizer step `step`.
+fn dropout_seed(step: usize, k: usize) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dropout");
+    h.update(&(step as u64).to_le_bytes());
+    h.update(&(k as u64).to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// Stops with a clear error when a loss or gradient value is NaN or infinite.

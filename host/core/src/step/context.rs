@@ -20,6 +20,9 @@ pub struct InputArtifact {
     pub path: PathBuf,
     /// For `[datasets.*]` inputs: the spec, with paths made absolute.
     pub dataset: Option<DatasetSpec>,
+    /// For a `[models.*]` input with an `adapter`: (base folder, adapter folder) that the engine merges into
+    /// `path` before the step runs.
+    pub merge: Option<(PathBuf, PathBuf)>,
 }
 
 /// The run-time view of one step.

@@ -123,6 +123,7 @@ impl<'a> Loader<'a> {
         let mut plugins: IndexMap<String, PluginSpec> = self.named_section(root, "plugins", sink);
         for m in models.values_mut() {
             m.path = self.dir.join(&m.path);
+            m.adapter = m.adapter.as_ref().map(|a| self.dir.join(a));
         }
         for d in datasets.values_mut() {
             d.path = match &d.path {

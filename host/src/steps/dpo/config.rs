@@ -92,6 +92,12 @@ pub struct DpoStepConfig {
     /// Compute precision.
     #[serde(default)]
     pub dtype: ComputeDType,
+    /// Train a LoRA adapter (see the training keys); sDPO's stages continue the same adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraSettings>,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// `adamw` or `adamw_8bit` (see the training keys).
     #[serde(default)]
     pub optimizer: OptimizerKind,
@@ -147,6 +153,8 @@ impl DpoStepConfig {
             dtype: self.dtype,
             optimizer: self.optimizer,
             master_weights: self.master_weights,
+            lora: self.lora.clone(),
+            gradient_checkpointing: self.gradient_checkpointing,
             shuffle: self.shuffle,
             filter_params: self.filter_params.clone(),
             template: self.template,
@@ -283,7 +291,8 @@ mod tests {
         let tuned: DpoStepConfig = toml::from_str(
             "micro_batch = 3\ngrad_accum = 5\nweight_decay = 0.1\nclip = 0.5\nshuffle = false\n\
              checkpoint_every = 7\neps = 1e-6\nbetas = [0.8, 0.9]\nschedule = \"linear\"\n\
-             optimizer = \"adamw_8bit\"\nmaster_weights = false\n\
+             optimizer = \"adamw_8bit\"\nmaster_weights = false\ngradient_checkpointing = true\n\
+             lora = { r = 4, alpha = 8.0 }\n\
              warmup_steps = 2\nepochs = 4\nmax_steps = 9\nseed = 3\ndtype = \"bf16\"",
         )
         .unwrap();

@@ -76,13 +76,15 @@ impl StepKind for DpoStep {
 
     /// `stage-<t>` for t < T: the intermediate sDPO models M_t.
     fn parts(&self, c: &DpoStepConfig) -> Vec<ArtifactPart> {
-        (1..c.chunks)
+        let mut parts: Vec<ArtifactPart> = (1..c.chunks)
             .map(|t| ArtifactPart {
                 name: format!("stage-{t}"),
                 path: format!("stage-{t}").into(),
                 kind: ArtifactKind::Model,
             })
-            .collect()
+            .collect();
+        parts.extend(crate::steps::training::adapter_parts(&c.train_config()));
+        parts
     }
 
     fn check(&self, c: &DpoStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {

@@ -4,15 +4,15 @@
 
 use super::chunks::{all_pairs, chunk_origin, PreferenceData, SourcedPair};
 use crate::model::load_model;
-use crate::steps::training::progress_observer;
 use crate::steps::training::TrainStepConfig;
+use crate::steps::training::{progress_observer, Trainee};
 use crate::steps::{InputArtifact, StepContext};
 use crate::train::dpo::{
     reference_pass, DpoLossConfig, DpoObjective, PreferencePair, ReferenceLogps,
 };
+use crate::train::ADAPTER_PART;
 use crate::train::{
-    load_for_training, move_contents, save_trained, train_objective, MetricsLog, StepMetrics,
-    TrainObserver, TrainOptions,
+    move_contents, train_objective, MetricsLog, StepMetrics, TrainObserver, TrainOptions,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -178,6 +178,7 @@ pub fn run_stage(
     chunk: &[SourcedPair],
     chunk_origin: serde_json::Value,
     initial: (&Path, ModelIdentity),
+    adapter_start: Option<&Path>,
     reference: (StoredReference, bool),
     output: &str,
     observer: &mut dyn TrainObserver,
@@ -189,10 +190,11 @@ pub fn run_stage(
             .with_context(|| format!("reading {}", done.display()));
     }
     let pairs: Vec<PreferencePair> = chunk.iter().map(|p| p.pair.clone()).collect();
-    let (model, mut opt) = load_for_training(
+    let mut trainee = Trainee::load(
+        setup.train,
         initial.0,
-        setup.train.dtype,
-        setup.train.adamw(),
+        adapter_start,
+        setup.seed ^ t as u64,
         setup.device,
     )?;
     let total = setup.train.total_steps(pairs.len());
@@ -216,21 +218,22 @@ pub fn run_stage(
         pad_id: setup.pad,
     };
     let t0 = Instant::now();
-    let summary = train_objective(&model, &mut opt, &objective, &opts, &work, observer)?;
+    let summary = train_objective(
+        &trainee.model,
+        &mut trainee.opt,
+        &objective,
+        &opts,
+        &work,
+        observer,
+    )?;
     let trained_pairs = (summary.steps - summary.resumed_from) * opts.micro_batch * opts.grad_accum;
     let pairs_per_s = trained_pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     if output == "." {
         let staging = work.join("model");
-        save_trained(&model, &opt, initial.0, &staging, setup.save_dtype)?;
+        trainee.save(&staging, setup.save_dtype)?;
         move_contents(&staging, setup.out_dir)?;
     } else {
-        save_trained(
-            &model,
-            &opt,
-            initial.0,
-            &setup.out_dir.join(output),
-            setup.save_dtype,
-        )?;
+        trainee.save(&setup.out_dir.join(output), setup.save_dtype)?;
     }
     let report = StageReport {
         stage: t,
@@ -343,12 +346,27 @@ pub fn run_stages(
             format!("stage-{t}")
         };
         let mut observer = progress_observer(ctx);
+        // LoRA trains one adapter over every stage on the frozen base: stage t continues stage t−1's.
+        let (start, adapter_start) = match (&setup.train.lora, t) {
+            (Some(_), 1) => (stages.initial.clone(), None),
+            (Some(_), _) => (
+                stages.initial.clone(),
+                Some(
+                    setup
+                        .out_dir
+                        .join(format!("stage-{}", t - 1))
+                        .join(ADAPTER_PART),
+                ),
+            ),
+            (None, _) => (current.clone(), None),
+        };
         let report = run_stage(
             setup,
             t,
             chunk,
             serde_json::to_value(chunk_origin(stages.data, chunk))?,
-            (&current.0, current.1.clone()),
+            (&start.0, start.1.clone()),
+            adapter_start.as_deref(),
             reference,
             &output,
             &mut observer,
