@@ -4,18 +4,23 @@
 //! Memory holds the input tensors being merged and a few chunks per core.
 
 use super::elements::{element_size, is_float, Source};
+use super::mergekit_yaml::{model_card, MergekitMerge};
 use super::methods::{merge_tensor_to, TensorOut};
+use super::params::Param;
 use super::params::{layer_index, TensorPosition};
 use super::plan::{input_order, MethodPlanner, TensorDescription, TensorPlanner};
 use super::plugin_rule::PluginPlanner;
-use super::MergeConfig;
+use super::whole::{promoted, MethodParams, ParamValue, WholePlanner};
+use super::{Combination, MergeConfig};
 use crate::byte_size::ShardSize;
 use crate::model::in_place_writer::{write_checkpoint_in_place, TensorSlot};
 use crate::model::{check_weights, LlamaConfig, ShardOptions, TensorSpec, TensorStore};
 use crate::plugins::StepPluginHost;
+use crate::spec::DType;
 use crate::steps::{Cancelled, StepContext};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::ProgressBar;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -67,6 +72,20 @@ pub fn run(c: &MergeConfig, ctx: &StepContext) -> Result<()> {
     let models = named("models");
     let base = named("base").into_iter().next();
     let cancelled = || ctx.is_cancelled();
+    if let Some(path) = &c.config {
+        let inputs: Vec<NamedModel> = models.iter().cloned().chain(base).collect();
+        let config = super::mergekit_yaml::load(&ctx.resolve(path), &inputs)?;
+        merge_mergekit(
+            &config,
+            c,
+            ctx.settings.seed,
+            &ctx.out_dir,
+            ctx.settings.durable,
+            &ctx.progress,
+            &cancelled,
+        )?;
+        return Ok(());
+    }
     if let Some(name) = &c.plugin {
         let spec = ctx
             .plugins
@@ -123,6 +142,28 @@ pub fn merge(
     let Some(method) = config.method else {
         bail!("merge-rule plugins are not available in this build yet (set `method`)");
     };
+    if method.spec().combination == Combination::Whole {
+        let mut planner = WholePlanner {
+            method,
+            has_base: base.is_some(),
+            params: toml_params(config, models.len()),
+            // Our TOML's arithmetic is f32 whatever the output dtype.
+            compute: Some(DType::F32),
+            seed: config.seed.unwrap_or(default_seed),
+        };
+        let order: Vec<usize> = (0..models.len() + base.is_some() as usize).collect();
+        return merge_with(
+            &mut planner,
+            &order,
+            config,
+            models,
+            base,
+            out_dir,
+            durable,
+            progress,
+            cancelled,
+        );
+    }
     let mut planner = MethodPlanner::new(config, method, models.len(), default_seed);
     let order = input_order(Some(method), models.len(), base.is_some());
     merge_with(
@@ -136,6 +177,139 @@ pub fn merge(
         progress,
         cancelled,
     )
+}
+
+/// The parameters of a TOML merge config as the whole-tensor methods read them (mergekit's names).
+fn toml_params(config: &MergeConfig, models: usize) -> MethodParams {
+    let mut global = BTreeMap::new();
+    let mut number = |key: &str, p: &Option<Param>| {
+        if let Some(p) = p {
+            global.insert(key.to_string(), ParamValue::Number(p.clone()));
+        }
+    };
+    number("t", &config.t);
+    number("density", &config.density);
+    number("lambda", &config.lambda);
+    number("gamma", &config.gamma);
+    number("epsilon", &config.epsilon);
+    number("select_topk", &config.select_topk);
+    number("max_iter", &config.max_iter.map(|v| Param::Value(v.into())));
+    number("tol", &config.tol.map(Param::Value));
+    for (key, flag) in [
+        ("normalize", config.normalize),
+        ("rescale", config.rescale),
+        ("filter_wise", config.filter_wise),
+        ("nuslerp_flatten", config.nuslerp_flatten),
+        ("nuslerp_row_wise", config.nuslerp_row_wise),
+        ("normalize_weights", config.normalize_weights),
+    ] {
+        if let Some(b) = flag {
+            global.insert(key.to_string(), ParamValue::Flag(b));
+        }
+    }
+    let weights = config
+        .weights
+        .clone()
+        .unwrap_or_else(|| vec![Param::Value(1.0); models]);
+    MethodParams {
+        global,
+        per_model: weights
+            .into_iter()
+            .map(|w| BTreeMap::from([("weight".to_string(), ParamValue::Number(w))]))
+            .collect(),
+    }
+}
+
+/// Runs a mergekit config (already resolved against the inputs): computes in its `dtype`, writes its
+/// `out_dtype`, copies the tokenizer of its `tokenizer_source`, and writes mergekit's model card
+/// (`README.md`) and the config (`mergekit_config.yml`) beside the weights. `step` supplies `shard_size`
+/// and `allow_non_finite`.
+pub fn merge_mergekit(
+    m: &MergekitMerge,
+    step: &MergeConfig,
+    default_seed: u64,
+    out_dir: &Path,
+    durable: bool,
+    progress: &ProgressBar,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<MergeSummary> {
+    let inputs: Vec<&NamedModel> = m.base.iter().chain(&m.models).collect();
+    // Without `dtype` and `out_dtype`, mergekit writes the inputs' promoted dtype.
+    let out = match m.out_dtype.or(m.compute) {
+        Some(d) => d,
+        None => {
+            let mut dtypes = Vec::new();
+            for model in &inputs {
+                let store = TensorStore::open(&model.path)
+                    .with_context(|| format!("opening model `{}`", model.name))?;
+                let first_float = store.metas().map(|t| t.dtype).find(|d| is_float(*d));
+                dtypes.extend(first_float);
+            }
+            promoted(dtypes).unwrap_or(DType::F32)
+        }
+    };
+    let config = MergeConfig {
+        dtype: Some(out),
+        ..step.clone()
+    };
+    let mut planner = WholePlanner {
+        method: m.method,
+        has_base: m.base.is_some(),
+        params: m.params.clone(),
+        compute: m.compute,
+        seed: step.seed.unwrap_or(default_seed),
+    };
+    let order: Vec<usize> = (0..inputs.len()).collect();
+    let summary = merge_with(
+        &mut planner,
+        &order,
+        &config,
+        &m.models,
+        m.base.as_ref(),
+        out_dir,
+        durable,
+        progress,
+        cancelled,
+    )?;
+    if let Some(donor) = &m.tokenizer_donor {
+        copy_tokenizer(&donor.path, out_dir)?;
+    }
+    let title = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let names: Vec<&str> = m.model_names.iter().map(String::as_str).collect();
+    let card = model_card(
+        &title,
+        m.method,
+        m.base_name.as_deref(),
+        &names,
+        &m.text,
+        m.path.parent().unwrap_or(Path::new(".")),
+    );
+    std::fs::write(out_dir.join("README.md"), card)
+        .with_context(|| format!("writing {}", out_dir.join("README.md").display()))?;
+    std::fs::write(out_dir.join("mergekit_config.yml"), &m.text)
+        .with_context(|| format!("writing {}", out_dir.join("mergekit_config.yml").display()))?;
+    Ok(summary)
+}
+
+/// Replaces the tokenizer files in `out_dir` with `donor`'s (mergekit's `tokenizer_source`).
+fn copy_tokenizer(donor: &Path, out_dir: &Path) -> Result<()> {
+    let tokenizer_files = SIDE_FILES
+        .iter()
+        .filter(|f| !matches!(**f, "config.json" | "generation_config.json"));
+    for file in tokenizer_files {
+        let (src, dst) = (donor.join(file), out_dir.join(file));
+        if dst.is_file() {
+            std::fs::remove_file(&dst).with_context(|| format!("replacing {}", dst.display()))?;
+        }
+        if src.is_file() {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Like [`merge`], with tensors planned by `planner`, which reads the inputs at positions `order` of

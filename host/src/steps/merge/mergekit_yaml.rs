@@ -1,0 +1,450 @@
+//! mergekit YAML configs on the `merge` step (`config = "merge.yml"`), read with mergekit 0.1.5's meaning:
+//!
+//! - `merge_method`, `base_model`, `models` (each with `parameters`), top-level `parameters`, numbers as
+//!   values, per-layer gradients (lists) or `filter`/`value` rules — model-level values win over top-level
+//!   ones, as in mergekit.
+//! - `dtype` is the compute dtype: inputs are cast to it and the methods compute in it (`bfloat16` = bf16
+//!   arithmetic, each torch operation rounding to bf16); `out_dtype` is the dtype written (default `dtype`,
+//!   else the inputs' promoted dtype). Our TOML's `dtype` stays the output dtype with f32 arithmetic.
+//! - `tokenizer_source`: `base` or a model name copies that model's tokenizer files (default: the base,
+//!   else the first model, as mergekit copies).
+//! - Model names resolve to the step's `inputs.models` (and `inputs.base`): an input whose workflow name
+//!   is the YAML name, else whose folder is the YAML path (relative to the YAML file), else whose folder
+//!   name is the YAML name's last path component. Each must match exactly one input.
+//!
+//! Unknown keys, methods and parameters are errors naming the YAML file and line. `slices`, `modules`,
+//! `tokenizer` and `chat_template` are refused with a message (not read silently).
+
+use super::stream::NamedModel;
+use super::whole::{MethodParams, ParamValue};
+use super::{params::FilterRule, params::Param, BaseUse, Method, METHODS};
+use crate::spec::DType;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    merge_method: String,
+    #[serde(default)]
+    models: Option<Vec<RawModel>>,
+    #[serde(default)]
+    slices: Option<serde_norway::Value>,
+    #[serde(default)]
+    modules: Option<serde_norway::Value>,
+    #[serde(default)]
+    base_model: Option<String>,
+    #[serde(default)]
+    dtype: Option<DType>,
+    #[serde(default)]
+    out_dtype: Option<DType>,
+    #[serde(default)]
+    tokenizer_source: Option<String>,
+    #[serde(default)]
+    tokenizer: Option<serde_norway::Value>,
+    #[serde(default)]
+    chat_template: Option<String>,
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, RawParam>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    model: String,
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, RawParam>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawParam {
+    Flag(bool),
+    Number(Param),
+    Rule(FilterRule),
+}
+
+impl From<RawParam> for ParamValue {
+    fn from(p: RawParam) -> Self {
+        match p {
+            RawParam::Flag(b) => ParamValue::Flag(b),
+            RawParam::Number(p) => ParamValue::Number(p),
+            RawParam::Rule(r) => ParamValue::Number(Param::Filtered(vec![r])),
+        }
+    }
+}
+
+/// A mergekit config resolved against the step's inputs.
+#[derive(Debug, Clone)]
+pub struct MergekitMerge {
+    /// The YAML file.
+    pub path: PathBuf,
+    /// Its text (written beside the weights as `mergekit_config.yml`, quoted in the card).
+    pub text: String,
+    /// The method.
+    pub method: Method,
+    /// The base model, when the method reads one.
+    pub base: Option<NamedModel>,
+    /// The other models, in YAML order.
+    pub models: Vec<NamedModel>,
+    /// Parameters per model and top-level.
+    pub params: MethodParams,
+    /// Compute dtype (`dtype`).
+    pub compute: Option<DType>,
+    /// Output dtype (`out_dtype`).
+    pub out_dtype: Option<DType>,
+    /// The model whose tokenizer files are copied.
+    pub tokenizer_donor: Option<NamedModel>,
+    /// Model names as the YAML writes them: the base (if any), then the others (for the card).
+    pub base_name: Option<String>,
+    /// The other models' YAML names.
+    pub model_names: Vec<String>,
+}
+
+/// The 1-based line of the first line of `text` containing `needle` (for messages), if any.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// `path:line: message` (or `path: message` when the line is unknown).
+fn at(path: &Path, line: Option<usize>, message: impl std::fmt::Display) -> anyhow::Error {
+    match line {
+        Some(l) => anyhow!("{}:{l}: {message}", path.display()),
+        None => anyhow!("{}: {message}", path.display()),
+    }
+}
+
+/// The YAML names of the parameters `method` reads (TOML `weights` is mergekit's per-model `weight`).
+fn yaml_params(method: Method) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = method
+        .spec()
+        .params
+        .iter()
+        .filter(|p| **p != "seed")
+        .map(|p| if *p == "weights" { "weight" } else { *p })
+        .collect();
+    if matches!(
+        method.spec().combination,
+        super::Combination::TaskVectors { .. }
+    ) || matches!(
+        method,
+        Method::Breadcrumbs
+            | Method::BreadcrumbsTies
+            | Method::Della
+            | Method::DellaLinear
+            | Method::Sce
+    ) {
+        // Only changes the mask's storage type in mergekit, never a value.
+        names.push("int8_mask");
+    }
+    names
+}
+
+/// Reads and resolves the mergekit config at `path` against `inputs` (the step's `models`, then `base`).
+pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading mergekit config {}", path.display()))?;
+    let raw: RawConfig = serde_norway::from_str(&text).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        let message = e.to_string();
+        // serde_norway appends "at line L column C"; the prefix already says where.
+        let message = match message.find(" at line ") {
+            Some(i) if line.is_some() => message[..i].to_string(),
+            _ => message,
+        };
+        at(path, line, message)
+    })?;
+    for (key, present) in [
+        ("slices", raw.slices.is_some()),
+        ("modules", raw.modules.is_some()),
+        ("tokenizer", raw.tokenizer.is_some()),
+        ("chat_template", raw.chat_template.is_some()),
+    ] {
+        if present {
+            let hint = if key == "slices" {
+                " (list whole models under `models`; layer stacking is the `scale` step)"
+            } else {
+                ""
+            };
+            bail!(at(
+                path,
+                line_of(&text, &format!("{key}:")),
+                format!("`{key}` is not supported by dusflow's merge step{hint}")
+            ));
+        }
+    }
+    let method = METHODS
+        .iter()
+        .find(|m| m.name == raw.merge_method)
+        .map(|m| m.method)
+        .ok_or_else(|| {
+            at(
+                path,
+                line_of(&text, "merge_method"),
+                format!(
+                    "unknown merge_method `{}` (known: {})",
+                    raw.merge_method,
+                    super::method_names()
+                ),
+            )
+        })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let find = |name: &str| -> Result<usize> {
+        resolve_model(name, dir, inputs).map_err(|e| at(path, line_of(&text, name), e))
+    };
+    let yaml_models = raw
+        .models
+        .ok_or_else(|| at(path, None, "no `models` list"))?;
+    let spec = method.spec();
+    let base_index = match (&raw.base_model, spec.base) {
+        (Some(b), BaseUse::Required | BaseUse::Optional) => Some(find(b)?),
+        (None, BaseUse::Required) => bail!(at(
+            path,
+            line_of(&text, "merge_method"),
+            format!("merge_method `{}` needs `base_model`", spec.name)
+        )),
+        // Methods that ignore a base (linear, karcher) merge exactly the listed models, as mergekit.
+        _ => None,
+    };
+    let accepted = yaml_params(method);
+    let check_keys = |map: &BTreeMap<String, RawParam>| -> Result<()> {
+        for key in map.keys() {
+            if !accepted.contains(&key.as_str()) {
+                bail!(at(
+                    path,
+                    line_of(&text, &format!("{key}:")),
+                    format!(
+                        "parameter `{key}` is not used by merge_method `{}` (it reads: {})",
+                        spec.name,
+                        accepted.join(", ")
+                    )
+                ));
+            }
+        }
+        Ok(())
+    };
+    let mut params = MethodParams::default();
+    if let Some(p) = &raw.parameters {
+        check_keys(p)?;
+        params.global = p
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+    }
+    let mut models = Vec::new();
+    let mut model_names = Vec::new();
+    let mut seen = Vec::new();
+    for m in &yaml_models {
+        let index = find(&m.model)?;
+        if seen.contains(&index) {
+            bail!(at(
+                path,
+                line_of(&text, &m.model),
+                format!("model `{}` is listed twice", m.model)
+            ));
+        }
+        seen.push(index);
+        if let Some(p) = &m.parameters {
+            check_keys(p)?;
+        }
+        if Some(index) == base_index {
+            // The base listed among the models is still the base (mergekit's groups hold it once).
+            continue;
+        }
+        models.push(inputs[index].clone());
+        model_names.push(m.model.clone());
+        params.per_model.push(
+            m.parameters
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect(),
+        );
+    }
+    if accepted.contains(&"weight")
+        && matches!(
+            method,
+            Method::Linear | Method::Nuslerp | Method::Multislerp
+        )
+        || matches!(spec.combination, super::Combination::TaskVectors { .. })
+        || matches!(
+            method,
+            Method::Breadcrumbs | Method::BreadcrumbsTies | Method::Della | Method::DellaLinear
+        )
+    {
+        for (name, p) in model_names.iter().zip(&params.per_model) {
+            if !p.contains_key("weight") && !params.global.contains_key("weight") {
+                bail!(at(
+                    path,
+                    line_of(&text, name),
+                    format!(
+                        "model `{name}` has no `weight` (merge_method `{}` needs one per model)",
+                        spec.name
+                    )
+                ));
+            }
+        }
+    }
+    if matches!(method, Method::Slerp | Method::Nearswap) && !params.global.contains_key("t") {
+        bail!(at(
+            path,
+            line_of(&text, "merge_method"),
+            format!("merge_method `{}` needs parameter `t`", spec.name)
+        ));
+    }
+    let base = base_index.map(|i| inputs[i].clone());
+    let tokenizer_donor = match raw.tokenizer_source.as_deref() {
+        None => None,
+        Some("base") => Some(base.clone().ok_or_else(|| at(path, line_of(&text, "tokenizer_source"), "`tokenizer_source: base` without `base_model`"))?),
+        Some("union") => bail!(at(path, line_of(&text, "tokenizer_source"), "`tokenizer_source: union` (a merged vocabulary) is not supported; name one model or `base`")),
+        Some(name) => Some(inputs[find(name)?].clone()),
+    };
+    Ok(MergekitMerge {
+        path: path.to_path_buf(),
+        text,
+        method,
+        base_name: raw.base_model.clone().filter(|_| base.is_some()),
+        base,
+        models,
+        params,
+        compute: raw.dtype,
+        out_dtype: raw.out_dtype,
+        tokenizer_donor,
+        model_names,
+    })
+}
+
+/// The input a YAML model name refers to (see the module documentation).
+fn resolve_model(name: &str, dir: &Path, inputs: &[NamedModel]) -> Result<usize> {
+    let by_name: Vec<usize> = (0..inputs.len())
+        .filter(|&i| inputs[i].name == name)
+        .collect();
+    if let [one] = by_name[..] {
+        return Ok(one);
+    }
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    if let Some(target) = canonical(&dir.join(name)) {
+        let by_path: Vec<usize> = (0..inputs.len())
+            .filter(|&i| canonical(&inputs[i].path).as_ref() == Some(&target))
+            .collect();
+        if let [one] = by_path[..] {
+            return Ok(one);
+        }
+    }
+    let last = Path::new(name.trim_end_matches('/')).file_name();
+    let by_folder: Vec<usize> = (0..inputs.len())
+        .filter(|&i| last.is_some() && inputs[i].path.file_name() == last)
+        .collect();
+    match by_folder[..] {
+        [one] => Ok(one),
+        [] => bail!(
+            "model `{name}` is none of the step's inputs ({}); list it in `inputs.models`",
+            inputs
+                .iter()
+                .map(|m| format!("`{}`", m.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => bail!(
+            "model `{name}` matches several inputs by folder name; use the input's workflow name"
+        ),
+    }
+}
+
+/// mergekit's display name and reference of a method, for the model card.
+fn method_reference(method: Method) -> (&'static str, &'static str) {
+    match method {
+        Method::Linear => ("Linear", "https://arxiv.org/abs/2203.05482"),
+        Method::Slerp => ("SLERP", "https://en.wikipedia.org/wiki/Slerp"),
+        Method::TaskArithmetic => ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
+        Method::Ties => ("TIES", "https://arxiv.org/abs/2306.01708"),
+        Method::DareLinear => ("Linear DARE", "https://arxiv.org/abs/2311.03099"),
+        Method::DareTies => ("DARE TIES", "https://arxiv.org/abs/2311.03099"),
+        Method::ModelStock => ("Model Stock", "https://arxiv.org/abs/2403.19522"),
+        Method::Breadcrumbs => ("Model Breadcrumbs", "https://arxiv.org/abs/2312.06795"),
+        Method::BreadcrumbsTies => (
+            "Model Breadcrumbs with TIES",
+            "https://arxiv.org/abs/2312.06795",
+        ),
+        Method::Della => ("DELLA", "https://arxiv.org/abs/2406.11617"),
+        Method::DellaLinear => ("Linear DELLA", "https://arxiv.org/abs/2406.11617"),
+        Method::Nuslerp => ("NuSLERP", ""),
+        Method::Multislerp => (
+            "Multi-SLERP",
+            "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        ),
+        Method::Karcher => ("Karcher Mean", "https://arxiv.org/abs/2603.04972"),
+        Method::Sce => ("SCE", "https://arxiv.org/abs/2408.07990"),
+        Method::Nearswap => (
+            "NearSwap",
+            "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        ),
+    }
+}
+
+/// Whether mergekit would list `name` as a Hugging Face repository in the card's `base_model` (not a local
+/// path: no leading `/`, `~` or `.`, at most one `/`, and nothing of that name beside the config).
+fn looks_like_hub_id(name: &str, dir: &Path) -> bool {
+    !name.starts_with(['/', '~', '.']) && name.matches('/').count() == 1 && !dir.join(name).exists()
+}
+
+/// mergekit's model card (`README.md`) for a merge named `title` (the output folder's name): YAML front
+/// matter, the method with its reference, the base, the models merged and the config text.
+pub fn model_card(
+    title: &str,
+    method: Method,
+    base: Option<&str>,
+    models: &[&str],
+    config_text: &str,
+    config_dir: &Path,
+) -> String {
+    // mergekit does not call the slerp base a base in the card.
+    let base = base.filter(|_| method != Method::Slerp);
+    let mut hub: Vec<&str> = base
+        .into_iter()
+        .chain(models.iter().copied())
+        .filter(|m| looks_like_hub_id(m, config_dir))
+        .collect();
+    hub.dedup();
+    let link = |m: &str| {
+        if looks_like_hub_id(m, config_dir) {
+            format!("[{m}](https://huggingface.co/{m})")
+        } else {
+            m.to_string()
+        }
+    };
+    let base_model = if hub.is_empty() {
+        "base_model: []\n".to_string()
+    } else {
+        format!(
+            "base_model:\n{}",
+            hub.iter().map(|m| format!("- {m}\n")).collect::<String>()
+        )
+    };
+    let (pretty, url) = method_reference(method);
+    let method_md = if url.is_empty() {
+        pretty.to_string()
+    } else {
+        format!("[{pretty}]({url})")
+    };
+    let base_text = base
+        .map(|b| format!(" using {} as a base", link(b)))
+        .unwrap_or_default();
+    let bullets: Vec<String> = models
+        .iter()
+        .filter(|m| Some(**m) != base)
+        .map(|m| format!("* {}", link(m)))
+        .collect();
+    let config = config_text;
+    format!(
+        "---\n{base_model}library_name: transformers\ntags:\n- mergekit\n- merge\n\n---\n# {title}\n\n\
+         This is a merge of pre-trained language models created using [mergekit](https://github.com/cg123/mergekit).\n\n\
+         ## Merge Details\n### Merge Method\n\n\
+         This model was merged using the {method_md} merge method{base_text}.\n\n\
+         ### Models Merged\n\nThe following models were included in the merge:\n{}\n\n\
+         ### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n```yaml\n{config}\n```\n",
+        bullets.join("\n")
+    )
+}
