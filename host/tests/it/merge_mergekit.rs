@@ -154,6 +154,8 @@ fn deterministic_methods_match_mergekit_within_one_ulp() {
         "multislerp_bf16",
         "nuslerp_bf16",
         "nearswap_bf16",
+        // One slice over all layers, `t` gradients per filter, bf16 arithmetic.
+        "slerp_slices",
     ] {
         let (total, same, worst, _) = compare(name);
         assert!(worst <= 1, "{name}: {worst} ulps from mergekit");
@@ -232,5 +234,178 @@ fn karcher_in_bf16_arithmetic_stays_close_to_mergekit() {
     assert!(
         far as f64 <= 0.02 * total as f64 && worst <= 200,
         "{far} of {total} elements more than 1 ulp apart (worst {worst})"
+    );
+}
+
+/// The TOML side of the new methods (our keys, f32 arithmetic, `dtype` = output): the cases' `dusflow`
+/// configs against the same mergekit outputs.
+#[test]
+fn new_methods_from_toml_match_mergekit() {
+    #[derive(serde::Deserialize)]
+    struct TomlCase {
+        name: String,
+        dusflow: Option<String>,
+        models: Vec<String>,
+        base: Option<String>,
+    }
+    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
+    let all: Vec<TomlCase> = serde_json::from_str(&text).unwrap();
+    let model = |m: &str| NamedModel {
+        name: m.into(),
+        path: fixtures().join("models").join(m),
+    };
+    for name in [
+        "model_stock",
+        "model_stock_filter_wise",
+        "breadcrumbs",
+        "nuslerp",
+        "nuslerp_base_row_wise",
+        "multislerp",
+        "karcher",
+        "sce",
+        "nearswap",
+    ] {
+        let c = all.iter().find(|c| c.name == name).unwrap();
+        let config: MergeConfig = toml::from_str(c.dusflow.as_deref().unwrap()).unwrap();
+        let models: Vec<NamedModel> = c.models.iter().map(|m| model(m)).collect();
+        let base = c.base.as_deref().map(model);
+        let dir = tempfile::tempdir().unwrap();
+        dusflow::steps::merge::stream::merge(
+            &config,
+            &models,
+            base.as_ref(),
+            0,
+            dir.path(),
+            false,
+            &ProgressBar::hidden(),
+            &|| false,
+        )
+        .unwrap();
+        let ours = TensorStore::open(dir.path()).unwrap();
+        let theirs = TensorStore::open(&fixtures().join("outputs").join(name)).unwrap();
+        let (mut total, mut same) = (0usize, 0usize);
+        for t in theirs.names() {
+            for (x, y) in values(&ours, t).into_iter().zip(values(&theirs, t)) {
+                let d = ulps(x, y, true);
+                assert!(d <= 1, "{name}: {t}: {x} vs mergekit {y}");
+                total += 1;
+                same += (d == 0) as usize;
+            }
+        }
+        assert!(
+            same as f64 >= 0.9999 * total as f64,
+            "{name}: {same} of {total}"
+        );
+    }
+}
+
+/// mergekit's card and config copy, from the generator's `card_*` cases (relative model paths, run from
+/// the models folder): our README.md equals mergekit's but for the order of the "Models Merged" bullets
+/// (mergekit lists a Python set), and mergekit_config.yml is the config text.
+#[test]
+fn yaml_merges_write_mergekits_model_card_and_config() {
+    for case in ["card_ties", "card_slerp"] {
+        let expected = fixtures().join("outputs").join(case);
+        let text = std::fs::read_to_string(expected.join("config.yml")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("config.yml");
+        std::fs::write(&yaml, &text).unwrap();
+        // Inputs named by the workflow, found by folder name (`./a` → folder `a`).
+        let inputs: Vec<NamedModel> = ["a", "b", "base"]
+            .iter()
+            .map(|m| NamedModel {
+                name: format!("model_{m}"),
+                path: fixtures().join("models").join(m),
+            })
+            .collect();
+        let config = mergekit_yaml::load(&yaml, &inputs).unwrap();
+        let out = dir.path().join(case);
+        std::fs::create_dir(&out).unwrap();
+        let step: MergeConfig = toml::from_str("config = \"config.yml\"").unwrap();
+        merge_mergekit(
+            &config,
+            &step,
+            0,
+            &out,
+            false,
+            &ProgressBar::hidden(),
+            &|| false,
+        )
+        .unwrap();
+        let sorted_lines = |s: &str| {
+            let mut lines: Vec<String> = s.lines().map(str::to_string).collect();
+            lines.sort();
+            lines
+        };
+        let ours = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let theirs = std::fs::read_to_string(expected.join("README.md")).unwrap();
+        assert_eq!(
+            sorted_lines(&ours),
+            sorted_lines(&theirs),
+            "{case}: README.md"
+        );
+        let bullets = |s: &str| s.lines().filter(|l| l.starts_with("* ")).count();
+        assert_eq!(bullets(&ours), bullets(&theirs));
+        // Outside the bullets, line for line.
+        let strip = |s: &str| {
+            s.lines()
+                .filter(|l| !l.starts_with("* "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(strip(&ours), strip(&theirs), "{case}: README.md");
+        assert_eq!(
+            std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(),
+            std::fs::read_to_string(expected.join("mergekit_config.yml")).unwrap()
+        );
+        assert!(out.join("config.json").is_file());
+    }
+}
+
+/// Bad configs: each error names the YAML file and the line of the culprit.
+#[test]
+fn yaml_errors_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |yaml: &str, line: usize, needle: &str| {
+        let path = dir.path().join("bad.yml");
+        std::fs::write(&path, yaml).unwrap();
+        let err = format!("{:#}", mergekit_yaml::load(&path, &inputs()).unwrap_err());
+        let prefix = format!("{}:{line}", path.display());
+        assert!(
+            err.starts_with(&prefix) && err.contains(needle),
+            "{err:?} should start with {prefix:?} and mention {needle:?}"
+        );
+    };
+    let ties = "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters:\n      weight: 1.0\n";
+    check(
+        &ties.replace("ties\n", "tiez\n"),
+        1,
+        "unknown merge_method `tiez`",
+    );
+    check(
+        &format!("{ties}      densty: 0.5\n"),
+        7,
+        "parameter `densty` is not used",
+    );
+    check(
+        &format!("{ties}dtyp: bfloat16\n"),
+        7,
+        "unknown field `dtyp`",
+    );
+    check(
+        &ties.replace("model: a", "model: c"),
+        4,
+        "model `c` is none of the step's inputs",
+    );
+    check(&format!("{ties}dtype: float8\n"), 7, "float8");
+    check(
+        "merge_method: ties\nbase_model: base\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n",
+        6,
+        "one slice over all layers",
+    );
+    check(
+        "merge_method: ties\nmodels:\n  - model: a\n",
+        1,
+        "needs `base_model`",
     );
 }

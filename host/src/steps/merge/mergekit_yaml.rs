@@ -31,7 +31,7 @@ struct RawConfig {
     #[serde(default)]
     models: Option<Vec<RawModel>>,
     #[serde(default)]
-    slices: Option<serde_norway::Value>,
+    slices: Option<Vec<RawSlice>>,
     #[serde(default)]
     modules: Option<serde_norway::Value>,
     #[serde(default)]
@@ -54,6 +54,23 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     model: String,
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, RawParam>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlice {
+    sources: Vec<RawSource>,
+    #[serde(default)]
+    parameters: Option<BTreeMap<String, RawParam>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    model: String,
+    layer_range: [usize; 2],
     #[serde(default)]
     parameters: Option<BTreeMap<String, RawParam>>,
 }
@@ -156,8 +173,45 @@ pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
         };
         at(path, line, message)
     })?;
+    let mut raw = raw;
+    if let Some(slices) = raw.slices.take() {
+        // One slice over every layer of every source is mergekit's usual SLERP layout: the same as `models`,
+        // the slice's parameters between the models' and the top-level ones.
+        let line = line_of(&text, "slices:");
+        let [slice] = &slices[..] else {
+            bail!(at(path, line, "several `slices` are not supported by the merge step (one slice over all layers is; layer stacking is the `scale` step)"));
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for source in &slice.sources {
+            let index = resolve_model(&source.model, dir, inputs)
+                .map_err(|e| at(path, line_of(&text, &source.model), e))?;
+            let layers = num_layers(&inputs[index].path)?;
+            if source.layer_range != [0, layers] {
+                bail!(at(
+                    path,
+                    line_of(&text, "layer_range"),
+                    format!("layer_range {:?} of `{}`: the merge step takes one slice over all layers ([0, {layers}])", source.layer_range, source.model)
+                ));
+            }
+        }
+        if raw.models.is_some() {
+            bail!(at(path, line, "set either `models` or `slices`, not both"));
+        }
+        let mut parameters = raw.parameters.take().unwrap_or_default();
+        parameters.extend(slice.parameters.clone().unwrap_or_default());
+        raw.parameters = Some(parameters);
+        raw.models = Some(
+            slice
+                .sources
+                .iter()
+                .map(|s| RawModel {
+                    model: s.model.clone(),
+                    parameters: s.parameters.clone(),
+                })
+                .collect(),
+        );
+    }
     for (key, present) in [
-        ("slices", raw.slices.is_some()),
         ("modules", raw.modules.is_some()),
         ("tokenizer", raw.tokenizer.is_some()),
         ("chat_template", raw.chat_template.is_some()),
@@ -316,6 +370,19 @@ pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
     })
 }
 
+/// `num_hidden_layers` of the model folder's config.json.
+fn num_layers(model: &Path) -> Result<usize> {
+    let path = model.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    json.get("num_hidden_layers")
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| anyhow!("{}: no `num_hidden_layers`", path.display()))
+}
+
 /// The input a YAML model name refers to (see the module documentation).
 fn resolve_model(name: &str, dir: &Path, inputs: &[NamedModel]) -> Result<usize> {
     let by_name: Vec<usize> = (0..inputs.len())
@@ -400,7 +467,10 @@ pub fn model_card(
     config_text: &str,
     config_dir: &Path,
 ) -> String {
-    // mergekit does not call the slerp base a base in the card.
+    // mergekit lists every referenced model but the base, and does not call the slerp base a base.
+    let mut referenced: Vec<&str> = base.into_iter().chain(models.iter().copied()).collect();
+    referenced.dedup();
+    let models = &referenced[..];
     let base = base.filter(|_| method != Method::Slerp);
     let mut hub: Vec<&str> = base
         .into_iter()
