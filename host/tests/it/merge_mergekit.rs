@@ -399,13 +399,31 @@ fn yaml_errors_name_the_file_and_line() {
     );
     check(&format!("{ties}dtype: float8\n"), 7, "float8");
     check(
-        "merge_method: ties\nbase_model: base\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n",
+        "merge_method: ties\nbase_model: base\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        parameters:\n          weight: 1\n",
+        4,
+        "the base model is not among its sources",
+    );
+    check(
+        "merge_method: ties\nbase_model: base\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 9]\n",
         6,
-        "one slice over all layers",
+        "layer_range [0, 9] of `a`, which has 3 layers",
     );
     check(
         "merge_method: ties\nmodels:\n  - model: a\n",
         1,
         "needs `base_model`",
+    );
+}
+
+/// Several slices over shifted layer ranges, with parameters per source, per slice (a filter) and top-level
+/// (a gradient over each slice's layers): mergekit's `ties_slices` case. The f32 models have no ties at the
+/// magnitude cut, so every element must match.
+#[test]
+fn sliced_merges_match_mergekit() {
+    let (total, same, worst, _) = compare("ties_slices");
+    assert!(worst <= 1, "ties_slices: {worst} ulps from mergekit");
+    assert!(
+        same as f64 >= 0.9999 * total as f64,
+        "ties_slices: only {same} of {total} identical"
     );
 }

@@ -93,6 +93,20 @@ impl From<RawParam> for ParamValue {
     }
 }
 
+/// One output slice of a merge with several `slices`: per source (base first when the slice has the base),
+/// the input and the first layer read, and the slice's parameters (`per_model` for the non-base sources).
+#[derive(Debug, Clone)]
+pub struct MergeSlice {
+    /// Base source: (input index, first layer).
+    pub base: Option<(usize, usize)>,
+    /// Other sources: (input index, first layer), in YAML order.
+    pub models: Vec<(usize, usize)>,
+    /// Layers in the slice (the same for every source).
+    pub length: usize,
+    /// Parameters: the source's over the slice's over the top-level ones.
+    pub params: MethodParams,
+}
+
 /// A mergekit config resolved against the step's inputs.
 #[derive(Debug, Clone)]
 pub struct MergekitMerge {
@@ -118,6 +132,11 @@ pub struct MergekitMerge {
     pub base_name: Option<String>,
     /// The other models' YAML names.
     pub model_names: Vec<String>,
+    /// With several `slices` (or one that is not every layer): the output layers slice by slice; `base` and
+    /// `models` then list every input used, for the checks and the card.
+    pub slices: Option<Vec<MergeSlice>>,
+    /// The step's inputs, which slices index.
+    pub inputs: Vec<NamedModel>,
 }
 
 /// The 1-based line of the first line of `text` containing `needle` (for messages), if any.
@@ -174,42 +193,63 @@ pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
         at(path, line, message)
     })?;
     let mut raw = raw;
+    let mut general: Option<Vec<RawSlice>> = None;
+    let mut slice_parameters: Option<BTreeMap<String, RawParam>> = None;
     if let Some(slices) = raw.slices.take() {
-        // One slice over every layer of every source is mergekit's usual SLERP layout: the same as `models`,
-        // the slice's parameters between the models' and the top-level ones.
         let line = line_of(&text, "slices:");
-        let [slice] = &slices[..] else {
-            bail!(at(path, line, "several `slices` are not supported by the merge step (one slice over all layers is; layer stacking is the `scale` step)"));
-        };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        for source in &slice.sources {
-            let index = resolve_model(&source.model, dir, inputs)
-                .map_err(|e| at(path, line_of(&text, &source.model), e))?;
-            let layers = num_layers(&inputs[index].path)?;
-            if source.layer_range != [0, layers] {
-                bail!(at(
-                    path,
-                    line_of(&text, "layer_range"),
-                    format!("layer_range {:?} of `{}`: the merge step takes one slice over all layers ([0, {layers}])", source.layer_range, source.model)
-                ));
-            }
-        }
         if raw.models.is_some() {
             bail!(at(path, line, "set either `models` or `slices`, not both"));
         }
-        let mut parameters = raw.parameters.take().unwrap_or_default();
-        parameters.extend(slice.parameters.clone().unwrap_or_default());
-        raw.parameters = Some(parameters);
-        raw.models = Some(
-            slice
-                .sources
-                .iter()
-                .map(|s| RawModel {
-                    model: s.model.clone(),
-                    parameters: s.parameters.clone(),
-                })
-                .collect(),
-        );
+        let dir = path.parent().unwrap_or(Path::new("."));
+        // One slice over every layer of every source is mergekit's usual SLERP layout: the same as `models`,
+        // the slice's parameters between the models' and the top-level ones.
+        let mut whole = slices.len() == 1;
+        for source in slices.iter().flat_map(|s| &s.sources) {
+            let index = resolve_model(&source.model, dir, inputs)
+                .map_err(|e| at(path, line_of(&text, &source.model), e))?;
+            let layers = num_layers(&inputs[index].path)?;
+            let [start, end] = source.layer_range;
+            if start >= end || end > layers {
+                bail!(at(
+                    path,
+                    line_of(&text, "layer_range"),
+                    format!("layer_range [{start}, {end}] of `{}`, which has {layers} layers (ranges are half-open)", source.model)
+                ));
+            }
+            whole &= source.layer_range == [0, layers];
+        }
+        if whole {
+            let slice = &slices[0];
+            slice_parameters = slice.parameters.clone();
+            raw.models = Some(
+                slice
+                    .sources
+                    .iter()
+                    .map(|s| RawModel {
+                        model: s.model.clone(),
+                        parameters: s.parameters.clone(),
+                    })
+                    .collect(),
+            );
+        } else {
+            // Every model once (for the checks and the card); the slices are resolved below.
+            let mut names: Vec<String> = Vec::new();
+            for src in slices.iter().flat_map(|s| &s.sources) {
+                if !names.contains(&src.model) {
+                    names.push(src.model.clone());
+                }
+            }
+            raw.models = Some(
+                names
+                    .into_iter()
+                    .map(|model| RawModel {
+                        model,
+                        parameters: None,
+                    })
+                    .collect(),
+            );
+            general = Some(slices);
+        }
     }
     for (key, present) in [
         ("modules", raw.modules.is_some()),
@@ -287,6 +327,15 @@ pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
             .map(|(k, v)| (k.clone(), v.clone().into()))
             .collect();
     }
+    if let Some(p) = &slice_parameters {
+        // The slice's settings come before the top-level ones.
+        check_keys(p)?;
+        params.outer = std::mem::take(&mut params.global);
+        params.global = p
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+    }
     let mut models = Vec::new();
     let mut model_names = Vec::new();
     let mut seen = Vec::new();
@@ -317,19 +366,20 @@ pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
                 .collect(),
         );
     }
-    if accepted.contains(&"weight")
-        && matches!(
-            method,
-            Method::Linear | Method::Nuslerp | Method::Multislerp
-        )
-        || matches!(spec.combination, super::Combination::TaskVectors { .. })
+    let needs_weights = matches!(
+        method,
+        Method::Linear | Method::Nuslerp | Method::Multislerp
+    ) || matches!(spec.combination, super::Combination::TaskVectors { .. })
         || matches!(
             method,
             Method::Breadcrumbs | Method::BreadcrumbsTies | Method::Della | Method::DellaLinear
-        )
-    {
+        );
+    if general.is_none() && needs_weights {
         for (name, p) in model_names.iter().zip(&params.per_model) {
-            if !p.contains_key("weight") && !params.global.contains_key("weight") {
+            if !p.contains_key("weight")
+                && !params.global.contains_key("weight")
+                && !params.outer.contains_key("weight")
+            {
                 bail!(at(
                     path,
                     line_of(&text, name),
@@ -355,7 +405,27 @@ pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
         Some("union") => bail!(at(path, line_of(&text, "tokenizer_source"), "`tokenizer_source: union` (a merged vocabulary) is not supported; name one model or `base`")),
         Some(name) => Some(inputs[find(name)?].clone()),
     };
+    let slices = match general {
+        None => None,
+        Some(raw_slices) => Some(
+            resolve_slices(
+                &raw_slices,
+                base_index,
+                &params,
+                &accepted,
+                method,
+                &|name| find(name),
+                &|key| line_of(&text, key),
+            )
+            .map_err(|e| match e.downcast::<Located>() {
+                Ok(Located(line, message)) => at(path, line, message),
+                Err(e) => e,
+            })?,
+        ),
+    };
     Ok(MergekitMerge {
+        slices,
+        inputs: inputs.to_vec(),
         path: path.to_path_buf(),
         text,
         method,
@@ -368,6 +438,248 @@ pub fn load(path: &Path, inputs: &[NamedModel]) -> Result<MergekitMerge> {
         tokenizer_donor,
         model_names,
     })
+}
+
+/// One slice of a `passthrough` config: layers `layers` of input `input`, with its parameters (the source's
+/// over the slice's over the top-level ones).
+#[derive(Debug, Clone)]
+pub struct PassthroughSlice {
+    /// The model's name in the YAML.
+    pub model: String,
+    /// Index into the step's inputs.
+    pub input: usize,
+    /// Half-open layer range.
+    pub layers: [usize; 2],
+    /// `scale` (the one parameter passthrough reads), resolved as [`MethodParams`] with one model.
+    pub params: MethodParams,
+}
+
+/// A mergekit `merge_method: passthrough` config with `slices`, for the `scale` step.
+#[derive(Debug, Clone)]
+pub struct PassthroughConfig {
+    /// The slices, bottom to top.
+    pub slices: Vec<PassthroughSlice>,
+    /// Compute dtype (inputs are cast to it before `scale` multiplies).
+    pub dtype: Option<DType>,
+    /// Output dtype.
+    pub out_dtype: Option<DType>,
+    /// The model whose tokenizer files are copied (`tokenizer_source`).
+    pub tokenizer_donor: Option<usize>,
+    /// The config text.
+    pub text: String,
+}
+
+/// Reads a passthrough config at `path` for the `scale` step; model names resolve to `inputs` as for merges.
+pub fn load_passthrough(path: &Path, inputs: &[NamedModel]) -> Result<PassthroughConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading mergekit config {}", path.display()))?;
+    let raw: RawConfig =
+        serde_norway::from_str(&text).map_err(|e| at(path, e.location().map(|l| l.line()), e))?;
+    if raw.merge_method != "passthrough" {
+        bail!(at(
+            path,
+            line_of(&text, "merge_method"),
+            format!("the scale step runs `merge_method: passthrough` configs (got `{}`; merges are the merge step)", raw.merge_method)
+        ));
+    }
+    for (key, present) in [
+        ("models", raw.models.is_some()),
+        ("modules", raw.modules.is_some()),
+        ("base_model", raw.base_model.is_some()),
+        ("tokenizer", raw.tokenizer.is_some()),
+        ("chat_template", raw.chat_template.is_some()),
+    ] {
+        if present {
+            bail!(at(path, line_of(&text, &format!("{key}:")), format!("`{key}` is not supported in a passthrough config for the scale step (use `slices`)")));
+        }
+    }
+    let slices = raw
+        .slices
+        .ok_or_else(|| at(path, None, "a passthrough config needs `slices`"))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let find = |name: &str| -> Result<usize> {
+        resolve_model(name, dir, inputs).map_err(|e| at(path, line_of(&text, name), e))
+    };
+    let check_keys = |map: &BTreeMap<String, RawParam>| -> Result<()> {
+        if let Some(key) = map.keys().find(|k| k.as_str() != "scale") {
+            bail!(at(
+                path,
+                line_of(&text, &format!("{key}:")),
+                format!("parameter `{key}` is not used by passthrough (it reads: scale)")
+            ));
+        }
+        Ok(())
+    };
+    let convert = |m: &Option<BTreeMap<String, RawParam>>| -> BTreeMap<String, ParamValue> {
+        m.iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for slice in &slices {
+        let [source] = &slice.sources[..] else {
+            bail!(at(
+                path,
+                line_of(&text, "sources"),
+                format!(
+                    "a passthrough slice has exactly one source (got {})",
+                    slice.sources.len()
+                )
+            ));
+        };
+        for p in [&raw.parameters, &slice.parameters, &source.parameters]
+            .into_iter()
+            .flatten()
+        {
+            check_keys(p)?;
+        }
+        out.push(PassthroughSlice {
+            model: source.model.clone(),
+            input: find(&source.model)?,
+            layers: source.layer_range,
+            params: MethodParams {
+                global: convert(&slice.parameters),
+                per_model: vec![convert(&source.parameters)],
+                outer: convert(&raw.parameters),
+            },
+        });
+    }
+    let tokenizer_donor = match raw.tokenizer_source.as_deref() {
+        None => None,
+        Some("base" | "union") => bail!(at(
+            path,
+            line_of(&text, "tokenizer_source"),
+            "a passthrough config's `tokenizer_source` names one model"
+        )),
+        Some(name) => Some(find(name)?),
+    };
+    Ok(PassthroughConfig {
+        slices: out,
+        dtype: raw.dtype,
+        out_dtype: raw.out_dtype,
+        tokenizer_donor,
+        text,
+    })
+}
+
+/// The model names a mergekit config refers to (base first, then models and slice sources, each once), for
+/// `dus merge`, which turns them into the workflow's models.
+pub fn referenced_models(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading mergekit config {}", path.display()))?;
+    let raw: RawConfig =
+        serde_norway::from_str(&text).map_err(|e| at(path, e.location().map(|l| l.line()), e))?;
+    let mut names: Vec<String> = raw.base_model.into_iter().collect();
+    names.extend(raw.models.iter().flatten().map(|m| m.model.clone()));
+    names.extend(
+        raw.slices
+            .iter()
+            .flatten()
+            .flat_map(|s| s.sources.iter().map(|src| src.model.clone())),
+    );
+    let mut unique = Vec::new();
+    for n in names {
+        if !unique.contains(&n) {
+            unique.push(n);
+        }
+    }
+    Ok(unique)
+}
+
+/// A message about the line (if known) of the config, made into `file:line: message` by the caller.
+#[derive(Debug)]
+struct Located(Option<usize>, String);
+
+impl std::fmt::Display for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Located {}
+
+/// The output slices of a config with several `slices`: sources resolved to inputs, each slice's parameters
+/// (source over slice over top-level `global`), the base (when the method reads one) required in every slice.
+fn resolve_slices(
+    slices: &[RawSlice],
+    base: Option<usize>,
+    global: &MethodParams,
+    accepted: &[&str],
+    method: Method,
+    find: &dyn Fn(&str) -> Result<usize>,
+    line: &dyn Fn(&str) -> Option<usize>,
+) -> Result<Vec<MergeSlice>> {
+    let located = |key: &str, message: String| anyhow::Error::new(Located(line(key), message));
+    let convert = |m: &Option<BTreeMap<String, RawParam>>| -> Result<BTreeMap<String, ParamValue>> {
+        let mut out = BTreeMap::new();
+        for (k, v) in m.iter().flatten() {
+            if !accepted.contains(&k.as_str()) {
+                return Err(located(
+                    &format!("{k}:"),
+                    format!(
+                        "parameter `{k}` is not used by merge_method `{}` (it reads: {})",
+                        method.name(),
+                        accepted.join(", ")
+                    ),
+                ));
+            }
+            out.insert(k.clone(), v.clone().into());
+        }
+        Ok(out)
+    };
+    let mut out = Vec::new();
+    for (k, slice) in slices.iter().enumerate() {
+        let lengths: Vec<usize> = slice
+            .sources
+            .iter()
+            .map(|s| s.layer_range[1] - s.layer_range[0])
+            .collect();
+        if lengths.iter().any(|l| *l != lengths[0]) {
+            return Err(located(
+                "sources",
+                format!(
+                    "slice {k}: every source must have the same number of layers (got {lengths:?})"
+                ),
+            ));
+        }
+        let mut merged = MergeSlice {
+            base: None,
+            models: Vec::new(),
+            length: lengths.first().copied().unwrap_or(0),
+            params: MethodParams {
+                global: convert(&slice.parameters)?,
+                per_model: Vec::new(),
+                outer: global.global.clone(),
+            },
+        };
+        for src in &slice.sources {
+            let index = find(&src.model)?;
+            if Some(index) == base {
+                merged.base = Some((index, src.layer_range[0]));
+                continue;
+            }
+            merged.models.push((index, src.layer_range[0]));
+            let params = convert(&src.parameters)?;
+            if accepted.contains(&"weight")
+                && method != Method::Slerp
+                && !params.contains_key("weight")
+                && !merged.params.global.contains_key("weight")
+                && !merged.params.outer.contains_key("weight")
+            {
+                return Err(located(
+                    &src.model,
+                    format!("slice {k}: model `{}` has no `weight`", src.model),
+                ));
+            }
+            merged.params.per_model.push(params);
+        }
+        if method.spec().base == BaseUse::Required && merged.base.is_none() {
+            return Err(located("sources", format!("slice {k}: the base model is not among its sources (mergekit needs it in every slice)")));
+        }
+        out.push(merged);
+    }
+    Ok(out)
 }
 
 /// `num_hidden_layers` of the model folder's config.json.
@@ -384,7 +696,7 @@ fn num_layers(model: &Path) -> Result<usize> {
 }
 
 /// The input a YAML model name refers to (see the module documentation).
-fn resolve_model(name: &str, dir: &Path, inputs: &[NamedModel]) -> Result<usize> {
+pub(crate) fn resolve_model(name: &str, dir: &Path, inputs: &[NamedModel]) -> Result<usize> {
     let by_name: Vec<usize> = (0..inputs.len())
         .filter(|&i| inputs[i].name == name)
         .collect();
@@ -418,6 +730,89 @@ fn resolve_model(name: &str, dir: &Path, inputs: &[NamedModel]) -> Result<usize>
             "model `{name}` matches several inputs by folder name; use the input's workflow name"
         ),
     }
+}
+
+/// A TOML merge config in mergekit's YAML (what our step computes, as mergekit would be told it): the
+/// method, the inputs by workflow name, the parameters under mergekit's names (`weights` → each model's
+/// `weight`), `dtype: float32` (our arithmetic) and `out_dtype`. The random-mask seed has no mergekit
+/// equivalent (torch's generator draws there); it is kept as a comment.
+pub fn toml_as_mergekit(
+    config: &super::MergeConfig,
+    method: Method,
+    models: &[&str],
+    base: Option<&str>,
+    out_dtype: DType,
+    seed: u64,
+) -> Result<String> {
+    use serde_json::{json, Map, Value};
+    let param = |p: &Param| serde_json::to_value(p).expect("parameters serialise");
+    let mut doc = Map::new();
+    doc.insert("merge_method".into(), json!(method.name()));
+    if let Some(b) = base {
+        doc.insert("base_model".into(), json!(b));
+    }
+    let weights = config.weights.as_ref();
+    let uses_weights = method.spec().params.contains(&"weights");
+    let list: Vec<Value> = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut entry = Map::new();
+            entry.insert("model".into(), json!(m));
+            if uses_weights {
+                let w = weights.and_then(|w| w.get(i)).map_or(json!(1.0), param);
+                entry.insert("parameters".into(), json!({ "weight": w }));
+            }
+            Value::Object(entry)
+        })
+        .collect();
+    doc.insert("models".into(), Value::Array(list));
+    let mut parameters = Map::new();
+    let numbers = [
+        ("t", &config.t),
+        ("density", &config.density),
+        ("lambda", &config.lambda),
+        ("gamma", &config.gamma),
+        ("epsilon", &config.epsilon),
+        ("select_topk", &config.select_topk),
+    ];
+    for (key, value) in numbers {
+        if let Some(p) = value {
+            parameters.insert(key.into(), param(p));
+        }
+    }
+    let flags = [
+        ("normalize", config.normalize),
+        ("rescale", config.rescale),
+        ("filter_wise", config.filter_wise),
+        ("nuslerp_flatten", config.nuslerp_flatten),
+        ("nuslerp_row_wise", config.nuslerp_row_wise),
+        ("normalize_weights", config.normalize_weights),
+    ];
+    for (key, value) in flags {
+        if let Some(b) = value {
+            parameters.insert(key.into(), json!(b));
+        }
+    }
+    if let Some(v) = config.max_iter {
+        parameters.insert("max_iter".into(), json!(v));
+    }
+    if let Some(v) = config.tol {
+        parameters.insert("tol".into(), json!(v));
+    }
+    if !parameters.is_empty() {
+        doc.insert("parameters".into(), Value::Object(parameters));
+    }
+    doc.insert("dtype".into(), json!("float32"));
+    doc.insert("out_dtype".into(), json!(out_dtype.torch_name()));
+    let mut text = format!(
+        "# Written by dusflow's merge step (model names are the workflow's inputs).\n{}",
+        serde_norway::to_string(&Value::Object(doc))?
+    );
+    if method.spec().params.contains(&"seed") {
+        text += &format!("# dusflow draws the random masks with seed {seed}; mergekit draws them from torch's generator.\n");
+    }
+    Ok(text)
 }
 
 /// mergekit's display name and reference of a method, for the model card.
@@ -457,11 +852,11 @@ fn looks_like_hub_id(name: &str, dir: &Path) -> bool {
     !name.starts_with(['/', '~', '.']) && name.matches('/').count() == 1 && !dir.join(name).exists()
 }
 
-/// mergekit's model card (`README.md`) for a merge named `title` (the output folder's name): YAML front
-/// matter, the method with its reference, the base, the models merged and the config text.
+/// mergekit's model card (`README.md`) for a merge named `title` (the output folder's name; `method` `None`
+/// is `passthrough`): YAML front matter, the method with its reference, the base, the models merged and the config text.
 pub fn model_card(
     title: &str,
-    method: Method,
+    method: Option<Method>,
     base: Option<&str>,
     models: &[&str],
     config_text: &str,
@@ -471,7 +866,7 @@ pub fn model_card(
     let mut referenced: Vec<&str> = base.into_iter().chain(models.iter().copied()).collect();
     referenced.dedup();
     let models = &referenced[..];
-    let base = base.filter(|_| method != Method::Slerp);
+    let base = base.filter(|_| method != Some(Method::Slerp));
     let mut hub: Vec<&str> = base
         .into_iter()
         .chain(models.iter().copied())
@@ -493,7 +888,7 @@ pub fn model_card(
             hub.iter().map(|m| format!("- {m}\n")).collect::<String>()
         )
     };
-    let (pretty, url) = method_reference(method);
+    let (pretty, url) = method.map_or(("Passthrough", ""), method_reference);
     let method_md = if url.is_empty() {
         pretty.to_string()
     } else {

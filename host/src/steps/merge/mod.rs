@@ -523,7 +523,9 @@ impl StepKind for MergeStep {
     }
 
     fn version(&self) -> u32 {
-        2 // 2: linear accumulates with fused multiply-adds, as mergekit's `addcmul_`
+        // 2: linear accumulates with fused multiply-adds, as mergekit's `addcmul_`
+        // 3: mergekit's model card (README.md) and config (mergekit_config.yml) beside the weights
+        3
     }
 
     fn inputs(&self) -> InputSlots {

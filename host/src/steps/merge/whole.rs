@@ -78,30 +78,42 @@ pub struct MethodParams {
     pub global: BTreeMap<String, ParamValue>,
     /// Per non-base model (in input order), overriding `global`.
     pub per_model: Vec<BTreeMap<String, ParamValue>>,
+    /// Consulted after `global` (the top-level parameters when `global` holds a slice's).
+    pub outer: BTreeMap<String, ParamValue>,
 }
 
 impl MethodParams {
-    fn number(
+    /// The number `key` for tensor `name` at `pos`: model `model`'s value, else the method-level one.
+    pub fn number(
         &self,
         model: Option<usize>,
         key: &str,
         name: &str,
         pos: TensorPosition,
     ) -> Result<Option<f64>> {
+        // mergekit tries the model's setting, then the slice's, then the top-level one; a filter list that
+        // matches nothing falls through to the next.
         let scoped = model
             .and_then(|i| self.per_model.get(i))
             .and_then(|m| m.get(key));
-        let Some(value) = scoped.or_else(|| self.global.get(key)) else {
-            return Ok(None);
-        };
-        match value {
-            ParamValue::Number(p) => Ok(p.resolve(name, pos)),
-            ParamValue::Flag(b) => bail!("`{key}` is a number, not {b}"),
+        for value in [scoped, self.global.get(key), self.outer.get(key)]
+            .into_iter()
+            .flatten()
+        {
+            match value {
+                ParamValue::Number(p) => {
+                    if let Some(v) = p.resolve(name, pos) {
+                        return Ok(Some(v));
+                    }
+                }
+                ParamValue::Flag(b) => bail!("`{key}` is a number, not {b}"),
+            }
         }
+        Ok(None)
     }
 
     fn flag(&self, key: &str, default: bool) -> Result<bool> {
-        match self.global.get(key) {
+        match self.global.get(key).or_else(|| self.outer.get(key)) {
             None => Ok(default),
             Some(ParamValue::Flag(b)) => Ok(*b),
             Some(ParamValue::Number(Param::Value(v))) if *v == 0.0 || *v == 1.0 => Ok(*v == 1.0),
