@@ -88,6 +88,16 @@ enum Command {
         #[command(flatten)]
         run: OneStepRun,
     },
+    /// Merge models with a mergekit YAML config in one line (a one-step workflow underneath: same checks,
+    /// cache and artifact as a `merge` step with `config`). OUT becomes the merged Hugging Face folder.
+    Merge {
+        /// The mergekit config (its model paths are relative to it).
+        config: PathBuf,
+        /// Where the merged model goes.
+        out: PathBuf,
+        #[command(flatten)]
+        run: OneStepRun,
+    },
     /// Evaluate a model folder on built-in tasks in one line (a one-step workflow underneath: same scoring,
     /// cache and artifact as an `eval` step); prints the results table.
     Eval {
@@ -338,6 +348,26 @@ async fn dispatch(
                     "scaled model in {} (plan: {}; workflow: {})",
                     req.out.display(),
                     plan.map(|p| p.display().to_string()).unwrap_or_default(),
+                    done.workflow.display()
+                );
+            }
+            Ok(exit_code(&done.summary, &shutdown))
+        }
+        Command::Merge { config, out, run } => {
+            let req = one_step::MergeRequest { config, out };
+            let shutdown = ctrl_c_token();
+            let done = one_step::merge(
+                &req,
+                registry,
+                one_step_options(run, "merge", progress),
+                shutdown.clone(),
+            )
+            .await?;
+            eprint!("{}", summary::render_summary(&done.summary));
+            if done.artifact.is_some() {
+                println!(
+                    "merged model in {} (workflow: {})",
+                    req.out.display(),
                     done.workflow.display()
                 );
             }

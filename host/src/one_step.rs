@@ -5,6 +5,8 @@
 //! - `dus scale MODEL OUT`: the workflow is `OUT/.dusflow/scale.toml`, its artifact store
 //!   `OUT/.dusflow/runs/`; OUT then holds the scaled model's files as hard links to the artifact (a copy
 //!   where the file system has no hard links), so OUT is a Hugging Face folder.
+//! - `dus merge CONFIG.yml OUT`: a mergekit config; the workflow is `OUT/.dusflow/merge.toml` (its models
+//!   are the config's model folders), the artifact store `OUT/.dusflow/runs/`, OUT linked as for scale.
 //! - `dus eval MODEL --tasks …`: the workflow is `OUT/.dusflow/eval-<model>.toml` and the artifact
 //!   `OUT/eval-<model>-<hash>/` (OUT defaults to `runs/dus-eval`): `results.json`, `results.md`,
 //!   `lm_eval_results.json`, `tasks/`.
@@ -35,6 +37,15 @@ pub struct EvalRequest {
     pub out: PathBuf,
     /// The step's parameters (`tasks`, `limit`, `mode`, `data_dir`, …), as TOML values.
     pub params: toml::Table,
+}
+
+/// What `dus merge` was asked for.
+#[derive(Debug, Clone, Default)]
+pub struct MergeRequest {
+    /// The mergekit YAML config.
+    pub config: PathBuf,
+    /// Where the merged model goes.
+    pub out: PathBuf,
 }
 
 /// The finished one-step run: its summary and the step's artifact folder (when it succeeded).
@@ -218,6 +229,77 @@ pub async fn eval(
         &req.params,
     )?;
     run_one(workflow, &step, registry, options, shutdown).await
+}
+
+/// `dus merge CONFIG.yml OUT`: the config's model references are folders (relative to the config file, as
+/// mergekit resolves local paths); they become the workflow's models, and the step reads the config itself
+/// (`config = "…"`). OUT then holds the merged model as hard links to the artifact, like `dus scale`.
+pub async fn merge(
+    req: &MergeRequest,
+    registry: &Registry,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<OneStepRun> {
+    let config = std::path::absolute(&req.config)?;
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let mut models = toml::Table::new();
+    let mut names: Vec<toml::Value> = Vec::new();
+    for reference in crate::steps::merge::mergekit_yaml::referenced_models(&config)? {
+        let path = dir.join(&reference);
+        if !path.is_dir() {
+            bail!(
+                "{}: model `{reference}` is not a folder ({}); `dus merge` reads local model folders (download \
+                 hub models first)",
+                config.display(),
+                path.display()
+            );
+        }
+        let mut name = model_name(&path);
+        while models.contains_key(&name) {
+            name.push('_');
+        }
+        let mut m = toml::Table::new();
+        m.insert(
+            "path".into(),
+            std::path::absolute(&path)?.display().to_string().into(),
+        );
+        models.insert(name.clone(), m.into());
+        names.push(name.into());
+    }
+    let hidden = req.out.join(".dusflow");
+    let workflow = hidden.join("merge.toml");
+    let mut doc = toml::Table::new();
+    let mut wf = toml::Table::new();
+    wf.insert("name".into(), "dus-merge".into());
+    wf.insert(
+        "output".into(),
+        std::path::absolute(hidden.join("runs"))?
+            .display()
+            .to_string()
+            .into(),
+    );
+    doc.insert("workflow".into(), wf.into());
+    doc.insert("models".into(), models.into());
+    let mut step = toml::Table::new();
+    step.insert("kind".into(), "merge".into());
+    let mut inputs = toml::Table::new();
+    inputs.insert("models".into(), names.into());
+    step.insert("inputs".into(), inputs.into());
+    step.insert("config".into(), config.display().to_string().into());
+    let mut steps = toml::Table::new();
+    steps.insert("merge".into(), step.into());
+    doc.insert("steps".into(), steps.into());
+    let text = format!(
+        "# Written by `dus merge`; `dus run` on this file does the same.\n{}",
+        toml::to_string(&doc)?
+    );
+    std::fs::create_dir_all(&hidden).with_context(|| format!("creating {}", hidden.display()))?;
+    dusflow_core::atomic::write_file_atomic(&workflow, text.as_bytes())?;
+    let run = run_one(workflow, "merge", registry, options, shutdown).await?;
+    if let Some(artifact) = &run.artifact {
+        link_contents(artifact, &req.out)?;
+    }
+    Ok(run)
 }
 
 /// Makes every file of `artifact` (but its manifest) appear in `out` as a hard link (a copy where hard

@@ -19,6 +19,7 @@ mod golden;
 mod inputs;
 mod lora;
 mod lora_training;
+mod merge_mergekit;
 mod merge_parity;
 mod merge_step;
 mod model_checkpoint;

@@ -302,3 +302,50 @@ title = "The end"
         );
     }
 }
+
+#[test]
+fn dus_merge_runs_a_mergekit_config_as_a_one_step_workflow() {
+    // mergekit's own example layout: the config beside the model folders, relative paths.
+    let merge = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge");
+    let tmp = tempfile::tempdir().unwrap();
+    let case = merge.join("outputs/card_ties");
+    let models = merge.join("models");
+    let config = tmp.path().join("ties.yml");
+    let yaml = std::fs::read_to_string(case.join("config.yml"))
+        .unwrap()
+        .replace("./", &format!("{}/", models.display()));
+    std::fs::write(&config, &yaml).unwrap();
+    let out = tmp.path().join("merged");
+    let args = ["merge", config.to_str().unwrap(), out.to_str().unwrap()];
+    let first = dus(&args, tmp.path());
+    let (stdout, stderr) = text(&first);
+    assert!(first.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("merged model in"), "{stdout}");
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "mergekit_config.yml",
+    ] {
+        assert!(
+            out.join(file).is_file(),
+            "{file} missing in {}",
+            out.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(),
+        yaml
+    );
+    // The workflow underneath, runnable with `dus run`; a second call is served from the cache.
+    assert!(out.join(".dusflow/merge.toml").is_file());
+    let again = dus(&args, tmp.path());
+    assert!(again.status.success(), "{:?}", text(&again));
+    assert!(text(&again).1.contains("cached"), "{:?}", text(&again));
+    // A model path that is no folder: the config file and the model are named.
+    std::fs::write(&config, yaml.replace("/a\n", "/nope\n")).unwrap();
+    let bad = dus(&args, tmp.path());
+    assert!(!bad.status.success());
+    let (_, err) = text(&bad);
+    assert!(err.contains("ties.yml") && err.contains("nope"), "{err}");
+}

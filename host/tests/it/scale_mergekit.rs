@@ -151,3 +151,89 @@ fn scaled_projections_match_mergekits_passthrough_scale() {
     assert_matches_mergekit("scaled", scale_case("scaled").path());
     assert_matches_mergekit("llama-pro", scale_case("llama-pro").path());
 }
+
+/// `config = "*.yml"` on a `scale` step, through `dus run`: the merge fixtures' passthrough cases
+/// (`tests/fixtures/merge/cases.json`, made by mergekit 0.1.5) — two overlapping slices of one model with
+/// `scale` filters and a cast to bf16, and a two-model frankenmerge — give mergekit's tensors bit for bit,
+/// and mergekit's card and config copy.
+#[test]
+fn passthrough_yaml_configs_on_the_scale_step_equal_mergekit() {
+    let merge = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merge.join("cases.json")).unwrap()).unwrap();
+    for name in ["passthrough_dus", "passthrough_frankenmerge"] {
+        let case = cases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        assert_eq!(case["step"], "scale");
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join("p.yml"),
+            serde_json::to_string_pretty(&case["mergekit"]).unwrap(),
+        )
+        .unwrap();
+        let models: Vec<&str> = case["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        let mut flow = String::from("[workflow]\nname = \"p\"\noutput = \"runs\"\n");
+        for m in &models {
+            flow += &format!(
+                "[models.{m}]\npath = \"{}\"\n",
+                merge.join("models").join(m).display()
+            );
+        }
+        flow += &format!(
+            "[steps.scaled]\nkind = \"scale\"\ninputs = {{ model = {models:?} }}\nconfig = \"p.yml\"\n"
+        );
+        std::fs::write(tmp.path().join("flow.toml"), flow).unwrap();
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_dus"))
+            .args(["run", "flow.toml"])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = std::fs::read_dir(tmp.path().join("runs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("manifest.json").exists())
+            .unwrap();
+        let ours = dusflow::model::TensorStore::open(&out).unwrap();
+        let theirs = dusflow::model::TensorStore::open(&merge.join("outputs").join(name)).unwrap();
+        let mut a: Vec<&str> = ours.names().collect();
+        let mut b: Vec<&str> = theirs.names().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{name}");
+        for t in a {
+            assert_eq!(
+                ours.meta(t).unwrap().dtype,
+                theirs.meta(t).unwrap().dtype,
+                "{name}: {t}"
+            );
+            assert_eq!(
+                ours.bytes(t).unwrap(),
+                theirs.bytes(t).unwrap(),
+                "{name}: {t}"
+            );
+        }
+        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.contains("merged using the Passthrough merge method."),
+            "{card}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap(),
+            std::fs::read_to_string(tmp.path().join("p.yml")).unwrap()
+        );
+    }
+}

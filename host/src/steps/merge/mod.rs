@@ -32,12 +32,14 @@
 //! writing).
 
 pub mod elements;
+pub mod mergekit_yaml;
 pub mod methods;
 pub mod params;
 pub mod plan;
 pub mod plugin_rule;
 pub mod sparsify;
 pub mod stream;
+pub mod whole;
 
 use crate::byte_size::ShardSize;
 use crate::spec::DType;
@@ -66,6 +68,26 @@ pub enum Method {
     DareLinear,
     /// DARE masks with TIES sign election.
     DareTies,
+    /// Model Stock: interpolates base → average by the task vectors' mean pairwise cosine.
+    ModelStock,
+    /// Model Breadcrumbs: drops the smallest and the `gamma` largest magnitudes of each δ, then sums.
+    Breadcrumbs,
+    /// Breadcrumbs masks with TIES sign election.
+    BreadcrumbsTies,
+    /// DELLA: magnitude-ranked random drop (MagPrune), rescaled, TIES sign election.
+    Della,
+    /// DELLA's MagPrune without sign election.
+    DellaLinear,
+    /// SLERP of two models by normalised weights, optionally of task vectors, per row or flattened.
+    Nuslerp,
+    /// Barycentric interpolation of any number of models on the hypersphere.
+    Multislerp,
+    /// The Karcher (Riemannian) mean of the models' directions, scaled by their mean norm.
+    Karcher,
+    /// SCE: variance-selected elements, sign election, task vectors weighted by their energy.
+    Sce,
+    /// NearSwap: takes the model's value where it is within `t` of the base.
+    Nearswap,
 }
 
 /// How a method combines its inputs (the kernel that runs it).
@@ -82,6 +104,8 @@ pub enum Combination {
         /// Whether a sign is elected per element and disagreeing entries dropped (TIES).
         sign_consensus: bool,
     },
+    /// Computed on whole tensors by [`whole`] (the newer mergekit methods).
+    Whole,
 }
 
 /// How a task-vector method thins each δ.
@@ -209,6 +233,126 @@ pub const METHODS: &[MethodSpec] = &[
             "seed",
         ],
     },
+    MethodSpec {
+        method: Method::ModelStock,
+        name: "model_stock",
+        base: BaseUse::Required,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &["filter_wise"],
+    },
+    MethodSpec {
+        method: Method::Breadcrumbs,
+        name: "breadcrumbs",
+        base: BaseUse::Required,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &[
+            "weights",
+            "density",
+            "gamma",
+            "lambda",
+            "normalize",
+            "rescale",
+        ],
+    },
+    MethodSpec {
+        method: Method::BreadcrumbsTies,
+        name: "breadcrumbs_ties",
+        base: BaseUse::Required,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &[
+            "weights",
+            "density",
+            "gamma",
+            "lambda",
+            "normalize",
+            "rescale",
+        ],
+    },
+    MethodSpec {
+        method: Method::Della,
+        name: "della",
+        base: BaseUse::Required,
+        combination: Combination::Whole,
+        default_normalize: true,
+        default_rescale: true,
+        params: &[
+            "weights",
+            "density",
+            "epsilon",
+            "lambda",
+            "normalize",
+            "rescale",
+            "seed",
+        ],
+    },
+    MethodSpec {
+        method: Method::DellaLinear,
+        name: "della_linear",
+        base: BaseUse::Required,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: true,
+        params: &[
+            "weights",
+            "density",
+            "epsilon",
+            "lambda",
+            "normalize",
+            "rescale",
+            "seed",
+        ],
+    },
+    MethodSpec {
+        method: Method::Nuslerp,
+        name: "nuslerp",
+        base: BaseUse::Optional,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &["weights", "nuslerp_flatten", "nuslerp_row_wise"],
+    },
+    MethodSpec {
+        method: Method::Multislerp,
+        name: "multislerp",
+        base: BaseUse::Optional,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &["weights", "normalize_weights"],
+    },
+    MethodSpec {
+        method: Method::Karcher,
+        name: "karcher",
+        base: BaseUse::Refused,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &["max_iter", "tol"],
+    },
+    MethodSpec {
+        method: Method::Sce,
+        name: "sce",
+        base: BaseUse::Required,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &["select_topk"],
+    },
+    MethodSpec {
+        method: Method::Nearswap,
+        name: "nearswap",
+        base: BaseUse::Required,
+        combination: Combination::Whole,
+        default_normalize: false,
+        default_rescale: false,
+        params: &["t"],
+    },
 ];
 
 /// Every optional parameter some method reads.
@@ -220,6 +364,15 @@ const METHOD_PARAMS: &[&str] = &[
     "normalize",
     "rescale",
     "seed",
+    "gamma",
+    "epsilon",
+    "select_topk",
+    "filter_wise",
+    "nuslerp_flatten",
+    "nuslerp_row_wise",
+    "normalize_weights",
+    "max_iter",
+    "tol",
 ];
 
 impl Method {
@@ -282,9 +435,41 @@ pub struct MergeConfig {
     /// Rescale sparsified task vectors to their L1 norm (default: true for DARE, false otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rescale: Option<bool>,
-    /// Seed of the DARE masks (default: the workflow seed).
+    /// Seed of the DARE and DELLA masks (default: the workflow seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Breadcrumbs: fraction of the largest magnitudes dropped (default 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<Param>,
+    /// DELLA: spread of the keep probabilities around `density` (default 0.15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<Param>,
+    /// SCE: fraction of elements kept, by variance across models (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select_topk: Option<Param>,
+    /// Model Stock: one ratio per row instead of per tensor (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_wise: Option<bool>,
+    /// NuSLERP: interpolate the flattened tensor (default true) instead of rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nuslerp_flatten: Option<bool>,
+    /// NuSLERP: with `nuslerp_flatten = false`, interpolate columns instead of rows (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nuslerp_row_wise: Option<bool>,
+    /// Multi-SLERP: divide the weights by their sum (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize_weights: Option<bool>,
+    /// Karcher: iterations (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iter: Option<u32>,
+    /// Karcher: convergence tolerance (default 1e-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tol: Option<f64>,
+    /// A mergekit YAML config (relative to the workflow file) instead of the keys above: its models are
+    /// the step's inputs, its `dtype` is the compute dtype and `out_dtype` the output's (see
+    /// [`mergekit_yaml`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<std::path::PathBuf>,
     /// Output dtype (default: each tensor's dtype in the first input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<DType>,
@@ -308,6 +493,15 @@ impl MergeConfig {
             "normalize" => self.normalize.is_some(),
             "rescale" => self.rescale.is_some(),
             "seed" => self.seed.is_some(),
+            "gamma" => self.gamma.is_some(),
+            "epsilon" => self.epsilon.is_some(),
+            "select_topk" => self.select_topk.is_some(),
+            "filter_wise" => self.filter_wise.is_some(),
+            "nuslerp_flatten" => self.nuslerp_flatten.is_some(),
+            "nuslerp_row_wise" => self.nuslerp_row_wise.is_some(),
+            "normalize_weights" => self.normalize_weights.is_some(),
+            "max_iter" => self.max_iter.is_some(),
+            "tol" => self.tol.is_some(),
             other => unreachable!("{other} is not a method parameter"),
         }
     }
@@ -329,7 +523,9 @@ impl StepKind for MergeStep {
     }
 
     fn version(&self) -> u32 {
-        2 // 2: linear accumulates with fused multiply-adds, as mergekit's `addcmul_`
+        // 2: linear accumulates with fused multiply-adds, as mergekit's `addcmul_`
+        // 3: mergekit's model card (README.md) and config (mergekit_config.yml) beside the weights
+        3
     }
 
     fn inputs(&self) -> InputSlots {
@@ -352,7 +548,7 @@ impl StepKind for MergeStep {
     fn dependencies(&self, c: &MergeConfig) -> Dependencies {
         Dependencies {
             plugins: c.plugin.iter().cloned().collect(),
-            files: Vec::new(),
+            files: c.config.iter().cloned().collect(),
         }
     }
 
@@ -385,6 +581,35 @@ pub fn check_config(
 ) -> Vec<ConfigIssue> {
     let mut issues = Vec::new();
     let mut issue = |key: &str, msg: String| issues.push(ConfigIssue::new(key, msg));
+    if c.config.is_some() {
+        if c.method.is_some() || c.plugin.is_some() {
+            issue(
+                "config",
+                "a mergekit config names its own `merge_method`: set `config` or `method`/`plugin`, not both"
+                    .into(),
+            );
+        }
+        for key in METHOD_PARAMS
+            .iter()
+            .filter(|k| c.is_set(k) && **k != "seed")
+        {
+            issue(
+                key,
+                "comes from the mergekit config (`config`); set it there".into(),
+            );
+        }
+        if c.dtype.is_some() {
+            issue(
+                "dtype",
+                "with `config`, the YAML's `dtype` (compute) and `out_dtype` (written) decide"
+                    .into(),
+            );
+        }
+        if c.plugin_params.is_some() {
+            issue("plugin_params", "only used with `plugin`".into());
+        }
+        return issues;
+    }
     match (&c.method, &c.plugin) {
         (None, None) => issue(
             "method",
@@ -409,6 +634,24 @@ pub fn check_config(
         }
         if spec.combination == Combination::Slerp && c.t.is_none() {
             issue("t", "slerp needs `t` (0 = first model, 1 = second)".into());
+        }
+        if method == Method::Nearswap && c.t.is_none() {
+            issue(
+                "t",
+                "nearswap needs `t` (the distance below which the model's value is taken)".into(),
+            );
+        }
+        if method == Method::Nuslerp && models.is_some_and(|m| m != 2) {
+            issue(
+                "inputs.models",
+                "nuslerp merges exactly two models (and an optional base)".into(),
+            );
+        }
+        if method == Method::ModelStock && models.is_some_and(|m| m < 2) {
+            issue(
+                "inputs.models",
+                "model_stock needs at least two models besides the base".into(),
+            );
         }
         match (spec.base, has_base) {
             (BaseUse::Required, Some(false)) => issue(

@@ -116,6 +116,10 @@ impl MethodPlanner {
             .collect::<Result<Vec<f32>>>()?;
         let spec = self.method.spec();
         Ok(match spec.combination {
+            Combination::Whole => bail!(
+                "{} runs on whole tensors (steps::merge::whole), not as a streaming plan",
+                spec.name
+            ),
             Combination::WeightedAverage => TensorPlan::Linear {
                 weights,
                 normalize: self.normalize,

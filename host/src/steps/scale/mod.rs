@@ -38,6 +38,8 @@ pub use writer::{write_scaled, ScaleReport, WriteOptions};
 use crate::byte_size::ShardSize;
 use crate::model::checkpoint_writer::ShardOptions;
 use crate::plugins::StepPluginHost;
+use crate::steps::merge::mergekit_yaml::{self, PassthroughConfig};
+use crate::steps::merge::stream::NamedModel;
 use crate::workflow::DType;
 use anyhow::{bail, Context, Result};
 use dusflow_core::step::StepContext;
@@ -108,6 +110,11 @@ pub struct ScaleConfig {
     /// Refuse plans with more layers than this.
     #[serde(default = "ScaleConfig::default_max_layers")]
     pub max_layers: usize,
+    /// A mergekit `passthrough` YAML config (relative to the workflow) instead of a policy: its `slices`
+    /// (one source each, `scale` parameters with filters and gradients), `dtype` / `out_dtype` and
+    /// `tokenizer_source`; its model names are the step's `model` inputs (as for `merge`'s `config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 impl ScaleConfig {
@@ -179,6 +186,29 @@ impl StepKind for ScaleStep {
 
     fn check(&self, c: &ScaleConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = Vec::new();
+        if c.config.is_some() {
+            let given = [
+                ("policy", c.policy.is_some()),
+                ("plugin", c.plugin.is_some()),
+                ("params", c.params.is_some()),
+                ("m", c.m.is_some()),
+                ("s", c.s.is_some()),
+                ("times", c.times.is_some()),
+                ("every", c.every.is_some()),
+                ("scale_duplicates", c.scale_duplicates.is_some()),
+                ("slices", !c.slices.is_empty()),
+                ("dtype", c.dtype.is_some()),
+            ];
+            for (key, set) in given {
+                if set {
+                    issues.push(ConfigIssue::new(
+                        key,
+                        "comes from the mergekit config (`config`); set it there",
+                    ));
+                }
+            }
+            return issues;
+        }
         let policy = match c.resolved_policy() {
             Ok(Policy::Builtin(p)) => p,
             Ok(Policy::Plugin(name)) => {
@@ -294,7 +324,7 @@ impl StepKind for ScaleStep {
     fn dependencies(&self, c: &ScaleConfig) -> Dependencies {
         Dependencies {
             plugins: c.plugin.iter().cloned().collect(),
-            files: Vec::new(),
+            files: c.config.iter().cloned().collect(),
         }
     }
 
@@ -307,6 +337,23 @@ impl StepKind for ScaleStep {
             .iter()
             .map(|a| SourceModel::open(&a.name, &a.path))
             .collect::<Result<Vec<_>>>()?;
+        if let Some(path) = &c.config {
+            let named: Vec<NamedModel> = inputs
+                .iter()
+                .map(|a| NamedModel {
+                    name: a.name.clone(),
+                    path: a.path.clone(),
+                })
+                .collect();
+            let yaml = ctx.resolve(path);
+            let config = mergekit_yaml::load_passthrough(&yaml, &named)?;
+            let report = scale_mergekit(&config, &yaml, &models, c, &ctx.out_dir, ctx)?;
+            ctx.progress.finish_with_message(format!(
+                "{} layers, {} tensors",
+                report.layers, report.tensors
+            ));
+            return Ok(());
+        }
         let policy = c.resolved_policy()?;
         let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
         let counts: Vec<usize> = models.iter().map(|m| m.num_layers).collect();
@@ -342,6 +389,109 @@ impl StepKind for ScaleStep {
         ));
         Ok(())
     }
+}
+
+/// The layer plan of a mergekit passthrough config: each slice's layers in order, each tensor multiplied
+/// by its `scale` (resolved on the output tensor name, at the layer's position within its slice, as
+/// mergekit's gradients are).
+pub fn mergekit_plan(config: &PassthroughConfig, models: &[SourceModel]) -> Result<ScalePlan> {
+    let mut layers = Vec::new();
+    for (i, s) in config.slices.iter().enumerate() {
+        let model = &models[s.input];
+        let [start, end] = s.layers;
+        if start >= end || end > model.num_layers {
+            bail!(
+                "slice {i}: layer_range [{start}, {end}] of model `{}`, which has {} layers (ranges are half-open)",
+                model.name,
+                model.num_layers
+            );
+        }
+        let count = end - start;
+        for offset in 0..count {
+            let fraction = if count > 1 {
+                offset as f64 / (count - 1) as f64
+            } else {
+                1.0
+            };
+            let position = crate::steps::merge::params::TensorPosition { fraction };
+            let mut transforms = Vec::new();
+            for suffix in &model.layer_suffixes {
+                let name = format!("{}{}.{suffix}", model.layer_prefix, layers.len());
+                if let Some(v) = s.params.number(Some(0), "scale", &name, position)? {
+                    if !v.is_finite() {
+                        bail!("slice {i}: `scale` of {name:?} is {v}");
+                    }
+                    transforms.push(TensorTransform {
+                        tensor_suffix: suffix.clone(),
+                        op: TransformOp::Scale(v as f32),
+                    });
+                }
+            }
+            layers.push(LayerSource {
+                model: s.input,
+                layer: start + offset,
+                transforms,
+            });
+        }
+    }
+    Ok(ScalePlan::from_layers(layers))
+}
+
+/// Runs a mergekit passthrough config (see [`mergekit_plan`]) into `out_dir`, then writes mergekit's model
+/// card and the config beside the model, and the `tokenizer_source` model's tokenizer.
+pub fn scale_mergekit(
+    config: &PassthroughConfig,
+    yaml: &std::path::Path,
+    models: &[SourceModel],
+    step: &ScaleConfig,
+    out_dir: &std::path::Path,
+    ctx: &StepContext,
+) -> Result<ScaleReport> {
+    let dtype = match (config.dtype, config.out_dtype) {
+        (Some(d), Some(o)) if d != o => bail!(
+            "{}: `dtype: {}` with `out_dtype: {}`: the scale step casts once (set one of them)",
+            yaml.display(),
+            d.torch_name(),
+            o.torch_name()
+        ),
+        (d, o) => o.or(d),
+    };
+    let plan = mergekit_plan(config, models)?;
+    let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+    let counts: Vec<usize> = models.iter().map(|m| m.num_layers).collect();
+    plan.validate("passthrough", &names, &counts, step.max_layers)?;
+    let opts = WriteOptions {
+        dtype: dtype.map(crate::device::safetensors_dtype),
+        ..step.write_options(ctx.settings.durable)?
+    };
+    let report = scale_into(models, &plan, "passthrough", out_dir, &opts, ctx)?;
+    if let Some(donor) = config.tokenizer_donor {
+        crate::steps::merge::stream::copy_tokenizer(&models[donor].path, out_dir)?;
+    }
+    let title = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut referenced: Vec<String> = Vec::new();
+    for s in &config.slices {
+        let name = s.model.clone();
+        if !referenced.contains(&name) {
+            referenced.push(name);
+        }
+    }
+    let referenced: Vec<&str> = referenced.iter().map(String::as_str).collect();
+    let card = mergekit_yaml::model_card(
+        &title,
+        None,
+        None,
+        &referenced,
+        &config.text,
+        yaml.parent().unwrap_or(std::path::Path::new(".")),
+    );
+    std::fs::write(out_dir.join("README.md"), card).context("writing README.md")?;
+    std::fs::write(out_dir.join("mergekit_config.yml"), &config.text)
+        .context("writing mergekit_config.yml")?;
+    Ok(report)
 }
 
 /// Runs `plan` into the step's folder with progress and cancellation, and records the plan beside the model
