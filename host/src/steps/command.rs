@@ -42,6 +42,10 @@ pub struct CommandConfig {
     /// Whether the program needs the compute device to itself.
     #[serde(default)]
     pub exclusive_device: bool,
+    /// Seed offset: `DUS_SEED` becomes the workflow seed combined with it (without it, the workflow seed
+    /// itself), so `sweep = { seed = [1, 2, 3] }` hands each point its own seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl CommandConfig {
@@ -52,6 +56,14 @@ impl CommandConfig {
 
 /// The `command` step kind.
 pub struct CommandStep;
+
+/// `DUS_SEED`: the workflow seed, or with a step `seed` both combined as every built-in kind combines them.
+fn command_seed(workflow: u64, step: Option<u64>) -> u64 {
+    match step {
+        Some(s) => crate::data::derive_seed(workflow, &format!("command/{s}")),
+        None => workflow,
+    }
+}
 
 /// How many trailing log lines an error message shows.
 const LOG_TAIL_LINES: usize = 20;
@@ -122,7 +134,10 @@ impl StepKind for CommandStep {
             .stderr(log)
             .env("DUS_OUT", &ctx.out_dir)
             .env("DUS_STEP", &ctx.step)
-            .env("DUS_SEED", ctx.settings.seed.to_string())
+            .env(
+                "DUS_SEED",
+                command_seed(ctx.settings.seed, config.seed).to_string(),
+            )
             .env(
                 "DUS_DTYPE",
                 format!("{:?}", ctx.settings.dtype).to_lowercase(),

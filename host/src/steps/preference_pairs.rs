@@ -68,6 +68,10 @@ pub struct PreferencePairsConfig {
     /// paper's cap of 20.1K Synth. Math-Alignment pairs.
     #[serde(default)]
     pub max_samples: Option<usize>,
+    /// Seed of the `max_samples` subset, combined with the workflow seed (`sweep = { seed = [1, 2, 3] }`
+    /// draws a different subset per point); without it the subset is seeded by the step's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// Parameters of the data-filter plugins the two datasets name, by plugin name (`{}` when absent).
     #[serde(default)]
     pub filter_params: FilterParams,
@@ -199,10 +203,11 @@ impl StepKind for PreferencePairsStep {
         }
         let paired = lines.len();
         if let Some(max) = c.max_samples {
-            let seed = crate::data::derive_seed(
-                ctx.settings.seed,
-                &format!("preference-pairs/{}", ctx.step),
-            );
+            let stream = match c.seed {
+                Some(seed) => format!("preference-pairs/seed={seed}"),
+                None => format!("preference-pairs/{}", ctx.step),
+            };
+            let seed = crate::data::derive_seed(ctx.settings.seed, &stream);
             lines = crate::data::load::sample_in_order(lines, max, seed);
         }
         let written = lines.len();

@@ -12,6 +12,11 @@
 //! `inputs.curves` (training steps: pretrain, sft, dpo — anything that wrote a `metrics.jsonl`), also
 //! `curves.svg` with their loss curves in one chart and a loss table (first, 25 %, 50 %, final) in
 //! `report.md`: how fast each run recovers, e.g. for the seam ablation.
+//!
+//! Seeds: inputs whose names differ only in a `seed=…` sweep label (at any depth: `eval[model=cpt[seed=3]]`)
+//! are one row: each task's mean ± sample standard deviation with `n`, and one curve per group drawn as its
+//! mean with a ±1 std band (`curves.svg`), the loss table likewise. `names` may name the group (the name
+//! without its seed labels). Without seed labels the output is what it always was.
 
 use crate::eval::tables::{bar_chart_svg, markdown_table, Summary};
 use anyhow::{Context, Result};
@@ -84,22 +89,68 @@ impl StepKind for ReportStep {
                 .with_context(|| format!("{}: not an eval results.json", path.display()))?;
             loaded.push((a.name.clone(), summary));
         }
-        let rows = row_names(loaded, &c.names);
+        let groups = group_by_seed(loaded);
+        let seeded = groups.iter().any(|g| g.members.len() > 1);
+        let rows = row_names(
+            groups
+                .iter()
+                .map(|g| (g.key.clone(), g.members[0].1.clone()))
+                .map(|(key, mut s)| {
+                    s.model = strip_seed(&s.model);
+                    (key, s)
+                })
+                .collect(),
+            &c.names,
+        );
         let mut md = String::new();
         if let Some(t) = &c.title {
             md.push_str(&format!("# {t}\n\n"));
         }
-        md.push_str(&markdown_table(&rows));
-        let mut curves = Vec::new();
+        if seeded {
+            md.push_str(&seed_table(&rows, &groups));
+        } else {
+            md.push_str(&markdown_table(&rows));
+        }
+        let mut curves: Vec<(String, Vec<Curve>)> = Vec::new();
         for a in ctx.inputs_of("curves") {
+            let key = strip_seed(&a.name);
             let label = c
                 .names
-                .get(&a.name)
+                .get(&key)
+                .or_else(|| c.names.get(&a.name))
                 .cloned()
-                .unwrap_or_else(|| a.name.clone());
-            curves.push((label, read_losses(&a.path.join("metrics.jsonl"))?));
+                .unwrap_or_else(|| key.clone());
+            let losses = read_losses(&a.path.join("metrics.jsonl"))?;
+            match curves.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, runs)) if key != a.name => runs.push(losses),
+                _ => curves.push((label, vec![losses])),
+            }
         }
-        if !curves.is_empty() {
+        if curves.iter().any(|(_, runs)| runs.len() > 1) {
+            let bands: Vec<(String, Vec<CurvePoint>)> = curves
+                .iter()
+                .map(|(label, runs)| (label.clone(), mean_curve(runs)))
+                .collect();
+            md.push('\n');
+            md.push_str(&band_loss_table(&bands));
+            crate::train::metrics::plot_loss_bands(
+                &bands
+                    .iter()
+                    .map(|(l, points)| {
+                        (
+                            l.clone(),
+                            points.iter().map(|p| (p.step, p.mean, p.std)).collect(),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+                c.title.as_deref().unwrap_or("training loss"),
+                &ctx.out_dir.join("curves.svg"),
+            )?;
+        } else if !curves.is_empty() {
+            let curves: Vec<(String, Vec<(f64, f64)>)> = curves
+                .into_iter()
+                .map(|(l, mut runs)| (l, runs.remove(0)))
+                .collect();
             md.push('\n');
             md.push_str(&loss_table(&curves));
             crate::train::metrics::plot_losses(
@@ -109,15 +160,47 @@ impl StepKind for ReportStep {
             )?;
         }
         std::fs::write(ctx.out_dir.join("report.md"), md)?;
-        let json: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|(n, s)| serde_json::json!({ "name": n, "results": s }))
-            .collect();
+        let json: Vec<serde_json::Value> = if seeded {
+            rows.iter()
+                .zip(&groups)
+                .map(|((n, _), g)| {
+                    let stats: BTreeMap<&String, serde_json::Value> = g
+                        .task_stats()
+                        .iter()
+                        .map(|(task, (mean, std, count))| {
+                            (
+                                *task,
+                                serde_json::json!({ "mean": mean, "std": std, "n": count }),
+                            )
+                        })
+                        .collect();
+                    serde_json::json!({
+                        "name": n,
+                        "n": g.members.len(),
+                        "points": g.members.iter().map(|(step, _)| step).collect::<Vec<_>>(),
+                        "tasks": stats,
+                        "results": g.members.iter().map(|(_, s)| s).collect::<Vec<_>>(),
+                    })
+                })
+                .collect()
+        } else {
+            rows.iter()
+                .map(|(n, s)| serde_json::json!({ "name": n, "results": s }))
+                .collect()
+        };
         std::fs::write(
             ctx.out_dir.join("report.json"),
             serde_json::to_vec_pretty(&json)?,
         )?;
-        std::fs::write(ctx.out_dir.join("chart.svg"), bar_chart_svg(&rows))?;
+        let chart_rows: Vec<(String, Summary)> = if seeded {
+            rows.iter()
+                .zip(&groups)
+                .map(|((n, s), g)| (n.clone(), g.mean_summary(s)))
+                .collect()
+        } else {
+            rows
+        };
+        std::fs::write(ctx.out_dir.join("chart.svg"), bar_chart_svg(&chart_rows))?;
         Ok(())
     }
 }
@@ -166,6 +249,276 @@ fn loss_table(curves: &[(String, Vec<(f64, f64)>)]) -> String {
     md
 }
 
+/// `name` without its `seed=…` sweep labels, at any depth: `eval[model=cpt[policy=a,seed=3]]` →
+/// `eval[model=cpt[policy=a]]`, `init[seed=2]` → `init`.
+pub fn strip_seed(name: &str) -> String {
+    let Some(open) = name.find('[') else {
+        return name.to_string();
+    };
+    if !name.ends_with(']') {
+        return name.to_string();
+    }
+    let (base, inner) = (&name[..open], &name[open + 1..name.len() - 1]);
+    // Labels split at commas outside nested brackets.
+    let mut labels = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, ch) in inner.char_indices() {
+        match ch {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                labels.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    labels.push(&inner[start..]);
+    let kept: Vec<String> = labels
+        .into_iter()
+        .filter_map(|label| match label.split_once('=') {
+            Some(("seed", _)) => None,
+            Some((k, v)) => Some(format!("{k}={}", strip_seed(v))),
+            None => Some(label.to_string()),
+        })
+        .collect();
+    if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}[{}]", kept.join(","))
+    }
+}
+
+/// Mean and sample standard deviation (n − 1; `None` for fewer than two values).
+pub fn mean_std(values: &[f64]) -> (f64, Option<f64>) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let std = (values.len() > 1)
+        .then(|| (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+    (mean, std)
+}
+
+/// `(step, loss)` of one training run.
+type Curve = Vec<(f64, f64)>;
+
+/// A task's mean, sample std (none for one value) and number of values.
+type TaskStat = (f64, Option<f64>, usize);
+
+/// Evaluations that differ only in their seed labels, in first-seen order.
+struct SeedGroup {
+    /// The eval step's name without seed labels.
+    key: String,
+    /// `(eval step, results)` of each seed.
+    members: Vec<(String, Summary)>,
+}
+
+impl SeedGroup {
+    /// Per task (first-seen order): mean, sample std and how many members have it.
+    fn task_stats(&self) -> Vec<(&String, TaskStat)> {
+        let mut tasks: Vec<&String> = Vec::new();
+        for (_, s) in &self.members {
+            for t in s.tasks.keys() {
+                if !tasks.contains(&t) {
+                    tasks.push(t);
+                }
+            }
+        }
+        tasks
+            .into_iter()
+            .map(|t| {
+                let values: Vec<f64> = self
+                    .members
+                    .iter()
+                    .filter_map(|(_, s)| s.tasks.get(t).map(|x| x.score))
+                    .collect();
+                let (mean, std) = mean_std(&values);
+                (t, (mean, std, values.len()))
+            })
+            .collect()
+    }
+
+    /// `first` with every score replaced by the group's mean (for the bar chart).
+    fn mean_summary(&self, first: &Summary) -> Summary {
+        let mut s = first.clone();
+        for (task, (mean, _, _)) in self.task_stats() {
+            if let Some(t) = s.tasks.get_mut(task) {
+                t.score = mean;
+            }
+        }
+        let h6: Vec<f64> = self.members.iter().filter_map(|(_, m)| m.h6).collect();
+        s.h6 = (h6.len() == self.members.len()).then(|| mean_std(&h6).0);
+        s
+    }
+}
+
+fn group_by_seed(loaded: Vec<(String, Summary)>) -> Vec<SeedGroup> {
+    let mut groups: Vec<SeedGroup> = Vec::new();
+    for (step, summary) in loaded {
+        let key = strip_seed(&step);
+        match groups.iter_mut().find(|g| g.key == key && key != step) {
+            Some(g) => g.members.push((step, summary)),
+            None => groups.push(SeedGroup {
+                key,
+                members: vec![(step, summary)],
+            }),
+        }
+    }
+    groups
+}
+
+/// `mean ± std` in the unit of the metric (perplexities as they are, accuracies in percent).
+fn stat_cell(mean: f64, std: Option<f64>, metric: &str) -> String {
+    let (scale, digits) = if metric.contains("perplexity") {
+        (1.0, 3)
+    } else {
+        (100.0, 2)
+    };
+    match std {
+        Some(sd) => format!("{:.digits$} ± {:.digits$}", scale * mean, scale * sd),
+        None => format!("{:.digits$}", scale * mean),
+    }
+}
+
+/// The comparison table over seed groups: `| Model | n | task … |`, each cell mean ± sample std.
+fn seed_table(rows: &[(String, Summary)], groups: &[SeedGroup]) -> String {
+    let mut cols: Vec<String> = Vec::new();
+    for g in groups {
+        for (_, s) in &g.members {
+            for t in s.tasks.keys() {
+                if !cols.contains(t) {
+                    cols.push(t.clone());
+                }
+            }
+        }
+    }
+    let with_h6 = groups
+        .iter()
+        .any(|g| g.members.iter().any(|(_, s)| s.h6.is_some()));
+    let mut md = String::from(if with_h6 {
+        "| Model | n | H6 (Avg.) |"
+    } else {
+        "| Model | n |"
+    });
+    for c in &cols {
+        md.push_str(&format!(" {} |", crate::eval::tables::task_title(c)));
+    }
+    md.push_str(if with_h6 {
+        "\n|---|---:|---:|"
+    } else {
+        "\n|---|---:|"
+    });
+    md.push_str(&"---:|".repeat(cols.len()));
+    md.push('\n');
+    for ((name, _), g) in rows.iter().zip(groups) {
+        md.push_str(&format!("| {name} | {} |", g.members.len()));
+        if with_h6 {
+            let h6: Vec<f64> = g.members.iter().filter_map(|(_, s)| s.h6).collect();
+            let cell = if h6.len() == g.members.len() {
+                let (m, sd) = mean_std(&h6);
+                stat_cell(m / 100.0, sd.map(|x| x / 100.0), "acc")
+            } else {
+                "–".into()
+            };
+            md.push_str(&format!(" {cell} |"));
+        }
+        let stats = g.task_stats();
+        for c in &cols {
+            let cell = stats
+                .iter()
+                .find(|(t, _)| *t == c)
+                .map(|(t, (mean, std, _))| {
+                    let metric = g
+                        .members
+                        .iter()
+                        .find_map(|(_, s)| s.tasks.get(*t))
+                        .map_or("", |x| x.metric.as_str());
+                    stat_cell(*mean, *std, metric)
+                })
+                .unwrap_or_else(|| "–".into());
+            md.push_str(&format!(" {cell} |"));
+        }
+        md.push('\n');
+    }
+    let metrics: Vec<String> = cols
+        .iter()
+        .filter_map(|c| {
+            groups
+                .iter()
+                .flat_map(|g| &g.members)
+                .find_map(|(_, s)| s.tasks.get(c))
+                .map(|t| {
+                    format!(
+                        "{} {} ({}-shot)",
+                        crate::eval::tables::task_title(c),
+                        t.metric,
+                        t.num_fewshot
+                    )
+                })
+        })
+        .collect();
+    md.push_str(&format!(
+        "\nMean ± sample standard deviation over the n seeds of each row. Metrics: {}\n",
+        metrics.join(", ")
+    ));
+    md
+}
+
+/// One step of a curve averaged over seeds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CurvePoint {
+    step: f64,
+    mean: f64,
+    /// Sample std across runs (0 for one run).
+    std: f64,
+    runs: usize,
+}
+
+/// The runs' mean and sample std at each step the shortest run reached.
+fn mean_curve(runs: &[Vec<(f64, f64)>]) -> Vec<CurvePoint> {
+    let len = runs.iter().map(Vec::len).min().unwrap_or(0);
+    (0..len)
+        .map(|i| {
+            let values: Vec<f64> = runs.iter().map(|r| r[i].1).collect();
+            let (mean, std) = mean_std(&values);
+            CurvePoint {
+                step: runs[0][i].0,
+                mean,
+                std: std.unwrap_or(0.0),
+                runs: runs.len(),
+            }
+        })
+        .collect()
+}
+
+/// The loss table over seed groups: mean ± std of the loss at the first step, a quarter, half way, the end.
+fn band_loss_table(curves: &[(String, Vec<CurvePoint>)]) -> String {
+    let mut md = String::from(
+        "| Run | n | Steps | Loss (first) | Loss (25 %) | Loss (50 %) | Loss (final) |\n",
+    );
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+    for (name, points) in curves {
+        let at = |f: f64| {
+            let p = points[((points.len() - 1) as f64 * f).round() as usize];
+            if p.runs > 1 {
+                format!("{:.4} ± {:.4}", p.mean, p.std)
+            } else {
+                format!("{:.4}", p.mean)
+            }
+        };
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} | {} |\n",
+            points[0].runs,
+            points.len(),
+            at(0.0),
+            at(0.25),
+            at(0.5),
+            at(1.0)
+        ));
+    }
+    md.push_str("\nLoss: mean ± sample standard deviation over the n seeds at that step.\n");
+    md
+}
+
 /// Row names: `names` by eval step or model name, else the evaluated model's name, else (when two
 /// evaluations share a model) the eval step's name.
 fn row_names(
@@ -207,6 +560,53 @@ mod tests {
             tasks: Default::default(),
             h6: None,
         }
+    }
+
+    #[test]
+    fn seed_labels_are_dropped_at_every_depth_and_nothing_else() {
+        assert_eq!(
+            strip_seed("eval[model=cpt[model=solar,seed=3]]"),
+            "eval[model=cpt[model=solar]]"
+        );
+        assert_eq!(strip_seed("init[seed=2]"), "init");
+        assert_eq!(
+            strip_seed("eval[model=scratch[model=init[seed=5]]]"),
+            "eval[model=scratch[model=init]]"
+        );
+        assert_eq!(strip_seed("dpo[chunks=2,seed=1]"), "dpo[chunks=2]");
+        assert_eq!(strip_seed("dpo[seed=1,chunks=2]"), "dpo[chunks=2]");
+        assert_eq!(strip_seed("sft[lr=1e-5]"), "sft[lr=1e-5]");
+        assert_eq!(strip_seed("plain"), "plain");
+        // `seeds` and `myseed` are other parameters.
+        assert_eq!(strip_seed("x[seeds=2,myseed=1]"), "x[seeds=2,myseed=1]");
+    }
+
+    #[test]
+    fn mean_and_sample_standard_deviation() {
+        let (mean, std) = mean_std(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
+        assert_eq!(mean, 5.0);
+        // Σ (x − 5)² = 32; the sample std divides by n − 1 = 7 (the population std, 2, would divide by 8).
+        assert!((std.unwrap() - (32.0f64 / 7.0).sqrt()).abs() < 1e-15);
+        assert_eq!(mean_std(&[3.5]), (3.5, None));
+        assert_eq!(stat_cell(0.25, Some(0.0125), "acc"), "25.00 ± 1.25");
+        assert_eq!(
+            stat_cell(12.5, Some(0.25), "word_perplexity"),
+            "12.500 ± 0.250"
+        );
+        assert_eq!(stat_cell(12.5, None, "word_perplexity"), "12.500");
+    }
+
+    #[test]
+    fn curves_of_several_seeds_average_step_by_step_up_to_the_shortest() {
+        let runs = vec![
+            vec![(1.0, 3.0), (2.0, 2.0), (3.0, 1.0)],
+            vec![(1.0, 5.0), (2.0, 4.0)],
+        ];
+        let mean = mean_curve(&runs);
+        assert_eq!(mean.len(), 2);
+        assert_eq!((mean[0].mean, mean[1].mean), (4.0, 3.0));
+        assert!((mean[0].std - 2f64.sqrt()).abs() < 1e-15);
+        assert_eq!(mean[1].runs, 2);
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod preference_pairs;
 mod scale_mergekit;
 mod scale_plugin;
 mod scale_step;
+mod seeds;
 mod train_loop;
 mod train_memory;
 mod train_steps;

@@ -1,6 +1,7 @@
 //! The ready workflows in `workflows/`: each one loads and plans (the SOLAR recipe's steps are only blocked by
 //! the downloads it names), and a shrunken quickstart — same steps, same kinds, same wiring, tiny budgets —
-//! runs end to end and produces its report with one row per stage.
+//! runs end to end and produces its report with one row per stage; so does a shrunken seam ablation, whose
+//! report folds its five seeds per policy into mean ± std.
 
 use dusflow::engine::{self, plan::PlanStatus, RunOptions};
 use std::path::{Path, PathBuf};
@@ -54,7 +55,14 @@ fn every_ready_workflow_loads_and_plans() {
         }
     }
     seen.sort();
-    for expected in ["ablation-seam.toml", "quickstart.toml", "solar-10.7b.toml"] {
+    for expected in [
+        "ablation-merge.toml",
+        "ablation-sdpo.toml",
+        "ablation-seam.toml",
+        "ablation-sft-mix.toml",
+        "quickstart.toml",
+        "solar-10.7b.toml",
+    ] {
         assert!(
             seen.iter().any(|s| s == expected),
             "missing {expected}: {seen:?}"
@@ -241,4 +249,47 @@ async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
         .find(|s| s.name == "sdpo_random")
         .unwrap();
     assert!(sdpo.dir.join("stage-1/model.safetensors").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunken_seam_ablation_reports_every_policy_over_five_seeds() {
+    let text = std::fs::read_to_string(workflows_dir().join("ablation-seam.toml")).unwrap();
+    let mut value: toml::Value = toml::from_str(&text).unwrap();
+    shrink(&mut value);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ablation-seam.toml");
+    std::fs::write(&path, toml::to_string(&value).unwrap()).unwrap();
+
+    let summary = engine::run(
+        &path,
+        &dusflow::steps::builtin_registry(),
+        RunOptions::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(summary.succeeded(), "{summary:#?}");
+    // Every scaled variant has s = 12 layers.
+    for policy in ["solar", "stack", "wide", "interleave"] {
+        let step = summary.steps.iter().find(|s| s.name == policy).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(step.dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["num_hidden_layers"], 12, "{policy}");
+    }
+    let report = summary.steps.iter().find(|s| s.name == "report").unwrap();
+    let table = std::fs::read_to_string(report.dir.join("report.md")).unwrap();
+    for row in [
+        "| base | 1 |",
+        "| solar | 1 |",
+        "| solar + cpt | 5 |",
+        "| stack + cpt | 5 |",
+        "| wide + cpt | 5 |",
+        "| interleave + cpt | 5 |",
+        "| base (8) + cpt | 5 |",
+        "| scratch (12) | 5 |",
+    ] {
+        assert!(table.contains(row), "no row `{row}`:\n{table}");
+    }
+    let svg = std::fs::read_to_string(report.dir.join("curves.svg")).unwrap();
+    assert_eq!(svg.matches("<polygon").count(), 6, "one band per group");
 }

@@ -140,6 +140,84 @@ pub fn plot_losses(series: &[(String, Vec<(f64, f64)>)], title: &str, path: &Pat
     Ok(())
 }
 
+/// One point of a curve averaged over seeds: `(step, mean, std)`.
+pub type BandPoint = (f64, f64, f64);
+
+/// Draws curves `(label, [(step, mean, std)])` averaged over seeds: each mean as a line inside a shaded
+/// band from mean − std to mean + std. Non-finite points are skipped.
+pub fn plot_loss_bands(
+    series: &[(String, Vec<BandPoint>)],
+    title: &str,
+    path: &Path,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let finite: Vec<(&str, Vec<BandPoint>)> = series
+        .iter()
+        .map(|(label, points)| {
+            let kept = points
+                .iter()
+                .copied()
+                .filter(|p| p.1.is_finite() && p.2.is_finite())
+                .collect();
+            (label.as_str(), kept)
+        })
+        .collect();
+    let all = finite.iter().flat_map(|(_, p)| p.iter());
+    let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+        (lo.min(p.1 - p.2), hi.max(p.1 + p.2))
+    });
+    let (lo, hi) = if lo.is_finite() {
+        (lo.min(hi - 1e-6) * 0.95, hi * 1.05)
+    } else {
+        (0.0, 1.0)
+    };
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_step, lo..hi)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss (mean ± std over seeds)")
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (label, points)) in finite.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let band: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.0, p.1 + p.2))
+            .chain(points.iter().rev().map(|p| (p.0, p.1 - p.2)))
+            .collect();
+        chart
+            .draw_series(std::iter::once(Polygon::new(band, color.mix(0.2).filled())))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing the loss curve: {e}")
 }

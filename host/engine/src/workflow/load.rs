@@ -95,6 +95,8 @@ struct RawStep<'i> {
     params: DeTable<'i>,
     params_span: Range<usize>,
     inputs: Vec<(Key<'i>, Vec<Spanned<String>>)>,
+    /// Input slots set by a sweep axis (`sweep = { "inputs.model" = [...] }`).
+    swept_slots: Vec<String>,
     description: Option<String>,
 }
 
@@ -155,6 +157,7 @@ impl<'a> Loader<'a> {
 
         let defaults = self.defaults(root, sink);
         let raw_steps = self.raw_steps(root, &defaults, sink);
+        let raw_steps = self.expand_swept_inputs(raw_steps, root, sink);
         let steps = self.resolve_steps(raw_steps, &models, &datasets, &plugins, sink);
         let steps = self.order(steps, sink);
 
@@ -500,11 +503,13 @@ impl<'a> Loader<'a> {
             let mut params = params.clone();
             let mut inputs = inputs.clone();
             let mut labels = Vec::new();
+            let mut swept_slots = Vec::new();
             for (axis, value) in sweep.iter().zip(point) {
                 let (axis_key, values) = axis;
                 let value = &values[value];
                 labels.push((label_key(axis_key.get_ref()), self.label_value(value)));
                 if let Some(slot) = axis_key.get_ref().strip_prefix("inputs.") {
+                    swept_slots.push(slot.to_string());
                     let refs = self.ref_list(value, &format!("{key}.sweep"), sink);
                     match inputs.iter_mut().find(|(k, _)| k.get_ref() == slot) {
                         Some(entry) => entry.1 = refs,
@@ -532,10 +537,152 @@ impl<'a> Loader<'a> {
                 params,
                 params_span: span.clone(),
                 inputs,
+                swept_slots,
                 description: description.clone(),
             });
         }
         out
+    }
+
+    /// A sweep over a one-artifact slot (`sweep = { "inputs.model" = ["cpt"] }`) whose value names a swept
+    /// step takes one point per point of that step: `eval[model=cpt[seed=1]]`, `eval[model=cpt[seed=2]]`, …
+    /// (so a chain of seed sweeps needs no list of point names). Steps are expanded once the step they
+    /// name is final, so chains of such sweeps expand in dependency order; what is left (a cycle) is
+    /// reported later as a cycle.
+    fn expand_swept_inputs<'i>(
+        &self,
+        mut raw: Vec<RawStep<'i>>,
+        root: &DeTable<'i>,
+        sink: &mut DiagnosticSink,
+    ) -> Vec<RawStep<'i>> {
+        // (step index, slot) whose one swept reference names a step with several points.
+        let expandable = |raw: &[RawStep<'i>]| -> Vec<(usize, String, Vec<String>)> {
+            let mut points_of: HashMap<&str, Vec<&str>> = HashMap::new();
+            for r in raw {
+                points_of.entry(&r.base).or_default().push(&r.name);
+            }
+            let mut found = Vec::new();
+            for (i, r) in raw.iter().enumerate() {
+                let Some(kind) = self.registry.get(&r.kind_name) else {
+                    continue;
+                };
+                let InputSlots::Fixed(slots) = kind.inputs() else {
+                    continue;
+                };
+                for slot in &r.swept_slots {
+                    let single = slots.iter().any(|s| s.name == slot && !s.many);
+                    let refs = r.inputs.iter().find(|(k, _)| k.get_ref() == slot.as_str());
+                    if let (true, Some((_, refs))) = (single, refs) {
+                        if let [one] = refs.as_slice() {
+                            match points_of.get(one.get_ref().as_str()) {
+                                Some(points) if points.len() > 1 && one.get_ref() != &r.base => {
+                                    found.push((
+                                        i,
+                                        slot.clone(),
+                                        points.iter().map(|p| p.to_string()).collect(),
+                                    ));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+            found
+        };
+        loop {
+            let found = expandable(&raw);
+            let pending: std::collections::HashSet<&str> = found
+                .iter()
+                .map(|(i, _, _)| raw[*i].base.as_str())
+                .collect();
+            // Expand a step only when the step it names will not expand itself any more.
+            let ready: Vec<(usize, String, Vec<String>)> = found
+                .iter()
+                .filter(|(i, slot, _)| {
+                    let named = raw[*i]
+                        .inputs
+                        .iter()
+                        .find(|(k, _)| k.get_ref() == slot.as_str())
+                        .map(|(_, refs)| refs[0].get_ref().as_str());
+                    !named.is_some_and(|n| pending.contains(n))
+                })
+                .cloned()
+                .collect();
+            if ready.is_empty() {
+                return raw;
+            }
+            let mut replaced: HashMap<usize, Vec<RawStep<'i>>> = HashMap::new();
+            let mut done = std::collections::HashSet::new();
+            for (i, slot, points) in ready {
+                if !done.insert(i) {
+                    continue; // a second slot of the same step: the next round expands it
+                }
+                let r = &raw[i];
+                let label = label_key(&format!("inputs.{slot}"));
+                let expanded = points
+                    .into_iter()
+                    .map(|point| {
+                        let mut inputs = r.inputs.clone();
+                        for (k, refs) in inputs.iter_mut() {
+                            if k.get_ref() == slot.as_str() {
+                                *refs = vec![Spanned::new(refs[0].span(), point.clone())];
+                            }
+                        }
+                        let labels: Vec<(String, String)> = r
+                            .point
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.clone(),
+                                    if *k == label {
+                                        point.clone()
+                                    } else {
+                                        v.clone()
+                                    },
+                                )
+                            })
+                            .collect();
+                        let text: Vec<String> =
+                            labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        RawStep {
+                            name: format!("{}[{}]", r.base, text.join(",")),
+                            base: r.base.clone(),
+                            header: r.header.clone(),
+                            kind_name: r.kind_name.clone(),
+                            point: labels,
+                            params: r.params.clone(),
+                            params_span: r.params_span.clone(),
+                            inputs,
+                            swept_slots: r.swept_slots.clone(),
+                            description: r.description.clone(),
+                        }
+                    })
+                    .collect();
+                replaced.insert(i, expanded);
+            }
+            let mut next = Vec::with_capacity(raw.len());
+            for (i, r) in raw.into_iter().enumerate() {
+                match replaced.remove(&i) {
+                    Some(points) => next.extend(points),
+                    None => next.push(r),
+                }
+            }
+            raw = next;
+            if raw.len() > MAX_STEPS {
+                let span = root.get("steps").map_or(0..0, Spanned::span);
+                sink.error(
+                    span,
+                    "steps",
+                    format!(
+                        "the workflow expands to more than {MAX_STEPS} steps (sweeps over swept steps included); \
+                         split it into several workflows"
+                    ),
+                );
+                raw.truncate(MAX_STEPS);
+                return raw;
+            }
+        }
     }
 
     fn inputs_table<'i>(
@@ -644,11 +791,15 @@ impl<'a> Loader<'a> {
         sink: &mut DiagnosticSink,
     ) -> Option<Vec<Step>> {
         let mut points_of: IndexMap<String, Vec<String>> = IndexMap::new();
+        let mut seed_of: HashMap<String, String> = HashMap::new();
         for r in &raw {
             points_of
                 .entry(r.base.clone())
                 .or_default()
                 .push(r.name.clone());
+            if let Some((_, seed)) = r.point.iter().find(|(k, _)| k == "seed") {
+                seed_of.insert(r.name.clone(), seed.clone());
+            }
         }
         // Output kinds and parts of every step are needed before any input can be type-checked.
         let (parsed, failed) = self.parse_steps(raw, sink);
@@ -664,6 +815,7 @@ impl<'a> Loader<'a> {
                 .map(|p| (p.raw.name.clone(), p.kind.parts(&p.config)))
                 .collect(),
             points_of,
+            seed_of,
         };
         let plugin_names = PluginNames(plugins);
         let steps = parsed
@@ -724,13 +876,18 @@ impl<'a> Loader<'a> {
             json,
         } = parsed;
         let key = format!("steps.{}", r.base);
+        let seed = r
+            .point
+            .iter()
+            .find(|(k, _)| k == "seed")
+            .map(|(_, v)| v.as_str());
         let counts: HashMap<String, usize> = r
             .inputs
             .iter()
             .map(|(slot, refs)| {
                 let n = refs
                     .iter()
-                    .map(|name| names.points_of.get(name.get_ref()).map_or(1, Vec::len))
+                    .map(|name| names.points(name.get_ref(), seed).map_or(1, |p| p.len()))
                     .sum();
                 (slot.get_ref().to_string(), n)
             })
@@ -804,7 +961,15 @@ impl<'a> Loader<'a> {
                     }
                 }
             };
-            let resolved = resolve_slot(slot.span(), refs, spec, &r.base, names, &slot_key, sink);
+            let resolved = resolve_slot(
+                slot.span(),
+                refs,
+                spec,
+                (&r.base, seed),
+                names,
+                &slot_key,
+                sink,
+            );
             inputs.insert(slot.get_ref().to_string(), resolved);
         }
         if let InputSlots::Fixed(slots) = kind.inputs() {
@@ -1058,13 +1223,32 @@ struct Namespace<'a> {
     models: &'a IndexMap<String, ModelSpec>,
     datasets: &'a IndexMap<String, DatasetSpec>,
     points_of: IndexMap<String, Vec<String>>,
+    /// The `seed` sweep label of each point that has one.
+    seed_of: HashMap<String, String>,
     outputs: HashMap<String, ArtifactKind>,
     parts_of: HashMap<String, Vec<ArtifactPart>>,
 }
 
 impl Namespace<'_> {
     /// What `name` refers to, with each artifact's kind (several for a swept step); empty when nothing.
-    fn find(&self, name: &str) -> Vec<(InputRef, ArtifactKind)> {
+    /// The points of step `name` that a step with sweep label `seed` reads: seeds are replicates, so a step
+    /// swept over `seed` reads the point of a seed-swept input with its own seed (`merge[seed=2]` reads
+    /// `sft_a[seed=2]` and `sft_b[seed=2]`), and every point otherwise.
+    fn points(&self, name: &str, seed: Option<&str>) -> Option<Vec<&String>> {
+        let points = self.points_of.get(name)?;
+        let matching: Vec<&String> = match seed {
+            Some(seed) if points.iter().any(|p| self.seed_of.contains_key(p)) => points
+                .iter()
+                .filter(|p| self.seed_of.get(*p).map(String::as_str) == Some(seed))
+                .collect(),
+            _ => points.iter().collect(),
+        };
+        Some(matching)
+    }
+
+    /// What `name` refers to for a step with sweep label `seed`, with each artifact's kind (several for a
+    /// swept step); empty when nothing.
+    fn find(&self, name: &str, seed: Option<&str>) -> Vec<(InputRef, ArtifactKind)> {
         [
             self.models
                 .get(name)
@@ -1072,9 +1256,9 @@ impl Namespace<'_> {
             self.datasets
                 .get(name)
                 .map(|_| vec![(InputRef::Dataset(name.to_string()), ArtifactKind::Dataset)]),
-            self.points_of.get(name).map(|points| {
+            self.points(name, seed).map(|points| {
                 points
-                    .iter()
+                    .into_iter()
                     .map(|p| {
                         (
                             InputRef::Step(p.clone()),
@@ -1110,7 +1294,7 @@ fn resolve_slot(
     slot_span: Range<usize>,
     refs: &[Spanned<String>],
     spec: Option<InputSlot>,
-    step: &str,
+    (step, seed): (&str, Option<&str>),
     names: &Namespace<'_>,
     slot_key: &str,
     sink: &mut DiagnosticSink,
@@ -1118,7 +1302,7 @@ fn resolve_slot(
     let mut resolved = Vec::new();
     for reference in refs {
         let name = reference.get_ref();
-        let found = names.find(name);
+        let found = names.find(name, seed);
         let found = match (found.is_empty(), name.rsplit_once('/')) {
             (true, Some((step, part))) => {
                 match resolve_part(step, part, &names.points_of, &names.parts_of) {
@@ -1132,6 +1316,17 @@ fn resolve_slot(
             _ => found,
         };
         if found.is_empty() {
+            if let (Some(seed), true) = (seed, names.points_of.contains_key(name)) {
+                sink.error(
+                    reference.span(),
+                    slot_key,
+                    format!(
+                        "`{name}` is swept over `seed` but has no point with seed = {seed}, the seed of this point \
+                         (a step swept over `seed` reads its own seed's point of a seed-swept input)"
+                    ),
+                );
+                continue;
+            }
             if names.points_of.contains_key(name) || step == name {
                 continue; // the step exists but failed to parse: already reported
             }

@@ -627,7 +627,9 @@ pub fn check_config(
     let has_base = base.map(|b| b > 0);
     if let Some(method) = c.method {
         let spec = method.spec();
-        for key in METHOD_PARAMS {
+        // `seed` is accepted by every method: the deterministic ones ignore it, and it lets a merge be swept
+        // over seeds to pair with seed-swept candidates (`merge[seed=2]` reads their `seed=2` points).
+        for key in METHOD_PARAMS.iter().filter(|k| **k != "seed") {
             if c.is_set(key) && !spec.params.contains(key) {
                 issue(key, format!("is not used by method `{}`", spec.name));
             }
