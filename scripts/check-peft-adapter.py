@@ -35,10 +35,10 @@ def main():
     args = parser.parse_args()
 
     adapter_dir = os.path.join(args.artifact, "adapter")
-    base = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
     peft_model.eval()
-    ours = AutoModelForCausalLM.from_pretrained(args.artifact, torch_dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(args.artifact, dtype=torch.float32)
     ours.eval()
 
     vocab = base.config.vocab_size
