@@ -38,16 +38,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn max_abs(a: &Tensor) -> f64 {
-    a.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    max_diff(a, &a.zeros_like().unwrap())
 }
 
 /// Value and gradients (w.r.t. each input, through `Σ y · probe`) of `f` at `inputs` cast to `dtype`.
