@@ -83,18 +83,51 @@ macro_rules! with_float {
     };
 }
 
-/// The contiguous host slice of a CPU tensor of element type `T`.
-fn host_slice<T: candle_core::WithDType>(storage: &Storage, layout: &Layout) -> Result<Vec<T>> {
+/// The contiguous host slice of a CPU tensor's storage of element type `T` (borrowed, not copied).
+fn host_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
     match storage {
-        Storage::Cpu(c) => {
-            let all = c.as_slice::<T>()?;
-            match layout.contiguous_offsets() {
-                Some((start, end)) => Ok(all[start..end].to_vec()),
-                None => candle_core::bail!("fused op: expected a contiguous tensor"),
-            }
-        }
+        Storage::Cpu(c) => slice_of(c.as_slice::<T>()?, layout),
         _ => candle_core::bail!("fused op: expected a CPU tensor"),
     }
+}
+
+/// A two-input op's CPU backward: the inputs' gradients from the inputs and the output's gradient.
+trait Backward2 {
+    const NAME: &'static str;
+    fn run<T: cpu::Float>(&self, a: &[T], b: &[T], dy: &[T]) -> (Vec<T>, Vec<T>);
+}
+
+/// Runs `k` on the contiguous storages of `a`, `b` and `dy`: the gradients as tensors of `a`'s and `b`'s shapes.
+fn cpu_grads2<K: Backward2>(
+    k: &K,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (sd, ld) = dy.storage_and_layout();
+    macro_rules! run {
+        ($t:ty, $variant:ident) => {{
+            let (da, db) = k.run::<$t>(
+                host_slice(&sa, la)?,
+                host_slice(&sb, lb)?,
+                host_slice(&sd, ld)?,
+            );
+            (CpuStorage::$variant(da), CpuStorage::$variant(db))
+        }};
+    }
+    let (da, db) = match a.dtype() {
+        DType::F32 => run!(f32, F32),
+        DType::BF16 => run!(half::bf16, BF16),
+        DType::F16 => run!(half::f16, F16),
+        d => candle_core::bail!("{} backward: unsupported dtype {d:?}", K::NAME),
+    };
+    Ok((
+        cpu_tensor(da, a.shape().clone()),
+        cpu_tensor(db, b.shape().clone()),
+    ))
 }
 
 /// The slice of `s` a contiguous layout `l` covers.
@@ -139,38 +172,15 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.grads(x, w, dy)?;
+        let (dx, dw) = cpu_grads2(self, x, w, dy)?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
-impl RmsNorm {
-    fn grads(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let dy = dy.contiguous()?;
-        let (gx, lx) = x.storage_and_layout();
-        let (gw, lw) = w.storage_and_layout();
-        let (gd, ld) = dy.storage_and_layout();
-        macro_rules! run {
-            ($t:ty, $variant:ident) => {{
-                let (dx, dw) = cpu::rms_norm_backward::<$t>(
-                    &host_slice::<$t>(&*gx, lx)?,
-                    &host_slice::<$t>(&*gw, lw)?,
-                    &host_slice::<$t>(&*gd, ld)?,
-                    self.eps,
-                );
-                (CpuStorage::$variant(dx), CpuStorage::$variant(dw))
-            }};
-        }
-        let (dx, dw) = match x.dtype() {
-            DType::F32 => run!(f32, F32),
-            DType::BF16 => run!(half::bf16, BF16),
-            DType::F16 => run!(half::f16, F16),
-            d => candle_core::bail!("rms_norm backward: unsupported dtype {d:?}"),
-        };
-        Ok((
-            cpu_tensor(dx, x.shape().clone()),
-            cpu_tensor(dw, w.shape().clone()),
-        ))
+impl Backward2 for RmsNorm {
+    const NAME: &'static str = "rms_norm";
+    fn run<T: cpu::Float>(&self, x: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        cpu::rms_norm_backward(x, w, dy, self.eps)
     }
 }
 
@@ -205,37 +215,15 @@ impl CustomOp2 for Swiglu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = self.grads(g, u, dy)?;
+        let (dg, du) = cpu_grads2(self, g, u, dy)?;
         Ok((Some(dg), Some(du)))
     }
 }
 
-impl Swiglu {
-    fn grads(&self, g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let dy = dy.contiguous()?;
-        let (sg, lg) = g.storage_and_layout();
-        let (su, lu) = u.storage_and_layout();
-        let (sd, ld) = dy.storage_and_layout();
-        macro_rules! run {
-            ($t:ty, $variant:ident) => {{
-                let (dg, du) = cpu::swiglu_backward::<$t>(
-                    &host_slice::<$t>(&*sg, lg)?,
-                    &host_slice::<$t>(&*su, lu)?,
-                    &host_slice::<$t>(&*sd, ld)?,
-                );
-                (CpuStorage::$variant(dg), CpuStorage::$variant(du))
-            }};
-        }
-        let (dg, du) = match g.dtype() {
-            DType::F32 => run!(f32, F32),
-            DType::BF16 => run!(half::bf16, BF16),
-            DType::F16 => run!(half::f16, F16),
-            d => candle_core::bail!("swiglu backward: unsupported dtype {d:?}"),
-        };
-        Ok((
-            cpu_tensor(dg, g.shape().clone()),
-            cpu_tensor(du, u.shape().clone()),
-        ))
+impl Backward2 for Swiglu {
+    const NAME: &'static str = "swiglu";
+    fn run<T: cpu::Float>(&self, g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        cpu::swiglu_backward(g, u, dy)
     }
 }
 
