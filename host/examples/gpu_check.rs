@@ -650,6 +650,7 @@ fn nccl_check(gpu: &Device) -> Result<()> {
             &opts,
             &work,
             &mut observer,
+            None,
             parallel,
         )?;
         let weights = opt

@@ -112,6 +112,7 @@ impl StepKind for ReportStep {
             md.push_str(&markdown_table(&rows));
         }
         let mut curves: Vec<(String, Vec<Curve>)> = Vec::new();
+        let mut held_out: Vec<(String, Vec<Curve>)> = Vec::new();
         for a in ctx.inputs_of("curves") {
             let key = strip_seed(&a.name);
             let label = c
@@ -120,10 +121,10 @@ impl StepKind for ReportStep {
                 .or_else(|| c.names.get(&a.name))
                 .cloned()
                 .unwrap_or_else(|| key.clone());
-            let losses = read_losses(&a.path.join("metrics.jsonl"))?;
-            match curves.iter_mut().find(|(l, _)| *l == label) {
-                Some((_, runs)) if key != a.name => runs.push(losses),
-                _ => curves.push((label, vec![losses])),
+            let (losses, held) = read_losses(&a.path.join("metrics.jsonl"))?;
+            add_run(&mut curves, &label, key != a.name, losses);
+            if !held.is_empty() {
+                add_run(&mut held_out, &label, key != a.name, held);
             }
         }
         if curves.iter().any(|(_, runs)| runs.len() > 1) {
@@ -157,6 +158,30 @@ impl StepKind for ReportStep {
                 &curves,
                 c.title.as_deref().unwrap_or("training loss"),
                 &ctx.out_dir.join("curves.svg"),
+            )?;
+        }
+        if !held_out.is_empty() {
+            let bands: Vec<(String, Vec<CurvePoint>)> = held_out
+                .iter()
+                .map(|(label, runs)| (label.clone(), mean_curve(runs)))
+                .collect();
+            md.push('\n');
+            md.push_str(&held_out_table(&bands));
+            crate::train::metrics::plot_loss_bands(
+                &bands
+                    .iter()
+                    .map(|(l, points)| {
+                        (
+                            l.clone(),
+                            points.iter().map(|p| (p.step, p.mean, p.std)).collect(),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+                &format!(
+                    "{}: held-out loss",
+                    c.title.as_deref().unwrap_or("training")
+                ),
+                &ctx.out_dir.join("held_out.svg"),
             )?;
         }
         std::fs::write(ctx.out_dir.join("report.md"), md)?;
@@ -205,8 +230,17 @@ impl StepKind for ReportStep {
     }
 }
 
-/// `(step, loss)` of every line of a `metrics.jsonl` (steps of later sDPO stages continue the count).
-fn read_losses(path: &std::path::Path) -> Result<Vec<(f64, f64)>> {
+/// Adds one run's curve to the group `label` (a seed of it when `seeded`), or starts the group.
+fn add_run(groups: &mut Vec<(String, Vec<Curve>)>, label: &str, seeded: bool, run: Curve) {
+    match groups.iter_mut().find(|(l, _)| l == label) {
+        Some((_, runs)) if seeded => runs.push(run),
+        _ => groups.push((label.to_string(), vec![run])),
+    }
+}
+
+/// `(step, loss)` of every line of a `metrics.jsonl` (steps of later sDPO stages continue the count), and
+/// `(step, eval_loss)` of the lines that scored held-out data.
+fn read_losses(path: &std::path::Path) -> Result<(Curve, Curve)> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "reading {} (curves need a training step's output)",
@@ -214,6 +248,7 @@ fn read_losses(path: &std::path::Path) -> Result<Vec<(f64, f64)>> {
         )
     })?;
     let mut points = Vec::new();
+    let mut held_out = Vec::new();
     for (i, line) in text
         .lines()
         .enumerate()
@@ -224,11 +259,64 @@ fn read_losses(path: &std::path::Path) -> Result<Vec<(f64, f64)>> {
         let loss = v["loss"]
             .as_f64()
             .with_context(|| format!("{}:{}: no `loss`", path.display(), i + 1))?;
-        points.push(((points.len() + 1) as f64, loss));
+        let step = (points.len() + 1) as f64;
+        points.push((step, loss));
+        if let Some(held) = v[crate::train::EVAL_LOSS].as_f64() {
+            held_out.push((step, held));
+        }
     }
     anyhow::ensure!(!points.is_empty(), "{}: no steps logged", path.display());
-    Ok(points)
+    Ok((points, held_out))
 }
+
+/// The held-out loss table: one column per scored step (at most [`HELD_OUT_COLUMNS`], evenly spread
+/// and always with the last), mean ± std over the seeds.
+fn held_out_table(curves: &[(String, Vec<CurvePoint>)]) -> String {
+    let longest = curves.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+    let picks: Vec<usize> = if longest <= HELD_OUT_COLUMNS {
+        (0..longest).collect()
+    } else {
+        let mut picks: Vec<usize> = (0..HELD_OUT_COLUMNS)
+            .map(|i| (i * (longest - 1)).div_ceil(HELD_OUT_COLUMNS - 1))
+            .collect();
+        picks.dedup();
+        picks
+    };
+    let steps = curves
+        .iter()
+        .find(|(_, p)| p.len() == longest)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_default();
+    let mut md = String::from("| Run | n |");
+    for &i in &picks {
+        md.push_str(&format!(" step {} |", steps[i].step));
+    }
+    md.push_str("\n|---|---:|");
+    md.push_str(&"---:|".repeat(picks.len()));
+    md.push('\n');
+    for (name, points) in curves {
+        md.push_str(&format!(
+            "| {name} | {} |",
+            points.first().map_or(0, |p| p.runs)
+        ));
+        for &i in &picks {
+            match points.get(i) {
+                Some(p) if p.runs > 1 => md.push_str(&format!(" {:.4} ± {:.4} |", p.mean, p.std)),
+                Some(p) => md.push_str(&format!(" {:.4} |", p.mean)),
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md.push_str(
+        "\nHeld-out loss (mean per target token of the step's `eval_data`; exp of it is the token \
+         perplexity): mean ± sample standard deviation over the n seeds after that many steps.\n",
+    );
+    md
+}
+
+/// Columns of the held-out loss table at most.
+const HELD_OUT_COLUMNS: usize = 8;
 
 /// Markdown table of each run's loss at its first step, a quarter, half way, and at the end.
 fn loss_table(curves: &[(String, Vec<(f64, f64)>)]) -> String {

@@ -73,6 +73,10 @@ pub struct TrainStepConfig {
     /// Checkpoint every this many optimizer steps (0 = never).
     #[serde(default = "TrainStepConfig::default_checkpoint_every")]
     pub checkpoint_every: usize,
+    /// With `inputs.eval_data`: score the held-out data every this many optimizer steps (0 = after the last
+    /// step only); logged as `eval_loss` in `metrics.jsonl`, plotted in `loss.svg` and by `report`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub eval_every: usize,
     /// SFT: pack several examples per row (kept apart by the mask). Pretraining always packs.
     #[serde(default)]
     pub packing: bool,
@@ -118,6 +122,10 @@ pub struct TrainStepConfig {
     /// across devices). Same weights either way; not part of the cache key.
     #[serde(default, skip_serializing)]
     pub zero: u8,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl TrainStepConfig {
@@ -391,6 +399,7 @@ pub fn train_model(
     device: &candle_core::Device,
     out_dir: &Path,
     observer: &mut dyn crate::train::TrainObserver,
+    held_out: Option<(&[TrainSequence], usize)>,
     parallel: &Parallel,
 ) -> Result<TrainSummary> {
     let mut trainee = Trainee::load(cfg, model_dir, None, seed, device)?;
@@ -415,6 +424,7 @@ pub fn train_model(
         &opts,
         out_dir,
         observer,
+        held_out,
         parallel,
     )?;
     if !parallel.is_root() {
@@ -450,11 +460,16 @@ pub fn train_model(
     Ok(summary)
 }
 
-/// Inputs of the training kinds: one model, one or more datasets.
+/// Inputs of the training kinds: one model, one or more datasets, and held-out datasets scored along the
+/// way (`eval_data`, optional).
 pub const TRAIN_INPUTS: &[InputSlot] = &[
     InputSlot::one("model", &[ArtifactKind::Model]),
     InputSlot::many("data", &[ArtifactKind::Dataset]),
+    InputSlot::many(EVAL_DATA, &[ArtifactKind::Dataset]).optional(),
 ];
+
+/// The input slot of held-out datasets.
+pub const EVAL_DATA: &str = "eval_data";
 
 /// What distinguishes one language-model training kind from another: its name, the record layouts it
 /// reads, its own checks, and how the loaded examples become token rows.
@@ -513,6 +528,12 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
         let mut issues = c.issues();
         issues.extend(check_filter_plugins(&c.filter_params, ctx));
         issues.extend(R::check(c));
+        if c.eval_every > 0 && ctx.input_count(EVAL_DATA) == Some(0) {
+            issues.push(ConfigIssue::new(
+                "eval_every",
+                "needs held-out data to score: inputs.eval_data = [\"DATASET\", ...]",
+            ));
+        }
         issues
     }
 
@@ -539,6 +560,7 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
         let mut filters = plugin_filters(&c.filter_params, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, R::FORMATS)?;
         let rows = R::rows(c, &inputs, &mixture.examples, ctx)?;
+        let held_out = held_out_rows::<R>(c, &inputs, ctx)?;
         let pad = inputs
             .tokenizer
             .pad_id()
@@ -558,10 +580,34 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
             &device,
             &ctx.out_dir,
             &mut observer,
+            held_out.as_deref().map(|rows| (rows, c.eval_every)),
             &parallel,
         )?;
         Ok(())
     }
+}
+
+/// The rows of the `eval_data` inputs, made like the training rows (same formats, filters, template and
+/// length limit); `None` without such inputs.
+fn held_out_rows<R: LmRows>(
+    c: &TrainStepConfig,
+    inputs: &TrainInputs,
+    ctx: &StepContext,
+) -> Result<Option<Vec<TrainSequence>>> {
+    let sources = ctx
+        .inputs_of(EVAL_DATA)
+        .iter()
+        .map(DatasetSource::from_input)
+        .collect::<Result<Vec<_>>>()?;
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    let mut filters = plugin_filters(&c.filter_params, ctx);
+    let held = load_mixture(&sources, &mut filters, inputs.seed, R::FORMATS)
+        .context("loading the held-out data (inputs.eval_data)")?;
+    let rows = R::rows(c, inputs, &held.examples, ctx)
+        .context("making rows of the held-out data (inputs.eval_data)")?;
+    Ok(Some(rows))
 }
 
 /// A model folder loaded for a training step: every weight trained (f32 masters), or — with `lora` — the

@@ -9,9 +9,9 @@ use dusflow::data::{
 use dusflow::model::{init_trainable, save_model, LlamaConfig, SaveOptions, Tokenizer};
 use dusflow::train::load_for_training;
 use dusflow::train::{
-    build_micro_batch, clip_gradients, global_norm, set_master, train, weighted_nll_sum, AdamW,
-    AdamWConfig, ComputeDType, LrSchedule, MomentPrecision, ScheduleKind, StepMetrics,
-    TrainOptions,
+    build_micro_batch, clip_gradients, global_norm, set_master, train, train_on, weighted_nll_sum,
+    AdamW, AdamWConfig, ComputeDType, LrSchedule, MomentPrecision, Parallel, ScheduleKind,
+    StepMetrics, TrainOptions, EVAL_LOSS,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -604,4 +604,89 @@ fn bf16_without_masters_tracks_the_run_with_masters() {
     eprintln!("bf16 without masters vs with: worst loss gap {worst:.4}");
     assert!(without.last() < without.first(), "{without:?}");
     assert!(worst < 0.01, "without masters the loss strays {worst}");
+}
+
+#[test]
+fn held_out_rows_are_scored_on_the_updated_weights_and_change_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let all = sft_rows(23);
+    let (rows, held) = all.split_at(16);
+    let opts = options(5, 4, 1);
+    let load = || {
+        load_for_training(
+            &model_dir,
+            ComputeDType::F32,
+            AdamWConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (model, mut opt) = load();
+    train(
+        &model,
+        &mut opt,
+        rows,
+        &opts,
+        &dir.path().join("plain"),
+        &mut never,
+    )
+    .unwrap();
+    let plain = masters(&opt);
+
+    let (model, mut opt) = load();
+    let scored = train_on(
+        &model,
+        &mut opt,
+        rows,
+        &opts,
+        &dir.path().join("scored"),
+        &mut never,
+        Some((held, 2)),
+        &Parallel::single(),
+    )
+    .unwrap();
+    assert_eq!(
+        masters(&opt),
+        plain,
+        "scoring held-out rows changed training"
+    );
+    let scored_at: Vec<usize> = scored
+        .history
+        .iter()
+        .filter(|m| m.extra.contains_key(EVAL_LOSS))
+        .map(|m| m.step)
+        .collect();
+    assert_eq!(scored_at, vec![2, 4, 5], "every 2nd step and the last");
+    let logged = std::fs::read_to_string(dir.path().join("scored/metrics.jsonl")).unwrap();
+    assert_eq!(logged.matches("\"eval_loss\"").count(), 3);
+
+    // The last held-out loss is the loss of the trained weights on those rows: what the first step of a
+    // run on them (all 7 in one micro-batch, so one sum instead of two) measures before it updates.
+    let last = scored.history.last().unwrap().extra[EVAL_LOSS];
+    let vars = opt
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.clone()))
+        .collect();
+    let mut probe_opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    let probe = train(
+        &model,
+        &mut probe_opt,
+        held,
+        &options(1, held.len(), 1),
+        &dir.path().join("probe"),
+        &mut never,
+    )
+    .unwrap();
+    let before_update = probe.history[0].loss;
+    assert!(
+        (last - before_update).abs() < 1e-5 * before_update,
+        "held-out loss {last} vs a forward pass on the trained weights {before_update}"
+    );
+    let first = scored.history[1].extra[EVAL_LOSS];
+    assert!(
+        last < first,
+        "held-out loss did not fall: {first} -> {last}"
+    );
 }

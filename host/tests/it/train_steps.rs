@@ -253,6 +253,7 @@ warmup_steps = 3
 warmup_ratio = 0.1
 separate_documents = true
 micro_batch = 0
+eval_every = 5
 "#;
     std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
     let err = match dusflow::workflow::Workflow::load(
@@ -267,9 +268,11 @@ micro_batch = 0
         "steps.sft.warmup_ratio",
         "steps.sft.separate_documents",
         "steps.sft.micro_batch",
+        "steps.sft.eval_every",
     ] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
+    assert!(err.contains("inputs.eval_data"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

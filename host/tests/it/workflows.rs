@@ -182,6 +182,7 @@ fn shrink(value: &mut toml::Value) {
                 ("max_steps", toml::Value::Integer(n)) => *n = (*n / 40).max(2),
                 ("limit", toml::Value::Integer(n)) => *n = (*n / 20).max(3),
                 ("max_gen_toks", toml::Value::Integer(n)) => *n = 8,
+                ("eval_every", toml::Value::Integer(n)) => *n = 1,
                 ("hidden_size", toml::Value::Integer(n)) => *n = 32,
                 ("intermediate_size", toml::Value::Integer(n)) => *n = 64,
                 ("seq_len", toml::Value::Integer(n)) => *n = (*n / 2).max(64),
@@ -292,4 +293,12 @@ async fn a_shrunken_seam_ablation_reports_every_policy_over_five_seeds() {
     }
     let svg = std::fs::read_to_string(report.dir.join("curves.svg")).unwrap();
     assert_eq!(svg.matches("<polygon").count(), 6, "one band per group");
+    // The held-out loss along the recovery curve: scored after each of the 2 shrunken steps.
+    assert!(
+        table.contains("| Run | n | step 1 | step 2 |"),
+        "no held-out table:\n{table}"
+    );
+    assert!(table.contains("| solar + cpt | 5 | "), "{table}");
+    let held = std::fs::read_to_string(report.dir.join("held_out.svg")).unwrap();
+    assert_eq!(held.matches("<polygon").count(), 6, "one band per group");
 }

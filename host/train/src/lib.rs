@@ -34,7 +34,8 @@ pub use optimizer::{
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
     checkpoint_dir, clip_gradients, global_norm, train, train_objective, train_objective_on,
-    train_on, LmObjective, MicroLoss, Objective, TrainObserver, TrainOptions, TrainSummary,
+    train_on, HeldOut, LmObjective, MicroLoss, Objective, TrainObserver, TrainOptions,
+    TrainSummary, EVAL_LOSS,
 };
 pub mod model_io;
 pub use model_io::{

@@ -74,10 +74,24 @@ impl MetricsLog {
     }
 }
 
-/// Draws loss against step as an SVG file.
+/// Draws loss against step as an SVG file, with the held-out loss as a second line when it was logged.
 pub fn plot_loss(history: &[StepMetrics], title: &str, path: &Path) -> Result<()> {
-    let points = history.iter().map(|m| (m.step as f64, m.loss)).collect();
-    plot_losses(&[(String::new(), points)], title, path)
+    let points: Vec<(f64, f64)> = history.iter().map(|m| (m.step as f64, m.loss)).collect();
+    let held_out: Vec<(f64, f64)> = history
+        .iter()
+        .filter_map(|m| Some((m.step as f64, *m.extra.get(crate::EVAL_LOSS)?)))
+        .collect();
+    if held_out.is_empty() {
+        return plot_losses(&[(String::new(), points)], title, path);
+    }
+    plot_losses(
+        &[
+            ("training batch".to_string(), points),
+            ("held-out data".to_string(), held_out),
+        ],
+        title,
+        path,
+    )
 }
 
 /// Draws several loss curves `(label, [(step, loss)])` in one SVG chart, with a legend when labelled.

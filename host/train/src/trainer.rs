@@ -66,6 +66,26 @@ impl<F: FnMut(&StepMetrics, usize) -> Result<()>> TrainObserver for F {
     }
 }
 
+/// Data the loop scores but never trains on (Hugging Face Trainer's `eval_dataset` with `eval_steps`): its
+/// mean loss per unit — without dropout or a gradient, on the weights just updated — is logged as
+/// `eval_loss` with every `every`-th step and with the last one.
+pub struct HeldOut<'a> {
+    /// The held-out items, scored with the training objective.
+    pub objective: &'a dyn Objective,
+    /// Score after every this many optimizer steps (0: after the last step only).
+    pub every: usize,
+}
+
+impl HeldOut<'_> {
+    /// Whether the model after `done` optimizer steps (of `total`) is scored.
+    pub fn due(&self, done: usize, total: usize) -> bool {
+        done == total || (self.every > 0 && done.is_multiple_of(self.every))
+    }
+}
+
+/// The metric name of the held-out loss in `metrics.jsonl`.
+pub const EVAL_LOSS: &str = "eval_loss";
+
 /// What a finished run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
@@ -180,11 +200,14 @@ pub fn train(
         opts,
         work_dir,
         observer,
+        None,
         &Parallel::single(),
     )
 }
 
-/// [`train`] as one rank of `parallel`.
+/// [`train`] as one rank of `parallel`, scoring `held_out` rows along the way when given (`every` as in
+/// [`HeldOut`]).
+#[allow(clippy::too_many_arguments)]
 pub fn train_on(
     model: &Llama,
     opt: &mut AdamW,
@@ -192,6 +215,7 @@ pub fn train_on(
     opts: &TrainOptions,
     work_dir: &Path,
     observer: &mut dyn TrainObserver,
+    held_out: Option<(&[TrainSequence], usize)>,
     parallel: &Parallel,
 ) -> Result<TrainSummary> {
     if rows.is_empty() {
@@ -202,7 +226,27 @@ pub fn train_on(
         rows,
         pad_id: opts.pad_id,
     };
-    train_objective_on(model, opt, &objective, opts, work_dir, observer, parallel)
+    let held_objective = held_out.map(|(rows, _)| LmObjective {
+        rows,
+        pad_id: opts.pad_id,
+    });
+    let held_out = held_objective
+        .as_ref()
+        .zip(held_out)
+        .map(|(objective, (_, every))| HeldOut {
+            objective: objective as &dyn Objective,
+            every,
+        });
+    train_objective_on(
+        model,
+        opt,
+        &objective,
+        opts,
+        work_dir,
+        observer,
+        held_out.as_ref(),
+        parallel,
+    )
 }
 
 /// Trains `model` on any [`Objective`]; see [`train`].
@@ -221,12 +265,14 @@ pub fn train_objective(
         opts,
         work_dir,
         observer,
+        None,
         &Parallel::single(),
     )
 }
 
 /// [`train_objective`] as one rank of `parallel` (every rank calls it with the same objective and
 /// options). An error here aborts the group, so the other ranks fail too instead of waiting.
+#[allow(clippy::too_many_arguments)]
 pub fn train_objective_on(
     model: &Llama,
     opt: &mut AdamW,
@@ -234,15 +280,19 @@ pub fn train_objective_on(
     opts: &TrainOptions,
     work_dir: &Path,
     observer: &mut dyn TrainObserver,
+    held_out: Option<&HeldOut>,
     parallel: &Parallel,
 ) -> Result<TrainSummary> {
-    let result = train_loop(model, opt, objective, opts, work_dir, observer, parallel);
+    let result = train_loop(
+        model, opt, objective, opts, work_dir, observer, held_out, parallel,
+    );
     if let Err(e) = &result {
         parallel.comm.abort(&format!("{e:#}"));
     }
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_loop(
     model: &Llama,
     opt: &mut AdamW,
@@ -250,9 +300,13 @@ fn train_loop(
     opts: &TrainOptions,
     work_dir: &Path,
     observer: &mut dyn TrainObserver,
+    held_out: Option<&HeldOut>,
     parallel: &Parallel,
 ) -> Result<TrainSummary> {
     ensure!(!objective.is_empty(), "nothing to train on");
+    if let Some(h) = held_out {
+        ensure!(!h.objective.is_empty(), "the held-out data is empty");
+    }
     ensure!(
         opts.micro_batch > 0 && opts.grad_accum > 0,
         "micro_batch and grad_accum must be positive"
@@ -341,6 +395,16 @@ fn train_loop(
         let loss = loss_sum / targets as f64;
         tokens_seen += tokens as u64;
         tokens_this_run += tokens as u64;
+        let tokens_per_s = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let mut extra: std::collections::BTreeMap<String, f64> = metric_sums
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v / targets as f64))
+            .collect();
+        if let Some(h) = held_out.filter(|h| h.due(step + 1, opts.total_steps)) {
+            let eval_loss = held_out_loss(model, h.objective, opts.micro_batch, &dp)?;
+            check_finite(step, "held-out loss", eval_loss)?;
+            extra.insert(EVAL_LOSS.to_string(), eval_loss);
+        }
         let m = StepMetrics {
             step: step + 1,
             loss,
@@ -348,11 +412,8 @@ fn train_loop(
             grad_norm,
             targets,
             tokens,
-            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-            extra: metric_sums
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v / targets as f64))
-                .collect(),
+            tokens_per_s,
+            extra,
         };
         match metrics.as_mut() {
             Some(log) => log.log(&m)?,
@@ -449,6 +510,29 @@ fn accumulate_gradients(
         tokens,
         metric_sums,
     })
+}
+
+/// The mean loss per unit of every item of `objective`, in micro-batches of `micro_batch` items shared out
+/// among the ranks like training's; no dropout, and the graph is dropped without a backward pass.
+fn held_out_loss(
+    model: &Llama,
+    objective: &dyn Objective,
+    micro_batch: usize,
+    dp: &DataParallel,
+) -> Result<f64> {
+    model.set_dropout_seed(None);
+    let all: Vec<usize> = (0..objective.len()).collect();
+    let (mut loss_sum, mut units) = (0.0, 0usize);
+    for batch in all.chunks(micro_batch) {
+        units += objective.units(batch);
+        let mine = dp.rows(batch);
+        if !mine.is_empty() {
+            let micro = objective.micro_batch_loss(model, &mine)?;
+            loss_sum += micro.loss_sum.to_scalar::<f32>()? as f64;
+        }
+    }
+    ensure!(units > 0, "the held-out data has no target tokens");
+    Ok(dp.sum(vec![loss_sum])?[0] / units as f64)
 }
 
 /// The dropout seed of micro-batch `k` of optimizer step `step`, on `rank` of several. Ranks draw apart:

@@ -154,6 +154,8 @@ impl DpoStepConfig {
             clip: self.clip,
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
+            // Held-out pairs are not scored during DPO yet: `eval` scores the finished stages.
+            eval_every: 0,
             packing: false,
             separate_documents: false,
             dtype: self.dtype,

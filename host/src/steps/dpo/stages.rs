@@ -231,6 +231,7 @@ pub fn run_stage(
         &opts,
         &work,
         observer,
+        None,
         setup.parallel,
     )?;
     let trained_pairs = (summary.steps - summary.resumed_from) * opts.micro_batch * opts.grad_accum;

@@ -44,6 +44,22 @@ fn rows() -> Vec<TrainSequence> {
     rows[..22].to_vec()
 }
 
+/// Held-out rows scored every 3 steps: 7 rows, so micro-batches of 4 leave a short one for the ranks to
+/// share unevenly.
+fn held_out_rows() -> Vec<TrainSequence> {
+    let tok = Tokenizer::byte_level();
+    let docs: Vec<Vec<u32>> = (0..20)
+        .map(|i| {
+            tokenize_document(
+                &tok,
+                &format!("{} minus {} is {}.", i + 5, i % 5, i + 5 - i % 5),
+            )
+            .unwrap()
+        })
+        .collect();
+    pack_documents(&docs, 24, false)[..7].to_vec()
+}
+
 fn options(total: usize, micro_batch: usize, grad_accum: usize) -> TrainOptions {
     TrainOptions {
         lr: 3e-3,
@@ -121,10 +137,20 @@ fn train_ranks(
     observe: &Observer,
 ) -> Vec<Result<RankRun>> {
     let rows = rows();
+    let held = held_out_rows();
     let run = |rank: usize, par: Parallel| -> Result<RankRun> {
         let (m, mut opt) = load_for_training(model, setup.compute, setup.adamw, &Device::Cpu)?;
         let mut observer = |s: &StepMetrics, _: usize| observe(rank, s);
-        let summary = train_on(&m, &mut opt, &rows, opts, work, &mut observer, &par)?;
+        let summary = train_on(
+            &m,
+            &mut opt,
+            &rows,
+            opts,
+            work,
+            &mut observer,
+            Some((&held, 3)),
+            &par,
+        )?;
         Ok(snapshot(&opt, summary))
     };
     if world == 1 && !zero {
@@ -217,6 +243,22 @@ fn two_three_and_four_ranks_train_like_one_rank_with_whole_micro_batches() {
                 a.loss,
                 b.loss
             );
+            // The held-out rows, shared out among the ranks, are scored like one rank scores them all.
+            let (x, y) = (a.extra.get(crate::EVAL_LOSS), b.extra.get(crate::EVAL_LOSS));
+            assert_eq!(
+                x.is_some(),
+                a.step % 3 == 0 || a.step == 8,
+                "step {}",
+                a.step
+            );
+            assert_eq!(x.is_some(), y.is_some(), "step {}", a.step);
+            if let (Some(x), Some(y)) = (x, y) {
+                assert!(
+                    (x - y).abs() < 1e-5 * x,
+                    "step {}: held-out {x} vs {y}",
+                    a.step
+                );
+            }
         }
     }
 }
