@@ -128,22 +128,11 @@ impl StepKind for ReportStep {
             }
         }
         if curves.iter().any(|(_, runs)| runs.len() > 1) {
-            let bands: Vec<(String, Vec<CurvePoint>)> = curves
-                .iter()
-                .map(|(label, runs)| (label.clone(), mean_curve(runs)))
-                .collect();
+            let bands = mean_curves(&curves);
             md.push('\n');
             md.push_str(&band_loss_table(&bands));
-            crate::train::metrics::plot_loss_bands(
-                &bands
-                    .iter()
-                    .map(|(l, points)| {
-                        (
-                            l.clone(),
-                            points.iter().map(|p| (p.step, p.mean, p.std)).collect(),
-                        )
-                    })
-                    .collect::<Vec<_>>(),
+            plot_bands(
+                &bands,
                 c.title.as_deref().unwrap_or("training loss"),
                 &ctx.out_dir.join("curves.svg"),
             )?;
@@ -161,22 +150,11 @@ impl StepKind for ReportStep {
             )?;
         }
         if !held_out.is_empty() {
-            let bands: Vec<(String, Vec<CurvePoint>)> = held_out
-                .iter()
-                .map(|(label, runs)| (label.clone(), mean_curve(runs)))
-                .collect();
+            let bands = mean_curves(&held_out);
             md.push('\n');
             md.push_str(&held_out_table(&bands));
-            crate::train::metrics::plot_loss_bands(
-                &bands
-                    .iter()
-                    .map(|(l, points)| {
-                        (
-                            l.clone(),
-                            points.iter().map(|p| (p.step, p.mean, p.std)).collect(),
-                        )
-                    })
-                    .collect::<Vec<_>>(),
+            plot_bands(
+                &bands,
                 &format!(
                     "{}: held-out loss",
                     c.title.as_deref().unwrap_or("training")
@@ -228,6 +206,32 @@ impl StepKind for ReportStep {
         std::fs::write(ctx.out_dir.join("chart.svg"), bar_chart_svg(&chart_rows))?;
         Ok(())
     }
+}
+
+/// Each group's runs averaged step by step.
+fn mean_curves(groups: &[(String, Vec<Curve>)]) -> Vec<(String, Vec<CurvePoint>)> {
+    groups
+        .iter()
+        .map(|(label, runs)| (label.clone(), mean_curve(runs)))
+        .collect()
+}
+
+/// Draws averaged curves with their ±1 std bands into `path`.
+fn plot_bands(
+    bands: &[(String, Vec<CurvePoint>)],
+    title: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    let series: Vec<(String, Vec<crate::train::metrics::BandPoint>)> = bands
+        .iter()
+        .map(|(l, points)| {
+            (
+                l.clone(),
+                points.iter().map(|p| (p.step, p.mean, p.std)).collect(),
+            )
+        })
+        .collect();
+    crate::train::metrics::plot_loss_bands(&series, title, path)
 }
 
 /// Adds one run's curve to the group `label` (a seed of it when `seeded`), or starts the group.
@@ -704,6 +708,37 @@ mod tests {
         assert!(
             md.contains("| solar | 9 | 9.0000 | 7.0000 | 5.0000 | 1.0000 |"),
             "{md}"
+        );
+    }
+
+    #[test]
+    fn the_held_out_table_has_a_column_per_scored_step_up_to_eight_always_with_the_last() {
+        let run = |offset: f64, every: usize, n: usize| -> Curve {
+            (1..=n)
+                .map(|i| ((i * every) as f64, offset + 1.0 / i as f64))
+                .collect()
+        };
+        let few = mean_curves(&[("solar".into(), vec![run(0.0, 20, 6), run(0.1, 20, 6)])]);
+        let md = held_out_table(&few);
+        assert!(
+            md.contains(
+                "| Run | n | step 20 | step 40 | step 60 | step 80 | step 100 | step 120 |"
+            ),
+            "{md}"
+        );
+        // Step 20: 1.0 and 1.1 → 1.05 ± 0.0707.
+        assert!(md.contains("| solar | 2 | 1.0500 ± 0.0707 |"), "{md}");
+        let many = mean_curves(&[("long".into(), vec![run(0.0, 5, 30)])]);
+        let md = held_out_table(&many);
+        let header = md.lines().next().unwrap();
+        assert_eq!(header.matches("step").count(), HELD_OUT_COLUMNS, "{header}");
+        assert!(
+            header.contains("| step 5 |") && header.ends_with("| step 150 |"),
+            "{header}"
+        );
+        assert!(
+            md.contains("| long | 1 | 1.0000 |"),
+            "one run: no ± column\n{md}"
         );
     }
 

@@ -28,36 +28,28 @@ fn tiny_model(dir: &Path) -> PathBuf {
     path
 }
 
-/// Packed rows of 24 tokens from short sums; 22 rows, so a micro-batch of 4 leaves 2 at each epoch's end.
-fn rows() -> Vec<TrainSequence> {
+/// The first `n` rows of 24 tokens packed from the documents `text(0)`, `text(1)`, … (enough of them).
+fn packed_rows(n: usize, text: impl Fn(usize) -> String) -> Vec<TrainSequence> {
     let tok = Tokenizer::byte_level();
-    let docs: Vec<Vec<u32>> = (0..60)
-        .map(|i| {
-            tokenize_document(
-                &tok,
-                &format!("{} plus {} is {}.", i % 7, i % 5, i % 7 + i % 5),
-            )
-            .unwrap()
-        })
+    let docs: Vec<Vec<u32>> = (0..3 * n)
+        .map(|i| tokenize_document(&tok, &text(i)).unwrap())
         .collect();
-    let rows = pack_documents(&docs, 24, false);
-    rows[..22].to_vec()
+    pack_documents(&docs, 24, false)[..n].to_vec()
+}
+
+/// Packed rows from short sums; 22 rows, so a micro-batch of 4 leaves 2 at each epoch's end.
+fn rows() -> Vec<TrainSequence> {
+    packed_rows(22, |i| {
+        format!("{} plus {} is {}.", i % 7, i % 5, i % 7 + i % 5)
+    })
 }
 
 /// Held-out rows scored every 3 steps: 7 rows, so micro-batches of 4 leave a short one for the ranks to
 /// share unevenly.
 fn held_out_rows() -> Vec<TrainSequence> {
-    let tok = Tokenizer::byte_level();
-    let docs: Vec<Vec<u32>> = (0..20)
-        .map(|i| {
-            tokenize_document(
-                &tok,
-                &format!("{} minus {} is {}.", i + 5, i % 5, i + 5 - i % 5),
-            )
-            .unwrap()
-        })
-        .collect();
-    pack_documents(&docs, 24, false)[..7].to_vec()
+    packed_rows(7, |i| {
+        format!("{} minus {} is {}.", i + 5, i % 5, i + 5 - i % 5)
+    })
 }
 
 fn options(total: usize, micro_batch: usize, grad_accum: usize) -> TrainOptions {
