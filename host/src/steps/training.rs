@@ -124,7 +124,7 @@ pub struct TrainStepConfig {
     pub zero: u8,
 }
 
-fn is_zero(n: &usize) -> bool {
+pub(crate) fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
@@ -471,6 +471,16 @@ pub const TRAIN_INPUTS: &[InputSlot] = &[
 /// The input slot of held-out datasets.
 pub const EVAL_DATA: &str = "eval_data";
 
+/// `eval_every` set without held-out data to score.
+pub fn eval_every_issue(eval_every: usize, ctx: &dyn CheckContext) -> Option<ConfigIssue> {
+    (eval_every > 0 && ctx.input_count(EVAL_DATA) == Some(0)).then(|| {
+        ConfigIssue::new(
+            "eval_every",
+            "needs held-out data to score: inputs.eval_data = [\"DATASET\", ...]",
+        )
+    })
+}
+
 /// What distinguishes one language-model training kind from another: its name, the record layouts it
 /// reads, its own checks, and how the loaded examples become token rows.
 pub trait LmRows: Send + Sync + 'static {
@@ -528,12 +538,7 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
         let mut issues = c.issues();
         issues.extend(check_filter_plugins(&c.filter_params, ctx));
         issues.extend(R::check(c));
-        if c.eval_every > 0 && ctx.input_count(EVAL_DATA) == Some(0) {
-            issues.push(ConfigIssue::new(
-                "eval_every",
-                "needs held-out data to score: inputs.eval_data = [\"DATASET\", ...]",
-            ));
-        }
+        issues.extend(eval_every_issue(c.eval_every, ctx));
         issues
     }
 

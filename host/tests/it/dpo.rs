@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use dusflow::model::{load_model, Tokenizer};
 use dusflow::train::dpo::{
     dpo_losses, pair_metric_sums, reference_pass, sequence_logps, tokenize_pair, vector,
-    DpoLossConfig, DpoLossKind, PairLimits, PreferencePair,
+    DpoLossConfig, DpoLossKind, PairLimits, PreferencePair, ReferenceLogps,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -352,6 +352,74 @@ async fn sdpo_with_two_chunks_uses_stage_one_as_the_second_reference() {
     // The intermediate model is a part other steps use: M_1 and M_2 averaged.
     let average = artifact(&out, "average");
     load_model(&average, DType::F32, &Device::Cpu).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_out_pairs_are_scored_in_each_stage_against_that_stages_reference() {
+    let flow = SDPO
+        .replace(
+            "inputs = { model = \"tiny\", data = [\"easy\", \"hard\"] }",
+            "inputs = { model = \"tiny\", data = [\"easy\", \"hard\"], eval_data = [\"held\"] }\n\
+             eval_every = 2\nbeta = 0.1",
+        )
+        .replace(
+            "[steps.average]",
+            "[steps.held]\nkind = \"synthetic\"\ntask = \"preference\"\ncount = 7\nseed = 11\n\n\
+             [steps.average]",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("flow.toml"), flow).unwrap();
+    let summary = run_flow(dir.path()).await;
+    assert!(summary.succeeded(), "{summary:?}");
+    let out = dir.path().join("out");
+    let a = artifact(&out, "align");
+    let m = metrics(&a);
+    // Each stage has 3 steps: scored at its 2nd and its last.
+    let scored: Vec<(u64, usize)> = m
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x["eval_loss"].is_number())
+        .map(|(i, x)| (x["stage"].as_u64().unwrap(), i))
+        .collect();
+    assert_eq!(scored, vec![(1, 1), (1, 2), (2, 4), (2, 5)]);
+
+    // The last score of each stage is the DPO loss and reward accuracy of M_t against M_(t-1) on the
+    // held-out pairs, from log-probs taken apart from the step.
+    let tok = Tokenizer::from_model_dir(&a).unwrap();
+    let held = read_pairs(&artifact(&out, "held").join("data.jsonl"), &tok);
+    let logps = |dir: &Path| {
+        let model = load_model(dir, DType::F32, &Device::Cpu).unwrap();
+        reference_pass(&model, &held, 3, tok.pad_id().unwrap(), &mut |_| Ok(())).unwrap()
+    };
+    let (m0, m1, m2) = (
+        logps(&artifact(&out, "tiny")),
+        logps(&a.join("stage-1")),
+        logps(&a),
+    );
+    let dpo = |policy: &ReferenceLogps, reference: &ReferenceLogps| {
+        let margins: Vec<f64> = (0..held.len())
+            .map(|i| {
+                0.1 * ((policy.chosen[i] - reference.chosen[i])
+                    - (policy.rejected[i] - reference.rejected[i])) as f64
+            })
+            .collect();
+        let loss = margins.iter().map(|z| (1.0 + (-z).exp()).ln()).sum::<f64>() / held.len() as f64;
+        let accuracy = margins.iter().filter(|z| **z > 0.0).count() as f64 / held.len() as f64;
+        (loss, accuracy)
+    };
+    for (line, (loss, accuracy)) in [(2, dpo(&m1, &m0)), (5, dpo(&m2, &m1))] {
+        let logged = m[line]["eval_loss"].as_f64().unwrap();
+        assert!(
+            (logged - loss).abs() < 1e-5,
+            "line {line}: held-out loss {logged} vs {loss}"
+        );
+        assert_eq!(
+            m[line]["eval_rewards/accuracies"].as_f64().unwrap(),
+            accuracy,
+            "line {line}"
+        );
+    }
+    assert!(a.join("reference_logps/stage-2-eval_data.json").is_file());
 }
 
 #[test]

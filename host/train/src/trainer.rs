@@ -68,7 +68,8 @@ impl<F: FnMut(&StepMetrics, usize) -> Result<()>> TrainObserver for F {
 
 /// Data the loop scores but never trains on (Hugging Face Trainer's `eval_dataset` with `eval_steps`): its
 /// mean loss per unit — without dropout or a gradient, on the weights just updated — is logged as
-/// `eval_loss` with every `every`-th step and with the last one.
+/// `eval_loss` with every `every`-th step and with the last one, and each of the objective's metrics as
+/// `eval_<name>` (DPO: `eval_rewards/accuracies`, … as TRL logs them).
 pub struct HeldOut<'a> {
     /// The held-out items, scored with the training objective.
     pub objective: &'a dyn Objective,
@@ -401,9 +402,13 @@ fn train_loop(
             .map(|(k, v)| (k.to_string(), v / targets as f64))
             .collect();
         if let Some(h) = held_out.filter(|h| h.due(step + 1, opts.total_steps)) {
-            let eval_loss = held_out_loss(model, h.objective, opts.micro_batch, &dp)?;
+            let (eval_loss, eval_metrics) =
+                held_out_loss(model, h.objective, opts.micro_batch, &dp)?;
             check_finite(step, "held-out loss", eval_loss)?;
             extra.insert(EVAL_LOSS.to_string(), eval_loss);
+            for (name, value) in eval_metrics {
+                extra.insert(format!("eval_{name}"), value);
+            }
         }
         let m = StepMetrics {
             step: step + 1,
@@ -512,27 +517,43 @@ fn accumulate_gradients(
     })
 }
 
-/// The mean loss per unit of every item of `objective`, in micro-batches of `micro_batch` items shared out
-/// among the ranks like training's; no dropout, and the graph is dropped without a backward pass.
+/// The mean loss per unit of every item of `objective`, and the mean of each of its metrics (in
+/// [`Objective::metric_names`] order), in micro-batches of `micro_batch` items shared out among the ranks like
+/// training's; no dropout, and the graph is dropped without a backward pass.
 fn held_out_loss(
     model: &Llama,
     objective: &dyn Objective,
     micro_batch: usize,
     dp: &DataParallel,
-) -> Result<f64> {
+) -> Result<(f64, Vec<(&'static str, f64)>)> {
     model.set_dropout_seed(None);
+    let names = objective.metric_names();
     let all: Vec<usize> = (0..objective.len()).collect();
-    let (mut loss_sum, mut units) = (0.0, 0usize);
+    // The loss sum, then each metric's sum.
+    let mut sums = vec![0.0; 1 + names.len()];
+    let mut units = 0usize;
     for batch in all.chunks(micro_batch) {
         units += objective.units(batch);
         let mine = dp.rows(batch);
         if !mine.is_empty() {
             let micro = objective.micro_batch_loss(model, &mine)?;
-            loss_sum += micro.loss_sum.to_scalar::<f32>()? as f64;
+            sums[0] += micro.loss_sum.to_scalar::<f32>()? as f64;
+            for (name, value) in micro.metric_sums {
+                let Some(k) = names.iter().position(|n| *n == name) else {
+                    bail!("the objective reported metric {name:?}, not among its metric_names()");
+                };
+                sums[1 + k] += value;
+            }
         }
     }
     ensure!(units > 0, "the held-out data has no target tokens");
-    Ok(dp.sum(vec![loss_sum])?[0] / units as f64)
+    let sums = dp.sum(sums)?;
+    let metrics = names
+        .iter()
+        .zip(&sums[1..])
+        .map(|(name, sum)| (*name, sum / units as f64))
+        .collect();
+    Ok((sums[0] / units as f64, metrics))
 }
 
 /// The dropout seed of micro-batch `k` of optimizer step `step`, on `rank` of several. Ranks draw apart:

@@ -89,6 +89,11 @@ pub struct DpoStepConfig {
     /// Checkpoint every this many optimizer steps (0 = never).
     #[serde(default = "TrainStepConfig::default_checkpoint_every")]
     pub checkpoint_every: usize,
+    /// With `inputs.eval_data`: score the held-out pairs every this many optimizer steps of each stage (0:
+    /// after each stage's last step), against that stage's reference; logged as `eval_loss` and
+    /// `eval_rewards/…` (TRL's names).
+    #[serde(default, skip_serializing_if = "crate::steps::training::is_zero")]
+    pub eval_every: usize,
     /// Compute precision.
     #[serde(default)]
     pub dtype: ComputeDType,
@@ -154,8 +159,7 @@ impl DpoStepConfig {
             clip: self.clip,
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
-            // Held-out pairs are not scored during DPO yet: `eval` scores the finished stages.
-            eval_every: 0,
+            eval_every: self.eval_every,
             packing: false,
             separate_documents: false,
             dtype: self.dtype,
@@ -300,7 +304,7 @@ mod tests {
         // And every repeated key reaches the training config.
         let tuned: DpoStepConfig = toml::from_str(
             "micro_batch = 3\ngrad_accum = 5\nweight_decay = 0.1\nclip = 0.5\nshuffle = false\n\
-             checkpoint_every = 7\neps = 1e-6\nbetas = [0.8, 0.9]\nschedule = \"linear\"\n\
+             checkpoint_every = 7\neval_every = 2\neps = 1e-6\nbetas = [0.8, 0.9]\nschedule = \"linear\"\n\
              optimizer = \"adamw_8bit\"\nmaster_weights = false\ngradient_checkpointing = true\n\
              lora = { r = 4, alpha = 8.0 }\n\
              warmup_steps = 2\nepochs = 4\nmax_steps = 9\nseed = 3\ndtype = \"bf16\"",

@@ -30,7 +30,9 @@ pub use config::{ChunkBy, DpoStepConfig};
 use crate::atomic::write_file_atomic;
 use crate::data::{derive_seed, DatasetSource, Templates};
 use crate::model::{read_chat_template, Tokenizer};
-use crate::steps::training::{check_filter_plugins, dependencies, plugin_filters};
+use crate::steps::training::{
+    check_filter_plugins, dependencies, eval_every_issue, plugin_filters, EVAL_DATA,
+};
 use crate::steps::{
     ArtifactKind, ArtifactPart, CheckContext, ConfigIssue, Dependencies, InputArtifact, InputSlot,
     InputSlots, Resources, StepContext, StepKind,
@@ -50,6 +52,7 @@ const DPO_INPUTS: &[InputSlot] = &[
     InputSlot::one("model", &[ArtifactKind::Model]),
     InputSlot::many("data", &[ArtifactKind::Dataset]),
     InputSlot::one("reference", &[ArtifactKind::Model]).optional(),
+    InputSlot::many(EVAL_DATA, &[ArtifactKind::Dataset]).optional(),
 ];
 
 impl StepKind for DpoStep {
@@ -91,6 +94,7 @@ impl StepKind for DpoStep {
     fn check(&self, c: &DpoStepConfig, ctx: &dyn CheckContext) -> Vec<ConfigIssue> {
         let mut issues = c.issues(ctx.input_count("data"));
         issues.extend(check_filter_plugins(&c.filter_params, ctx));
+        issues.extend(eval_every_issue(c.eval_every, ctx));
         issues
     }
 
@@ -129,17 +133,35 @@ impl StepKind for DpoStep {
             read_chat_template(&model.path)?.as_ref(),
             &model.name,
         )?;
-        let data = {
-            let mut filters = plugin_filters(&train.filter_params, ctx);
-            load_preference_data(
-                &sources,
+        let mut filters = plugin_filters(&train.filter_params, ctx);
+        let data = load_preference_data(
+            &sources,
+            &mut filters,
+            seed,
+            &tokenizer,
+            &templates,
+            c.limits(),
+        )?;
+        let eval_sources = ctx
+            .inputs_of(EVAL_DATA)
+            .iter()
+            .map(DatasetSource::from_input)
+            .collect::<Result<Vec<_>>>()?;
+        let held_out: Option<Vec<PreferencePair>> = if eval_sources.is_empty() {
+            None
+        } else {
+            let held = load_preference_data(
+                &eval_sources,
                 &mut filters,
                 seed,
                 &tokenizer,
                 &templates,
                 c.limits(),
-            )?
+            )
+            .context("loading the held-out pairs (inputs.eval_data)")?;
+            Some(all_pairs(&held).into_iter().map(|p| p.pair).collect())
         };
+        drop(filters);
         let device = crate::distributed::device(ctx)?;
         let setup = StageSetup {
             out_dir: &ctx.out_dir,
@@ -185,6 +207,7 @@ impl StepKind for DpoStep {
                 initial: (model.path.clone(), initial),
                 fixed_reference,
                 initial_pass: initial_pass.as_ref(),
+                held_out: held_out.as_deref(),
             },
         )?;
         if !parallel.is_root() {

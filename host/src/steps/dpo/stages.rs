@@ -12,8 +12,8 @@ use crate::train::dpo::{
 };
 use crate::train::ADAPTER_PART;
 use crate::train::{
-    move_contents, train_objective_on, MetricsLog, Parallel, StepMetrics, TrainObserver,
-    TrainOptions,
+    move_contents, train_objective_on, HeldOut, MetricsLog, Objective, Parallel, StepMetrics,
+    TrainObserver, TrainOptions,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -186,6 +186,7 @@ pub fn run_stage(
     initial: (&Path, ModelIdentity),
     adapter_start: Option<&Path>,
     reference: (StoredReference, bool),
+    held_out: Option<(&[PreferencePair], &StoredReference)>,
     output: &str,
     observer: &mut dyn TrainObserver,
 ) -> Result<StageReport> {
@@ -223,6 +224,16 @@ pub fn run_stage(
         loss: setup.loss,
         pad_id: setup.pad,
     };
+    let held_objective = held_out.map(|(pairs, reference)| DpoObjective {
+        pairs,
+        reference: &reference.logps,
+        loss: setup.loss,
+        pad_id: setup.pad,
+    });
+    let held_out = held_objective.as_ref().map(|objective| HeldOut {
+        objective: objective as &dyn Objective,
+        every: setup.train.eval_every,
+    });
     let t0 = Instant::now();
     let summary = train_objective_on(
         &trainee.model,
@@ -231,7 +242,7 @@ pub fn run_stage(
         &opts,
         &work,
         observer,
-        None,
+        held_out.as_ref(),
         setup.parallel,
     )?;
     let trained_pairs = (summary.steps - summary.resumed_from) * opts.micro_batch * opts.grad_accum;
@@ -287,6 +298,8 @@ pub struct Stages<'a> {
     pub fixed_reference: Option<&'a InputArtifact>,
     /// M_0's log-probs of every pair, when computed for margin chunking (reused where M_0 is the reference).
     pub initial_pass: Option<&'a StoredReference>,
+    /// Held-out pairs (`inputs.eval_data`), scored in every stage against that stage's reference.
+    pub held_out: Option<&'a [PreferencePair]>,
 }
 
 /// Runs the stages in order: stage t's reference pass (stored, or taken from the initial pass when the
@@ -338,6 +351,25 @@ pub fn run_stages(
             }
             _ => None,
         };
+        let held_out_reference = match stages.held_out {
+            Some(held) => {
+                let refs: Vec<&PreferencePair> = held.iter().collect();
+                let (stored, _) = reference_logps(
+                    &refs_dir.join(format!("stage-{t}-eval_data.json")),
+                    &ref_dir,
+                    ref_identity.clone(),
+                    &refs,
+                    None,
+                    setup.train.micro_batch,
+                    setup.pad,
+                    setup.device,
+                    setup.parallel.is_root(),
+                    &mut batch_progress(ctx, refs.len()),
+                )?;
+                Some(stored)
+            }
+            None => None,
+        };
         let reference = reference_logps(
             &refs_dir.join(format!("stage-{t}.json")),
             &ref_dir,
@@ -380,6 +412,7 @@ pub fn run_stages(
             (&start.0, start.1.clone()),
             adapter_start.as_deref(),
             reference,
+            stages.held_out.zip(held_out_reference.as_ref()),
             &output,
             &mut observer,
         )?;
