@@ -41,8 +41,8 @@ use crate::train::dpo::{plot_dpo, PreferencePair};
 use anyhow::{Context, Result};
 use chunks::{all_pairs, load_preference_data, split_chunks, PreferenceData};
 use stages::{
-    batch_progress, model_digest, reference_logps, run_stages, stage_histories, ModelIdentity,
-    StageReport, StageSetup, Stages, StoredReference,
+    model_digest, run_stages, stage_histories, ModelIdentity, StageReport, StageSetup, Stages,
+    StoredReference,
 };
 
 /// The `dpo` step kind.
@@ -228,17 +228,12 @@ fn initial_margins(
     ctx.progress.set_message("margins of the initial model");
     let every: Vec<PreferencePair> = all_pairs(data).into_iter().map(|p| p.pair).collect();
     let refs: Vec<&PreferencePair> = every.iter().collect();
-    let (stored, _) = reference_logps(
+    let (stored, _) = setup.stored_reference(
+        ctx,
         &setup.out_dir.join("reference_logps/initial-margins.json"),
-        model_dir,
-        initial.clone(),
+        (model_dir, initial.clone()),
         &refs,
         None,
-        setup.train.micro_batch,
-        setup.pad,
-        setup.device,
-        setup.parallel.is_root(),
-        &mut batch_progress(ctx, refs.len()),
     )?;
     Ok(stored)
 }

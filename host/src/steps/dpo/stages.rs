@@ -169,6 +169,32 @@ pub struct StageSetup<'a> {
     pub parallel: &'a Parallel,
 }
 
+impl StageSetup<'_> {
+    /// [`reference_logps`] with the step's batch size, padding, device and writer (rank 0), counting
+    /// batches on `ctx`'s progress bar.
+    pub fn stored_reference(
+        &self,
+        ctx: &StepContext,
+        file: &Path,
+        model: (&Path, ModelIdentity),
+        pairs: &[&PreferencePair],
+        known: Option<(ReferenceLogps, f64)>,
+    ) -> Result<(StoredReference, bool)> {
+        reference_logps(
+            file,
+            model.0,
+            model.1,
+            pairs,
+            known,
+            self.train.micro_batch,
+            self.pad,
+            self.device,
+            self.parallel.is_root(),
+            &mut batch_progress(ctx, pairs.len()),
+        )
+    }
+}
+
 /// Work folder of stage `t` (checkpoints, metrics, done marker); removed when the step finishes.
 pub fn stage_work_dir(out_dir: &Path, t: usize) -> PathBuf {
     out_dir.join(".dpo-work").join(format!("stage-{t}"))
@@ -354,33 +380,23 @@ pub fn run_stages(
         let held_out_reference = match stages.held_out {
             Some(held) => {
                 let refs: Vec<&PreferencePair> = held.iter().collect();
-                let (stored, _) = reference_logps(
+                let (stored, _) = setup.stored_reference(
+                    ctx,
                     &refs_dir.join(format!("stage-{t}-eval_data.json")),
-                    &ref_dir,
-                    ref_identity.clone(),
+                    (&ref_dir, ref_identity.clone()),
                     &refs,
                     None,
-                    setup.train.micro_batch,
-                    setup.pad,
-                    setup.device,
-                    setup.parallel.is_root(),
-                    &mut batch_progress(ctx, refs.len()),
                 )?;
                 Some(stored)
             }
             None => None,
         };
-        let reference = reference_logps(
+        let reference = setup.stored_reference(
+            ctx,
             &refs_dir.join(format!("stage-{t}.json")),
-            &ref_dir,
-            ref_identity,
+            (&ref_dir, ref_identity),
             &refs,
             known,
-            setup.train.micro_batch,
-            setup.pad,
-            setup.device,
-            setup.parallel.is_root(),
-            &mut batch_progress(ctx, refs.len()),
         )?;
         ctx.progress
             .set_message(format!("stage {t}/{count}: training"));
