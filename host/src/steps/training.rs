@@ -565,7 +565,7 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
         let mut filters = plugin_filters(&c.filter_params, ctx);
         let mixture = load_mixture(&inputs.sources, &mut filters, inputs.seed, R::FORMATS)?;
         let rows = R::rows(c, &inputs, &mixture.examples, ctx)?;
-        let held_out = held_out_rows::<R>(c, &inputs, ctx)?;
+        let held_out = held_out_rows::<R>(c, &inputs, &mut filters, ctx)?;
         let pad = inputs
             .tokenizer
             .pad_id()
@@ -592,11 +592,12 @@ impl<R: LmRows> StepKind for LmTrainStep<R> {
     }
 }
 
-/// The rows of the `eval_data` inputs, made like the training rows (same formats, filters, template and
-/// length limit); `None` without such inputs.
+/// The rows of the `eval_data` inputs, made like the training rows (same formats, the training data's filter
+/// factory, template and length limit); `None` without such inputs.
 fn held_out_rows<R: LmRows>(
     c: &TrainStepConfig,
     inputs: &TrainInputs,
+    filters: &mut crate::data::FilterFactory<'_>,
     ctx: &StepContext,
 ) -> Result<Option<Vec<TrainSequence>>> {
     let sources = ctx
@@ -607,8 +608,7 @@ fn held_out_rows<R: LmRows>(
     if sources.is_empty() {
         return Ok(None);
     }
-    let mut filters = plugin_filters(&c.filter_params, ctx);
-    let held = load_mixture(&sources, &mut filters, inputs.seed, R::FORMATS)
+    let held = load_mixture(&sources, filters, inputs.seed, R::FORMATS)
         .context("loading the held-out data (inputs.eval_data)")?;
     let rows = R::rows(c, inputs, &held.examples, ctx)
         .context("making rows of the held-out data (inputs.eval_data)")?;

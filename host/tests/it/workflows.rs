@@ -194,15 +194,15 @@ fn shrink(value: &mut toml::Value) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
-    let text = std::fs::read_to_string(workflows_dir().join("quickstart.toml")).unwrap();
+/// Runs the shipped workflow `name` shrunk to test size in a fresh folder (kept alive by the returned
+/// guard) and checks that every step succeeded.
+async fn run_shrunken(name: &str) -> (tempfile::TempDir, engine::RunSummary) {
+    let text = std::fs::read_to_string(workflows_dir().join(name)).unwrap();
     let mut value: toml::Value = toml::from_str(&text).unwrap();
     shrink(&mut value);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("quickstart.toml");
+    let path = dir.path().join(name);
     std::fs::write(&path, toml::to_string(&value).unwrap()).unwrap();
-
     let summary = engine::run(
         &path,
         &dusflow::steps::builtin_registry(),
@@ -212,6 +212,12 @@ async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
     .await
     .unwrap();
     assert!(summary.succeeded(), "{summary:#?}");
+    (dir, summary)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
+    let (_dir, summary) = run_shrunken("quickstart.toml").await;
 
     let report = summary.steps.iter().find(|s| s.name == "report").unwrap();
     let table = std::fs::read_to_string(report.dir.join("report.md")).unwrap();
@@ -254,22 +260,7 @@ async fn a_shrunken_quickstart_runs_every_stage_and_reports_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shrunken_seam_ablation_reports_every_policy_over_five_seeds() {
-    let text = std::fs::read_to_string(workflows_dir().join("ablation-seam.toml")).unwrap();
-    let mut value: toml::Value = toml::from_str(&text).unwrap();
-    shrink(&mut value);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ablation-seam.toml");
-    std::fs::write(&path, toml::to_string(&value).unwrap()).unwrap();
-
-    let summary = engine::run(
-        &path,
-        &dusflow::steps::builtin_registry(),
-        RunOptions::default(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    assert!(summary.succeeded(), "{summary:#?}");
+    let (_dir, summary) = run_shrunken("ablation-seam.toml").await;
     // Every scaled variant has s = 12 layers.
     for policy in ["solar", "stack", "wide", "interleave"] {
         let step = summary.steps.iter().find(|s| s.name == policy).unwrap();

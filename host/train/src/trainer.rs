@@ -227,17 +227,17 @@ pub fn train_on(
         rows,
         pad_id: opts.pad_id,
     };
-    let held_objective = held_out.map(|(rows, _)| LmObjective {
-        rows,
-        pad_id: opts.pad_id,
+    let held_objective = held_out.map(|(rows, every)| {
+        let objective = LmObjective {
+            rows,
+            pad_id: opts.pad_id,
+        };
+        (objective, every)
     });
-    let held_out = held_objective
-        .as_ref()
-        .zip(held_out)
-        .map(|(objective, (_, every))| HeldOut {
-            objective: objective as &dyn Objective,
-            every,
-        });
+    let held_out = held_objective.as_ref().map(|(objective, every)| HeldOut {
+        objective: objective as &dyn Objective,
+        every: *every,
+    });
     train_objective_on(
         model,
         opt,
