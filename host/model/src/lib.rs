@@ -43,6 +43,9 @@ pub mod tensor_store;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(test)]
+mod test_support;
+
 pub use attention::{attention, AttentionMask};
 pub use chat_template::{read_chat_template, special_tokens_map, ModelChatTemplate};
 pub use checkpoint_writer::{

@@ -2,6 +2,7 @@
 
 use super::reference::attention_materialised;
 use super::{attention, AttentionMask};
+use crate::test_support::{max_abs, max_diff};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// Sizes of one case: batch, queries, cached keys before them, heads, KV heads, head dim.
@@ -105,23 +106,6 @@ fn masks(c: &Case) -> Vec<(&'static str, AttentionMask)> {
     ]
 }
 
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn diff(a: &Tensor, b: &Tensor) -> f64 {
-    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
-}
-
 /// Output and the gradients of `Σ out ⊙ w` with respect to q, k, v.
 fn run(
     fused: bool,
@@ -189,7 +173,7 @@ fn check(c: Case, dtype: DType, rel: f64) {
         ] {
             assert_eq!(a.dtype(), dtype, "{what} dtype");
             assert_eq!(a.dims(), b.dims(), "{what} shape");
-            let (d, m) = (diff(a, b), max_abs(b));
+            let (d, m) = (max_diff(a, b), max_abs(b));
             assert!(
                 d <= rel * m.max(1e-6),
                 "{c:?} {dtype:?} mask {name}: {what} differs by {d:e} (largest |oracle| {m:e})"
@@ -292,9 +276,9 @@ fn strided_views_are_read_in_place() {
         0.25,
     )
     .unwrap();
-    assert_eq!(diff(&got, &want), 0.0);
+    assert_eq!(max_diff(&got, &want), 0.0);
     assert!(
-        diff(
+        max_diff(
             &got,
             &attention_materialised(&q, &k, &v, &mask, 0.25).unwrap()
         ) < 1e-12

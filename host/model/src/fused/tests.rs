@@ -3,6 +3,7 @@
 
 use super::cross_entropy::linear_cross_entropy_sum_chunked;
 use super::*;
+use crate::test_support::{max_abs, max_diff};
 use candle_core::{Var, D};
 
 /// Standard normal values from a seeded generator (Box-Muller over a 64-bit LCG).
@@ -22,23 +23,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    max_diff(a, &a.zeros_like().unwrap())
 }
 
 /// Value and gradients (w.r.t. each input, through `Σ y · probe`) of `f` at `inputs` cast to `dtype`.
