@@ -303,9 +303,12 @@ pub(crate) fn failure_of(summary: &dusflow::engine::RunSummary, step: &str) -> S
 /// The largest absolute difference between two tensors of the same shape, as f32.
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// The largest |x| of an f32 tensor.
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()

@@ -1,6 +1,7 @@
 //! Training correctness: every trainable tensor receives a gradient through the training forward, and the
 //! gradient agrees with finite differences on a tiny f64 model.
 
+use crate::common::{max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use dusflow::model::{
@@ -73,15 +74,7 @@ fn assert_all_grads_nonzero(cfg: &LlamaConfig, opts: &ForwardOptions) {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient reached {name}"));
-        let m = g
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let m = max_abs(g);
         assert!(m > 0.0 && m.is_finite(), "{name}: gradient max |g| = {m}");
     }
 }
@@ -141,16 +134,7 @@ fn packed_documents_match_separate_forwards() {
         )
         .unwrap();
     let want = Tensor::cat(&[&la, &lb], 1).unwrap();
-    let d = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&got, &want);
     assert!(d < 1e-5, "packed logits differ by {d}");
 }
 
@@ -269,16 +253,10 @@ fn bf16_compute_over_f32_masters() {
     let want = copy
         .forward_train(&ids, &ForwardOptions::default())
         .unwrap();
-    let d = (logits.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(
+        &logits.to_dtype(DType::F32).unwrap(),
+        &want.to_dtype(DType::F32).unwrap(),
+    );
     assert_eq!(d, 0.0);
     let inference = mixed.forward(&ids, &ForwardOptions::default()).unwrap();
     assert_eq!(inference.dtype(), DType::BF16);
@@ -290,15 +268,7 @@ fn bf16_compute_over_f32_masters() {
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient reached {name}"));
         assert_eq!(g.dtype(), DType::F32, "{name}");
-        let m = g
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let m = max_abs(g);
         assert!(m > 0.0 && m.is_finite(), "{name}: {m}");
     }
 }
